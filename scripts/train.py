@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                 items = [train[int(i)] for i in idx]
                 xb = torch.stack([it[0] for it in items])
                 yb = torch.tensor([it[1] for it in items])
-            gen = torch.Generator().manual_seed(args.seed * 10_000_019 + epoch * 100_003 + step)
+            step_seed = args.seed * 10_000_019 + epoch * 100_003 + step
+            gen = torch.Generator().manual_seed(step_seed)
+            torch.manual_seed(step_seed)  # dropout masks too: a resumed run repeats the same steps
             xb = normalise(_augment(xb, gen).to(args.device))
             yb = yb.to(args.device)
             for group in opt.param_groups:

@@ -106,6 +106,14 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter (``None`` for inference tensors)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Puts every module in eval mode and restores each one's own flag afterwards."""
@@ -126,14 +134,22 @@ class _Recorder:
         self.steps: list[Step] = []
         self.switches: dict[int, torch.Tensor] = {}
         self.last: torch.Tensor | None = None
+        self.last_version: int | None = None
+        self.in_version: int | None = None
         self.output: torch.Tensor | None = None
         self.seen: set[str] = set()
 
     def register(self) -> RemovableHandles:
         self.handles.remove()
         for name, module in _leaves(self.model):
+            self.handles.append(module.register_forward_pre_hook(self._pre_hook))
             self.handles.append(module.register_forward_hook(self._hook(name)))
         return self.handles
+
+    def _pre_hook(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        # the input's version before the module runs (an inplace module bumps it)
+        x = inputs[0] if inputs else None
+        self.in_version = _version(x) if isinstance(x, torch.Tensor) else None
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -142,12 +158,6 @@ class _Recorder:
         return hook
 
     def _on_call(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if name in self.seen:
-            raise UnsupportedModelError(
-                f"module '{name}' runs more than once in the forward pass; the deconvnet needs each "
-                "layer to be its own module (give every use its own instance)"
-            )
-        self.seen.add(name)
         if type(module) not in SUPPORTED_TYPES:
             raise UnsupportedModelError(
                 f"module '{name}' of type {type(module).__name__} is not supported; supported types: "
@@ -158,9 +168,13 @@ class _Recorder:
         if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
             raise UnsupportedModelError(f"module '{name}' does not map one tensor to one tensor")
         prev = self.last
-        assert prev is not None  # set to the images before the pass
-        if not _same_tensor(x, prev):
-            if x.dim() == 2 and x.data_ptr() == prev.data_ptr() and x.numel() == prev.numel() and prev.dim() == 4:
+        if prev is None:  # pragma: no cover - set to the images before every pass
+            raise RuntimeError("recorder used outside record()")
+        # an in-place operation between two modules (``out += identity``) keeps the tensor
+        # but bumps its version counter: that is not a chain either
+        prev_ok = self.in_version == self.last_version
+        if not prev_ok or not _same_tensor(x, prev):
+            if prev_ok and x.dim() == 2 and x.data_ptr() == prev.data_ptr() and x.numel() == prev.numel() and prev.dim() == 4:
                 self.steps.append(Step("<flatten>", None, tuple(prev.shape[1:]), tuple(x.shape[1:])))
             else:
                 before = f"the output of '{self.steps[-1].name}'" if self.steps else "the model's input"
@@ -169,6 +183,12 @@ class _Recorder:
                     "modules (a branch, a residual addition or a functional operation lies between them); "
                     "zfvis reverses plain chains of modules"
                 )
+        if name in self.seen:
+            raise UnsupportedModelError(
+                f"module '{name}' runs more than once in the forward pass; the deconvnet needs each "
+                "layer to be its own module (give every use its own instance)"
+            )
+        self.seen.add(name)
         index = len(self.steps)
         self.steps.append(Step(name, module, tuple(x.shape[1:]), tuple(out.shape[1:])))
         if isinstance(module, nn.MaxPool2d):
@@ -185,6 +205,7 @@ class _Recorder:
                     return_indices=True,
                 )[1]
         self.last = out
+        self.last_version = _version(out)
         if name == self.stop_at:
             self.output = out
             raise _Stop
@@ -216,18 +237,29 @@ def record(model: nn.Module, images: torch.Tensor, layer: str | None = None) -> 
         images = images.to(device=device, dtype=dtype if images.is_floating_point() else dtype)
     rec = _Recorder(model, layer)
     rec.last = images
+    rec.last_version = _version(images)
     with eval_mode(model), torch.no_grad():
         rec.register()
         try:
             final = model(images)
         except _Stop:
             final = None
+        except RuntimeError as err:
+            raise ValueError(
+                f"the forward pass failed on input of shape {tuple(images.shape)}: {str(err).splitlines()[0]} "
+                "(does the model expect another input size or channel count?)"
+            ) from err
         finally:
             rec.handles.remove()
     if layer is not None and rec.output is None:
         raise ValueError(f"layer '{layer}' did not run in the forward pass; pick a layer the model uses")
     if layer is None:
-        if not isinstance(final, torch.Tensor) or rec.last is None or not _same_tensor(final, rec.last):
+        if (
+            not isinstance(final, torch.Tensor)
+            or rec.last is None
+            or not _same_tensor(final, rec.last)
+            or _version(final) != rec.last_version
+        ):
             raise UnsupportedModelError("the model's output is not the output of its last module")
         rec.output = final
     assert rec.output is not None

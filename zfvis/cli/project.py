@@ -55,6 +55,17 @@ def default_layer(dn: Deconvnet) -> str:
     return names[len(names) // 2]
 
 
+def _after_flatten(dn: Deconvnet, layer: str) -> bool:
+    """Whether a layer sees the whole input (fc layers need the model's own input size)."""
+    target = dn.resolve(layer)
+    for name, module in dn.model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Flatten)):
+            return True
+        if name == target:
+            return False
+    return False
+
+
 def _parse_position(text: str) -> tuple[int, int]:
     try:
         y, x = (int(v) for v in text.replace(" ", "").split(","))
@@ -74,12 +85,14 @@ def run(args: argparse.Namespace) -> int:
     image_path = Path(args.image) if args.image else default_image()
     image = load_image(image_path)
     model, preprocess = load_model(args.model, weights=args.weights, device=device)
-    size = args.input_size or (SMALL_MODEL_INPUT if (preprocess.crop or 224) <= 64 else None)
+    dn = Deconvnet(model)
+    layer = args.layer or default_layer(dn)
+    size = args.input_size
+    if size is None and (preprocess.crop or 224) <= 64 and not _after_flatten(dn, layer):
+        size = SMALL_MODEL_INPUT
     if size is not None:
         preprocess = preprocess.with_size(size)
     x = preprocess(image).unsqueeze(0).to(device)
-    dn = Deconvnet(model)
-    layer = args.layer or default_layer(dn)
     rec = dn.record(x, layer)
     out_map = rec.output
     n_channels = out_map.shape[1]

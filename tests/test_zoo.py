@@ -1,0 +1,164 @@
+"""The model zoo: builders, layer contracts, weights from every source, preprocessing."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import zfvis
+from zfvis import zoo
+
+# A declared contract per zoo model (timm style): alias -> (channels, reduction: the
+# receptive field's jump) for a 224 input (32 for zfnet-cifar10), checked against real outputs below.
+CONTRACTS = {
+    "zfnet": (224, {"conv1": (96, 2), "pool1": (96, 4), "conv2": (256, 8), "pool2": (256, 16), "conv5": (256, 16), "pool3": (256, 32)}),
+    "zfnet-cifar10": (32, {"conv1": (32, 1), "conv2": (64, 2), "conv3": (128, 4), "conv5": (128, 4), "pool3": (128, 8)}),
+    "alexnet": (224, {"conv1": (64, 4), "conv2": (192, 8), "conv5": (256, 16)}),
+    "vgg11": (224, {"conv1_1": (64, 1), "conv3_2": (256, 4), "conv5_2": (512, 16), "pool5": (512, 32)}),
+    "vgg16": (224, {"conv1_2": (64, 1), "conv3_3": (256, 4), "conv5_3": (512, 16)}),
+    "vgg19_bn": (224, {"conv4_4": (512, 8), "conv5_4": (512, 16)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACTS))
+def test_layer_contract(name: str) -> None:
+    size, contract = CONTRACTS[name]
+    model, _ = zfvis.load_model(name, weights="random")
+    dn = zfvis.Deconvnet(model)
+    x = torch.zeros(1, 3, size, size)
+    for alias, (channels, reduction) in contract.items():
+        out = dn.record(x, alias).output
+        assert out.shape[1] == channels, alias
+        rf = dn.receptive_field(alias, (3, size, size))
+        assert rf is not None and rf.jump == (reduction, reduction), alias
+
+
+def test_zfnet_has_paper_map_sizes() -> None:
+    model, _ = zfvis.load_model("zfnet", weights="random")
+    steps = zfvis.Deconvnet(model).trace((3, 224, 224))
+    sizes = [s.out_shape[-1] for s in steps if isinstance(s.module, (nn.Conv2d, nn.MaxPool2d))]
+    assert sizes == [110, 55, 26, 13, 13, 13, 13, 6]
+    assert steps[-1].out_shape == (1000,)
+
+
+@pytest.mark.parametrize("name", zfvis.list_models())
+def test_every_model_builds_with_aliases(name: str) -> None:
+    model, pre = zfvis.load_model(name, weights="random")
+    assert not model.training
+    aliases = zfvis.layer_aliases(model)
+    assert "conv1" in aliases or "conv1_1" in aliases
+    assert "fc8" in aliases and isinstance(dict(model.named_modules())[aliases["fc8"]], nn.Linear)
+    conv_alias = "conv1" if "conv1" in aliases else "conv1_1"
+    assert isinstance(dict(model.named_modules())[aliases[conv_alias]], nn.ReLU)  # the rectified output
+
+
+def test_random_weights_are_seeded() -> None:
+    a, _ = zfvis.load_model("zfnet-cifar10", weights="random")
+    b, _ = zfvis.load_model("zfnet-cifar10", weights="random")
+    c, _ = zfvis.load_model("zfnet-cifar10", weights="random", seed=1)
+    assert torch.equal(a.features[0].weight, b.features[0].weight)
+    assert not torch.equal(a.features[0].weight, c.features[0].weight)
+
+
+def test_unknown_model_and_weights() -> None:
+    with pytest.raises(ValueError, match="Did you mean .*'vgg16'"):
+        zfvis.load_model("vgg61")
+    with pytest.raises(ValueError, match="IMAGENET1K_V1"):
+        zfvis.load_model("vgg11", weights="IMAGENET_V9")
+    with pytest.raises(ValueError, match="no torchvision weights"):
+        zfvis.load_model("zfnet", weights="DEFAULT")
+    with pytest.raises(TypeError):
+        zfvis.load_model(16)  # type: ignore[arg-type]
+
+
+def test_local_state_dict_and_checkpoint(tmp_path: Path) -> None:
+    src, _ = zfvis.load_model("zfnet-cifar10", weights="random", seed=3)
+    torch.save(src.state_dict(), tmp_path / "sd.pt")
+    torch.save({"epoch": 4, "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "ck.pth")
+    for f in ("sd.pt", "ck.pth"):
+        model, _ = zfvis.load_model("zfnet-cifar10", weights=tmp_path / f)
+        assert torch.equal(model.features[0].weight, src.features[0].weight)
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    torch.save({"state_dict": {}, "extra": Path("x")}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="could run code"):
+        zfvis.load_model("zfnet-cifar10", weights=tmp_path / "evil.pt")
+
+
+def test_mismatched_and_missing_checkpoints(tmp_path: Path) -> None:
+    state = zfvis.load_model("zfnet-cifar10", weights="random")[0].state_dict()
+    state.pop("features.0.weight")
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"missing keys: features\.0\.weight.*unexpected keys: extra\.weight"):
+        zfvis.load_model("zfnet-cifar10", weights=tmp_path / "bad.pt")
+    other = zfvis.load_model("zfnet-cifar10", weights="random")[0].state_dict()
+    other["classifier.6.weight"] = torch.zeros(3, 512)
+    torch.save(other, tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match="has shape"):
+        zfvis.load_model("zfnet-cifar10", weights=tmp_path / "shape.pt")
+    with pytest.raises(FileNotFoundError):
+        zfvis.load_model("zfnet-cifar10", weights=tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError):
+        zfvis.load_model("zfnet-cifar10", weights=tmp_path / "junk.pt")
+
+
+def test_torchvision_weights_from_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's own loading path, offline: the file sits in TORCH_HOME's hub cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import torchvision
+
+    url = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url
+    src, _ = zfvis.load_model("alexnet", weights="random", seed=5)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(src.state_dict(), cache / os.path.basename(url))
+    model, pre = zfvis.load_model("alexnet", weights="IMAGENET1K_V1")
+    assert torch.equal(model.features[0].weight, src.features[0].weight)
+    model, _ = zfvis.load_model("alexnet")  # DEFAULT is IMAGENET1K_V1
+    assert torch.equal(model.features[0].weight, src.features[0].weight)
+
+
+def test_download_failure_says_how_to_pass_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(zfvis.WeightsDownloadError, match="--weights PATH"):
+        zfvis.load_model("vgg11")
+
+
+def test_packaged_weights_load_offline_and_are_small() -> None:
+    path = Path(zoo.__file__).parent / "weights" / "zfnet_cifar10.pt"
+    assert path.stat().st_size <= 10 * 1024 * 1024
+    model, pre = zfvis.load_model("zfnet-cifar10")
+    random_model, _ = zfvis.load_model("zfnet-cifar10", weights="random")
+    assert not torch.equal(model.features[0].weight, random_model.features[0].weight)
+    assert pre.crop == 32
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "RGB"])
+def test_preprocess_accepts_any_mode(mode: str) -> None:
+    img = Image.new("RGB", (50, 40), (200, 30, 10)).convert(mode) if mode != "I;16" else Image.new("I;16", (50, 40), 1000)
+    _, pre = zfvis.load_model("zfnet-cifar10", weights="random")
+    x = pre(img)
+    assert x.shape == (3, 32, 32) and torch.isfinite(x).all()
+    back = pre.denormalize(x)
+    assert back.min() >= 0 and back.max() <= 1
+
+
+def test_preprocess_of_a_real_photo_of_any_size() -> None:
+    model, pre = zfvis.load_model("zfnet-cifar10")
+    x = pre(zfvis.load_image(zfvis.default_image())).unsqueeze(0)
+    assert x.shape == (1, 3, 32, 32)
+    assert model(x).shape == (1, 10)
