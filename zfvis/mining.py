@@ -62,6 +62,7 @@ class MiningResult:
         seconds: Wall time of the whole run.
         outputs: Files written (rank 0).
         resumed_batches: Batches of pass 1 taken from a saved state instead of run.
+        pass1_seconds: Wall time of pass 1's loop in this call (0 when it was skipped).
     """
 
     topk: dict[str, Any] | None
@@ -71,6 +72,7 @@ class MiningResult:
     seconds: float
     outputs: list[Path]
     resumed_batches: int = 0
+    pass1_seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------- data
@@ -163,10 +165,10 @@ class _Taps:
     def __init__(self, model: nn.Module, modules: dict[str, str]) -> None:
         self.model = model
         self.modules = modules  # layer as given -> module name
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.fn: Callable[[str, torch.Tensor], Any] = lambda layer, out: out
 
     def run(self, images: torch.Tensor, fn: Callable[[str, torch.Tensor], Any]) -> dict[str, Any]:
+        """One forward pass, stopped once every requested module has run; ``fn(layer,
+        output)`` is applied inside the hook (the output is not kept)."""
         results: dict[str, Any] = {}
         by_module: dict[str, list[str]] = {}
         for layer, name in self.modules.items():
@@ -426,6 +428,7 @@ def mine(
                     raise ValueError(f"'{part_path}' holds a mining run with other settings or files; {hint}")
 
         resumed = 0
+        pass1_seconds = 0.0
         show = progress and rank == 0
         if done:
             assert state is not None
@@ -467,6 +470,7 @@ def mine(
                 )
 
             bar = _bar(len(shard), "pass 1", show, initial=start)
+            t1 = time.perf_counter()
             try:
                 for idx, batch, bad in _loader(ds, batch_size, workers):
                     for i, err in bad:
@@ -493,6 +497,7 @@ def mine(
                 if bar is not None:
                     bar.close()
             save(batches_done)
+            pass1_seconds = time.perf_counter() - t1
 
             if world > 1:
                 gathered: list[Any] = [None] * world
@@ -517,7 +522,7 @@ def mine(
                 part_path.unlink(missing_ok=True)
 
         if rank != 0:
-            return MiningResult(None, out, images_ok, skipped, time.perf_counter() - t0, [], resumed)
+            return MiningResult(None, out, images_ok, skipped, time.perf_counter() - t0, [], resumed, pass1_seconds)
 
         topk = {
             "model": model_name,
@@ -573,7 +578,7 @@ def mine(
                 print(f"  skipped {s['image']}: {s['error']}", file=sys.stderr)
             if len(skipped) > 10:
                 print(f"  ... and {len(skipped) - 10} more (see topk.json)", file=sys.stderr)
-        return MiningResult(topk, out, images_ok, skipped, seconds, outputs, resumed)
+        return MiningResult(topk, out, images_ok, skipped, seconds, outputs, resumed, pass1_seconds)
     finally:
         if owned:
             dist.destroy_process_group()

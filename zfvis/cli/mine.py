@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..engine import Deconvnet
 from ..mining import mine
-from ..zoo import load_model
+from ..zoo import get_spec, load_model
 from ._common import CLIError, add_config_arg, add_model_args, check_output, resolve_device, write_settings
 
 
@@ -107,6 +107,6 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         restart=args.restart,
         model_name=args.model,
-        weights=args.weights,
+        weights=args.weights or f"{get_spec(args.model).default_weights} (default)",
     )
     return 0
