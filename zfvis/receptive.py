@@ -154,6 +154,33 @@ class Window:
         return cls(map_size, z, z, (z, z, h, w), map_size)
 
 
+def _reached(a0: torch.Tensor, b0: torch.Tensor, k: int, s: int, p: int, d: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last input index that outputs ``a0 .. b0 - 1`` read (B,).
+
+    The kernel taps ``o*s - p + j*d`` that fall inside the map; with dilation the taps
+    next to a border can skip its first (or last) rows, so clamping the interval
+    ``[a0*s - p, (b0 - 1)*s - p + extent)`` to the map may overshoot. Only outputs near a
+    border need looking at; the others are never clipped.
+    """
+    extent = d * (k - 1) + 1
+    m = (extent + p) // s + 2
+    t = torch.arange(m, device=a0.device)
+    j = torch.arange(k, device=a0.device) * d
+    lo = a0[:, None] + t
+    hi = b0[:, None] - 1 - t
+    taps_lo = lo[:, :, None] * s - p + j
+    taps_hi = hi[:, :, None] * s - p + j
+    ok_lo = (lo < b0[:, None])[:, :, None] & (taps_lo >= 0) & (taps_lo < n_in)
+    ok_hi = (hi >= a0[:, None])[:, :, None] & (taps_hi >= 0) & (taps_hi < n_in)
+    first = torch.where(ok_lo, taps_lo, torch.full_like(taps_lo, n_in)).amin(dim=(1, 2))
+    last = torch.where(ok_hi, taps_hi, torch.full_like(taps_hi, -1)).amax(dim=(1, 2)) + 1
+    # outputs that read only padding reach nothing: keep the clamped interval
+    a = (a0 * s - p).clamp(min=0)
+    b = ((b0 - 1) * s - p + extent).clamp(max=n_in)
+    empty = first >= last
+    return torch.where(empty, a, first), torch.where(empty, b, last)
+
+
 def _back(rule: tuple, out: Window, in_size: tuple[int, int]) -> Window:
     k, s, p, d = rule
     size, starts, cone_a, cone_b = [], [], [], []
@@ -161,8 +188,11 @@ def _back(rule: tuple, out: Window, in_size: tuple[int, int]) -> Window:
         extent = d[i] * (k[i] - 1) + 1
         generic = (out.size[i] - 1) * s[i] + extent
         n = min(in_size[i], generic)
-        a = (out.cone[i] * s[i] - p[i]).clamp(min=0)
-        b = ((out.cone[i + 2] - 1) * s[i] - p[i] + extent).clamp(max=in_size[i])
+        if d[i] == 1:  # every input row between the taps is read: the clamped interval is exact
+            a = (out.cone[i] * s[i] - p[i]).clamp(min=0)
+            b = ((out.cone[i + 2] - 1) * s[i] - p[i] + extent).clamp(max=in_size[i])
+        else:
+            a, b = _reached(out.cone[i], out.cone[i + 2], k[i], s[i], p[i], d[i], in_size[i])
         size.append(n)
         starts.append(torch.minimum(a, torch.full_like(a, in_size[i] - n)))
         cone_a.append(a)

@@ -1,0 +1,175 @@
+"""Benchmark: deconvnet projections on VGG16 (random weights, 224x224, CPU).
+
+Times (median of --repeats rounds after one warm-up round; in each round every
+measurement runs back to back, and ratios are medians of the per-round ratios) a plain forward pass, one projection
+from conv5_3 and conv3_3 (each including its forward pass), and nine channels projected
+in one call; each as a ratio to the plain forward measured in the same run and, where
+captum is importable, to captum's NeuronDeconvolution on the same activations (nine
+captum calls for nine channels). Also checks that our projection equals the activation's
+value times captum's attribution (captum seeds the gradient with 1).
+
+    python scripts/bench_project.py [--repeats 5]
+
+captum is a benchmark-only dependency (``pip install captum --no-deps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from zfvis import Deconvnet  # noqa: E402
+from zfvis.deconv import ReverseConv2d  # noqa: E402
+from zfvis.receptive import Window, plan  # noqa: E402
+
+GOALS = {  # (label, ours key, captum key, max ratio)
+    "conv5_3 x1 vs captum": ("conv5_3 x1", "captum conv5_3 x1", 1.0),
+    "conv5_3 x9 vs 9 captum": ("conv5_3 x9", "captum conv5_3 x9", 0.6),
+    "conv3_3 x9 vs 9 captum": ("conv3_3 x9", "captum conv3_3 x9", 0.2),
+}
+
+
+def windowed_fraction(dn: Deconvnet, x: torch.Tensor, layer: str, channel: int) -> float:
+    """Multiply-adds of the windowed reverse convolutions over those of dense ones."""
+    rec = dn.record(x, layer)
+    seeds = dn.select(rec, channel)
+    out = rec.output
+    top = Window.points(seeds.y, seeds.x, (out.shape[2], out.shape[3]))
+    wins = plan(rec.steps, top, batch=1, device=out.device)
+    stack = dn.reverse_stack(rec)
+    steps = rec.steps
+    windowed = dense = 0.0
+    for layer_, (first, last) in zip(stack.layers, stack.spans):
+        if not isinstance(layer_, ReverseConv2d):
+            continue
+        out_win = wins[last + 1] if last + 1 < len(steps) else top
+        per_pixel = layer_.weight.numel()
+        windowed += out_win.size[0] * out_win.size[1] * per_pixel
+        dense += out_win.map_size[0] * out_win.map_size[1] * per_pixel
+    return windowed / dense
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(args.seed)
+    model = torchvision.models.vgg16(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    dn = Deconvnet(model)
+    layers = ["conv5_3", "conv3_3"]
+    channels = list(range(9))
+    print(f"VGG16, random weights, input {tuple(x.shape)}, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    try:
+        from captum.attr import NeuronDeconvolution
+    except ImportError:
+        NeuronDeconvolution = None  # noqa: N806
+        print("captum is not importable: no comparison (pip install captum --no-deps)")
+
+    # every measurement of one round runs back to back, so that on a shared machine the
+    # ratios compare runs under the same load; each reported time is a median over rounds
+    tasks: dict[str, Callable[[], object]] = {}
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    tasks["forward"] = forward
+    for layer in layers:
+        tasks[f"{layer} x1"] = lambda layer=layer: dn.project(x, layer, channel=channels[0])
+        tasks[f"{layer} x9"] = lambda layer=layer: dn.project(x, layer, channel=channels)
+
+    exact_lines = []
+    if NeuronDeconvolution is not None:
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+        warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+        # captum overrides ReLU gradients with hooks on ReLU modules (its docs: every ReLU
+        # must be a module); we give it ReLUs that are not inplace, and check below that
+        # the inplace model gives the same attribution
+        captum_model = copy.deepcopy(model)
+        for m in captum_model.modules():
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+        modules = dict(captum_model.named_modules())
+        for layer in layers:
+            name = dn.resolve(layer)
+            nd = NeuronDeconvolution(captum_model, modules[name])
+            rec = dn.record(x, layer)
+            seeds = dn.select(rec, channels)  # each channel's strongest activation
+            selectors = [(int(c), int(y), int(xx)) for c, y, xx in zip(seeds.channel, seeds.y, seeds.x)]
+            tasks[f"captum {layer} x1"] = lambda nd=nd, sel=selectors[0]: nd.attribute(x, neuron_selector=sel)
+            tasks[f"captum {layer} x9"] = lambda nd=nd, sels=selectors: [nd.attribute(x, neuron_selector=s) for s in sels]
+            # exactness: ours == value * captum
+            ours = dn.project(x, layer, channel=channels)[0]
+            worst = 0.0
+            for i, sel in enumerate(selectors):
+                ref = seeds.value[i] * nd.attribute(x, neuron_selector=sel)[0]
+                worst = max(worst, ((ours[i] - ref).abs().max() / ref.abs().max()).item())
+            nd_inplace = NeuronDeconvolution(model, dict(model.named_modules())[name])
+            ref = seeds.value[0] * nd_inplace.attribute(x, neuron_selector=selectors[0])[0]
+            inplace_err = ((ours[0] - ref).abs().max() / ref.abs().max()).item()
+            exact_lines.append(
+                f"exactness {layer}: max |ours - value*captum| / max|value*captum| over 9 channels = {worst:.2e} "
+                f"(captum on the inplace model: {inplace_err:.2e})"
+            )
+
+    for fn in tasks.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in tasks}
+    for _ in range(args.repeats):
+        for key, fn in tasks.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    results = {k: statistics.median(v) for k, v in times.items()}
+
+    def ratio(a: str, b: str) -> float:
+        """Median over rounds of the per-round ratio."""
+        return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
+
+    fwd = results["forward"]
+    print()
+    print(f"{'measurement':<22} {'seconds':>9} {'x forward':>10} {'x captum':>9}")
+    print("-" * 53)
+    for key, t in results.items():
+        if key.startswith("captum"):
+            continue
+        cap_s = f"{ratio(key, f'captum {key}'):9.3f}" if f"captum {key}" in times else f"{'-':>9}"
+        print(f"{key:<22} {t:9.3f} {ratio(key, 'forward'):10.2f} {cap_s}")
+    for key, t in results.items():
+        if key.startswith("captum"):
+            print(f"{key:<22} {t:9.3f} {ratio(key, 'forward'):10.2f} {'':>9}")
+    print()
+    for layer in layers:
+        frac = windowed_fraction(dn, x, layer, channels[0])
+        print(f"windowed reverse convolutions, {layer}: {frac:.1%} of the dense multiply-adds")
+    for line in exact_lines:
+        print(line)
+    if NeuronDeconvolution is not None:
+        parts = []
+        for label, (ours, theirs, limit) in GOALS.items():
+            r = ratio(ours, theirs)
+            parts.append(f"{label} {r:.2f} <= {limit}: {'met' if r <= limit else 'missed'}")
+        print("goals: " + "; ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
