@@ -59,13 +59,11 @@ def _swap(model: nn.Module) -> None:
             _swap(child)
 
 
-def oracle_projection(model: nn.Module, image: torch.Tensor, layer: str, index: tuple[int, ...]) -> torch.Tensor:
-    """value * gradient of activation ``output[0][index]`` of module ``layer`` w.r.t.
-    ``image`` (1, C, H, W), under the deconvnet's backward rules. Returns (C, H, W)."""
+def oracle_backward(model: nn.Module, image: torch.Tensor, layer: str, seed_of) -> torch.Tensor:
+    """Backpropagates ``seed_of(output)`` from module ``layer``'s output to ``image``
+    (1, C, H, W) under the deconvnet's backward rules. Returns (C, H, W)."""
     net = copy.deepcopy(model).eval()
     _swap(net)
-    modules = dict(net.named_modules())
-    target = modules[layer]
     captured: dict[str, torch.Tensor] = {}
 
     class _Done(Exception):
@@ -75,7 +73,7 @@ def oracle_projection(model: nn.Module, image: torch.Tensor, layer: str, index: 
         captured["out"] = out
         raise _Done
 
-    handle = target.register_forward_hook(hook)
+    handle = dict(net.named_modules())[layer].register_forward_hook(hook)
     x = image.clone().requires_grad_(True)
     try:
         net(x)
@@ -83,6 +81,26 @@ def oracle_projection(model: nn.Module, image: torch.Tensor, layer: str, index: 
         pass
     finally:
         handle.remove()
-    act = captured["out"][(0, *index)]
-    (grad,) = torch.autograd.grad(act, x)
-    return (act.detach() * grad)[0]
+    out = captured["out"]
+    (grad,) = torch.autograd.grad(out, x, seed_of(out.detach()))
+    return grad[0]
+
+
+def oracle_projection(model: nn.Module, image: torch.Tensor, layer: str, index: tuple[int, ...]) -> torch.Tensor:
+    """value * gradient of activation ``output[0][index]`` of module ``layer`` w.r.t.
+    ``image`` (1, C, H, W), under the deconvnet's backward rules. Returns (C, H, W)."""
+
+    def seed(out: torch.Tensor) -> torch.Tensor:
+        s = torch.zeros_like(out)
+        s[(0, *index)] = 1.0
+        return s
+
+    value = None
+
+    def unit(out: torch.Tensor) -> torch.Tensor:
+        nonlocal value
+        value = out[(0, *index)]
+        return seed(out)
+
+    grad = oracle_backward(model, image, layer, unit)
+    return value * grad

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from oracle import _swap, oracle_projection
+from oracle import oracle_backward, oracle_projection
 from torch import nn
 
 import zfvis
@@ -374,30 +374,13 @@ def test_whole_map_equals_sum_of_positions_on_linear_net() -> None:
 
 def _oracle_whole_map(model: nn.Module, image: torch.Tensor, layer: str, channel: int) -> torch.Tensor:
     """The deconvnet backward (oracle rules) of the whole map ``channel`` of ``layer``."""
-    net = copy.deepcopy(model).eval()
-    _swap(net)
-    captured: dict[str, torch.Tensor] = {}
 
-    class Done(Exception):
-        pass
+    def seed(out: torch.Tensor) -> torch.Tensor:
+        s = torch.zeros_like(out)
+        s[:, channel] = out[:, channel]
+        return s
 
-    def hook(_m, _i, out):
-        captured["out"] = out
-        raise Done
-
-    handle = dict(net.named_modules())[layer].register_forward_hook(hook)
-    xx = image.clone().requires_grad_(True)
-    try:
-        net(xx)
-    except Done:
-        pass
-    finally:
-        handle.remove()
-    out = captured["out"]
-    seed = torch.zeros_like(out)
-    seed[:, channel] = out[:, channel].detach()
-    (grad,) = torch.autograd.grad(out, xx, seed)
-    return grad[0]
+    return oracle_backward(model, image, layer, seed)
 
 
 @pytest.mark.parametrize(("key", "layer"), [("odd", "features.8"), ("odd", "features.12"), ("pools", "features.6"), ("zfnet-cifar10", "conv3")])
