@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from zfvis.data import list_images, load_image, resolve  # noqa: E402
 from zfvis.engine import Deconvnet, Seeds  # noqa: E402
-from zfvis.mining import _collate, _Files, _image_maxima, _Taps, crop_winners, mine  # noqa: E402
+from zfvis.mining import _collate, _Files, image_maxima, _Taps, crop_winners, mine  # noqa: E402
 from zfvis.zoo import load_model  # noqa: E402
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
@@ -84,7 +84,7 @@ def bench_pass1(model, pre, root: Path, limit: int, batch_size: int, out: Path, 
         plain_c = n / (time.perf_counter() - t)
         t = time.perf_counter()
         for x in batches * repeats:
-            taps.run(x, lambda layer, o: _image_maxima(o, None))
+            taps.run(x, lambda layer, o: image_maxima(o, None))
         mined_c = n / (time.perf_counter() - t)
     return {"images": res.images, "plain": plain, "mined": mined, "plain_c": plain_c, "mined_c": mined_c,
             "topk": res.topk}

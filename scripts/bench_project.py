@@ -145,7 +145,6 @@ def main() -> None:
         """Median over rounds of the per-round ratio."""
         return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
 
-    fwd = results["forward"]
     print()
     print(f"{'measurement':<22} {'seconds':>9} {'x forward':>10} {'x captum':>9}")
     print("-" * 53)

@@ -21,7 +21,7 @@ from torch import nn
 from zfvis import mining
 from zfvis.cli import main
 from zfvis.data import list_images, load_image
-from zfvis.engine import Deconvnet, Seeds
+from zfvis.engine import Deconvnet
 from zfvis.mining import crop_winners, merge_topk, mine
 from zfvis.zoo import Preprocess
 
@@ -144,7 +144,7 @@ def test_merge_topk_ties_and_empty_slots() -> None:
 
 
 def test_resume_after_interruption_equals_uninterrupted(data: Path, tmp_path: Path) -> None:
-    ref = _run(data, tmp_path / "ref", state_every=2, figures=False)
+    _run(data, tmp_path / "ref", state_every=2, figures=False)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         _run(data, out, state_every=2, stop_after_batches=3, figures=False)

@@ -74,6 +74,19 @@ class Patches:
     box: torch.Tensor
     image_size: tuple[int, int]
 
+    def boxes(self) -> list[tuple[int, int, int, int]]:
+        """Each seed's (top, left, bottom, right) receptive-field box as ints."""
+        return [tuple(int(v) for v in b) for b in self.box.cpu()]  # type: ignore[misc]
+
+    def crops(self) -> list[torch.Tensor]:
+        """Each seed's projection cropped to its box (C, h, w), on the CPU."""
+        pixels = self.pixels.detach().cpu()
+        out = []
+        for j, (t, l, b, r) in enumerate(self.boxes()):
+            wt, wl = int(self.top[j]), int(self.left[j])
+            out.append(pixels[j, :, t - wt : b - wt, l - wl : r - wl])
+        return out
+
     def full(self) -> torch.Tensor:
         """The projections pasted into zero images of the input size, (B, C, H, W)."""
         return crop_windows(self.pixels, None, -self.top, -self.left, *self.image_size)

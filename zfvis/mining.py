@@ -115,7 +115,7 @@ def _loader(ds: _Files, batch_size: int, workers: int) -> torch.utils.data.DataL
 # --------------------------------------------------------------------------- top-k
 
 
-def _empty_topk(channels: int, k: int) -> dict[str, torch.Tensor]:
+def empty_topk(channels: int, k: int) -> dict[str, torch.Tensor]:
     return {
         "values": torch.full((channels, k), -math.inf),
         "index": torch.full((channels, k), _EMPTY, dtype=torch.long),
@@ -139,7 +139,7 @@ def merge_topk(parts: Sequence[dict[str, torch.Tensor]], k: int) -> dict[str, to
     return {"values": values[:, :k].contiguous(), "index": index[:, :k].contiguous(), "pos": pos[:, :k].contiguous()}
 
 
-def _image_maxima(out: torch.Tensor, channels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def image_maxima(out: torch.Tensor, channels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and channel the maximum over positions and its flat position (C, B)."""
     out = out.detach()
     if channels is not None:
@@ -262,15 +262,10 @@ def crop_winners(dn: Deconvnet, images: torch.Tensor, layer: str, seeds: Seeds) 
     """
     rec = dn.record(images, layer)
     patches = dn.reverse(rec, seeds)
-    out = []
     imgs = images.detach().cpu()
-    pix = patches.pixels.detach().cpu()
-    for j in range(len(seeds)):
-        t, l, b, r = (int(v) for v in patches.box[j])
-        wt, wl = int(patches.top[j]), int(patches.left[j])
-        proj = pix[j, :, t - wt : b - wt, l - wl : r - wl]
-        patch = imgs[int(seeds.image[j]), :, t:b, l:r]
-        out.append((proj, patch, (t, l, b, r)))
+    out = []
+    for j, (proj, (t, l, b, r)) in enumerate(zip(patches.crops(), patches.boxes())):
+        out.append((proj, imgs[int(seeds.image[j]), :, t:b, l:r], (t, l, b, r)))
     return out
 
 
@@ -440,7 +435,7 @@ def mine(
         else:
             shard = chosen_files[rank::world]
             batches_done = 0
-            tops = {layer: _empty_topk(len(chan_sel[layer]), top) for layer in layers}
+            tops = {layer: empty_topk(len(chan_sel[layer]), top) for layer in layers}
             skipped = []
             images_ok = 0
             if state is not None:
@@ -478,7 +473,7 @@ def mine(
                     if batch is not None:
                         res = taps.run(
                             batch.to(device, non_blocking=True),
-                            lambda layer, o: _image_maxima(o, sel_tensors[layer]),
+                            lambda layer, o: image_maxima(o, sel_tensors[layer]),
                         )
                         for layer in layers:
                             vals, pos = res[layer]

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from .. import default_image
 from ..data import list_images, load_image, resolve
 from ..engine import Deconvnet, Seeds
+from ..mining import crop_winners, image_maxima, merge_topk
 from ..render import grid_figure, normalize_projection
 from ..zoo import load_model
 from ._common import CLIError, add_config_arg, check_output, resolve_device, write_settings
@@ -78,25 +79,23 @@ def _load_images(dataset: str | None, limit: int, preprocess) -> tuple[torch.Ten
 
 
 def strongest(dn: Deconvnet, images: torch.Tensor, layer: str, channels: list[int], batch: int = 128):
-    """For each channel, the (value, image index, y, x) of its strongest activation."""
-    best_v = best_i = best_p = None
+    """For each channel, the (value, image index, y, x) of its strongest activation
+    (ties: the first image, then the first position, as in mining)."""
+    sel = torch.tensor(channels, device=images.device)
+    best = None
     for start in range(0, len(images), batch):
         out = dn.record(images[start : start + batch], layer).output
-        if out.dim() == 2:
-            out = out[:, :, None, None]
-        maps = out[:, channels].flatten(2)  # (n, m, hw)
-        v, pos = maps.max(dim=2)  # per image
-        bv, bi = v.max(dim=0)  # over images (first on ties)
-        bp = pos[bi, torch.arange(len(channels))]
-        if best_v is None:
-            best_v, best_i, best_p = bv, bi + start, bp
-        else:
-            better = bv > best_v
-            best_v = torch.where(better, bv, best_v)
-            best_i = torch.where(better, bi + start, best_i)
-            best_p = torch.where(better, bp, best_p)
-        width = out.shape[-1]
-    return best_v, best_i, best_p // width, best_p % width
+        values, pos = image_maxima(out, sel)
+        index = torch.arange(start, start + out.shape[0]).expand_as(values)
+        part = {"values": values, "index": index, "pos": pos}
+        best = merge_topk([part] if best is None else [best, part], 1)
+        width = out.shape[-1] if out.dim() == 4 else 1
+    if best is None:
+        raise CLIError("no image to search")
+    pos = best["pos"][:, 0]
+    y = torch.where(pos >= 0, pos // width, -1)
+    x = torch.where(pos >= 0, pos % width, -1)
+    return best["values"][:, 0], best["index"][:, 0], y, x
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,19 +121,10 @@ def run(args: argparse.Namespace) -> int:
             channels = parse_channels(args.channels, count, args.layer)
         value, index, y, x = strongest(dn, images, args.layer, channels)
         winners = sorted(set(index.tolist()))
-        rec = dn.record(images[winners], args.layer)
         local = torch.tensor([winners.index(int(i)) for i in index], device=device)
-        if rec.output.dim() == 2:
-            y = x = torch.full_like(y, -1)
-        seeds = Seeds(local, torch.tensor(channels, device=device), y, x, value)
-        patches = dn.reverse(rec, seeds)
-        column = []
-        for b in range(len(seeds)):
-            t, l, bt, r = (int(v) for v in patches.box[b])
-            t0, l0 = int(patches.top[b]), int(patches.left[b])
-            crop = patches.pixels[b, :, t - t0 : bt - t0, l - l0 : r - l0].float().cpu()
-            column.append(normalize_projection(crop) if float(value[b]) > 0 else None)
-        columns.append(column)
+        seeds = Seeds(local, torch.tensor(channels, device=device), y.to(device), x.to(device), value.to(device))
+        crops = crop_winners(dn, images[winners], args.layer, seeds)
+        columns.append([normalize_projection(p.float()) if float(v) > 0 else None for (p, _, _), v in zip(crops, value)])
     cells = [[col[r] for col in columns] for r in range(len(channels))]
     grid_figure(
         cells,
