@@ -162,3 +162,15 @@ def test_preprocess_of_a_real_photo_of_any_size() -> None:
     x = pre(zfvis.load_image(zfvis.default_image())).unsqueeze(0)
     assert x.shape == (1, 3, 32, 32)
     assert model(x).shape == (1, 10)
+
+
+def test_corrupt_cached_torchvision_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import torchvision
+
+    url = torchvision.models.VGG11_Weights.IMAGENET1K_V1.url
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / os.path.basename(url)).write_bytes(b"truncated download")
+    with pytest.raises(ValueError, match="delete it and retry"):
+        zfvis.load_model("vgg11")

@@ -234,7 +234,7 @@ def record(model: nn.Module, images: torch.Tensor, layer: str | None = None) -> 
     """
     device, dtype = _model_device_dtype(model)
     if device is not None:
-        images = images.to(device=device, dtype=dtype if images.is_floating_point() else dtype)
+        images = images.to(device=device, dtype=dtype)
     rec = _Recorder(model, layer)
     rec.last = images
     rec.last_version = _version(images)

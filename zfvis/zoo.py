@@ -297,8 +297,9 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             f"refused to load '{path}': it holds objects other than tensors, which could run code "
             f"({first}); save a state dict with torch.save(model.state_dict(), path)"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"cannot read checkpoint '{path}': {str(err).splitlines()[0]}") from None
+    except Exception as err:  # corrupt data: pickle and zip readers raise many types
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"cannot read checkpoint '{path}': {first}") from None
     return _extract_state_dict(obj, str(path))
 
 
@@ -333,16 +334,18 @@ def _download(spec: ModelSpec, weights_name: str) -> dict[str, torch.Tensor]:
     except KeyError:
         names = ["DEFAULT", *enum.__members__]
         raise ValueError(_unknown(f"weights name for {spec.name}", weights_name, names)) from None
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
         return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True, weights_only=True)
-    except (OSError, RuntimeError) as err:
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        if isinstance(err, RuntimeError) and "hash" not in str(err).lower() and "urlopen" not in str(err).lower():
-            raise
+    except OSError as err:  # no network (URLError), refused connection, unwritable cache
         raise WeightsDownloadError(
             f"cannot download {spec.name} weights {weights_name} ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else 'no network'}); without a network, place the "
             f"file at '{cache}' or pass --weights PATH to a local state dict"
+        ) from None
+    except Exception as err:  # bad hash, a corrupt or unsafe file: pickle raises many types
+        raise ValueError(
+            f"the {spec.name} weights file '{cache}' is unusable ({str(err).splitlines()[0]}); delete it and retry"
         ) from None
 
 
