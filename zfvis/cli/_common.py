@@ -15,7 +15,7 @@ import torch
 from .._io import atomic_write_text
 from ..zoo import list_models
 
-__all__ = ["CLIError", "add_model_args", "add_config_arg", "apply_config", "resolve_device", "check_output", "write_settings"]
+__all__ = ["CLIError", "add_model_args", "add_config_arg", "apply_config", "resolve_device", "check_output", "write_settings", "parse_channels"]
 
 
 class CLIError(Exception):
@@ -121,3 +121,30 @@ def write_settings(path: str | os.PathLike[str], settings: dict[str, Any]) -> No
     """Writes the resolved settings as JSON (atomically)."""
     clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items() if k != "func"}
     atomic_write_text(path, json.dumps(clean, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def parse_channels(spec: str, count: int | None = None, layer: str | None = None) -> list[int]:
+    """``"0-15,32,40"`` -> sorted unique channel numbers, checked against ``count``
+    (the number of channels of ``layer``) where given."""
+    chans: set[int] = set()
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = (int(v) for v in part.split("-", 1))
+                if b < a:
+                    raise CLIError(f"--channels: range '{part}' runs backwards")
+                chans.update(range(a, b + 1))
+            else:
+                chans.add(int(part))
+        except ValueError:
+            raise CLIError(f"--channels: '{part}' is not a channel number or range like 0-15") from None
+    if not chans:
+        raise CLIError(f"--channels: '{spec}' names no channels; use e.g. 0-15,32,40")
+    if min(chans) < 0:
+        raise CLIError("--channels: channel numbers start at 0")
+    if count is not None and max(chans) >= count:
+        raise CLIError(f"channel {max(chans)} is out of range: layer '{layer}' has {count} channels (0..{count - 1})")
+    return sorted(chans)

@@ -19,7 +19,7 @@ from ..engine import Deconvnet, Seeds
 from ..mining import crop_winners, image_maxima, merge_topk
 from ..render import grid_figure, normalize_projection
 from ..zoo import load_model
-from ._common import CLIError, add_config_arg, check_output, resolve_device, write_settings
+from ._common import CLIError, add_config_arg, parse_channels, check_output, resolve_device, write_settings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,28 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="zfvis_evolution.png", help="PNG file to write")
     add_config_arg(p)
     p.set_defaults(func=run)
-
-
-def parse_channels(spec: str, count: int, layer: str) -> list[int]:
-    """Channels from a spec like ``0-15,32`` (checked against ``count``)."""
-    channels: list[int] = []
-    for part in spec.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            lo, _, hi = part.partition("-")
-            first, last = int(lo), int(hi) if hi else int(lo)
-        except ValueError:
-            raise CLIError(f"bad channel spec '{spec}'; use e.g. 0-15,32") from None
-        if first > last:
-            raise CLIError(f"bad channel range '{part}' (start after end)")
-        channels.extend(range(first, last + 1))
-    if not channels:
-        raise CLIError(f"channel spec '{spec}' names no channel")
-    bad = [c for c in channels if not 0 <= c < count]
-    if bad:
-        raise CLIError(f"channel {bad[0]} is out of range: layer '{layer}' has {count} channels (0..{count - 1})")
-    return sorted(dict.fromkeys(channels))
 
 
 def _load_images(dataset: str | None, limit: int, preprocess) -> tuple[torch.Tensor, list[str]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..engine import Deconvnet
 from ..mining import mine
 from ..zoo import get_spec, load_model
-from ._common import CLIError, add_config_arg, add_model_args, check_output, resolve_device, write_settings
+from ._common import CLIError, add_config_arg, parse_channels, add_model_args, check_output, resolve_device, write_settings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,30 +34,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (required)")
     add_config_arg(p)
     p.set_defaults(func=run)
-
-
-def parse_channels(spec: str) -> list[int]:
-    """``"0-15,32,40"`` -> sorted unique channel numbers."""
-    chans: set[int] = set()
-    for part in str(spec).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = (int(v) for v in part.split("-", 1))
-                if b < a:
-                    raise CLIError(f"--channels: range '{part}' runs backwards")
-                chans.update(range(a, b + 1))
-            else:
-                chans.add(int(part))
-        except ValueError:
-            raise CLIError(f"--channels: '{part}' is not a channel number or range like 0-15") from None
-    if not chans:
-        raise CLIError(f"--channels: '{spec}' names no channels; use e.g. 0-15,32,40")
-    if min(chans) < 0:
-        raise CLIError("--channels: channel numbers start at 0")
-    return sorted(chans)
 
 
 def run(args: argparse.Namespace) -> int:
