@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from zfvis.data import list_images, load_image, resolve  # noqa: E402
 from zfvis.engine import Deconvnet, Seeds  # noqa: E402
-from zfvis.mining import _collate, _Files, image_maxima, _Taps, crop_winners, mine  # noqa: E402
+from zfvis.mining import _collate, _Files, _Taps, crop_winners, image_maxima, mine  # noqa: E402
 from zfvis.zoo import load_model  # noqa: E402
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5"]

@@ -1,4 +1,4 @@
-"""Benchmark: deconvnet projections on VGG16 (random weights, 224x224, CPU).
+"""Benchmark: deconvnet projections on VGG16 and ResNet-50 (random weights, 224x224, CPU).
 
 Times (median of --repeats rounds after one warm-up round; in each round every
 measurement runs back to back, and ratios are medians of the per-round ratios) a plain forward pass, one projection
@@ -8,7 +8,7 @@ captum is importable, to captum's NeuronDeconvolution on the same activations (n
 captum calls for nine channels). Also checks that our projection equals the activation's
 value times captum's attribution (captum seeds the gradient with 1).
 
-    python scripts/bench_project.py [--repeats 5]
+    python scripts/bench_project.py [--model vgg16|resnet50] [--repeats 5] [--threads 2]
 
 captum is a benchmark-only dependency (``pip install captum --no-deps``).
 """
@@ -32,12 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from zfvis import Deconvnet  # noqa: E402
 from zfvis.deconv import ReverseConv2d  # noqa: E402
-from zfvis.receptive import Window, plan  # noqa: E402
+from zfvis.receptive import Window  # noqa: E402
 
-GOALS = {  # (label, ours key, captum key, max ratio)
-    "conv5_3 x1 vs captum": ("conv5_3 x1", "captum conv5_3 x1", 1.0),
-    "conv5_3 x9 vs 9 captum": ("conv5_3 x9", "captum conv5_3 x9", 0.6),
-    "conv3_3 x9 vs 9 captum": ("conv3_3 x9", "captum conv3_3 x9", 0.2),
+#: per model: the two layers, and the goals (label, ours key, captum key, max ratio)
+SETUPS = {
+    "vgg16": (["conv5_3", "conv3_3"], [
+        ("conv5_3 x1 vs captum", "conv5_3 x1", "captum conv5_3 x1", 0.8),
+        ("conv5_3 x9 vs 9 captum", "conv5_3 x9", "captum conv5_3 x9", 0.45),
+        ("conv3_3 x9 vs 9 captum", "conv3_3 x9", "captum conv3_3 x9", 0.2),
+    ]),
+    "resnet50": (["layer3", "layer2"], [
+        ("layer3 x1 vs captum", "layer3 x1", "captum layer3 x1", 0.8),
+        ("layer3 x9 vs 9 captum", "layer3 x9", "captum layer3 x9", 0.4),
+        ("layer2 x9 vs 9 captum", "layer2 x9", "captum layer2 x9", 0.2),
+    ]),
 }
 
 
@@ -47,22 +55,22 @@ def windowed_fraction(dn: Deconvnet, x: torch.Tensor, layer: str, channel: int) 
     seeds = dn.select(rec, channel)
     out = rec.output
     top = Window.points(seeds.y, seeds.x, (out.shape[2], out.shape[3]))
-    wins = plan(rec.steps, top, batch=1, device=out.device)
     stack = dn.reverse_stack(rec)
-    steps = rec.steps
+    wins = dn._plan(rec, stack, top, 1, out.device)
     windowed = dense = 0.0
-    for layer_, (first, last) in zip(stack.layers, stack.spans):
-        if not isinstance(layer_, ReverseConv2d):
+    for step in stack.steps:
+        if not isinstance(step.layer, ReverseConv2d) or wins.get(step.node) is None:
             continue
-        out_win = wins[last + 1] if last + 1 < len(steps) else top
-        per_pixel = layer_.weight.numel()
-        windowed += out_win.size[0] * out_win.size[1] * per_pixel
-        dense += out_win.map_size[0] * out_win.map_size[1] * per_pixel
+        win = wins[step.node]
+        per_pixel = step.layer.weight.numel()
+        windowed += win.size[0] * win.size[1] * per_pixel
+        dense += win.map_size[0] * win.map_size[1] * per_pixel
     return windowed / dense
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(SETUPS), default="resnet50")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
@@ -71,12 +79,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
-    model = torchvision.models.vgg16(weights=None).eval()
+    model = getattr(torchvision.models, args.model)(weights=None).eval()
     x = torch.randn(1, 3, 224, 224)
     dn = Deconvnet(model)
-    layers = ["conv5_3", "conv3_3"]
+    layers, goals = SETUPS[args.model]
     channels = list(range(9))
-    print(f"VGG16, random weights, input {tuple(x.shape)}, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{args.model}, random weights, input {tuple(x.shape)}, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     try:
         from captum.attr import NeuronDeconvolution
@@ -110,7 +118,7 @@ def main() -> None:
                 m.inplace = False
         modules = dict(captum_model.named_modules())
         for layer in layers:
-            name = dn.resolve(layer)
+            name = dn.aliases.get(layer, layer)  # a module name (captum hooks modules)
             nd = NeuronDeconvolution(captum_model, modules[name])
             rec = dn.record(x, layer)
             seeds = dn.select(rec, channels)  # each channel's strongest activation
@@ -164,7 +172,7 @@ def main() -> None:
         print(line)
     if NeuronDeconvolution is not None:
         parts = []
-        for label, (ours, theirs, limit) in GOALS.items():
+        for label, ours, theirs, limit in goals:
             r = ratio(ours, theirs)
             parts.append(f"{label} {r:.2f} <= {limit}: {'met' if r <= limit else 'missed'}")
         print("goals: " + "; ".join(parts))

@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zfvis._io import atomic_torch_save  # noqa: E402
-from zfvis.data import load_image  # noqa: E402
+from zfvis._io import atomic_torch_save, atomic_write_text  # noqa: E402
+from zfvis.data import evenly_spaced, load_image  # noqa: E402
 from zfvis.zoo import get_spec, list_models  # noqa: E402
 
 
@@ -56,6 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, help="training image side (default: the model's preprocessing)")
     p.add_argument("--save-epochs", default="", help="comma-separated epochs whose weights are kept, e.g. 1,2,5,10")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
+    p.add_argument("--limit", type=int, help="train on N images only, evenly spaced over the sorted list (every class "
+                   "kept): a short run, e.g. to try `zfvis evolution` without the full training")
     p.add_argument("--preload", action="store_true", help="decode every image once into memory (small data sets)")
     p.add_argument("--workers", type=int, default=2, help="loader processes when not preloading")
     p.add_argument("--device", default="cpu")
@@ -67,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 class _Folder(torch.utils.data.Dataset):
     """ImageFolder that yields uint8 (3, S, S) tensors: shorter side resized, centre-cropped."""
 
-    def __init__(self, root: Path, size: int, classes: list[str] | None = None) -> None:
+    def __init__(self, root: Path, size: int, classes: list[str] | None = None, limit: int | None = None) -> None:
         root = Path(root)
         found = sorted(d.name for d in root.iterdir() if d.is_dir())
         if not found:
@@ -81,6 +83,7 @@ class _Folder(torch.utils.data.Dataset):
             for p in sorted((root / c).rglob("*"))
             if p.is_file() and p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
         ]
+        self.items = [self.items[i] for i in evenly_spaced(len(self.items), limit)]
         self.size = size
 
     def __len__(self) -> int:
@@ -152,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     size = args.input_size or spec.preprocess.crop or 224
     save_epochs = {int(e) for e in args.save_epochs.split(",") if e.strip()}
 
-    train = _Folder(Path(args.data), size)
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"error: --limit must be at least 1, got {args.limit}")
+    train = _Folder(Path(args.data), size, limit=args.limit)
     val = _Folder(Path(args.val), size, train.classes) if args.val else None
     model = spec.build(num_classes=len(train.classes))
     model.to(args.device)
@@ -185,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_path = out / "last.pt"
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=args.device, weights_only=True)
-        if ck["arch"] != args.arch or ck["classes"] != train.classes:
-            raise SystemExit(f"error: '{ckpt_path}' is from another run (arch or classes differ); use another -o")
+        if ck["arch"] != args.arch or ck["classes"] != train.classes or ck.get("limit") != args.limit:
+            raise SystemExit(f"error: '{ckpt_path}' is from another run (arch, classes or --limit differ); use another -o")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, start_step, history = ck["epoch"], ck["step"], json.loads(ck["history"])
@@ -197,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "arch": args.arch,
                 "classes": train.classes,
+                "limit": args.limit,
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "epoch": epoch,
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_torch_save(model.state_dict(), out / f"epoch_{epoch:03d}.pt")
         save_state(epoch + 1, 0)
     atomic_torch_save(model.state_dict(), out / "final.pt")
-    (out / "history.json").write_text(json.dumps(history, indent=1))
+    atomic_write_text(out / "history.json", json.dumps(history, indent=1))
     summary = history[-1] if history else {}
     print(f"done: {args.epochs} epochs; last {json.dumps(summary)}; weights in {out / 'final.pt'}")
     return 0

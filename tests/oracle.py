@@ -1,106 +1,361 @@
-"""The deconvnet written as autograd, independently of zfvis's engine.
+"""The deconvnet (and its sibling rules) written as autograd, independently of zfvis's engine.
 
-The projection of an activation a equals a * d a / d x when every ReLU's backward is
-replaced by ReLU of the incoming gradient and contrast normalisation's backward by the
-identity; max-pooling's ordinary gradient is exactly unpooling with switches (overlaps
-summed), a convolution's is the transposed convolution with its own weights.
+The projection of an activation a equals a * d a / d x when every ReLU-family backward is
+replaced by the rule's and contrast normalisation's backward by the identity; max-pooling's
+ordinary gradient is exactly unpooling with switches (overlaps summed), a convolution's is
+the transposed convolution with its own weights, an addition sends the signal to each
+operand, a concatenation splits it, and a value used twice gets the sum of its consumers'
+signals, as autograd accumulates gradients.
+
+Rules (``x`` is the forward input of the ReLU, ``g`` the incoming signal):
+
+=========== ============================== =========================================
+rule        ReLU backward                  ReLU6 backward
+=========== ============================== =========================================
+deconvnet   relu(g)                        relu(g) where x < 6, else 0
+guided      relu(g) * (x > 0)              relu(g) * (0 < x < 6)
+gradient    g * (x > 0)   (plain autograd) g * (0 < x < 6)
+=========== ============================== =========================================
+
+The swap is a ``TorchFunctionMode`` that replaces the functional calls (``F.relu``,
+``torch.relu``, ``Tensor.relu``, their in-place forms, ``F.relu6``, ``F.hardtanh(x, 0, 6)``,
+``F.local_response_norm``) by custom autograd Functions, so ``nn.ReLU`` / ``nn.ReLU6`` /
+``nn.LocalResponseNorm`` modules and ``F.relu`` calls in ``forward()`` are covered alike.
+In-place calls are computed out of place (a fresh tensor is returned), so that a captured
+activation is never overwritten by a later in-place ReLU.
+
+A layer is a ``named_modules()`` name (a leaf or a container; its output, captured with a
+forward hook; for a module that runs several times, its last call unless ``call`` says
+otherwise) or a torch.fx node name as ``torchvision.models.feature_extraction.
+get_graph_node_names`` writes it (``layer1.0.relu_1``, ``layer1.0.add``), captured with
+``create_feature_extractor``. Module names take precedence where both exist.
+
+This file must never import zfvis.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
+import weakref
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+RULES = ("deconvnet", "guided", "gradient")
 
 
-class _DeconvReLUFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad.clamp(min=0)
+# --------------------------------------------------------------------------- backward rules
 
 
-class _DeconvReLU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DeconvReLUFn.apply(x)
-
-
-class _IdentityBackwardFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, module):  # type: ignore[override]
-        with torch.no_grad():
-            return module(x)
+class _RectifyFn(torch.autograd.Function):
+    """ReLU (``upper is None``) or ReLU6 (``upper == 6``) forward; the rule's backward."""
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad, None
-
-
-class _IdentityBackward(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _IdentityBackwardFn.apply(x, self.inner)
-
-
-def _swap(model: nn.Module) -> None:
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.ReLU):
-            setattr(model, name, _DeconvReLU())
-        elif isinstance(child, nn.LocalResponseNorm):
-            setattr(model, name, _IdentityBackward(child))
+    def forward(ctx, x, upper, rule):  # type: ignore[override]
+        if upper is None:
+            y = x.clamp(min=0)
+            forward_mask = x > 0
+            below_cap = None
         else:
-            _swap(child)
+            y = x.clamp(min=0, max=upper)
+            forward_mask = (x > 0) & (x < upper)
+            below_cap = x < upper
+        ctx.rule = rule
+        ctx.has_cap = below_cap is not None
+        if below_cap is None:
+            ctx.save_for_backward(forward_mask)
+        else:
+            ctx.save_for_backward(forward_mask, below_cap)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        forward_mask = saved[0]
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        if ctx.rule == "deconvnet":
+            out = grad.clamp(min=0)
+            if ctx.has_cap:
+                out = torch.where(saved[1], out, zero)
+        elif ctx.rule == "guided":
+            out = torch.where(forward_mask, grad.clamp(min=0), zero)
+        elif ctx.rule == "gradient":
+            out = torch.where(forward_mask, grad, zero)
+        else:  # pragma: no cover - checked on entry
+            raise AssertionError(ctx.rule)
+        return out, None, None
 
 
-def oracle_backward(model: nn.Module, image: torch.Tensor, layer: str, seed_of) -> torch.Tensor:
-    """Backpropagates ``seed_of(output)`` from module ``layer``'s output to ``image``
-    (1, C, H, W) under the deconvnet's backward rules. Returns (C, H, W)."""
-    net = copy.deepcopy(model).eval()
-    _swap(net)
-    captured: dict[str, torch.Tensor] = {}
+class _IdentityBackwardLRNFn(torch.autograd.Function):
+    """LocalResponseNorm forward; identity backward."""
 
-    class _Done(Exception):
-        pass
+    @staticmethod
+    def forward(ctx, x, size, alpha, beta, k):  # type: ignore[override]
+        with torch.no_grad():
+            return F.local_response_norm(x, size, alpha, beta, k)
 
-    def hook(_m, _i, out):
-        captured["out"] = out
-        raise _Done
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None, None, None, None
 
-    handle = dict(net.named_modules())[layer].register_forward_hook(hook)
-    x = image.clone().requires_grad_(True)
-    try:
-        net(x)
-    except _Done:
-        pass
-    finally:
-        handle.remove()
-    out = captured["out"]
-    (grad,) = torch.autograd.grad(out, x, seed_of(out.detach()))
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+_RELU = {F.relu, torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_, F.relu_}
+_RELU6 = {F.relu6}
+_HARDTANH = {F.hardtanh, F.hardtanh_}
+_LRN = {F.local_response_norm}
+
+
+class _RuleMode(TorchFunctionMode):
+    """Replaces the ReLU family and LocalResponseNorm by the oracle's Functions. Counts the
+    swaps so that a test can check that the swap happened at all."""
+
+    def __init__(self, rule: str) -> None:
+        super().__init__()
+        self.rule = rule
+        self.swapped = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELU:
+            self.swapped += 1
+            return _RectifyFn.apply(args[0], None, self.rule)
+        if func in _RELU6:
+            self.swapped += 1
+            return _RectifyFn.apply(args[0], 6.0, self.rule)
+        if func in _HARDTANH:
+            lo = _arg(args, kwargs, 1, "min_val", -1.0)
+            hi = _arg(args, kwargs, 2, "max_val", 1.0)
+            if float(lo) != 0.0 or float(hi) != 6.0:
+                raise NotImplementedError(f"oracle: hardtanh({lo}, {hi}) is not ReLU6; no rule for it")
+            self.swapped += 1
+            return _RectifyFn.apply(args[0], 6.0, self.rule)
+        if func in _LRN:
+            size = _arg(args, kwargs, 1, "size", None)
+            alpha = _arg(args, kwargs, 2, "alpha", 1e-4)
+            beta = _arg(args, kwargs, 3, "beta", 0.75)
+            k = _arg(args, kwargs, 4, "k", 1.0)
+            self.swapped += 1
+            return _IdentityBackwardLRNFn.apply(args[0], size, alpha, beta, k)
+        return func(*args, **kwargs)
+
+
+# Backward nodes that mean a ReLU-family op escaped the swap (the oracle would then silently
+# use the plain gradient there).
+_LEAKED = ("ReluBackward", "HardtanhBackward", "Relu6Backward", "ThresholdBackward")
+
+
+def _assert_no_leaked_relu(out: torch.Tensor) -> None:
+    seen = set()
+    stack = [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        name = type(fn).__name__
+        if name.startswith(_LEAKED):
+            raise AssertionError(f"oracle: a {name} node escaped the rule swap")
+        stack.extend(f for f, _ in fn.next_functions)
+
+
+# --------------------------------------------------------------------------- working copies
+
+# The oracle never runs the caller's model itself: it runs a float64 deep copy in eval mode.
+# Deep-copying a DenseNet costs more than its forward pass, so a copy is kept per model and
+# reused while the model still matches it exactly: the same modules, the same plain
+# attributes (stride, eps, inplace, ...), and bit-identical parameters and buffers. Any
+# change to the model (in place or not) makes a fresh copy.
+
+
+class _Copy:
+    def __init__(self, model: nn.Module) -> None:
+        self.ref = weakref.ref(model)
+        self.fingerprint = _fingerprint(model)
+        self.net = copy.deepcopy(model).double().eval()
+        self.extractors: dict[str, nn.Module] = {}
+
+
+_COPIES: dict[int, _Copy] = {}
+
+
+def _plain(v: object) -> bool:
+    if isinstance(v, tuple):
+        return all(_plain(e) for e in v)
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    return tuple(
+        (
+            name,
+            type(m),
+            tuple(sorted((k, v) for k, v in vars(m).items() if k != "training" and not k.startswith("_") and _plain(v))),
+            tuple((n, tuple(t.shape), t.dtype) for n, t in m.named_parameters(recurse=False)),
+            tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in m._buffers.items()),
+        )
+        for name, m in model.named_modules()
+    )
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters, buffers and plain tensor attributes (constants a forward() may use)."""
+    out: list[torch.Tensor] = []
+    for m in model.modules():
+        out.extend(p for p in m._parameters.values() if p is not None)
+        out.extend(b for b in m._buffers.values() if b is not None)
+        out.extend(v for _, v in sorted(vars(m).items()) if isinstance(v, torch.Tensor))
+    return out
+
+
+def _same_values(model: nn.Module, net: nn.Module) -> bool:
+    a, b = _tensors(model), _tensors(net)
+    return len(a) == len(b) and all(
+        s.shape == t.shape and torch.equal(s.detach().to(t.dtype), t.detach()) for s, t in zip(a, b)
+    )
+
+
+def _working_copy(model: nn.Module) -> _Copy:
+    """A float64 eval-mode deep copy of ``model`` (reused while the model is unchanged)."""
+    entry = _COPIES.get(id(model))
+    if (
+        entry is not None
+        and entry.ref() is model
+        and entry.fingerprint == _fingerprint(model)
+        and _same_values(model, entry.net)
+    ):
+        return entry
+    entry = _Copy(model)
+    _COPIES[id(model)] = entry
+    weakref.finalize(model, _COPIES.pop, id(model), None)
+    return entry
+
+
+# --------------------------------------------------------------------------- capture
+
+
+def _capture(work: _Copy, x: torch.Tensor, layer: str, call: int, rule: str) -> tuple[torch.Tensor, int]:
+    """Runs the working copy on ``x`` under the rule's mode and returns the output of
+    ``layer`` and the number of swapped calls."""
+    net = work.net
+    modules = dict(net.named_modules())
+    mode = _RuleMode(rule)
+    if layer in modules:
+        outputs: list[torch.Tensor] = []
+
+        def hook(_m, _i, out):
+            # a clone: later in-place ops (``out += identity``) must not change the capture
+            outputs.append(out.clone() if isinstance(out, torch.Tensor) else out)
+
+        handle = modules[layer].register_forward_hook(hook)
+        try:
+            with mode:
+                net(x)
+        finally:
+            handle.remove()
+        if not outputs:
+            raise ValueError(f"oracle: module {layer!r} did not run")
+        try:
+            out = outputs[call]
+        except IndexError:
+            raise ValueError(f"oracle: module {layer!r} ran {len(outputs)} times, no call {call}") from None
+        return out, mode.swapped
+    if call != -1:
+        raise ValueError("oracle: call= applies only to module names")
+    extractor = work.extractors.get(layer)
+    if extractor is None:
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
+            extractor = create_feature_extractor(net, return_nodes=[layer]).eval()
+        work.extractors[layer] = extractor
+    with mode:
+        out = extractor(x)[layer]
+    return out, mode.swapped
+
+
+def oracle_activation(model: nn.Module, image: torch.Tensor, layer: str, *, call: int = -1) -> torch.Tensor:
+    """The forward value of ``layer`` for ``image`` (N, C, H, W), float64, model in eval mode."""
+    with torch.no_grad():
+        out, _ = _capture(_working_copy(model), image.detach().double(), layer, call, "gradient")
+    return out
+
+
+def oracle_backward(
+    model: nn.Module,
+    image: torch.Tensor,
+    layer: str,
+    seed_of: Callable[[torch.Tensor], torch.Tensor],
+    rule: str = "deconvnet",
+    *,
+    call: int = -1,
+) -> torch.Tensor:
+    """Backpropagates ``seed_of(output)`` from ``layer``'s output to ``image`` (1, C, H, W)
+    under ``rule``'s backward. Returns (C, H, W), float64."""
+    if rule not in RULES:
+        raise ValueError(f"oracle: unknown rule {rule!r}")
+    x = image.detach().double().clone().requires_grad_(True)
+    out, _ = _capture(_working_copy(model), x, layer, call, rule)
+    _assert_no_leaked_relu(out)
+    seed = seed_of(out.detach())
+    if not out.requires_grad:  # the layer does not depend on the image
+        return torch.zeros_like(x[0])
+    (grad,) = torch.autograd.grad(out, x, seed, allow_unused=True)
+    if grad is None:
+        return torch.zeros_like(x[0])
     return grad[0]
 
 
-def oracle_projection(model: nn.Module, image: torch.Tensor, layer: str, index: tuple[int, ...]) -> torch.Tensor:
-    """value * gradient of activation ``output[0][index]`` of module ``layer`` w.r.t.
-    ``image`` (1, C, H, W), under the deconvnet's backward rules. Returns (C, H, W)."""
-
-    def seed(out: torch.Tensor) -> torch.Tensor:
-        s = torch.zeros_like(out)
-        s[(0, *index)] = 1.0
-        return s
-
+def oracle_projection(
+    model: nn.Module,
+    image: torch.Tensor,
+    layer: str,
+    index: tuple[int, ...],
+    rule: str = "deconvnet",
+    *,
+    call: int = -1,
+) -> torch.Tensor:
+    """value * rule-backward of activation ``output[0][index]`` of ``layer`` w.r.t.
+    ``image`` (1, C, H, W). ``index`` is (channel, y, x) for a map, (unit,) for a vector.
+    Returns (C, H, W)."""
     value = None
 
     def unit(out: torch.Tensor) -> torch.Tensor:
         nonlocal value
         value = out[(0, *index)]
-        return seed(out)
+        s = torch.zeros_like(out)
+        s[(0, *index)] = 1.0
+        return s
 
-    grad = oracle_backward(model, image, layer, unit)
+    grad = oracle_backward(model, image, layer, unit, rule, call=call)
     return value * grad
+
+
+def oracle_whole_map(
+    model: nn.Module,
+    image: torch.Tensor,
+    layer: str,
+    channel: int,
+    rule: str = "deconvnet",
+    *,
+    call: int = -1,
+) -> torch.Tensor:
+    """The rule-backward of the whole map ``channel`` of ``layer`` (the seed is the map
+    itself, i.e. every unit times its own value). Returns (C, H, W)."""
+
+    def seed(out: torch.Tensor) -> torch.Tensor:
+        s = torch.zeros_like(out)
+        s[:, channel] = out[:, channel]
+        return s
+
+    return oracle_backward(model, image, layer, seed, rule, call=call)

@@ -68,7 +68,7 @@ BAD_INPUTS = [
     (["project", "{truncated}"], "truncated"),
     (["project", "{text}"], "not an image"),
     (["project", "{tmp}"], "is a directory"),
-    (["project", "{good}", "--model", "resnet50"], "unknown model"),
+    (["project", "{good}", "--model", "resnet999"], "unknown model"),
     (["project", "{good}", "--layer", "conv9"], "conv9"),
     (["project", "{good}", "--weights", "IMAGENET9"], "unknown weights"),
     (["project", "{good}", "--weights", "{tmp}/none.pt"], "does not exist"),
@@ -78,7 +78,7 @@ BAD_INPUTS = [
     (["project", "{good}", "--top-k", "0"], "top-k"),
     (["project", "{good}", "-o", "{tmp}/no/such/dir/out.png"], "does not exist"),
     (["project", "{good}", "-o", "{tmp}"], "is a directory"),
-    (["project", "{good}", "--input-size", "0"], "input size"),
+    (["project", "{good}", "--input-size", "0"], "--input-size must be between 1 and 4096"),
     (["project", "{good}", "--config", "{tmp}/none.toml"], "config"),
     (["layers", "--model", "nope"], "unknown model"),
     (["filters", "--layer", "fc9"], "fc9"),
@@ -151,3 +151,42 @@ def test_python_m_zfvis_is_the_same_cli() -> None:
 
     res = subprocess.run([sys.executable, "-m", "zfvis", "layers", "--model", "nope"], capture_output=True, text=True)
     assert res.returncode == 2 and "unknown model" in res.stderr and "Traceback" not in res.stderr
+
+
+# --------------------------------------------------------------------------- graph models and rules
+
+
+def test_project_rules_on_a_residual_model(tmp_path: Path) -> None:
+    out = tmp_path / "r.png"
+    assert main(["project", "--model", "resnet18", "--weights", "random", "--layer", "layer1.0.add",
+                 "--top-channels", "2", "--input-size", "64", "--rule", "guided", "-o", str(out)]) == 0
+    settings = json.loads(out.with_suffix(".json").read_text())
+    assert settings["rule"] == "guided" and settings["layer"] == "layer1.0.add"
+    w_guided, _ = _png_ok(out)
+    both = tmp_path / "all.png"
+    assert main(["project", "--model", "resnet18", "--weights", "random", "--layer", "layer2", "--channel", "3",
+                 "--input-size", "64", "--rule", "all", "-o", str(both)]) == 0
+    w_all, h_all = _png_ok(both)
+    assert w_all > 600 and h_all > 200
+    with Image.open(both) as im:  # four columns of non-blank panels
+        assert len(set(im.convert("L").tobytes())) > 50
+
+
+def test_layers_and_mine_on_graph_models(tmp_path: Path, capsys) -> None:
+    assert main(["layers", "--model", "googlenet", "--input-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "inception4c" in out and "cat" in out and "conv1.relu" in out
+    data = tmp_path / "imgs"
+    data.mkdir()
+    g = torch.Generator().manual_seed(5)
+    for i in range(6):
+        arr = (torch.rand(48, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(data / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["mine", str(data), "--model", "resnet18", "--weights", "random", "--layers", "layer1.0.add,layer2",
+                 "--channels", "0-2", "--top", "3", "--input-size", "48", "--rule", "guided", "--no-progress",
+                 "-o", str(run)]) == 0
+    topk = json.loads((run / "topk.json").read_text())
+    assert topk["rule"] == "guided" and set(topk["layers"]) == {"layer1.0.add", "layer2"}
+    assert len(topk["layers"]["layer2"]["channels"][0]) == 3
+    assert (run / "index.html").is_file() and (run / "layer2.png").is_file()

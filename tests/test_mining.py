@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -79,6 +80,13 @@ def _run(root: Path, out: Path, **kw):  # noqa: ANN202
     kw.setdefault("batch_size", 4)
     kw.setdefault("progress", False)
     return mine(tiny_model(), PRE, root, LAYERS, out_dir=out, **kw)
+
+
+def _results(out: Path) -> dict:
+    """topk.json without its timings (which differ from run to run)."""
+    topk = json.loads((out / "topk.json").read_text())
+    assert set(topk.pop("timings")) >= {"pass1"}
+    return topk
 
 
 def _ranked(topk: dict, layer: str) -> list[list[tuple[int, float, list[int]]]]:
@@ -150,15 +158,15 @@ def test_resume_after_interruption_equals_uninterrupted(data: Path, tmp_path: Pa
         _run(data, out, state_every=2, stop_after_batches=3, figures=False)
     assert not (out / "topk.json").exists()
     state = torch.load(out / "state.pt", weights_only=True)
-    assert state["batches"] == 2 and not state["done"]
+    assert state["batches"] == 3 and not state["done"]  # saved on the interruption, not only every 2 batches
     res = _run(data, out, state_every=2, figures=False)
-    assert res.resumed_batches == 2
-    assert (out / "topk.json").read_text() == (tmp_path / "ref" / "topk.json").read_text()
+    assert res.resumed_batches == 3
+    assert _results(out) == _results(tmp_path / "ref")
     # done: a rerun skips pass 1; other settings are refused unless restarted
     again = _run(data, out, state_every=2, figures=False)
-    assert (out / "topk.json").read_text() == (tmp_path / "ref" / "topk.json").read_text()
+    assert _results(out) == _results(tmp_path / "ref")
     assert again.resumed_batches == 0
-    with pytest.raises(ValueError, match="--restart"):
+    with pytest.raises(ValueError, match=r"other settings \(different: top\).*restart=True"):
         _run(data, out, top=3, figures=False)
     _run(data, out, top=3, figures=False, restart=True)
     assert len(json.loads((out / "topk.json").read_text())["layers"]["1"]["channels"][0]) == 3
@@ -250,21 +258,41 @@ def test_outputs_and_gallery_links(data: Path, tmp_path: Path, monkeypatch: pyte
     assert (out / "1.png").is_file() and (out / "4_p1.png").is_file() and (out / "4_p2.png").is_file()
     assert not (out / "4.png").exists()
     assert (out / "tiles" / "4" / "c0004_r9_patch.png").is_file()
-    parser = _Links()
-    parser.feed((out / "index.html").read_text())
-    assert parser.refs
-    for ref in parser.refs:
-        assert "://" not in ref
-        if ref.startswith("#"):
-            assert ref[1:] in parser.ids, ref
-        else:
-            assert (out / ref).is_file(), ref
+    # the gallery is a site: every page's links resolve, every tile is shown on a channel page
+    proj_refs = 0
+    pages = sorted(out.rglob("*.html"))
+    assert out / "index.html" in pages and len(pages) >= 1 + len(LAYERS) + 9  # model, layers, channels
+    for page in pages:
+        parser = _Links()
+        parser.feed(page.read_text())
+        assert parser.refs, page
+        for ref in parser.refs:
+            assert "://" not in ref
+            target = ref.split("#")[0]
+            if target:
+                assert (page.parent / target).is_file(), (page, ref)
+        proj_refs += sum(1 for r in parser.refs if r.endswith("_proj.png"))
     n_tiles = sum(len(c) for layer in LAYERS for c in res.topk["layers"][layer]["channels"])
-    assert sum(1 for r in parser.refs if r.endswith("_proj.png")) >= n_tiles
+    assert proj_refs >= n_tiles
+    assert set(res.topk["timings"]) == {"pass1", "project", "render"}
     entry = res.topk["layers"]["4"]["channels"][0][0]
     t, l, b, r = entry["box"]
     with Image.open(out / "tiles" / "4" / "c0000_r1_patch.png") as im:
         assert im.size == (r - l, b - t)
+    # what a person checks: the box is the activation's receptive field, the projection is not blank
+    dn = Deconvnet(tiny_model())
+    for layer in LAYERS:
+        for c, chan in enumerate(res.topk["layers"][layer]["channels"]):
+            e = chan[0]
+            assert tuple(e["box"]) == dn.receptive_window(layer, tuple(e["position"]), (3, 16, 16)), (layer, c)
+            with Image.open(out / "tiles" / layer / f"c{c:04d}_r1_proj.png") as im:
+                lo, hi = im.convert("L").getextrema()
+            assert hi - lo > 40, (layer, c)  # a blank projection is uniform grey
+            with Image.open(out / "tiles" / layer / f"c{c:04d}_r1_patch.png") as im:
+                patch = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).reshape(-1, 3)
+            x = PRE(load_image(data / e["image"]))[:, e["box"][0] : e["box"][2], e["box"][1] : e["box"][3]]
+            shown = (PRE.denormalize(x).permute(1, 2, 0).reshape(-1, 3) * 255).round()
+            assert torch.allclose(patch, shown, atol=1)  # the patch is the image where the box says
 
 
 def test_windowed_crop_equals_dense_crop(data: Path) -> None:

@@ -15,7 +15,7 @@ import zfvis
 from zfvis import zoo
 
 # A declared contract per zoo model (timm style): alias -> (channels, reduction: the
-# receptive field's jump) for a 224 input (32 for zfnet-cifar10), checked against real outputs below.
+# receptive field's jump) for a 224 input (32 for zfnet-cifar10, 64 for the graph models: the reduction does not depend on it), checked against real outputs below.
 CONTRACTS = {
     "zfnet": (224, {"conv1": (96, 2), "pool1": (96, 4), "conv2": (256, 8), "pool2": (256, 16), "conv5": (256, 16), "pool3": (256, 32)}),
     "zfnet-cifar10": (32, {"conv1": (32, 1), "conv2": (64, 2), "conv3": (128, 4), "conv5": (128, 4), "pool3": (128, 8)}),
@@ -23,6 +23,11 @@ CONTRACTS = {
     "vgg11": (224, {"conv1_1": (64, 1), "conv3_2": (256, 4), "conv5_2": (512, 16), "pool5": (512, 32)}),
     "vgg16": (224, {"conv1_2": (64, 1), "conv3_3": (256, 4), "conv5_3": (512, 16)}),
     "vgg19_bn": (224, {"conv4_4": (512, 8), "conv5_4": (512, 16)}),
+    "resnet18": (64, {"stem": (64, 2), "layer1": (64, 4), "layer2": (128, 8), "layer3.1": (256, 16), "layer4": (512, 32)}),
+    "resnet50": (64, {"layer1": (256, 4), "layer2.0.add": (512, 8), "layer4": (2048, 32)}),
+    "googlenet": (64, {"conv1": (64, 2), "inception3a": (256, 8), "inception4c": (512, 16), "inception5b": (1024, 32)}),
+    "densenet121": (64, {"conv1": (64, 2), "denseblock1": (256, 4), "transition1": (128, 8), "denseblock4": (1024, 32)}),
+    "mobilenet_v2": (64, {"conv1": (32, 2), "block3": (24, 4), "block6": (32, 8), "block13": (96, 16), "block17": (320, 32)}),
 }
 
 
@@ -52,10 +57,12 @@ def test_every_model_builds_with_aliases(name: str) -> None:
     model, pre = zfvis.load_model(name, weights="random")
     assert not model.training
     aliases = zfvis.layer_aliases(model)
-    assert "conv1" in aliases or "conv1_1" in aliases
-    assert "fc8" in aliases and isinstance(dict(model.named_modules())[aliases["fc8"]], nn.Linear)
-    conv_alias = "conv1" if "conv1" in aliases else "conv1_1"
-    assert isinstance(dict(model.named_modules())[aliases[conv_alias]], nn.ReLU)  # the rectified output
+    stem = next(a for a in ("conv1", "conv1_1", "stem") if a in aliases)
+    head = "fc8" if "fc8" in aliases else "fc"
+    assert isinstance(dict(model.named_modules())[aliases[head]], nn.Linear)
+    dn = zfvis.Deconvnet(model)  # every alias names a layer of the traced model
+    node = dn.graph.by_name[dn.resolve(stem)]
+    assert node.op is not None and node.op.name in ("relu", "relu6")  # the rectified output
 
 
 def test_random_weights_are_seeded() -> None:

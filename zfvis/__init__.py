@@ -13,33 +13,69 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from .aliases import layer_aliases, register_aliases
+from .correspondence import (
+    CorrespondenceResult,
+    PartImages,
+    PartScore,
+    correspondence,
+    default_parts_file,
+    load_parts,
+)
 from .data import list_images, load_image, to_rgb
 from .deconv import ReverseStack
 from .engine import Deconvnet, Patches, Seeds
+from .errors import InputTypeError, UserInputError, ZfvisError
+from .figures import Selection, projection_figure, rules_figure
+from .gallery import write_site
+from .invariance import InvarianceResult, invariance, transform_images
+from .occlusion import OcclusionResult, occlude, occlusion
+from .ops import RULES, UnsupportedModelError
 from .receptive import ReceptiveField
-from .recording import Recording, UnsupportedModelError
-from .zoo import Preprocess, WeightsDownloadError, ZFNet, layer_aliases, list_models, load_model
+from .recording import Recording
+from .zoo import Preprocess, WeightsDownloadError, ZFNet, list_models, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CorrespondenceResult",
     "Deconvnet",
+    "InputTypeError",
+    "InvarianceResult",
+    "OcclusionResult",
+    "PartImages",
+    "PartScore",
     "Patches",
     "Preprocess",
+    "RULES",
     "ReceptiveField",
     "Recording",
     "ReverseStack",
     "Seeds",
+    "Selection",
     "UnsupportedModelError",
+    "UserInputError",
     "WeightsDownloadError",
     "ZFNet",
+    "ZfvisError",
+    "correspondence",
     "default_image",
+    "default_parts_file",
+    "invariance",
     "layer_aliases",
     "list_images",
     "list_models",
     "load_image",
     "load_model",
+    "load_parts",
+    "occlude",
+    "occlusion",
+    "projection_figure",
+    "register_aliases",
+    "rules_figure",
     "to_rgb",
+    "transform_images",
+    "write_site",
 ]
 
 

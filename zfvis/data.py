@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image", "to_rgb", "list_images"]
+from .errors import UserInputError
+
+__all__ = ["IMAGE_EXTENSIONS", "load_image", "to_rgb", "list_images", "evenly_spaced", "resolve"]
 
 #: File endings treated as images when a directory is scanned.
 IMAGE_EXTENSIONS = frozenset(
@@ -59,20 +62,32 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
 
     Raises:
         FileNotFoundError: The path does not exist or is a directory.
-        ValueError: The file is not an image Pillow can read, or it is truncated.
+        UserInputError: (a ``ValueError``) The file is not an image Pillow can read, it is
+            truncated, or it has more pixels than Pillow's decompression-bomb guard
+            allows (``PIL.Image.MAX_IMAGE_PIXELS``); nothing large is allocated then.
     """
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"image '{path}' {what}; pass the path of an image file")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        limit = Image.MAX_IMAGE_PIXELS
+        raise UserInputError(
+            f"image '{path}' has more pixels than the {limit:,} that Pillow decodes safely (a guard against "
+            "decompression bombs); downscale it first"
+        ) from None
+    except PermissionError:
+        raise PermissionError(f"cannot read image '{path}': permission denied") from None
     except UnidentifiedImageError:
-        raise ValueError(f"'{path}' is not an image file Pillow can read (PNG, JPEG, ...)") from None
+        raise UserInputError(f"'{path}' is not an image file Pillow can read (PNG, JPEG, ...)") from None
     except (OSError, SyntaxError) as err:  # truncated or corrupt data
-        raise ValueError(f"cannot decode image '{path}' ({err}); the file may be truncated or corrupt") from None
+        raise UserInputError(f"cannot decode image '{path}' ({err}); the file may be truncated or corrupt") from None
 
 
 def list_images(root: str | os.PathLike[str]) -> list[str]:
@@ -89,9 +104,15 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        ValueError: It holds no image paths.
+        UserInputError: (a ``ValueError``) It holds no image paths, or it is a file that is
+            not a text list of paths (an image, say).
     """
     root = Path(root)
+    if root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:
+        raise UserInputError(
+            f"'{root}' is an image, not a data set: pass a folder of images or a text file with one image path "
+            "a line (for one image, use `zfvis project IMAGE`)"
+        )
     if root.is_dir():
         found = sorted(
             {
@@ -101,13 +122,44 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
             }
         )
     elif root.is_file():
-        lines = root.read_text(encoding="utf-8").splitlines()
+        lines = _read_list(root)
         found = sorted({ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")})
     else:
         raise FileNotFoundError(f"data set '{root}' does not exist; pass a directory of images or a text file of paths")
     if not found:
-        raise ValueError(f"data set '{root}' holds no images (endings: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise UserInputError(f"data set '{root}' holds no images (endings: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return found
+
+
+def _read_list(path: Path) -> list[str]:
+    """The lines of a data-set list file, refusing binary files clearly."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserInputError(
+            f"data set '{path}' is neither a folder nor a text file of image paths (byte {err.start} is not "
+            "UTF-8 text); pass a folder of images or a list file"
+        ) from None
+    if "\x00" in text:
+        raise UserInputError(f"data set '{path}' is a binary file, not a text file of image paths")
+    return text.splitlines()
+
+
+def evenly_spaced(count: int, limit: int | None) -> list[int]:
+    """Indices of ``limit`` items spread evenly over ``count`` (all of them if fewer).
+
+    The i-th index is ``i * count // limit``: the first item is always taken and the last
+    index lies within ``count / limit`` of the end, so a sorted folder of class
+    sub-folders keeps every class, the last one included.
+
+    Args:
+        count: Number of items.
+        limit: How many to take (``None``: all).
+    """
+    if limit is None or limit >= count:
+        return list(range(count))
+    return [i * count // limit for i in range(limit)]
 
 
 def resolve(root: str | os.PathLike[str], relative: str) -> Path:

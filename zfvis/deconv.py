@@ -1,41 +1,31 @@
-"""The reverse layers: what each forward module becomes in the deconvnet.
+"""The reverse layers, and the reverse pass that runs them over a model's graph.
 
-=======================  =============================================================
-forward module           reverse layer
-=======================  =============================================================
-Conv2d (+ BatchNorm2d)   :class:`ReverseConv2d`, a ``ConvTranspose2d`` whose weight *is*
-                         the convolution's Parameter (tied, never copied); the bias is
-                         not applied; a BatchNorm2d right after the convolution is folded
-                         in as its per-channel scale gamma / sqrt(var + eps)
-MaxPool2d                :class:`Unpool2d`: each value goes back to where the forward
-                         pass took its maximum from (the switches); where windows overlap
-                         and two pick the same location, their values add up, as in
-                         max-pool's gradient (``nn.MaxUnpool2d`` would overwrite)
-ReLU                     :class:`Rectify` (ReLU)
-AvgPool2d, Adaptive...   :class:`TransposedPool`: the pooling's transpose (its gradient)
-Linear                   :class:`ReverseLinear`: multiplication by W^T, no bias
-Flatten                  :class:`Unflatten`
-BatchNorm2d (alone)      :class:`Scale`: its per-channel scale
-LocalResponseNorm,       :class:`PassThrough`: the signal is passed on unchanged (contrast
-Dropout, Identity        normalisation is not inverted, as in Zeiler & Fergus)
-=======================  =============================================================
+Each reverse layer mirrors one forward node (the table in :mod:`zfvis.ops` says which
+layer a node becomes). A layer takes the signal at its node's output and returns the
+signal at each of the node's inputs that carry it. :class:`ReverseStack` holds the
+layers of one projection's path, in reverse execution order, and runs them: where a
+value fed several nodes, their signals are summed before its producer's layer runs
+(as autograd accumulates gradients).
 
-Every layer works on *windows*: per-seed rectangles of its output map (see
-:mod:`zfvis.receptive`), so a reverse pass started at one activation computes only over
-the region that activation can reach. A window as large as the map is the ordinary dense
-computation.
+Every layer works on *windows*: per-seed rectangles of the last two dimensions of its
+maps (see :mod:`zfvis.receptive`), so a reverse pass started at one activation
+computes only over the region that activation can reach. A window as large as the map
+is the ordinary dense computation; ``None`` means a dense tensor without a map (a
+vector).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .receptive import Window, spatial_params
-from .recording import Step
+from .receptive import Window
 
 __all__ = [
     "Frame",
@@ -45,12 +35,17 @@ __all__ = [
     "Rectify",
     "PassThrough",
     "Scale",
-    "TransposedPool",
+    "Multiply",
+    "Distribute",
+    "Split",
+    "Reshape",
+    "LinearMap",
     "ReverseLinear",
-    "Unflatten",
+    "ReverseStep",
     "ReverseStack",
-    "build_reverse_stack",
     "crop_windows",
+    "paste",
+    "cut",
 ]
 
 
@@ -65,7 +60,7 @@ def crop_windows(
     """Cuts per-item windows out of a batch of maps, with zeros outside the map.
 
     Args:
-        src: Maps (N, C, H, W).
+        src: Maps (N, ..., H, W): windows are taken over the last two dimensions.
         index: For each output item, which map to cut from (B,); ``None``: item b is cut
             from map b.
         top: First row of each window (B,), may be negative or run past the map.
@@ -74,21 +69,26 @@ def crop_windows(
         width: Window width.
 
     Returns:
-        (B, C, height, width): ``out[b, :, i, j] = src[index[b], :, top[b] + i, left[b] + j]``,
+        (B, ..., height, width): ``out[b, ..., i, j] = src[index[b], ..., top[b] + i, left[b] + j]``,
         zero where that lies outside the map. With negative offsets and a larger size this
         pastes windows into a larger canvas.
     """
+    mid = tuple(src.shape[1:-2])
+    if len(mid) != 1:
+        flat = src.reshape(src.shape[0], math.prod(mid), *src.shape[-2:])
+        out = crop_windows(flat, index, top, left, height, width)
+        return out.reshape(out.shape[0], *mid, height, width)
     n, _, h, w = src.shape
     b = top.shape[0]
-    same_src = index is None and b == n
-    if same_src and b > 0:
+    if index is None and b == n and b > 0:
         t0, l0 = int(top[0]), int(left[0])
-        uniform = bool((top == t0).all()) and bool((left == l0).all())
-        if uniform:
+        if bool((top == t0).all()) and bool((left == l0).all()):
             pad = (max(0, -l0), max(0, l0 + width - w), max(0, -t0), max(0, t0 + height - h))
             x = F.pad(src, pad) if any(pad) else src
             r0, c0 = t0 + pad[2], l0 + pad[0]
             return x[:, :, r0 : r0 + height, c0 : c0 + width]
+    if b <= _LOOP_MAX:
+        return _crop_loop(src, index, top, left, height, width)
     if index is None:
         index = torch.arange(b, device=src.device)
     rows = top[:, None] + torch.arange(height, device=src.device)
@@ -103,34 +103,82 @@ def crop_windows(
     return picked
 
 
+#: Up to this many windows are cut one by one (slices and copies); more by one gather.
+_LOOP_MAX = 1024
+
+
+def _crop_loop(src: torch.Tensor, index: torch.Tensor | None, top: torch.Tensor, left: torch.Tensor,
+               height: int, width: int) -> torch.Tensor:
+    """:func:`crop_windows` by slicing each window (faster than a gather for a few windows)."""
+    _, c, h, w = src.shape
+    tops, lefts = top.tolist(), left.tolist()
+    items = range(len(tops)) if index is None else index.tolist()
+    out = src.new_zeros(len(tops), c, height, width)
+    for i, (j, t, l_) in enumerate(zip(items, tops, lefts)):
+        r0, r1, c0, c1 = max(t, 0), min(t + height, h), max(l_, 0), min(l_ + width, w)
+        if r1 > r0 and c1 > c0:
+            out[i, :, r0 - t : r1 - t, c0 - l_ : c1 - l_] = src[j, :, r0:r1, c0:c1]
+    return out
+
+
+def paste(signal: torch.Tensor, win: Window | None) -> torch.Tensor:
+    """A windowed signal pasted into zero maps of the full size (dense signals pass)."""
+    if win is None or win.is_full:
+        return signal
+    return crop_windows(signal, None, -win.top, -win.left, *win.map_size)
+
+
+def cut(full: torch.Tensor, win: Window | None) -> torch.Tensor:
+    """The windows ``win`` cut out of full maps (dense signals pass)."""
+    if win is None or win.is_full:
+        return full
+    return crop_windows(full, None, win.top, win.left, *win.size)
+
+
+def move(signal: torch.Tensor, src: Window | None, dst: Window | None) -> torch.Tensor:
+    """A signal on windows ``src`` re-cut to windows ``dst`` of the same maps (zero where
+    ``dst`` reaches beyond ``src``); ``None`` stands for the dense tensor."""
+    if src is None:
+        return signal if dst is None else cut(signal, dst)
+    if dst is None:
+        return paste(signal, src)
+    if src is dst or (src.size == dst.size and bool((src.top == dst.top).all()) and bool((src.left == dst.left).all())):
+        return signal
+    return crop_windows(signal, None, dst.top - src.top, dst.left - src.left, *dst.size)
+
+
 @dataclasses.dataclass
 class Frame:
     """What one reverse layer needs besides the signal.
 
     Attributes:
-        out_win: Windows of the forward module's output (``None``: a vector).
-        in_win: Windows of the forward module's input, which the layer must return.
-        in_shape: Full shape of the forward module's input, without batch.
+        out_win: Windows of the forward node's output (``None``: dense).
+        in_wins: Windows of each live input, which the layer must return.
+        in_shapes: Shapes of the live inputs, without batch.
+        out_shape: Shape of the output, without batch.
         image: For each seed, its image's index in the recorded batch (B,).
-        switches: The max-pool's recorded argmax indices (N, C, H_out, W_out), or ``None``.
+        state: What the forward pass recorded for this node (switches, masks), or ``None``.
+        rule: The backward rule of ReLU-family nodes.
     """
 
     out_win: Window | None
-    in_win: Window | None
-    in_shape: tuple[int, ...]
+    in_wins: list[Window | None]
+    in_shapes: list[tuple[int, ...]]
+    out_shape: tuple[int, ...]
     image: torch.Tensor
-    switches: torch.Tensor | None = None
+    state: Any = None
+    rule: str = "deconvnet"
 
 
 class ReverseLayer(nn.Module):
-    """Base of the reverse layers; ``source`` is the forward module's dotted name."""
+    """Base of the reverse layers; ``source`` names the forward module or node."""
 
     source: str
 
-    def reverse(self, signal: torch.Tensor, frame: Frame) -> torch.Tensor:  # pragma: no cover - abstract
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, signal: torch.Tensor, frame: Frame) -> torch.Tensor:
+    def forward(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
         return self.reverse(signal, frame)
 
 
@@ -143,32 +191,31 @@ def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
 
 
 class ReverseConv2d(nn.ConvTranspose2d):
-    """Transposed convolution tied to a forward ``Conv2d``: its ``weight`` is that
+    """Transposed convolution tied to a forward convolution: its ``weight`` *is* that
     convolution's Parameter, so later changes to the convolution show here too.
 
     Args:
-        conv: The forward convolution.
-        source: Its dotted name.
-        bn: A BatchNorm2d that follows the convolution, folded in as a per-channel scale.
+        weight: The forward convolution's weight (out, in / groups, kh, kw).
+        source: The forward module's (or node's) name.
+        stride: Its stride.
+        dilation: Its dilation.
+        groups: Its groups.
+        pre_pad: Its padding before the first row and column.
     """
 
-    def __init__(self, conv: nn.Conv2d, source: str, bn: nn.BatchNorm2d | None = None) -> None:
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"convolution '{source}' pads with '{conv.padding_mode}'; only zero padding is supported")
-        super().__init__(
-            conv.out_channels,
-            conv.in_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            stride=conv.stride,  # type: ignore[arg-type]
-            dilation=conv.dilation,  # type: ignore[arg-type]
-            groups=conv.groups,
-            bias=False,
-            device="meta",
-        )
-        self.weight = conv.weight
+    def __init__(self, weight: torch.Tensor, source: str, *, stride: tuple[int, int], dilation: tuple[int, int],
+                 groups: int, pre_pad: tuple[int, int]) -> None:
+        out_ch, in_per_group, kh, kw = weight.shape
+        super().__init__(out_ch, in_per_group * groups, (kh, kw), stride=stride, dilation=dilation, groups=groups,
+                         bias=False, device="meta")
+        if isinstance(weight, nn.Parameter):
+            self.weight = weight
+        else:  # a functional convolution's weight tensor
+            del self.weight
+            self.weight = weight  # type: ignore[assignment]
         self.source = source
-        self._folded: list[tuple[nn.BatchNorm2d, str]] = [(bn, "")] if bn is not None else []
-        self._pre_pad = spatial_params(Step(source, conv, (), ()))[2]  # type: ignore[index]
+        self._pre_pad = pre_pad
+        self._folded: list[tuple[nn.BatchNorm2d, str]] = []
 
     def fold(self, bn: nn.BatchNorm2d, name: str) -> None:
         """Folds the BatchNorm2d ``name`` that follows the convolution into this layer."""
@@ -178,17 +225,18 @@ class ReverseConv2d(nn.ConvTranspose2d):
         folded = "".join(f", folds BatchNorm2d '{name}'" for _, name in self._folded)
         return f"{super().extra_repr()}, from '{self.source}', tied weight{folded}"
 
-    def reverse(self, signal: torch.Tensor, frame: Frame) -> torch.Tensor:  # type: ignore[override]
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:  # type: ignore[override]
         for bn, _ in self._folded:
             signal = signal * _bn_scale(bn).to(signal.dtype).view(1, -1, 1, 1)
         full = F.conv_transpose2d(signal, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
-        out_win, in_win = frame.out_win, frame.in_win
-        assert out_win is not None and in_win is not None
+        out_win, in_win = frame.out_win, frame.in_wins[0]
+        if out_win is None or in_win is None:
+            raise RuntimeError(f"reverse convolution '{self.source}' needs map windows")
         shift_y = in_win.top - (out_win.top * self.stride[0] - self._pre_pad[0])
         shift_x = in_win.left - (out_win.left * self.stride[1] - self._pre_pad[1])
-        return crop_windows(full, None, shift_y, shift_x, *in_win.size)
+        return [crop_windows(full, None, shift_y, shift_x, *in_win.size)]
 
-    def forward(self, signal: torch.Tensor, frame: Frame) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:  # type: ignore[override]
         return self.reverse(signal, frame)
 
 
@@ -196,20 +244,21 @@ class Unpool2d(ReverseLayer):
     """Unpooling with switches: each value returns to its maximum's location; values that
     meet at one location (overlapping windows) add up."""
 
-    def __init__(self, pool: nn.MaxPool2d, source: str) -> None:
+    def __init__(self, source: str, desc: str) -> None:
         super().__init__()
         self.source = source
-        self._desc = f"kernel_size={pool.kernel_size}, stride={pool.stride}, padding={pool.padding}"
+        self._desc = desc
 
     def extra_repr(self) -> str:
-        return f"{self._desc}, from '{self.source}', switches recorded in the forward pass"
+        return f"(kernel, stride, padding, dilation)={self._desc}, from '{self.source}', switches recorded in the forward pass"
 
-    def reverse(self, signal: torch.Tensor, frame: Frame) -> torch.Tensor:
-        out_win, in_win, switches = frame.out_win, frame.in_win, frame.switches
-        assert out_win is not None and in_win is not None and switches is not None
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        out_win, in_win, switches = frame.out_win, frame.in_wins[0], frame.state
+        if out_win is None or in_win is None or switches is None:
+            raise RuntimeError(f"unpooling '{self.source}' needs map windows and switches")
         b, c, h, w = signal.shape
         idx = crop_windows(switches, frame.image, out_win.top, out_win.left, h, w)
-        width_in = frame.in_shape[-1]
+        width_in = frame.in_shapes[0][-1]
         rows = idx // width_in - in_win.top.view(-1, 1, 1, 1)
         cols = idx % width_in - in_win.left.view(-1, 1, 1, 1)
         hi, wi = in_win.size
@@ -218,21 +267,34 @@ class Unpool2d(ReverseLayer):
         values = torch.where(valid, signal, torch.zeros_like(signal)).reshape(b, c, -1)
         out = signal.new_zeros(b, c, hi * wi)
         out.scatter_add_(2, flat, values)
-        return out.view(b, c, hi, wi)
+        return [out.view(b, c, hi, wi)]
 
 
 class Rectify(ReverseLayer):
-    """ReLU of the reverse signal."""
+    """The backward rule of a ReLU (or ReLU6): ``deconvnet`` rectifies the signal,
+    ``guided`` also zeroes it where the forward input was not positive, ``gradient``
+    only zeroes it there. For ReLU6 nothing passes where the forward input was >= 6."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, relu6: bool) -> None:
         super().__init__()
         self.source = source
+        self.relu6 = relu6
 
     def extra_repr(self) -> str:
-        return f"from '{self.source}'"
+        return f"{'ReLU6' if self.relu6 else 'ReLU'} '{self.source}' by the rule"
 
-    def reverse(self, signal: torch.Tensor, frame: Frame) -> torch.Tensor:
-        return F.relu(signal)
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        if frame.rule != "gradient":
+            signal = F.relu(signal)
+        mask = frame.state
+        if mask is not None:
+            if frame.out_win is None:
+                mask = mask[frame.image]
+            else:
+                win = frame.out_win
+                mask = crop_windows(mask, frame.image, win.top, win.left, *win.size)
+            signal = signal * mask.to(signal.dtype)
+        return [signal]
 
 
 class PassThrough(ReverseLayer):
@@ -245,13 +307,13 @@ class PassThrough(ReverseLayer):
     def extra_repr(self) -> str:
         return f"{self.kind} '{self.source}' passed through"
 
-    def reverse(self, signal: torch.Tensor, frame: Frame) -> torch.Tensor:
-        return signal
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        return [signal]
 
 
 class Scale(ReverseLayer):
-    """A BatchNorm2d's per-channel scale (its linear part) for a BatchNorm2d that does not
-    follow a convolution."""
+    """A BatchNorm2d's per-channel scale (its linear part), where it does not follow a
+    convolution it can be folded into."""
 
     def __init__(self, bn: nn.BatchNorm2d, source: str) -> None:
         super().__init__()
@@ -259,123 +321,207 @@ class Scale(ReverseLayer):
         self._bn = [bn]
 
     def extra_repr(self) -> str:
-        return f"from '{self.source}'"
+        return f"BatchNorm2d '{self.source}' scale"
 
-    def reverse(self, signal: torch.Tensor, frame: Frame) -> torch.Tensor:
-        return signal * _bn_scale(self._bn[0]).to(signal.dtype).view(1, -1, 1, 1)
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        scale = _bn_scale(self._bn[0]).to(signal.dtype)
+        return [signal * scale.view(1, -1, *([1] * (signal.dim() - 2)))]
 
 
-class TransposedPool(ReverseLayer):
-    """The transpose of an average pooling (AvgPool2d, AdaptiveAvgPool2d), computed as
-    the pooling's gradient over the whole map."""
+class Multiply(ReverseLayer):
+    """Multiplication by a constant (a number or a fixed tensor)."""
 
-    def __init__(self, pool: nn.Module, source: str) -> None:
+    def __init__(self, factor: float | torch.Tensor, source: str) -> None:
         super().__init__()
         self.source = source
-        self._pool = [pool]
+        self.factor = factor
 
     def extra_repr(self) -> str:
-        return f"{type(self._pool[0]).__name__} '{self.source}' transposed"
+        f = self.factor
+        return f"by {f if not isinstance(f, torch.Tensor) else tuple(f.shape)}, from '{self.source}'"
 
-    def reverse(self, signal: torch.Tensor, frame: Frame) -> torch.Tensor:
-        out_win, in_win = frame.out_win, frame.in_win
-        assert out_win is not None and in_win is not None
-        c, h, w = frame.in_shape
-        full_out = crop_windows(signal, None, -out_win.top, -out_win.left, *out_win.map_size)
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        out = signal * self.factor
+        target = (signal.shape[0], *frame.in_shapes[0])
+        if frame.out_win is None and tuple(out.shape) != target:
+            out = out.sum_to_size(target)
+        return [out]
+
+
+class Distribute(ReverseLayer):
+    """Addition and subtraction: each operand receives the signal times its coefficient
+    (summed over broadcast dimensions)."""
+
+    def __init__(self, coef: list[float], source: str) -> None:
+        super().__init__()
+        self.source = source
+        self.coef = coef
+
+    def extra_repr(self) -> str:
+        return f"coefficients {self.coef}, from '{self.source}'"
+
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        out = []
+        for c, shape in zip(self.coef, frame.in_shapes):
+            s = signal if c == 1.0 else signal * c
+            target = (signal.shape[0], *shape)
+            if frame.out_win is None and tuple(s.shape) != target:
+                s = s.sum_to_size(target)
+            out.append(s)
+        return out
+
+
+class Split(ReverseLayer):
+    """Concatenation: the signal is split back between the inputs."""
+
+    def __init__(self, dim: int, sizes: list[int], ks: list[int], n_live: int, source: str) -> None:
+        super().__init__()
+        self.source = source
+        self.dim, self.sizes, self.ks, self.n_live = dim, sizes, ks, n_live
+
+    def extra_repr(self) -> str:
+        return f"dim {self.dim} into {self.sizes}, from '{self.source}'"
+
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * self.n_live
+        for k, part in zip(self.ks, torch.split(signal, self.sizes, dim=self.dim)):
+            prev = out[k]
+            out[k] = part if prev is None else prev + part
+        return [o for o in out if o is not None]
+
+
+class Reshape(ReverseLayer):
+    """Flatten / view / reshape / (un)squeeze: the signal is reshaped back."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def extra_repr(self) -> str:
+        return f"from '{self.source}'"
+
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        shape = frame.in_shapes[0]
+        if frame.out_win is not None:  # a windowed map: only the dimensions before the map change
+            shape = (*shape[:-2], *frame.out_win.size)
+        return [signal.reshape(signal.shape[0], *shape)]
+
+
+class LinearMap(ReverseLayer):
+    """The transpose of a linear operation with one live input (average pooling, a
+    mean, slicing, ...), computed as that operation's gradient at zero."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], source: str, kind: str, cone: str) -> None:
+        super().__init__()
+        self.source, self.kind, self.cone = source, kind, cone
+        self._fn = fn
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} '{self.source}' transposed"
+
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        in_win = frame.in_wins[0]
+        if self.cone == "same" and frame.out_win is not None:
+            shape = (signal.shape[0], *frame.in_shapes[0][:-2], *frame.out_win.size)
+        else:
+            signal = paste(signal, frame.out_win)
+            shape = (signal.shape[0], *frame.in_shapes[0])
         with torch.enable_grad():
-            z = signal.new_zeros(signal.shape[0], c, h, w, requires_grad=True)
-            (grad,) = torch.autograd.grad(self._pool[0](z), z, full_out)
-        return crop_windows(grad, None, in_win.top, in_win.left, *in_win.size)
+            z = signal.new_zeros(shape, requires_grad=True)
+            (grad,) = torch.autograd.grad(self._fn(z), z, signal)
+        if self.cone != "same":
+            grad = cut(grad, in_win)
+        return [grad]
 
 
 class ReverseLinear(ReverseLayer):
     """Multiplication by the transposed weight of a Linear layer (tied; no bias)."""
 
-    def __init__(self, linear: nn.Linear, source: str) -> None:
+    def __init__(self, weight: torch.Tensor, source: str) -> None:
         super().__init__()
         self.source = source
-        self.weight = linear.weight
+        self.weight = weight
 
     def extra_repr(self) -> str:
         out_f, in_f = self.weight.shape
         return f"{out_f} -> {in_f}, from '{self.source}', tied weight"
 
-    def reverse(self, signal: torch.Tensor, frame: Frame) -> torch.Tensor:
-        return signal @ self.weight
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        return [signal @ self.weight.to(signal.dtype)]
 
 
-class Unflatten(ReverseLayer):
-    """Reshapes a vector back to the (C, H, W) map it was flattened from."""
+@dataclasses.dataclass
+class ReverseStep:
+    """One reverse layer in a path: which node's signal it takes and where it sends it.
 
-    def __init__(self, source: str, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.source, self.shape = source, shape
+    Attributes:
+        node: The node whose output signal the layer takes.
+        inputs: The live inputs the layer returns signals for (node names, in order).
+        layer: The reverse layer.
+        cone: ``"same"``, ``"spatial"`` or ``"full"``.
+        in_shapes: Shapes of those inputs, without batch.
+        out_shape: Shape of the node's output, without batch.
+        state: What the forward pass recorded for it.
+        params: (kernel, stride, padding, dilation) for spatial layers.
+    """
 
-    def extra_repr(self) -> str:
-        return f"to {self.shape}, from '{self.source}'"
-
-    def reverse(self, signal: torch.Tensor, frame: Frame) -> torch.Tensor:
-        return signal.reshape(signal.shape[0], *frame.in_shape)
+    node: str
+    inputs: list[str]
+    layer: nn.Module
+    cone: str
+    in_shapes: list[tuple[int, ...]]
+    out_shape: tuple[int, ...]
+    state: Any = None
+    params: tuple[tuple[int, int], ...] | None = None
 
 
 class ReverseStack(nn.Module):
-    """The reverse layers for one recorded chain, from the seed layer down to the pixels.
+    """The reverse layers of one projection's path, from the seed node down to the pixels.
 
-    Printing it shows each reverse layer with the forward module it mirrors. Its
-    ``steps`` are the forward steps each reverse layer undoes (a folded BatchNorm2d's
-    layer undoes two).
+    Printing it shows each reverse layer with the forward module or node it mirrors.
+    Attributes ``steps`` say what each layer takes and where its signal goes.
     """
 
-    def __init__(self, layers: list[nn.Module], spans: list[tuple[int, int]]) -> None:
+    def __init__(self, steps: list[ReverseStep], seed: str, image_node: str) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.spans = spans
+        self.layers = nn.ModuleList([s.layer for s in steps])
+        self.steps = steps
+        self.seed = seed
+        self.image_node = image_node
 
-    def run(self, signal: torch.Tensor, frames: list[Frame]) -> torch.Tensor:
-        """Runs the signal through every layer, frame i going with layer i."""
-        for layer, frame in zip(self.layers, frames):
-            signal = layer(signal, frame)
-        return signal
+    def run(self, signal: torch.Tensor, windows: dict[str, Window | None], image: torch.Tensor,
+            rule: str) -> torch.Tensor:
+        """Runs the seed signal (on ``windows[seed]``) down to the image's windows.
 
-    def forward(self, signal: torch.Tensor, frames: list[Frame]) -> torch.Tensor:
-        return self.run(signal, frames)
-
-
-def build_reverse_stack(steps: list[Step]) -> ReverseStack:
-    """Builds the reverse layers of a recorded chain, top (last step) first.
-
-    Each entry of ``spans`` is the (first, last) step index a layer undoes.
-    """
-    layers: list[nn.Module] = []
-    spans: list[tuple[int, int]] = []
-    i = len(steps) - 1
-    while i >= 0:
-        step = steps[i]
-        m = step.module
-        first = i
-        if m is None or isinstance(m, nn.Flatten):
-            layer: nn.Module = Unflatten(step.name, step.in_shape)
-        elif isinstance(m, nn.Conv2d):
-            layer = ReverseConv2d(m, step.name)
-        elif isinstance(m, nn.BatchNorm2d):
-            before = steps[i - 1] if i > 0 else None
-            if before is not None and isinstance(before.module, nn.Conv2d):
-                layer = ReverseConv2d(before.module, before.name)
-                layer.fold(m, step.name)
-                first = i - 1
+        Args:
+            signal: The signal at the seed node's output, on its windows.
+            windows: The planned window of every node's output (:func:`zfvis.receptive.plan`).
+            image: Each seed's image index in the recorded batch.
+            rule: The ReLU rule.
+        """
+        pending: dict[str, torch.Tensor] = {self.seed: signal}
+        for step in self.steps:
+            s = pending.pop(step.node, None)
+            if s is None:
+                continue  # nothing reaches this node (a branch the seed does not depend on)
+            out_win = windows[step.node]
+            in_wins = [windows[i] for i in step.inputs]
+            if step.cone == "full":  # dense in, dense out
+                s = paste(s, out_win)
+                frame_out, frame_in = None, [None] * len(in_wins)
             else:
-                layer = Scale(m, step.name)
-        elif isinstance(m, nn.MaxPool2d):
-            layer = Unpool2d(m, step.name)
-        elif isinstance(m, nn.ReLU):
-            layer = Rectify(step.name)
-        elif isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-            layer = TransposedPool(m, step.name)
-        elif isinstance(m, nn.Linear):
-            layer = ReverseLinear(m, step.name)
-        else:
-            layer = PassThrough(step.name, step.kind)
-        layers.append(layer)
-        spans.append((first, i))
-        i = first - 1
-    return ReverseStack(layers, spans)
+                frame_out, frame_in = out_win, in_wins
+            frame = Frame(frame_out, frame_in, step.in_shapes, step.out_shape, image, step.state, rule)
+            results = step.layer(s, frame)
+            for name, r, win in zip(step.inputs, results, in_wins):
+                if step.cone == "full":
+                    r = cut(r, win)
+                elif step.cone == "same":  # computed on the output's windows
+                    r = move(r, out_win, win)
+                prev = pending.get(name)
+                pending[name] = r if prev is None else prev + r
+        return pending.pop(self.image_node)
+
+    def forward(self, signal: torch.Tensor, windows: dict[str, Window | None], image: torch.Tensor,
+                rule: str) -> torch.Tensor:
+        return self.run(signal, windows, image, rule)

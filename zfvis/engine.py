@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
-from .deconv import Frame, ReverseStack, build_reverse_stack, crop_windows
-from .receptive import ReceptiveField, Window, plan, receptive_fields
-from .recording import Recording, Step, leaf_names, record
-from .zoo import layer_aliases
+from .aliases import layer_aliases
+from .deconv import ReverseStack, ReverseStep, crop_windows
+from .errors import InputTypeError, UserInputError
+from .graph import GraphNode, ModelGraph, trace_model
+from .ops import OPS, RULES, UnsupportedModelError
+from .receptive import ReceptiveField, Window, plan, receptive_field
+from .recording import Recording, Step, record
 
 __all__ = ["Deconvnet", "Seeds", "Patches"]
 
@@ -97,20 +102,27 @@ def _is_int(v: object) -> bool:
 
 
 class Deconvnet:
-    """Deconvnet projections for a chain of ReLU / max-pool / convolution layers.
+    """Deconvnet projections for any CNN whose operations the op table knows.
+
+    The model is traced once with torch.fx (:mod:`zfvis.graph`): chains (ZF Net, VGG),
+    residual (ResNet), branching (GoogLeNet), concatenating (DenseNet) and depthwise
+    (MobileNetV2) models alike, including functional calls in ``forward()``.
 
     Args:
-        model: The network. Its modules must run as one chain (each module's input the
-            previous module's output; a flatten inside ``forward()`` is fine) and be of
-            the types in :data:`zfvis.recording.SUPPORTED_TYPES`. It is never modified:
-            hooks live only for the duration of a forward pass, modes and ``inplace``
-            flags are restored.
-        aliases: Extra layer names mapped to ``named_modules()`` names. By default a zoo
-            architecture's paper names (``conv1``, ``conv3_3``, ``fc6``, ...).
+        model: The network. It is never modified: no hook survives a call, modes and
+            ``inplace`` flags are kept.
+        aliases: Extra layer names mapped to layer names. By default a zoo
+            architecture's paper names (``conv1``, ``conv3_3``, ``layer3``, ...).
         chunk_size: Seeds per batched reverse pass (bounds memory).
         windowed: Compute each reverse layer only over the region the seed can reach
             (exactly equal to the dense computation, and much cheaper for low layers);
             ``False`` runs every reverse layer over whole maps.
+        rule: How a ReLU passes the signal back: ``"deconvnet"`` (rectify it, Zeiler &
+            Fergus), ``"guided"`` (guided backpropagation: rectify, and zero where the
+            forward input was not positive) or ``"gradient"`` (the plain gradient).
+
+    Raises:
+        UnsupportedModelError: The model's ``forward()`` cannot be traced.
 
     Example:
         >>> model, preprocess = zfvis.load_model("zfnet-cifar10")
@@ -127,94 +139,190 @@ class Deconvnet:
         aliases: dict[str, str] | None = None,
         chunk_size: int = 64,
         windowed: bool = True,
+        rule: str = "deconvnet",
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+            raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not _is_int(chunk_size) or chunk_size < 1:
+            raise UserInputError(f"chunk_size must be at least 1, got {chunk_size}")
+        self.rule = _check_rule(rule)
         self.model = model
-        self.aliases = dict(layer_aliases(model) if aliases is None else aliases)
         self.chunk_size = chunk_size
         self.windowed = windowed
-        self._leaves = leaf_names(model)
+        self.graph: ModelGraph = trace_model(model)
+        self._names = _layer_table(self.graph)
+        self.aliases = dict(layer_aliases(model) if aliases is None else aliases)
         for alias, target in self.aliases.items():
-            if target not in self._leaves:
-                raise ValueError(f"alias '{alias}' names '{target}', which is not a leaf module of the model")
+            if target not in self._names:
+                raise UserInputError(f"alias '{alias}' names '{target}', which is not a layer of the model")
+            if alias in self._names and self._names[alias] is not self._names[target]:
+                raise UserInputError(f"alias '{alias}' would hide the model's own layer '{alias}'; choose another alias")
 
     # ----------------------------------------------------------------- layers
     def layer_names(self, *, aliases: bool = True) -> list[str]:
-        """Names accepted as ``layer``: the aliases (if any), then every leaf module's
-        dotted ``named_modules()`` name."""
-        return (list(self.aliases) if aliases else []) + list(self._leaves)
+        """Names accepted as ``layer``: the aliases (if any), then every graph node in
+        execution order (torchvision's node names), then module names that are not node
+        names (containers, modules called several times), then ``<module>_0`` for the
+        first call of a module called several times."""
+        return (list(self.aliases) if aliases else []) + [n for n in self._names if n not in self.aliases]
 
     def resolve(self, layer: str) -> str:
-        """The ``named_modules()`` name for a layer name or alias.
+        """The graph node name for a layer name or alias.
+
+        A module name means the module's output (for a container, the value its
+        ``forward`` returns); a module called several times means its last call.
 
         Raises:
             ValueError: Unknown name; the message lists the closest valid names.
         """
+        return self._node(layer).name
+
+    def _node(self, layer: str) -> GraphNode:
         if not isinstance(layer, str):
-            raise TypeError(f"layer must be a str, got {type(layer).__name__}")
-        if layer in self.aliases:
-            return self.aliases[layer]
-        if layer in self._leaves:
-            return layer
-        valid = self.layer_names()
-        close = difflib.get_close_matches(layer, valid, n=4, cutoff=0.4)
+            raise InputTypeError(f"layer must be a str, got {type(layer).__name__}")
+        name = self.aliases.get(layer, layer)
+        node = self._names.get(name)
+        if node is not None:
+            return node
+        close = difflib.get_close_matches(layer, self.layer_names(), n=4, cutoff=0.4)
         hint = f" Closest: {', '.join(close)}." if close else ""
-        kind = "a container module" if layer in dict(self.model.named_modules()) else "not present in the model"
-        raise ValueError(
+        holder = next((m for m in self.graph.opaque if name == m or name.startswith(m + ".")), None)
+        if holder is not None:
+            kind = f"inside module '{holder}', which could not be traced ({self.graph.opaque[holder]})"
+        else:
+            kind = "not a layer of the model"
+        raise UserInputError(
             f"layer '{layer}' is {kind}.{hint} Hint: use Deconvnet.layer_names() (or `zfvis layers`) for the valid names"
         )
 
     def trace(self, input_shape: Sequence[int]) -> list[Step]:
-        """The whole chain of module calls for inputs of ``input_shape`` (C, H, W).
-
-        Runs one forward pass on zeros, batch size 1.
-        """
-        x = torch.zeros(1, *input_shape)
-        return record(self.model, x, None).steps
+        """Every node that carries the signal, with shapes and receptive fields, for
+        inputs of ``input_shape`` (C, H, W). Runs one forward pass on zeros."""
+        targets = [n for n in self.graph.nodes if n.carries and not n.users and n is not self.graph.input]
+        _, sites, problems, _ = record(self.graph, torch.zeros(1, *input_shape), targets)
+        fields = receptive_field(self._steps(list(sites.values())[::-1], fold=False), self.graph.input.name)
+        return [
+            Step(s.node.name, s.node.module, s.in_shapes[0] if s.in_shapes else (), s.out_shape, s.node.kind,
+                 fields.get(s.node.name))
+            for s in sites.values()
+        ]
 
     def receptive_field(self, layer: str, input_shape: Sequence[int]) -> ReceptiveField | None:
         """The receptive field of ``layer`` for inputs of ``input_shape`` (C, H, W);
         ``None`` for layers that see the whole input (after a flatten)."""
-        name = self.resolve(layer)
-        steps = record(self.model, torch.zeros(1, *input_shape), name).steps
-        return receptive_fields(steps)[-1]
+        rec = self._record(torch.zeros(1, *input_shape), self._node(layer), "deconvnet")
+        stack = self.reverse_stack(rec)
+        return receptive_field(stack.steps, self.graph.input.name).get(rec.layer or "")
 
     def receptive_window(self, layer: str, position: Position, input_shape: Sequence[int]) -> tuple[int, int, int, int]:
         """(top, left, bottom, right) of the input pixels activation ``position`` of
         ``layer`` depends on (exact: clipped at every layer's border)."""
-        name = self.resolve(layer)
-        steps = record(self.model, torch.zeros(1, *input_shape), name).steps
-        out = steps[-1].out_shape
+        rec = self._record(torch.zeros(1, *input_shape), self._node(layer), "deconvnet")
+        out = tuple(rec.output.shape[1:])
         if len(out) != 3:
             return (0, 0, int(input_shape[-2]), int(input_shape[-1]))
         y, x = self._check_position(position, out)
         top = Window.points(torch.tensor([y]), torch.tensor([x]), (out[1], out[2]))
-        cone = plan(steps, top, batch=1, device=torch.device("cpu"))[0]
-        assert cone is not None
-        return tuple(int(c[0]) for c in cone.cone)  # type: ignore[return-value]
+        wins = self._plan(rec, self.reverse_stack(rec), top, 1, torch.device("cpu"))
+        bottom = wins[self.graph.input.name]
+        if bottom is None:  # pragma: no cover - the input is an image batch
+            raise UnsupportedModelError("the model's input is not an image batch (N, C, H, W)")
+        return tuple(int(c[0]) for c in bottom.cone)  # type: ignore[return-value]
 
     def reverse_stack(self, recording: Recording) -> ReverseStack:
-        """The reverse layers for a recording, an inspectable ``nn.Module``."""
-        return build_reverse_stack(recording.steps)
+        """The reverse layers of a recording's path, an inspectable ``nn.Module``.
+
+        Raises:
+            UnsupportedModelError: A node on the path has no reverse (its name, op and
+                source line are in the message).
+        """
+        seed = self.graph.by_name[recording.layer] if recording.layer else None
+        if seed is None:  # pragma: no cover - recordings always name their node
+            raise UserInputError("the recording has no layer")
+        path = self.graph.signal_path(seed)
+        for node in path[1:]:
+            if node.problem is not None:
+                raise UnsupportedModelError(node.problem)
+            if node.name in recording.problems:
+                raise recording.problems[node.name]
+        sites = [recording.sites[n.name] for n in path[1:]]
+        steps = self._steps(sites[::-1])
+        return ReverseStack(steps, seed.name, self.graph.input.name)
+
+    @staticmethod
+    def _steps(sites: list, *, fold: bool = True) -> list[ReverseStep]:
+        """Reverse steps for sites in reverse execution order (with ``fold``, a BatchNorm2d
+        right after a convolution that feeds nothing else is folded into it)."""
+        steps: list[ReverseStep] = []
+        folded: set[str] = set()
+        for site in sites:
+            node = site.node
+            if node.name in folded:
+                continue
+            op = node.op
+            if op is None:  # pragma: no cover - reverse_stack refuses such paths first
+                raise UnsupportedModelError(node.problem or f"node '{node.name}' has no reverse")
+            producer = site.live[0] if site.live else None
+            conv_site = next((s for s in sites if producer is not None and s.node is producer), None)
+            if (fold and op.name == "batch_norm" and conv_site is not None and producer is not None
+                    and producer.op is OPS["conv2d"] and len(producer.users) == 1):
+                layer = conv_site.node.op.build(conv_site)  # type: ignore[union-attr]
+                layer.fold(node.module, node.module_name or node.name)  # type: ignore[operator]
+                folded.add(producer.name)
+                steps.append(ReverseStep(node.name, [p.name for p in conv_site.live], layer, "spatial",
+                                         conv_site.in_shapes, site.out_shape, None,
+                                         OPS["conv2d"].params(conv_site)))  # type: ignore[misc]
+                continue
+            params = op.params(site) if site.cone == "spatial" and op.params is not None else None
+            steps.append(ReverseStep(node.name, [p.name for p in site.live], op.build(site), site.cone,
+                                     site.in_shapes, site.out_shape, site.state, params))
+        return steps
 
     # -------------------------------------------------------------- recording
-    def record(self, images: torch.Tensor, layer: str) -> Recording:
-        """One forward pass up to ``layer``, recording switches and that layer's output."""
+    def record(self, images: torch.Tensor, layer: str, *, rule: str | None = None) -> Recording:
+        """One forward pass up to ``layer``, recording what its reverse pass needs.
+
+        Args:
+            images: A batch (N, C, H, W), preprocessed as the model expects.
+            layer: A layer name or alias.
+            rule: The ReLU rule the recording is for (default: the Deconvnet's).
+
+        Raises:
+            UnsupportedModelError: The layer's path runs through an operation that has no
+                reverse (checked before the forward pass runs).
+        """
         images = self._check_images(images)
-        return record(self.model, images, self.resolve(layer))
+        node = self._node(layer)
+        for n in self.graph.signal_path(node)[1:]:
+            if n.problem is not None:
+                raise UnsupportedModelError(n.problem)
+        return self._record(images, node, _check_rule(self.rule if rule is None else rule))
+
+    def _record(self, images: torch.Tensor, node: GraphNode, rule: str) -> Recording:
+        outputs, sites, problems, shape = record(self.graph, images, [node], rule)
+        return Recording(node.name, outputs[node.name], shape, sites, rule, self.graph, problems)
+
+    def output(self, images: torch.Tensor, layer: str) -> torch.Tensor:
+        """The output of ``layer`` (a forward pass only: the layer need not be projectable)."""
+        return self.forward_outputs(images, [layer])[layer]
+
+    def forward_outputs(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The outputs of several layers from one forward pass (it stops once the
+        deepest has run); keys are the names as given."""
+        images = self._check_images(images)
+        nodes = {layer: self._node(layer) for layer in layers}
+        outputs, _, _, _ = record(self.graph, images, list(nodes.values()))
+        return {layer: outputs[node.name] for layer, node in nodes.items()}
 
     @staticmethod
     def _check_images(images: torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}")
+            raise InputTypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}")
         if images.dim() != 4:
             hint = " (add a batch dimension: images.unsqueeze(0))" if images.dim() == 3 else ""
-            raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}{hint}")
+            raise UserInputError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}{hint}")
         if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor, got {images.dtype}")
+            raise InputTypeError(f"images must be a floating-point tensor, got {images.dtype}")
         return images
 
     @staticmethod
@@ -224,11 +332,11 @@ class Deconvnet:
             or len(position) != 2
             or not all(_is_int(v) or (isinstance(v, torch.Tensor) and v.numel() == 1) for v in position)
         ):
-            raise TypeError(f"position must be a (y, x) pair of ints, got {position!r}")
+            raise InputTypeError(f"position must be a (y, x) pair of ints, got {position!r}")
         y, x = (int(v) for v in position)
         h, w = out_shape[1], out_shape[2]
         if not (0 <= y < h and 0 <= x < w):
-            raise ValueError(f"position ({y}, {x}) is outside the {h}x{w} feature map (0..{h - 1}, 0..{w - 1})")
+            raise UserInputError(f"position ({y}, {x}) is outside the {h}x{w} feature map (0..{h - 1}, 0..{w - 1})")
         return y, x
 
     # -------------------------------------------------------------- selection
@@ -264,13 +372,13 @@ class Deconvnet:
         ch = torch.tensor(channels, device=dev, dtype=torch.long)
         if top_k is not None:
             if not _is_int(top_k) or top_k < 1:
-                raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+                raise UserInputError(f"top_k must be a positive int, got {top_k!r}")
             if position is not None:
-                raise ValueError("give either position or top_k, not both")
+                raise UserInputError("give either position or top_k, not both")
         vector = out.dim() == 2
         if vector:
             if position is not None or (top_k is not None and top_k != 1):
-                raise ValueError(
+                raise UserInputError(
                     f"layer '{recording.layer}' outputs a vector; it has no positions (leave position and top_k unset)"
                 )
             img = torch.arange(n, device=dev).repeat_interleave(m)
@@ -281,7 +389,7 @@ class Deconvnet:
         maps = out[:, ch].reshape(n, m, h * w)
         if isinstance(position, str):
             if position != "all":
-                raise ValueError(f"position must be (y, x), None or 'all', got {position!r}")
+                raise UserInputError(f"position must be (y, x), None or 'all', got {position!r}")
             img = torch.arange(n, device=dev).repeat_interleave(m)
             chs = ch.repeat(n)
             minus = torch.full_like(img, -1)
@@ -292,7 +400,7 @@ class Deconvnet:
         else:
             k = 1 if top_k is None else top_k
             if k > h * w:
-                raise ValueError(f"top_k={k} exceeds the {h}x{w}={h * w} positions of layer '{recording.layer}'")
+                raise UserInputError(f"top_k={k} exceeds the {h}x{w}={h * w} positions of layer '{recording.layer}'")
             flat = torch.sort(maps, dim=2, descending=True, stable=True).indices[:, :, :k]
         k = flat.shape[2]
         values = torch.gather(maps, 2, flat).reshape(-1)
@@ -308,14 +416,14 @@ class Deconvnet:
         elif isinstance(channel, (list, tuple, range)) or (isinstance(channel, torch.Tensor) and channel.dim() == 1):
             channels = [int(c) for c in channel]
             if not all(_is_int(c) or isinstance(c, torch.Tensor) for c in channel):
-                raise TypeError(f"channels must be ints, got {list(channel)!r}")
+                raise InputTypeError(f"channels must be ints, got {list(channel)!r}")
             if not channels:
-                raise ValueError("channel list is empty")
+                raise UserInputError("channel list is empty")
         else:
-            raise TypeError(f"channel must be an int or a sequence of ints, got {type(channel).__name__}")
+            raise InputTypeError(f"channel must be an int or a sequence of ints, got {type(channel).__name__}")
         for c in channels:
             if not 0 <= c < count:
-                raise ValueError(f"channel {c} is out of range: layer '{layer}' has {count} channels (0..{count - 1})")
+                raise UserInputError(f"channel {c} is out of range: layer '{layer}' has {count} channels (0..{count - 1})")
         return channels
 
     # ---------------------------------------------------------------- reverse
@@ -330,59 +438,105 @@ class Deconvnet:
             The projections cropped to each seed's window; ``Patches.full()`` gives them
             at the input size.
         """
-        stack = build_reverse_stack(recording.steps)
-        parts = [self._reverse_chunk(recording, stack, seeds[i : i + self.chunk_size]) for i in range(0, len(seeds), self.chunk_size)]
+        stack = self.reverse_stack(recording)
+        parts = [self._reverse_chunk(recording, stack, seeds[i : i + self.chunk_size])
+                 for i in range(0, len(seeds), self.chunk_size)]
         if len(parts) == 1:
             return parts[0]
-        # windows of seeds from different chunks have the same size: the size depends on
-        # the layer, not on the seed, except for whole-map seeds, which are full-size.
+        # where branches meet, a window's size depends on the seeds of its chunk: bring
+        # every chunk to the largest (the projection is zero outside each seed's cone)
+        h = max(p.pixels.shape[-2] for p in parts)
+        w = max(p.pixels.shape[-1] for p in parts)
         return Patches(
-            torch.cat([p.pixels for p in parts]),
-            torch.cat([p.top for p in parts]),
-            torch.cat([p.left for p in parts]),
+            torch.cat([_widen(p, h, w).pixels for p in parts]),
+            torch.cat([_widen(p, h, w).top for p in parts]),
+            torch.cat([_widen(p, h, w).left for p in parts]),
             torch.cat([p.box for p in parts]),
             parts[0].image_size,
         )
 
+    def _plan(self, recording: Recording, stack: ReverseStack, top: Window | None, b: int,
+              dev: torch.device) -> dict[str, Window | None]:
+        return plan(stack.steps, stack.seed, top, stack.image_node, tuple(recording.input_shape[1:]), batch=b,
+                    device=dev)
+
     def _reverse_chunk(self, recording: Recording, stack: ReverseStack, seeds: Seeds) -> Patches:
-        steps = recording.steps
         out = recording.output
         b = len(seeds)
         dev = out.device
+        rows = torch.arange(b, device=dev)
         if out.dim() == 2:
             top = None
             signal = out.new_zeros(b, out.shape[1])
-            signal[torch.arange(b, device=dev), seeds.channel] = 1.0
+            signal[rows, seeds.channel] = 1.0
+        elif out.dim() != 4:
+            raise UnsupportedModelError(f"layer '{recording.layer}' outputs shape {tuple(out.shape)}; zfvis projects "
+                                        "(N, C, H, W) maps and (N, F) vectors")
         elif seeds.whole_map:
             top = Window.whole(b, (out.shape[2], out.shape[3]), dev)
             signal = out.new_zeros(b, *out.shape[1:])
-            signal[torch.arange(b, device=dev), seeds.channel] = out[seeds.image, seeds.channel]
+            signal[rows, seeds.channel] = out[seeds.image, seeds.channel]
         elif self.windowed:
             top = Window.points(seeds.y, seeds.x, (out.shape[2], out.shape[3]))
             signal = out.new_zeros(b, out.shape[1], 1, 1)
-            signal[torch.arange(b, device=dev), seeds.channel, 0, 0] = 1.0
+            signal[rows, seeds.channel, 0, 0] = 1.0
         else:
             top = Window.whole(b, (out.shape[2], out.shape[3]), dev)
             signal = out.new_zeros(b, *out.shape[1:])
-            signal[torch.arange(b, device=dev), seeds.channel, seeds.y, seeds.x] = 1.0
-        wins = plan(steps, top, batch=b, device=dev)
-        frames = []
-        for first, last in stack.spans:
-            out_win = wins[last + 1] if last + 1 < len(steps) else top
-            frames.append(
-                Frame(out_win, wins[first], steps[first].in_shape, seeds.image, recording.switches.get(last))
-            )
+            signal[rows, seeds.channel, seeds.y, seeds.x] = 1.0
+        wins = self._plan(recording, stack, top, b, dev)
+        if not self.windowed:
+            wins = {k: (None if w is None else Window.whole(b, w.map_size, dev)) for k, w in wins.items()}
+            wins[stack.seed] = top
+        bottom = wins.get(stack.image_node)
+        if bottom is None:
+            raise UnsupportedModelError("the model's input is not an image batch (N, C, H, W)")
         with torch.no_grad():
-            pixels = stack.run(signal, frames)
+            pixels = stack.run(signal, wins, seeds.image, recording.rule)
             if not seeds.whole_map:
                 # the reverse pass is positively homogeneous: a unit seed scaled by the
                 # activation's value equals the value seeded (and is exact for negative ones)
                 pixels = pixels * seeds.value.to(pixels.dtype).view(-1, 1, 1, 1)
-        bottom = wins[0]
-        if bottom is None:
-            raise ValueError("the model's input is not an image batch (N, C, H, W)")
         box = torch.stack(bottom.cone, dim=1)
         return Patches(pixels, bottom.top, bottom.left, box, bottom.map_size)
+
+    def figure(
+        self,
+        images: torch.Tensor,
+        layer: str,
+        channel: int | Sequence[int] | None = None,
+        position: Position | None = None,
+        *,
+        top_k: int = 1,
+        top_channels: int = 9,
+        rule: str | None = None,
+        show: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        title: str | None = None,
+        path: str | os.PathLike[str] | None = None,
+    ) -> Figure:
+        """The figure ``zfvis project`` draws, for the first image: the input, each
+        projection, and both cropped to the activation's receptive field.
+
+        Args:
+            images: A batch (N, C, H, W), preprocessed as the model expects.
+            layer: A layer name or alias.
+            channel: A channel or channels (default: the ``top_channels`` most active).
+            position: A (y, x) position instead of the strongest.
+            top_k: The k strongest positions per channel.
+            top_channels: How many channels when ``channel`` is not given.
+            rule: The ReLU rule (default: the Deconvnet's).
+            show: Maps a model input (C, H, W) to a [0, 1] RGB image for display, e.g.
+                ``preprocess.denormalize``.
+            title: The figure's title.
+            path: Also write the figure there as a PNG (atomically).
+
+        Returns:
+            A matplotlib ``Figure``.
+        """
+        from .figures import Selection, projection_figure
+
+        selection = Selection(channel, top_k, position, top_channels)
+        return projection_figure(self, images, layer, selection, rule=rule, show=show, title=title, path=path)
 
     def project(
         self,
@@ -392,6 +546,7 @@ class Deconvnet:
         position: Position | str | None = None,
         *,
         top_k: int | None = None,
+        rule: str | None = None,
     ) -> torch.Tensor:
         """Projects activations of ``layer`` back to pixel space.
 
@@ -406,12 +561,13 @@ class Deconvnet:
             position: ``None`` for the channel's strongest activation in each image, a
                 (y, x) pair, or ``"all"`` to project the whole feature map at once.
             top_k: Project the k strongest activations of each channel.
+            rule: ``"deconvnet"``, ``"guided"`` or ``"gradient"`` (default: the Deconvnet's).
 
         Returns:
             (N, C, H, W); with a channel list (N, m, C, H, W); with ``top_k``
             (N, k, C, H, W); with both (N, m, k, C, H, W).
         """
-        rec = self.record(images, layer)
+        rec = self.record(images, layer, rule=rule)
         seeds = self.select(rec, channel, position, top_k)
         full = self.reverse(rec, seeds).full()
         n = images.shape[0]
@@ -421,3 +577,35 @@ class Deconvnet:
         if top_k is not None:
             shape.append(top_k)
         return full.reshape(*shape, *full.shape[1:])
+
+
+def _check_rule(rule: object) -> str:
+    if rule not in RULES:
+        raise UserInputError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
+    return str(rule)
+
+
+def _widen(p: Patches, h: int, w: int) -> Patches:
+    """The same patches on windows of size (h, w) (zeros added; windows kept in the image)."""
+    ph, pw = p.pixels.shape[-2:]
+    if (ph, pw) == (h, w):
+        return p
+    top = torch.minimum(p.top, torch.full_like(p.top, p.image_size[0] - h)).clamp(min=0)
+    left = torch.minimum(p.left, torch.full_like(p.left, p.image_size[1] - w)).clamp(min=0)
+    pixels = crop_windows(p.pixels, None, top - p.top, left - p.left, h, w)
+    return Patches(pixels, top, left, p.box, p.image_size)
+
+
+def _layer_table(graph: ModelGraph) -> dict[str, GraphNode]:
+    """Every accepted layer name (node names, module names, ``<module>_0``) -> its node."""
+    names: dict[str, GraphNode] = {}
+    for node in graph.nodes[1:]:
+        if node.carries:
+            names[node.name] = node
+    for module, node in graph.module_output.items():
+        if module and node.carries:
+            names[module] = node  # a module name means its (last) output
+    for module, node in graph.first_call.items():
+        if node.carries:
+            names.setdefault(f"{module}_0", node)
+    return names

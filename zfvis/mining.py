@@ -1,53 +1,175 @@
 """Top-k mining over a data set: the strongest activations of every channel (ZF Fig. 2).
 
-Pass 1 streams the data set once, in batches, with one forward pass per batch for all
-requested layers (forward hooks on the requested modules; the pass stops once the
-deepest has run). For every channel it keeps a running top-k of (value, image, position),
-at most one entry per image: the image's maximum over the channel's positions (ties: the
-smaller flat position). Ranking is by value, descending; ties by image path, ascending
-(the image's index in the sorted file list). Memory is O(layers x channels x k),
-independent of the data set's size. Unreadable files are skipped and listed.
+A run goes through named phases, each a function of one :class:`_Run`:
 
-Pass 2 loads only the winning images, records their switches per layer and projects every
-winner back to pixel space through the deconvnet, each only over its receptive field;
-projection and image are cropped to the (clipped) receptive field.
+1. **plan** (:func:`_plan`): check the settings, list the data set, read the first
+   readable image, measure the layers and fix the channels. Nothing is written.
+2. **probe** (:func:`_probe`): the whole pipeline on that one image (record, select, one
+   reverse pass per layer, a tile and a figure drawn into a temporary folder), so that a
+   model pass 2 cannot project fails in seconds, not after hours of pass 1.
+3. **claim** (:func:`_claim`): lock the output folder and check what it holds; only then
+   create it and write ``settings.json``. A folder holding anything but a zfvis run with
+   the same settings is refused unless ``overwrite`` (or ``restart``, for a zfvis run).
+4. **pass 1** (:func:`_pass1`): stream the data set in batches, one forward pass per
+   batch for all layers, keeping for every channel a running top-k of (value, image,
+   position), at most one entry per image (the image's maximum over the channel's
+   positions; ties: the smaller flat position). Ranking is by value, descending; ties by
+   image path, ascending. Memory is O(layers x channels x k). Unreadable files are
+   skipped and listed. The state is saved every ``state_every`` batches and at least
+   every ``state_seconds``, and on Ctrl-C; the same call resumes it.
+5. **merge** (:func:`_merge`): under ``torch.distributed`` (torchrun), the per-rank top-k
+   lists are gathered and merged exactly.
+6. **pass 2** (:func:`_pass2`): project every winner with its own image's switches, only
+   over its receptive field; crop projection and image to it; tiles, figures, gallery.
+7. **outputs** (:func:`_finish`): ``topk.json`` and a summary.
 
-The run saves its state every ``state_every`` batches (``state.pt``) and resumes from it;
-under ``torch.distributed`` (or torchrun's environment) the file list is sharded by rank and
-the top-k lists are gathered and merged exactly.
+Under torchrun every rank checks in with the others at each phase boundary and after
+every batch of pass 1: when one rank fails, the others stop at their next check with a
+:class:`~zfvis.errors.RankFailedError` naming it, instead of waiting for gloo's timeout.
+The caller's model is left as it was given (device, dtype, training flags).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import html
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import render
 from ._io import atomic_torch_save, atomic_write_text
-from .data import list_images, load_image, resolve
+from .checks import check_channels, check_int
+from .data import evenly_spaced, list_images, load_image, resolve
+from .distributed import Ranks
 from .engine import Deconvnet, Seeds
-from .recording import eval_mode
+from .errors import MiningInterrupted, UserInputError
+from .gallery import write_site
+from .run_folder import STATE_VERSION, FolderRequest, claim, load_state, safe_name
 from .zoo import Preprocess
 
-__all__ = ["MiningResult", "mine", "merge_topk", "crop_winners", "PAGE_CHANNELS"]
+__all__ = [
+    "MineSettings",
+    "MiningResult",
+    "mine",
+    "merge_topk",
+    "image_maxima",
+    "crop_winners",
+    "make_seeds",
+    "PAGE_CHANNELS",
+    "FIGURE_TOP",
+]
 
 #: Channels per figure page; layers with more are split into ``<layer>_p1.png``, ...
 PAGE_CHANNELS = 64
-_STATE_VERSION = 1
+#: Activations per channel drawn in the Fig. 2 figures (a 3x3 grid); tiles and the
+#: gallery show all ``top``.
+FIGURE_TOP = 9
 _EMPTY = torch.iinfo(torch.long).max  # index of an empty top-k slot (sorts last)
+_PROBE_FILES = 50  # files tried for a readable first image
+
+
+# --------------------------------------------------------------------------- settings and records
+
+
+@dataclasses.dataclass
+class MineSettings:
+    """What a mining run is asked to do.
+
+    Attributes:
+        layers: Layer names or aliases (``conv1``, ``features.3``).
+        out_dir: Output folder: ``topk.json``, figures, tiles, ``index.html``,
+            ``settings.json``, ``state.pt``.
+        top: Entries per channel (9 in the paper; the figures draw the first 9).
+        channels: Channels to mine, for every layer (channel numbers, or inclusive
+            ``(first, last)`` ranges) or per layer (a dict; missing layers: all);
+            ``None``: all channels.
+        batch_size: Images per forward pass (also for pass 2).
+        workers: DataLoader worker processes for pass 1.
+        device: Where the model runs.
+        limit: Use only ``limit`` files, evenly spaced over the sorted list
+            (:func:`zfvis.data.evenly_spaced`).
+        state_every: Save the state at least every this many batches of pass 1...
+        state_seconds: ...and at least every this many seconds.
+        progress: Show progress bars and print a summary (rank 0).
+        restart: Discard a saved state, also one of a zfvis run with other settings.
+        overwrite: Write into a folder that holds other files (zfvis replaces only its
+            own file names there).
+        aliases: Extra layer aliases (default: the zoo's paper names).
+        rule: The ReLU rule of the projections (``deconvnet``, ``guided``, ``gradient``).
+        model_name: Recorded in ``topk.json`` and in figure titles.
+        weights: Recorded in ``topk.json``.
+        figures: Write figures, tiles and the gallery (``False``: only ``topk.json``).
+        probe: Run the whole pipeline on one image before pass 1.
+        stop_after_batches: Testing aid: interrupt (as Ctrl-C does) after this many
+            batches of pass 1 in this call.
+        record: Further settings to record in ``settings.json`` (the command line's).
+        option_names: Name settings in messages as command-line options (``--top``)
+            rather than as arguments (``top``).
+    """
+
+    layers: Sequence[str]
+    out_dir: str | os.PathLike[str]
+    top: int = 9
+    channels: Sequence[int] | Sequence[tuple[int, int]] | dict[str, Sequence[int]] | None = None
+    batch_size: int = 64
+    workers: int = 0
+    device: str | torch.device = "cpu"
+    limit: int | None = None
+    state_every: int = 20
+    state_seconds: float = 60.0
+    progress: bool = True
+    restart: bool = False
+    overwrite: bool = False
+    aliases: dict[str, str] | None = None
+    rule: str = "deconvnet"
+    model_name: str = "model"
+    weights: str | None = None
+    figures: bool = True
+    probe: bool = True
+    stop_after_batches: int | None = None
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+    option_names: bool = False
+
+    def name(self, field: str) -> str:
+        """How the person calls a setting: ``--batch-size`` or ``batch_size``."""
+        return f"--{field.replace('_', '-')}" if self.option_names else field
+
+    def flag(self, field: str) -> str:
+        """How the person turns a flag on: ``--restart`` or ``restart=True``."""
+        return f"--{field.replace('_', '-')}" if self.option_names else f"{field}=True"
+
+    def validate(self) -> None:
+        """Checks every setting's type and range.
+
+        Raises:
+            UserInputError: The first bad setting, named.
+        """
+        if isinstance(self.layers, str) or not self.layers or not all(isinstance(x, str) for x in self.layers):
+            raise UserInputError(f"{self.name('layers')}: name at least one layer (e.g. conv1), got {self.layers!r}")
+        check_int(self.name("top"), self.top, 1)
+        check_int(self.name("batch_size"), self.batch_size, 1)
+        check_int(self.name("workers"), self.workers, 0, 256)
+        check_int(self.name("state_every"), self.state_every, 1)
+        if self.limit is not None:
+            check_int(self.name("limit"), self.limit, 1)
+        if not isinstance(self.state_seconds, (int, float)) or self.state_seconds <= 0:
+            raise UserInputError(f"{self.name('state_seconds')} must be a positive number, got {self.state_seconds!r}")
+        for flag in ("progress", "restart", "overwrite", "figures", "probe"):
+            if not isinstance(getattr(self, flag), bool):
+                raise UserInputError(f"{self.name(flag)} must be true or false, got {getattr(self, flag)!r}")
 
 
 @dataclasses.dataclass
@@ -73,6 +195,96 @@ class MiningResult:
     outputs: list[Path]
     resumed_batches: int = 0
     pass1_seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class _Layer:
+    """One requested layer: its module, output shape and the channels mined."""
+
+    name: str
+    module: str
+    shape: tuple[int, ...]  # (C, H, W) or (F,)
+    channels: list[int]
+    select: torch.Tensor | None  # channel indices, None for all
+
+    @property
+    def width(self) -> int:
+        return self.shape[-1] if len(self.shape) == 3 else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Progress:
+    """Pass 1's state after a whole number of batches (replaced, never mutated, so that an
+    interruption always finds a consistent snapshot)."""
+
+    tops: dict[str, dict[str, torch.Tensor]]
+    skipped: tuple[dict[str, Any], ...]
+    images: int
+    batches: int
+    done: bool = False
+
+    def to_state(self, fingerprint: str) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "fingerprint": fingerprint, "batches": self.batches,
+                "images": self.images, "skipped": list(self.skipped), "topk": self.tops, "done": self.done}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], layers: Sequence[str]) -> _Progress:
+        return cls({layer: dict(state["topk"][layer]) for layer in layers}, tuple(state["skipped"]),
+                   int(state["images"]), int(state["batches"]), bool(state.get("done")))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Winner:
+    """One top-k entry of a channel on a figure page."""
+
+    slot: int  # the channel's position on the page
+    rank: int
+    index: int  # image index in the sorted file list
+    y: int
+    x: int
+    value: float
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the phases share."""
+
+    s: MineSettings
+    model: nn.Module
+    preprocess: Preprocess
+    root: Path
+    out: Path
+    device: torch.device
+    dtype: torch.dtype
+    dn: Deconvnet
+    files: list[str]
+    chosen: list[int]
+    layers: dict[str, _Layer]
+    probe_image: torch.Tensor
+    ranks: Ranks
+    k: int = 0  # top-k slots kept: min(top, images chosen)
+    fingerprint: str = ""
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    resume: _Progress | None = None
+    taps: _Taps | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def show(self) -> bool:
+        return self.s.progress and self.ranks.rank == 0
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Images moved to the model's device and dtype."""
+        return images.to(self.device, dtype=self.dtype, non_blocking=True)
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "state.pt"
+
+    @property
+    def part_path(self) -> Path:
+        r = self.ranks
+        return self.state_path if r.world == 1 else self.out / f"state.rank{r.rank}-of-{r.world}.pt"
 
 
 # --------------------------------------------------------------------------- data
@@ -102,20 +314,19 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[torch.T
         return idx, None, bad
     shapes = {tuple(x.shape) for _, x in ok}
     if len(shapes) > 1:
-        raise ValueError(f"images of different sizes in one batch {sorted(shapes)}; set an input size (crop)")
+        raise UserInputError(f"images of different sizes in one batch {sorted(shapes)}; set an input size (--input-size)")
     return idx, torch.stack([x for _, x in ok]), bad
 
 
 def _loader(ds: _Files, batch_size: int, workers: int) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate
-    )
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
 
 
 # --------------------------------------------------------------------------- top-k
 
 
 def empty_topk(channels: int, k: int) -> dict[str, torch.Tensor]:
+    """A top-k list with every slot empty, for ``channels`` channels."""
     return {
         "values": torch.full((channels, k), -math.inf),
         "index": torch.full((channels, k), _EMPTY, dtype=torch.long),
@@ -155,72 +366,144 @@ def image_maxima(out: torch.Tensor, channels: torch.Tensor | None) -> tuple[torc
     return vals.t().cpu(), pos.t().cpu()
 
 
-class _Stop(Exception):
-    pass
+# --------------------------------------------------------------------------- forward taps
 
 
 class _Taps:
-    """Forward hooks on the requested modules; one forward pass serves every layer."""
+    """One forward pass serves every requested layer: the engine runs the graph only as far
+    as the deepest requested layer and hands back each layer's output (graph nodes, module
+    names, containers and modules called several times alike).
 
-    def __init__(self, model: nn.Module, modules: dict[str, str]) -> None:
-        self.model = model
-        self.modules = modules  # layer as given -> module name
+    Args:
+        dn: The deconvnet.
+        layers: The layers as given.
+    """
+
+    def __init__(self, dn: Deconvnet, layers: list[str]) -> None:
+        self.dn, self.layers = dn, layers
 
     def run(self, images: torch.Tensor, fn: Callable[[str, torch.Tensor], Any]) -> dict[str, Any]:
-        """One forward pass, stopped once every requested module has run; ``fn(layer,
-        output)`` is applied inside the hook (the output is not kept)."""
-        results: dict[str, Any] = {}
-        by_module: dict[str, list[str]] = {}
-        for layer, name in self.modules.items():
-            by_module.setdefault(name, []).append(layer)
-        mods = dict(self.model.named_modules())
-        handles = []
+        """``fn(layer, output)`` for every layer, from one forward pass."""
+        outputs = self.dn.forward_outputs(images, self.layers)
+        return {layer: fn(layer, outputs[layer]) for layer in self.layers}
 
-        def make(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-                out = output[0] if isinstance(output, tuple) else output
-                for layer in by_module[name]:
-                    results[layer] = fn(layer, out)
-                if len(results) == len(self.modules):
-                    raise _Stop
+# --------------------------------------------------------------------------- the caller's model
 
-            return hook
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        current = torch.cuda.current_device()
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return True
+
+
+@contextlib.contextmanager
+def _placed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """The model on ``device`` in eval mode; afterwards its device and every module's
+    training flag are as before (also when the run fails)."""
+    flags = [(m, m.training) for m in model.modules()]
+    homes = {t.device for t in [*model.parameters(), *model.buffers()]}
+    if len(homes) > 1:
+        raise UserInputError(f"the model's parameters lie on several devices ({sorted(map(str, homes))}); "
+                             "put it on one device first")
+    home = next(iter(homes), device)
+    moved = not _same_device(home, device)
+    try:
+        if moved:
+            model.to(device)
+        model.eval()
+        yield model
+    finally:
+        if moved:
+            model.to(home)
+        for m, flag in flags:
+            m.training = flag
+
+
+# --------------------------------------------------------------------------- phase 1: plan
+
+
+def _resolve(dn: Deconvnet, layer: str) -> str:
+    try:
+        return dn.resolve(layer)
+    except UserInputError:
+        raise
+    except ValueError as err:  # the engine's name lookup: the name came from the person
+        raise UserInputError(str(err)) from None
+
+
+def _plan(model: nn.Module, preprocess: Preprocess, dataset: str | os.PathLike[str], s: MineSettings,
+          ranks: Ranks) -> _Run:
+    """Checks everything that can be checked without writing: layers, data set, the first
+    readable image, layer shapes, channels, memory. Returns the run's shared state."""
+    device = torch.device(s.device)
+    dn = Deconvnet(model, aliases=s.aliases, rule=s.rule)
+    layers = list(dict.fromkeys(s.layers))
+    modules = {layer: _resolve(dn, layer) for layer in layers}
+    if isinstance(s.channels, dict) and set(s.channels) - set(layers):
+        raise UserInputError(f"channels given for layers not mined: {', '.join(sorted(set(s.channels) - set(layers)))}")
+    root = Path(dataset)
+    files = list_images(root)
+    chosen = evenly_spaced(len(files), s.limit)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    image = _first_readable(root, [files[i] for i in chosen[:_PROBE_FILES]], preprocess)
+    run = _Run(s, model, preprocess, root, Path(s.out_dir), device, dtype, dn, files, chosen, {}, image, ranks)
+    run.taps = _Taps(dn, layers)
+    shapes = run.taps.run(run.batch(image.unsqueeze(0)), lambda layer, o: tuple(o.shape[1:]))
+    for layer in layers:
+        wanted = s.channels.get(layer) if isinstance(s.channels, dict) else s.channels
+        count = shapes[layer][0]
+        chans = list(range(count)) if wanted is None else check_channels(wanted, count, layer)
+        select = None if len(chans) == count else torch.tensor(chans, device=device)
+        run.layers[layer] = _Layer(layer, modules[layer], shapes[layer], chans, select)
+    run.k = min(s.top, len(chosen))
+    _check_memory(run)
+    run.settings = {
+        "layers": modules, "channels": {n: lay.channels for n, lay in run.layers.items()}, "top": s.top,
+        "batch_size": s.batch_size, "limit": s.limit, "input_shape": list(image.shape),
+        "preprocess": repr(preprocess), "dataset": str(root.resolve()),
+    }
+    run.fingerprint = _fingerprint(run.settings, [files[i] for i in chosen], model)
+    return run
+
+
+def _first_readable(root: Path, rels: Sequence[str], preprocess: Preprocess) -> torch.Tensor:
+    errors = []
+    for rel in rels:
         try:
-            for name in by_module:
-                handles.append(mods[name].register_forward_hook(make(name)))
-            with eval_mode(self.model), torch.no_grad():
-                try:
-                    self.model(images)
-                except _Stop:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [layer for layer in self.modules if layer not in results]
-        if missing:
-            raise ValueError(f"layer(s) {', '.join(missing)} did not run in the forward pass")
-        return results
+            return preprocess(load_image(resolve(root, rel)))
+        except (OSError, ValueError) as err:
+            errors.append(f"{rel}: {_first_line(err)}")
+    raise UserInputError(f"data set '{root}': none of the first {len(rels)} files is a readable image ({errors[0]})")
 
 
-# --------------------------------------------------------------------------- distributed
+def _physical_memory(device: torch.device) -> int | None:
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
 
 
-def _dist_setup(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world size, whether this call initialised the process group)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and "RANK" in os.environ and dist.is_available():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
-# --------------------------------------------------------------------------- fingerprint
+def _check_memory(run: _Run) -> None:
+    """Refuses a batch whose input and layer outputs alone exceed the machine's memory."""
+    per_image = math.prod(run.probe_image.shape) + sum(math.prod(lay.shape) for lay in run.layers.values())
+    need = 3 * run.s.batch_size * per_image * torch.finfo(run.dtype).bits // 8
+    have = _physical_memory(run.device)
+    if have is not None and need > have:
+        raise UserInputError(
+            f"a batch of {run.s.batch_size} images of {tuple(run.probe_image.shape)} needs about {need / 2**30:.1f} GiB "
+            f"for its activations, more than the {have / 2**30:.1f} GiB of {run.device}; lower "
+            f"{run.s.name('batch_size')} (or the input size)"
+        )
 
 
 def _model_signature(model: nn.Module) -> str:
@@ -239,26 +522,28 @@ def _fingerprint(settings: dict[str, Any], files: Sequence[str], model: nn.Modul
     return h.hexdigest()
 
 
-def _load_state(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a damaged state file
-        raise ValueError(f"cannot read the saved state '{path}' ({err}); use another output folder or --restart") from None
-    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-        raise ValueError(f"'{path}' is not a zfvis mining state; use another output folder or --restart")
-    return state
+# --------------------------------------------------------------------------- projection helpers
 
 
-# --------------------------------------------------------------------------- pass 2
+def make_seeds(entries: Sequence[tuple[int, int, int, int, float]], device: torch.device | str) -> Seeds:
+    """Seeds from ``(image, channel, y, x, value)`` rows (y = x = -1: a vector layer's unit).
+
+    The one place where mining and ``zfvis evolution`` build seeds by hand.
+    """
+    cols = list(zip(*entries)) if entries else [(), (), (), (), ()]
+    ints = [torch.tensor(c, dtype=torch.long, device=device) for c in cols[:4]]
+    return Seeds(*ints, torch.tensor(cols[4], dtype=torch.float32, device=device))
 
 
-def crop_winners(dn: Deconvnet, images: torch.Tensor, layer: str, seeds: Seeds) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]]:
+Box = tuple[int, int, int, int]
+
+
+def crop_winners(dn: Deconvnet, images: torch.Tensor, layer: str, seeds: Seeds) -> list[tuple[torch.Tensor, torch.Tensor, Box]]:
     """Projects ``seeds`` of ``layer`` (images indexed within ``images``) and crops.
 
     Returns, per seed, (projection, image patch, box): both (C, h, w) cropped to the
-    seed's receptive field clipped to the image, box = (top, left, bottom, right).
+    seed's receptive field clipped to the image, box = (top, left, bottom, right)
+    (:meth:`~zfvis.engine.Patches.boxes`).
     """
     rec = dn.record(images, layer)
     patches = dn.reverse(rec, seeds)
@@ -277,373 +562,283 @@ def _from_u8(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0
 
 
-# --------------------------------------------------------------------------- main
+def _tile(run: _Run, proj: torch.Tensor, patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A projection and its image patch as displayable uint8 images."""
+    shown = run.preprocess.denormalize(patch.float())
+    return _to_u8(render.normalize_projection(proj.float())), _to_u8(shown)
 
 
-def mine(
-    model: nn.Module,
-    preprocess: Preprocess,
-    dataset: str | os.PathLike[str],
-    layers: Sequence[str],
-    *,
-    out_dir: str | os.PathLike[str],
-    top: int = 9,
-    channels: Sequence[int] | dict[str, Sequence[int]] | None = None,
-    batch_size: int = 64,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    limit: int | None = None,
-    state_every: int = 20,
-    progress: bool = True,
-    restart: bool = False,
-    aliases: dict[str, str] | None = None,
-    model_name: str = "model",
-    weights: str | None = None,
-    figures: bool = True,
-    stop_after_batches: int | None = None,
-) -> MiningResult:
-    """Mines the top-``top`` activations of every channel of ``layers`` over a data set.
+def _draw_page(title: str, entries: list[Any], path: Path) -> None:
+    """One Fig. 2 page: ``(channel, projections, patches, values)`` per channel."""
+    render.mining_figure(title, entries, path, columns=min(4, len(entries)), cell_inches=0.6)
 
-    Args:
-        model: A chain the deconvnet can reverse (see :class:`~zfvis.engine.Deconvnet`).
-        preprocess: PIL image -> model input; it must give one size for every image.
-        dataset: A folder of images or a text file of paths (:func:`zfvis.data.list_images`).
-        layers: Layer names or aliases (``conv1``, ``features.3``).
-        out_dir: Output folder (created): ``topk.json``, figures, tiles, ``index.html``,
-            ``state.pt``.
-        top: Entries per channel (9 in the paper).
-        channels: Channels to mine, for every layer (a sequence) or per layer (a dict;
-            missing layers: all); ``None``: all channels.
-        batch_size: Images per forward pass (also for pass 2).
-        workers: DataLoader worker processes for pass 1.
-        device: Where the model runs.
-        limit: Use only the first ``limit`` files of the sorted list.
-        state_every: Save the state every this many batches of pass 1.
-        progress: Show progress bars and print a summary (rank 0).
-        restart: Ignore (and replace) a saved state from different settings.
-        aliases: Extra layer aliases (default: the zoo's paper names).
-        model_name, weights: Recorded in ``topk.json`` and in figure titles.
-        figures: Write figures, tiles and the gallery (``False``: only ``topk.json``).
-        stop_after_batches: Testing aid: raise KeyboardInterrupt after this many batches
-            of pass 1 in this call (simulates an interrupted run).
 
-    Returns:
-        A :class:`MiningResult`.
+@contextlib.contextmanager
+def _bar(total: int, desc: str, show: bool, initial: int = 0, unit: str = "img") -> Iterator[Any]:
+    """A tqdm bar on stderr (``None`` when not shown); cleared, not left, on failure."""
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
 
-    Raises:
-        ValueError: Bad arguments, unknown layers, channels out of range, a saved state
-            from other settings (use another folder or ``restart``).
-        FileNotFoundError: The data set does not exist.
-    """
-    t0 = time.perf_counter()
-    if not layers:
-        raise ValueError("no layers given; name at least one (e.g. conv1)")
-    if not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive int, got {top!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
-    if state_every < 1:
-        raise ValueError(f"state_every must be at least 1, got {state_every}")
-    device = torch.device(device)
-    root = Path(dataset)
-    out = Path(out_dir)
-    layers = list(dict.fromkeys(layers))
-    dn = Deconvnet(model, aliases=aliases)
-    modules = {layer: dn.resolve(layer) for layer in layers}
-    files = list_images(root)
-    chosen_files = list(range(len(files)))
-    if limit is not None and limit < len(files):
-        # evenly spaced over the sorted list, so a folder of class sub-folders keeps every class
-        chosen_files = [i * len(files) // limit for i in range(limit)]
-    model = model.to(device)
-
-    # shapes of the layers, from a probe on the first readable image
-    probe = None
-    for rel in [files[i] for i in chosen_files[:50]]:
-        try:
-            probe = preprocess(load_image(resolve(root, rel)))
-            break
-        except (OSError, ValueError):
-            continue
-    if probe is None:
-        raise ValueError(f"data set '{root}': none of the first {min(len(chosen_files), 50)} files is a readable image")
-    input_shape = tuple(probe.shape)
-    shapes = _Taps(model, modules).run(probe.unsqueeze(0).to(device), lambda layer, o: tuple(o.shape[1:]))
-    chan_sel: dict[str, list[int]] = {}
-    for layer in layers:
-        count = shapes[layer][0]
-        sel = channels.get(layer) if isinstance(channels, dict) else channels
-        chosen = list(range(count)) if sel is None else [int(c) for c in sel]
-        if not chosen:
-            raise ValueError(f"layer '{layer}': empty channel list")
-        bad = [c for c in chosen if not 0 <= c < count]
-        if bad:
-            raise ValueError(f"channel {bad[0]} is out of range: layer '{layer}' has {count} channels (0..{count - 1})")
-        chan_sel[layer] = sorted(set(chosen))
-    sel_tensors = {
-        layer: (None if chan_sel[layer] == list(range(shapes[layer][0])) else torch.tensor(chan_sel[layer], device=device))
-        for layer in layers
-    }
-
-    settings = {
-        "layers": {layer: modules[layer] for layer in layers},
-        "channels": chan_sel,
-        "top": top,
-        "batch_size": batch_size,
-        "limit": limit,
-        "input_shape": list(input_shape),
-        "preprocess": repr(preprocess),
-        "dataset": str(root.resolve()),
-    }
-    fingerprint = _fingerprint(settings, [files[i] for i in chosen_files], model)
-
-    rank, world, owned = _dist_setup(device)
+    # shown after a second: an error in the first moments is then the only line on stderr
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, delay=1.0)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        final_path = out / "state.pt"
-        part_path = final_path if world == 1 else out / f"state.rank{rank}-of-{world}.pt"
-        hint = "use another output folder or --restart (restart=True)"
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
 
-        state, done = None, False
-        if restart:  # start afresh: forget any saved state
-            for stale in {final_path, part_path}:
-                stale.unlink(missing_ok=True)
-        else:
-            state = _load_state(final_path)
-            if state is not None and state["fingerprint"] != fingerprint:
-                raise ValueError(f"'{out}' holds a mining run with other settings or files; {hint}")
-            done = state is not None and bool(state.get("done"))
-            if not done and part_path != final_path:
-                state = _load_state(part_path)
-                if state is not None and state["fingerprint"] != fingerprint:
-                    raise ValueError(f"'{part_path}' holds a mining run with other settings or files; {hint}")
 
-        resumed = 0
-        pass1_seconds = 0.0
-        show = progress and rank == 0
-        if done:
-            assert state is not None
-            tops = {layer: dict(state["topk"][layer]) for layer in layers}
-            skipped = list(state["skipped"])
-            images_ok = int(state["images"])
-            if show:
-                print(f"pass 1 already done in '{out}' (state.pt); skipping to pass 2", file=sys.stderr)
-        else:
-            shard = chosen_files[rank::world]
-            batches_done = 0
-            tops = {layer: empty_topk(len(chan_sel[layer]), top) for layer in layers}
-            skipped = []
-            images_ok = 0
-            if state is not None:
-                batches_done = int(state["batches"])
-                tops = {layer: dict(state["topk"][layer]) for layer in layers}
-                skipped = list(state["skipped"])
-                images_ok = int(state["images"])
-                resumed = batches_done
-            start = min(len(shard), batches_done * batch_size)
-            todo = shard[start:]
-            ds = _Files(root, [files[i] for i in todo], todo, preprocess)
-            taps = _Taps(model, modules)
-            ran = 0
+# --------------------------------------------------------------------------- phase 2: probe
 
-            def save(batches: int) -> None:
-                atomic_torch_save(
-                    {
-                        "version": _STATE_VERSION,
-                        "fingerprint": fingerprint,
-                        "batches": batches,
-                        "images": images_ok,
-                        "skipped": skipped,
-                        "topk": tops,
-                        "done": False,
-                    },
-                    part_path,
-                )
 
-            bar = _bar(len(shard), "pass 1", show, initial=start)
-            t1 = time.perf_counter()
-            try:
-                for idx, batch, bad in _loader(ds, batch_size, workers):
-                    for i, err in bad:
-                        skipped.append({"image": files[i], "index": i, "error": err})
-                    if batch is not None:
-                        res = taps.run(
-                            batch.to(device, non_blocking=True),
-                            lambda layer, o: image_maxima(o, sel_tensors[layer]),
-                        )
-                        for layer in layers:
-                            vals, pos = res[layer]
-                            cand = {"values": vals, "index": idx.view(1, -1).expand_as(vals), "pos": pos}
-                            tops[layer] = merge_topk([tops[layer], cand], top)
-                        images_ok += len(idx)
-                    batches_done += 1
+def _probe(run: _Run) -> None:
+    """Runs the whole pipeline on the first readable image before any real work: for every
+    layer its strongest activation of the first channel, projected and cropped as pass 2
+    does (:func:`crop_winners`), and a tile; then one figure page (all drawn into a
+    temporary folder, so nothing is written where the person looks)."""
+    x = run.batch(run.probe_image.unsqueeze(0))
+    entry = None
+    with tempfile.TemporaryDirectory(prefix="zfvis-probe-") as tmp:
+        for layer in run.layers.values():
+            best = run.dn.select(run.dn.record(x, layer.name), layer.channels[0])
+            row = (0, layer.channels[0], int(best.y[0]), int(best.x[0]), float(best.value[0]))
+            [(proj, patch, _)] = crop_winners(run.dn, x, layer.name, make_seeds([row], run.device))
+            pu8, iu8 = _tile(run, proj, patch)
+            if run.s.figures:
+                render.save_image(_from_u8(pu8), Path(tmp) / "tile.png")
+                n = min(run.k, FIGURE_TOP)
+                entry = entry or (layer.channels[0], [_from_u8(pu8) - 0.5] * n, [_from_u8(iu8)] * n, [1.0] * n)
+        if entry is not None:
+            _draw_page(f"{run.s.model_name} / probe", [entry], Path(tmp) / "page.png")
+
+
+# --------------------------------------------------------------------------- phase 3: claim the folder
+
+
+@contextlib.contextmanager
+def _claim(run: _Run) -> Iterator[None]:
+    """Rank 0 claims the output folder (:func:`zfvis.run_folder.claim`); every rank then
+    loads its saved progress, if any."""
+    request = FolderRequest(run.out, run.fingerprint, run.settings, run.s.record, run.s.restart, run.s.overwrite,
+                            run.s.flag)
+    with claim(request, lead=run.ranks.rank == 0, sync=run.ranks.check):
+        run.resume = _load_resume(run)
+        yield
+
+
+def _load_resume(run: _Run) -> _Progress | None:
+    """This rank's saved progress for this run, if any (the merged final state first)."""
+    layers = list(run.layers)
+    final = load_state(run.state_path)
+    if final is not None and final["fingerprint"] == run.fingerprint and final.get("done"):
+        return _Progress.from_state(final, layers)
+    state = final if run.part_path == run.state_path else load_state(run.part_path)
+    if state is None or state["fingerprint"] != run.fingerprint:
+        return None
+    return _Progress.from_state(state, layers)
+
+
+# --------------------------------------------------------------------------- phase 4: pass 1
+
+
+class _Saver:
+    """Saves pass 1's progress every ``state_every`` batches and at least every
+    ``state_seconds`` (so that at most that much work is redone after a kill)."""
+
+    def __init__(self, run: _Run, saved: int) -> None:
+        self.run, self.saved, self.last = run, saved, time.monotonic()
+
+    def maybe(self, prog: _Progress) -> None:
+        s = self.run.s
+        if prog.batches % s.state_every == 0 or time.monotonic() - self.last >= s.state_seconds:
+            self.save(prog)
+
+    def save(self, prog: _Progress) -> None:
+        if prog.batches != self.saved:
+            atomic_torch_save(prog.to_state(self.run.fingerprint), self.run.part_path)
+            self.saved, self.last = prog.batches, time.monotonic()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A kill (SIGTERM) stops pass 1 as Ctrl-C does, so that its progress is saved."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("terminated")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _update(run: _Run, prog: _Progress, idx: torch.Tensor, batch: torch.Tensor | None,
+            bad: list[tuple[int, str]]) -> _Progress:
+    """The progress after one more batch (a new object: the old one stays consistent)."""
+    skipped = prog.skipped + tuple({"image": run.files[i], "index": i, "error": e} for i, e in bad)
+    if batch is None:
+        return _Progress(prog.tops, skipped, prog.images, prog.batches + 1)
+    res = run.taps.run(run.batch(batch), lambda layer, o: image_maxima(o, run.layers[layer].select))
+    tops = {}
+    for layer, (vals, pos) in res.items():
+        cand = {"values": vals, "index": idx.view(1, -1).expand_as(vals), "pos": pos}
+        tops[layer] = merge_topk([prog.tops[layer], cand], run.k)
+    return _Progress(tops, skipped, prog.images + len(idx), prog.batches + 1)
+
+
+def _pass1(run: _Run) -> tuple[_Progress, float, int]:
+    """Streams this rank's shard; returns (progress, seconds, batches taken from a state)."""
+    prog = run.resume
+    if prog is not None and prog.done:
+        if run.show:
+            print(f"pass 1 already done in '{run.out}' (state.pt); going on with pass 2", file=sys.stderr)
+        return prog, 0.0, 0
+    if prog is None:
+        prog = _Progress({n: empty_topk(len(lay.channels), run.k) for n, lay in run.layers.items()}, (), 0, 0)
+    r, bs = run.ranks, run.s.batch_size
+    shard = run.chosen[r.rank :: r.world]
+    steps = math.ceil(len(run.chosen[0 :: r.world]) / bs)  # every rank takes the largest shard's steps
+    first, own_steps = prog.batches, math.ceil(len(shard) / bs)
+    start = min(len(shard), first * bs)
+    if first and run.show:
+        print(f"resuming pass 1 from '{run.part_path}': {start} of {len(shard)} images already done", file=sys.stderr)
+    todo = shard[start:]
+    batches = iter(_loader(_Files(run.root, [run.files[i] for i in todo], todo, run.preprocess), bs, run.s.workers))
+    saver, ran, t1 = _Saver(run, first), 0, time.perf_counter()
+    with _sigterm_as_interrupt(), _bar(len(shard), "pass 1", run.show, initial=start) as bar:
+        try:
+            for step in range(steps):
+                if first <= step < own_steps:
+                    idx, batch, bad = next(batches)
+                    prog = _update(run, prog, idx, batch, bad)
                     ran += 1
                     if bar is not None:
                         bar.update(len(idx) + len(bad))
-                    if batches_done % state_every == 0:
-                        save(batches_done)
-                    if stop_after_batches is not None and ran >= stop_after_batches:
+                    saver.maybe(prog)
+                    if run.s.stop_after_batches is not None and ran >= run.s.stop_after_batches:
                         raise KeyboardInterrupt(f"stopped after {ran} batches (stop_after_batches)")
-            finally:
-                if bar is not None:
-                    bar.close()
-            save(batches_done)
-            pass1_seconds = time.perf_counter() - t1
-
-            if world > 1:
-                gathered: list[Any] = [None] * world
-                dist.all_gather_object(gathered, {"topk": tops, "skipped": skipped, "images": images_ok})
-                tops = {layer: merge_topk([g["topk"][layer] for g in gathered], top) for layer in layers}
-                skipped = sorted((s for g in gathered for s in g["skipped"]), key=lambda s: s["index"])
-                images_ok = sum(int(g["images"]) for g in gathered)
-            if rank == 0:
-                atomic_torch_save(
-                    {
-                        "version": _STATE_VERSION,
-                        "fingerprint": fingerprint,
-                        "batches": batches_done,
-                        "images": images_ok,
-                        "skipped": skipped,
-                        "topk": tops,
-                        "done": True,
-                    },
-                    final_path,
-                )
-            if part_path != final_path:
-                part_path.unlink(missing_ok=True)
-
-        if rank != 0:
-            return MiningResult(None, out, images_ok, skipped, time.perf_counter() - t0, [], resumed, pass1_seconds)
-
-        topk = {
-            "model": model_name,
-            "weights": weights,
-            "dataset": str(root),
-            "images": images_ok,
-            "files": len(chosen_files),
-            "skipped": skipped,
-            "top": top,
-            "input_shape": list(input_shape),
-            "layers": {},
-        }
-        for layer in layers:
-            t = tops[layer]
-            w = shapes[layer][-1] if len(shapes[layer]) == 3 else 1
-            ranked = []
-            for c in range(len(chan_sel[layer])):
-                entries = []
-                for r in range(top):
-                    i = int(t["index"][c, r])
-                    if i == _EMPTY:
-                        break
-                    p = int(t["pos"][c, r])
-                    entries.append(
-                        {
-                            "image": files[i],
-                            "index": i,
-                            "value": float(t["values"][c, r]),
-                            "position": [p // w, p % w] if p >= 0 else None,
-                        }
-                    )
-                ranked.append(entries)
-            topk["layers"][layer] = {
-                "module": modules[layer],
-                "channel_count": shapes[layer][0],
-                "channel_ids": chan_sel[layer],
-                "channels": ranked,
-            }
-        outputs: list[Path] = []
-        if figures:
-            outputs += _pass2(dn, model, preprocess, root, files, topk, layers, out, batch_size, device, model_name, show)
-        atomic_write_text(out / "topk.json", json.dumps(topk, indent=1) + "\n")
-        outputs.insert(0, out / "topk.json")
-        seconds = time.perf_counter() - t0
-        if show:
-            figs = [p for p in outputs if p.suffix == ".png" and p.parent == out]
-            print(
-                f"mined {images_ok} images ({len(skipped)} skipped) in {seconds:.1f} s; wrote "
-                f"{out / 'topk.json'}, {len(figs)} figure(s), {out / 'index.html' if figures else ''}",
-                file=sys.stderr,
-            )
-            for s in skipped[:10]:
-                print(f"  skipped {s['image']}: {s['error']}", file=sys.stderr)
-            if len(skipped) > 10:
-                print(f"  ... and {len(skipped) - 10} more (see topk.json)", file=sys.stderr)
-        return MiningResult(topk, out, images_ok, skipped, seconds, outputs, resumed, pass1_seconds)
-    finally:
-        if owned:
-            dist.destroy_process_group()
+                r.check()
+        except KeyboardInterrupt:
+            saver.save(prog)
+            done = min(len(shard), prog.batches * bs)
+            if not run.part_path.exists():
+                raise MiningInterrupted("pass 1 stopped before its first batch was done; nothing was saved") from None
+            raise MiningInterrupted(
+                f"pass 1 stopped after {done} of {len(shard)} images; its progress is saved in '{run.part_path}': "
+                "run the same command again to resume"
+            ) from None
+    saver.save(prog)
+    return prog, time.perf_counter() - t1, first
 
 
-def _bar(total: int, desc: str, show: bool, initial: int = 0, unit: str = "img") -> Any:
-    if not show:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+# --------------------------------------------------------------------------- phase 5: merge
 
 
-def _safe(layer: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in layer)
+def _merge(run: _Run, prog: _Progress) -> _Progress:
+    """Gathers and merges the ranks' top-k lists; rank 0 saves the final state."""
+    r = run.ranks
+    if prog.done:
+        r.finish()
+        return prog
+    merged = dataclasses.replace(prog, done=True)
+    if r.world > 1:
+        r.check()
+        parts = r.gather({"topk": prog.tops, "skipped": list(prog.skipped), "images": prog.images})
+        tops = {n: merge_topk([g["topk"][n] for g in parts], run.k) for n in run.layers}
+        skipped = tuple(sorted((s for g in parts for s in g["skipped"]), key=lambda s: s["index"]))
+        merged = _Progress(tops, skipped, sum(int(g["images"]) for g in parts), prog.batches, True)
+    if r.rank == 0:
+        atomic_torch_save(merged.to_state(run.fingerprint), run.state_path)
+    r.check()  # the final state is on disk before any rank drops its part
+    r.finish()
+    if run.part_path != run.state_path:
+        run.part_path.unlink(missing_ok=True)
+    return merged
 
 
-def _pass2(
-    dn: Deconvnet,
-    model: nn.Module,
-    preprocess: Preprocess,
-    root: Path,
-    files: list[str],
-    topk: dict[str, Any],
-    layers: list[str],
-    out: Path,
-    batch_size: int,
-    device: torch.device,
-    model_name: str,
-    show: bool,
-) -> list[Path]:
+def _topk(run: _Run, prog: _Progress) -> dict[str, Any]:
+    """The content of ``topk.json`` (boxes are added by pass 2)."""
+    s = run.s
+    topk: dict[str, Any] = {
+        "model": s.model_name, "weights": s.weights, "rule": s.rule, "dataset": str(run.root), "images": prog.images,
+        "files": len(run.chosen), "skipped": list(prog.skipped), "top": s.top,
+        "input_shape": list(run.probe_image.shape), "layers": {},
+    }
+    for name, layer in run.layers.items():
+        t = prog.tops[name]
+        ranked = []
+        for c in range(len(layer.channels)):
+            entries = []
+            for r in range(t["index"].shape[1]):
+                i = int(t["index"][c, r])
+                if i == _EMPTY:
+                    break
+                p = int(t["pos"][c, r])
+                entries.append({"image": run.files[i], "index": i, "value": float(t["values"][c, r]),
+                                "position": [p // layer.width, p % layer.width] if p >= 0 else None})
+            ranked.append(entries)
+        topk["layers"][name] = {"module": layer.module, "channel_count": layer.shape[0],
+                                "channel_ids": layer.channels, "channels": ranked}
+    return topk
+
+
+# --------------------------------------------------------------------------- phase 6: pass 2
+
+
+_Crops = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[int]]]
+
+
+def _project_page(run: _Run, layer: _Layer, page: range, winners: list[_Winner], bar: Any) -> _Crops:
+    """Projects a page's winners, a batch of their images at a time: (slot, rank) ->
+    (projection, patch, box), the images as uint8."""
+    crops: _Crops = {}
+    needed = sorted({w.index for w in winners})
+    for s in range(0, len(needed), run.s.batch_size):
+        chunk = needed[s : s + run.s.batch_size]
+        where = {i: j for j, i in enumerate(chunk)}
+        batch = torch.stack([run.preprocess(load_image(resolve(run.root, run.files[i]))) for i in chunk])
+        sel = [w for w in winners if w.index in where]
+        seeds = make_seeds([(where[w.index], layer.channels[page[w.slot]], w.y, w.x, w.value) for w in sel], run.device)
+        for w, (proj, patch, box) in zip(sel, crop_winners(run.dn, run.batch(batch), layer.name, seeds)):
+            pu8, iu8 = _tile(run, proj, patch)
+            crops[(w.slot, w.rank)] = (pu8, iu8, list(box))
+        if bar is not None:
+            bar.update(len(sel))
+    return crops
+
+
+def _pass2(run: _Run, topk: dict[str, Any]) -> list[Path]:
+    """Tiles, one Fig. 2 figure per page of channels, and the gallery site; the seconds
+    spent projecting and drawing go into ``topk["timings"]``."""
     outputs: list[Path] = []
+    timings = topk.setdefault("timings", {})
+    projecting = 0.0
+    t_start = time.perf_counter()
     gallery: dict[str, list[dict[str, Any]]] = {}
-    total = sum(len(e) for layer in layers for e in topk["layers"][layer]["channels"])
-    bar = _bar(total, "pass 2", show, unit="proj")
     top = topk["top"]
-    try:
-        for layer in layers:
-            info = topk["layers"][layer]
+    total = sum(len(e) for name in run.layers for e in topk["layers"][name]["channels"])
+    with _bar(total, "pass 2", run.show, unit="proj") as bar:
+        for layer in run.layers.values():
+            info = topk["layers"][layer.name]
             ids: list[int] = info["channel_ids"]
-            tile_dir = out / "tiles" / _safe(layer)
+            tile_dir = run.out / "tiles" / safe_name(layer.name)
             tile_dir.mkdir(parents=True, exist_ok=True)
             pages = [range(s, min(len(ids), s + PAGE_CHANNELS)) for s in range(0, len(ids), PAGE_CHANNELS)]
-            gallery[layer] = []
+            gallery[layer.name] = []
             for p, page in enumerate(pages):
-                # winners of this page: (slot in page, rank, image index, y, x, value)
-                wins = [
-                    (k, r, e["index"], *(e["position"] or [-1, -1]), e["value"])
-                    for k, c in enumerate(page)
-                    for r, e in enumerate(info["channels"][c])
-                ]
-                crops: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
-                images_needed = sorted({w[2] for w in wins})
-                for s in range(0, len(images_needed), batch_size):
-                    chunk = images_needed[s : s + batch_size]
-                    where = {i: j for j, i in enumerate(chunk)}
-                    batch = torch.stack([preprocess(load_image(resolve(root, files[i]))) for i in chunk]).to(device)
-                    sel = [w for w in wins if w[2] in where]
-                    seeds = Seeds(
-                        torch.tensor([where[w[2]] for w in sel], device=device),
-                        torch.tensor([ids[page[w[0]]] for w in sel], device=device),
-                        torch.tensor([w[3] for w in sel], device=device),
-                        torch.tensor([w[4] for w in sel], device=device),
-                        torch.tensor([w[5] for w in sel], device=device, dtype=torch.float32),
-                    )
-                    for w, (proj, patch, box) in zip(sel, crop_winners(dn, batch, layer, seeds)):
-                        shown = preprocess.denormalize(patch)
-                        crops[(w[0], w[1])] = (_to_u8(render.normalize_projection(proj)), _to_u8(shown), list(box))
-                    if bar is not None:
-                        bar.update(len(sel))
+                winners = [_Winner(k, r, e["index"], *(e["position"] or [-1, -1]), e["value"])
+                           for k, c in enumerate(page) for r, e in enumerate(info["channels"][c])]
+                t = time.perf_counter()
+                crops = _project_page(run, layer, page, winners, bar)
+                projecting += time.perf_counter() - t
                 entries = []
                 for k, c in enumerate(page):
                     ch = ids[c]
@@ -652,90 +847,151 @@ def _pass2(
                         pu8, iu8, box = crops[(k, r)]
                         e["box"] = box
                         stem = f"c{ch:04d}_r{r + 1}"
-                        render.save_image(_from_u8(pu8), tile_dir / f"{stem}_proj.png")
-                        render.save_image(_from_u8(iu8), tile_dir / f"{stem}_patch.png")
+                        render.save_image(pu8, tile_dir / f"{stem}_proj.png")
+                        render.save_image(iu8, tile_dir / f"{stem}_patch.png")
                         tiles.append((f"{stem}_proj.png", f"{stem}_patch.png"))
                         # a [0,1] image minus 0.5 re-normalises to itself in mining_figure
                         projs.append(_from_u8(pu8) - 0.5)
                         pats.append(_from_u8(iu8))
                         vals.append(e["value"])
-                    entries.append((ch, projs, pats, vals))
-                    gallery[layer].append({"channel": ch, "tiles": tiles, "entries": info["channels"][c]})
-                name = f"{_safe(layer)}.png" if len(pages) == 1 else f"{_safe(layer)}_p{p + 1}.png"
+                    n = FIGURE_TOP  # the figure's 3x3 grid; tiles and gallery keep all
+                    entries.append((ch, projs[:n], pats[:n], vals[:n]))
+                    gallery[layer.name].append({"channel": ch, "tiles": tiles, "entries": info["channels"][c]})
+                name = f"{safe_name(layer.name)}.png" if len(pages) == 1 else f"{safe_name(layer.name)}_p{p + 1}.png"
                 first, last = ids[page[0]], ids[page[-1]]
-                title = f"{model_name} / {layer}: top-{top} activations per channel"
+                title = f"{run.s.model_name} / {layer.name}: top-{top} activations per channel ({run.s.rule})"
                 if len(pages) > 1:
                     title += f" (channels {first}-{last}, page {p + 1} of {len(pages)})"
-                render.mining_figure(title, entries, out / name, columns=min(4, len(entries)), cell_inches=0.6)
-                outputs.append(out / name)
-                for g in gallery[layer][-len(page):]:
+                _draw_page(title, entries, run.out / name)
+                outputs.append(run.out / name)
+                for g in gallery[layer.name][-len(page) :]:
                     g["figure"] = name
-    finally:
-        if bar is not None:
-            bar.close()
-    atomic_write_text(out / "index.html", _gallery_html(topk, gallery, layers))
-    outputs.append(out / "index.html")
+    outputs += write_site(run.out, topk, gallery, layer_info=_layer_info(run))
+    timings["project"] = round(projecting, 3)
+    timings["render"] = round(time.perf_counter() - t_start - projecting, 3)
     return outputs
 
 
-_CSS = """
-body{font-family:sans-serif;margin:1em 2em;background:#fafafa;color:#222}
-h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.5em}
-nav a{margin-right:1em}
-.grid{display:flex;flex-wrap:wrap;gap:6px}
-.grid a{display:block;text-align:center;font-size:11px;color:#333;text-decoration:none;border:1px solid #ddd;background:#fff;padding:2px}
-.grid a:hover{border-color:#06c}
-img{image-rendering:pixelated}
-.grid img{width:48px;height:48px;object-fit:contain;display:block}
-.chan{display:none;border:2px solid #06c;background:#fff;padding:0.5em 1em;margin:1em 0}
-.chan:target{display:block}
-.pairs{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;text-align:center;font-size:12px}
-figure img{width:128px;height:128px;object-fit:contain;background:#eee;margin:1px}
-figcaption{max-width:260px;word-break:break-all}
-.meta{color:#555;font-size:0.9em}
-"""
+def _layer_info(run: _Run) -> dict[str, dict[str, Any]]:
+    """Per mined layer its output shape and receptive field, for the gallery's model page."""
+    info: dict[str, dict[str, Any]] = {}
+    shape = tuple(run.probe_image.shape)
+    for name, layer in run.layers.items():
+        rf = run.dn.receptive_field(name, shape)
+        field = None if rf is None else {"size": list(rf.size), "jump": list(rf.jump), "offset": list(rf.offset)}
+        info[name] = {"shape": list(layer.shape), "receptive_field": field}
+    return info
 
 
-def _gallery_html(topk: dict[str, Any], gallery: dict[str, list[dict[str, Any]]], layers: list[str]) -> str:
-    e = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>zfvis mining: {e(str(topk['model']))}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>Top-{topk['top']} activations per channel: {e(str(topk['model']))}</h1>",
-        f'<p class="meta">weights {e(str(topk["weights"]))}; data set {e(str(topk["dataset"]))}: '
-        f'{topk["images"]} images, {len(topk["skipped"])} skipped. '
-        f'Click a channel to see its projections (left) and input patches (right). '
-        f'<a href="topk.json">topk.json</a></p>',
-        "<nav>" + "".join(f'<a href="#layer-{_safe(layer)}">{e(layer)}</a>' for layer in layers) + "</nav>",
-    ]
-    for layer in layers:
-        sl = _safe(layer)
-        figs = sorted({g["figure"] for g in gallery[layer]})
-        parts.append(f'<h2 id="layer-{sl}">{e(layer)} <span class="meta">({e(topk["layers"][layer]["module"])}, '
-                     f'{len(gallery[layer])} channels; figure: '
-                     + ", ".join(f'<a href="{e(f)}">{e(f)}</a>' for f in figs) + ")</span></h2>")
-        parts.append('<div class="grid">')
-        for g in gallery[layer]:
-            ch = g["channel"]
-            thumb = f'<img src="tiles/{sl}/{e(g["tiles"][0][0])}" alt="">' if g["tiles"] else ""
-            parts.append(f'<a href="#{sl}-c{ch}">{thumb}ch {ch}</a>')
-        parts.append("</div>")
-        for g in gallery[layer]:
-            ch = g["channel"]
-            parts.append(f'<div class="chan" id="{sl}-c{ch}"><h3>{e(layer)} channel {ch} '
-                         f'<a href="#layer-{sl}" class="meta">(back)</a></h3><div class="pairs">')
-            if not g["entries"]:
-                parts.append("<p>no activations</p>")
-            for r, (entry, (proj, patch)) in enumerate(zip(g["entries"], g["tiles"])):
-                pos = entry["position"]
-                parts.append(
-                    f'<figure><img src="tiles/{sl}/{e(proj)}" alt="projection"><img src="tiles/{sl}/{e(patch)}" '
-                    f'alt="patch"><figcaption>#{r + 1} value {entry["value"]:.4g}<br>{e(entry["image"])}'
-                    f'{f" at ({pos[0]}, {pos[1]})" if pos else ""}</figcaption></figure>'
-                )
-            parts.append("</div></div>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+# --------------------------------------------------------------------------- phase 7: outputs
+
+
+def _finish(run: _Run, topk: dict[str, Any], outputs: list[Path]) -> list[Path]:
+    """Writes ``topk.json`` and prints the summary (rank 0)."""
+    atomic_write_text(run.out / "topk.json", json.dumps(topk, indent=1) + "\n")
+    outputs.insert(0, run.out / "topk.json")
+    if run.show:
+        skipped = topk["skipped"]
+        figs = [p for p in outputs if p.suffix == ".png" and p.parent == run.out]
+        gallery = f", {run.out / 'index.html'}" if run.s.figures else ""
+        seconds = time.perf_counter() - run.started
+        t = topk.get("timings", {})
+        phases = "; ".join(f"{k} {v:.1f} s" for k, v in t.items())
+        print(f"mined {topk['images']} images ({len(skipped)} skipped) in {seconds:.1f} s ({phases}); wrote "
+              f"{run.out / 'topk.json'}, {len(figs)} figure(s){gallery}", file=sys.stderr)
+        for s in skipped[:10]:
+            print(f"  skipped {s['image']}: {s['error']}", file=sys.stderr)
+        if len(skipped) > 10:
+            print(f"  ... and {len(skipped) - 10} more (see topk.json)", file=sys.stderr)
+    return outputs
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _settings(layers: Sequence[str] | None, settings: MineSettings | None, options: dict[str, Any]) -> MineSettings:
+    if settings is not None:
+        if layers is not None or options:
+            raise UserInputError("give either settings=MineSettings(...) or layers and keyword arguments, not both")
+        return settings
+    if "out_dir" not in options:
+        raise UserInputError("out_dir is required: the folder for topk.json, figures and the gallery")
+    fields = {f.name for f in dataclasses.fields(MineSettings)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise UserInputError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    return MineSettings(layers=list(layers) if layers is not None else [], **options)
+
+
+def _device(device: str | torch.device, s: MineSettings) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserInputError(f"{s.name('device')}: unknown device {device!r}; use cpu, cuda or cuda:N") from None
+
+
+def mine(
+    model: nn.Module,
+    preprocess: Preprocess,
+    dataset: str | os.PathLike[str],
+    layers: Sequence[str] | None = None,
+    *,
+    settings: MineSettings | None = None,
+    **options: Any,
+) -> MiningResult:
+    """Mines the top-``top`` activations of every channel of ``layers`` over a data set.
+
+    Either ``layers`` and the settings as keyword arguments (``out_dir=...``, ``top=9``,
+    ..., the fields of :class:`MineSettings`), or ``settings=MineSettings(...)``.
+    The model is left as it was given: device, dtype and training flags.
+
+    Args:
+        model: A network the deconvnet can reverse (see :class:`~zfvis.engine.Deconvnet`).
+        preprocess: PIL image -> model input; it must give one size for every image.
+        dataset: A folder of images or a text file of paths (:func:`zfvis.data.list_images`).
+        layers: Layer names or aliases (``conv1``, ``features.3``).
+        settings: All settings at once.
+        **options: The other fields of :class:`MineSettings`; ``out_dir`` is required.
+
+    Returns:
+        A :class:`MiningResult`.
+
+    Raises:
+        UserInputError: (a ``ValueError``) Bad settings, unknown layers, channels out of
+            range, a data set without images, a batch too large for memory.
+        OutputFolderError: (a ``UserInputError``) The output folder holds files zfvis did
+            not write, a run with other settings (use ``restart``/``overwrite``), or
+            another run is writing to it.
+        FileNotFoundError: The data set does not exist.
+        MiningInterrupted: (a ``KeyboardInterrupt``) Ctrl-C or SIGTERM in pass 1; the
+            progress is saved and the same call resumes it.
+        RankFailedError: Under torchrun, another rank failed.
+    """
+    s = _settings(layers, settings, options)
+    s.validate()
+    t0 = time.perf_counter()
+    device = _device(s.device, s)
+    ranks = Ranks.setup(device)
+    try:
+        with _placed(model, device):
+            run = _plan(model, preprocess, dataset, s, ranks)
+            ranks.check()
+            if s.probe:
+                _probe(run)
+            ranks.check()
+            with _claim(run):
+                prog, seconds, resumed = _pass1(run)
+                prog = _merge(run, prog)
+                if ranks.rank != 0:
+                    return MiningResult(None, run.out, prog.images, list(prog.skipped), time.perf_counter() - t0,
+                                        [], resumed, seconds)
+                topk = _topk(run, prog)
+                topk["timings"] = {"pass1": round(seconds, 3)}
+                outputs = _finish(run, topk, _pass2(run, topk) if s.figures else [])
+        return MiningResult(topk, run.out, prog.images, list(prog.skipped), time.perf_counter() - t0, outputs,
+                            resumed, seconds)
+    except BaseException as err:
+        ranks.fail(err)
+        raise
+    finally:
+        ranks.close()

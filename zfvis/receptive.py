@@ -15,13 +15,10 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from .recording import Step
+__all__ = ["ReceptiveField", "Window", "plan", "receptive_field", "union"]
 
-__all__ = ["ReceptiveField", "Window", "spatial_params", "plan", "receptive_fields"]
-
-_IDENTITY_TYPES = (nn.ReLU, nn.LocalResponseNorm, nn.Dropout, nn.Dropout2d, nn.Identity, nn.BatchNorm2d)
+Pair = tuple[int, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,64 +49,6 @@ class ReceptiveField:
             min(input_size[0], top + self.size[0]),
             min(input_size[1], left + self.size[1]),
         )
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def spatial_params(step: Step) -> str | tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """How a step maps space: ``"identity"``, ``"full"``, ``"vector"`` or (k, s, p, d) pairs.
-
-    ``p`` is the padding before the first row/column (PyTorch pads ``"same"`` convolutions
-    with the larger half after).
-    """
-    m = step.module
-    if m is None or isinstance(m, (nn.Flatten, nn.Linear)):
-        return "vector"
-    if isinstance(m, _IDENTITY_TYPES):
-        return "identity"
-    if isinstance(m, nn.Conv2d):
-        k, s, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation)
-        if isinstance(m.padding, str):
-            p = (0, 0) if m.padding == "valid" else tuple(d[i] * (k[i] - 1) // 2 for i in range(2))
-        else:
-            p = _pair(m.padding)
-        return k, s, p, d  # type: ignore[return-value]
-    if isinstance(m, nn.MaxPool2d):
-        k = _pair(m.kernel_size)
-        return k, _pair(m.stride if m.stride is not None else k), _pair(m.padding), _pair(m.dilation)
-    if isinstance(m, nn.AvgPool2d):
-        k = _pair(m.kernel_size)
-        return k, _pair(m.stride if m.stride is not None else k), _pair(m.padding), (1, 1)
-    if isinstance(m, nn.AdaptiveAvgPool2d):
-        h_in, w_in = step.in_shape[-2:]
-        h_out, w_out = step.out_shape[-2:]
-        if h_in % h_out == 0 and w_in % w_out == 0:
-            k = (h_in // h_out, w_in // w_out)
-            return k, k, (0, 0), (1, 1)
-        return "full"
-    raise TypeError(f"no spatial rule for {step.kind}")
-
-
-def receptive_fields(steps: Sequence[Step]) -> list[ReceptiveField | None]:
-    """The receptive field of each step's output (``None`` once outputs are vectors or
-    a non-uniform adaptive pooling makes windows irregular)."""
-    size, jump, offset = [1, 1], [1, 1], [0, 0]
-    out: list[ReceptiveField | None] = []
-    regular = True
-    for step in steps:
-        rule = spatial_params(step)
-        if rule in ("vector", "full"):
-            regular = False
-        elif rule != "identity":
-            k, s, p, d = rule  # type: ignore[misc]
-            for i in range(2):
-                size[i] += (k[i] - 1) * d[i] * jump[i]
-                offset[i] -= p[i] * jump[i]
-                jump[i] *= s[i]
-        out.append(ReceptiveField(tuple(size), tuple(jump), tuple(offset)) if regular else None)  # type: ignore[arg-type]
-    return out
 
 
 @dataclasses.dataclass
@@ -200,37 +139,115 @@ def _back(rule: tuple, out: Window, in_size: tuple[int, int]) -> Window:
     return Window(tuple(size), starts[0], starts[1], (cone_a[0], cone_a[1], cone_b[0], cone_b[1]), in_size)  # type: ignore[arg-type]
 
 
-def plan(steps: Sequence[Step], top: Window | None, *, batch: int, device: torch.device) -> list[Window | None]:
-    """The window of each step's input, for seeds whose windows at the last step's output
-    are ``top`` (``None`` where that output is a vector).
+
+
+def union(windows: Sequence[Window], map_size: tuple[int, int]) -> Window:
+    """The smallest windows (one size for all seeds) that hold every seed's cones."""
+    if len(windows) == 1:
+        return windows[0]
+    first = windows[0]
+    if all(w.size == first.size and bool((w.top == first.top).all()) and bool((w.left == first.left).all())
+           and all(bool((a == b).all()) for a, b in zip(w.cone, first.cone)) for w in windows[1:]):
+        return first
+    top = torch.stack([w.cone[0] for w in windows]).amin(0)
+    left = torch.stack([w.cone[1] for w in windows]).amin(0)
+    bottom = torch.stack([w.cone[2] for w in windows]).amax(0)
+    right = torch.stack([w.cone[3] for w in windows]).amax(0)
+    h = min(map_size[0], max(1, int((bottom - top).max())))
+    w = min(map_size[1], max(1, int((right - left).max())))
+    start_y = torch.minimum(top, torch.full_like(top, map_size[0] - h)).clamp(min=0)
+    start_x = torch.minimum(left, torch.full_like(left, map_size[1] - w)).clamp(min=0)
+    return Window((h, w), start_y, start_x, (top, left, bottom, right), map_size)
+
+
+def _request(cone: str, params: tuple | None, out: Window | None, in_shape: tuple[int, ...], batch: int,
+             device: torch.device) -> Window | None:
+    """The window of one input that a node's output windows ``out`` reach."""
+    if len(in_shape) < 2:
+        return None
+    in_size = (int(in_shape[-2]), int(in_shape[-1]))
+    if out is None or cone == "full":
+        return Window.whole(batch, in_size, device)
+    if cone == "same":
+        return out
+    return _back(params, out, in_size)  # type: ignore[arg-type]
+
+
+def plan(steps: Sequence, seed: str, top: Window | None, image_node: str, image_shape: tuple[int, ...], *,
+         batch: int, device: torch.device) -> dict[str, Window | None]:
+    """The window of every node's output on a reverse path.
 
     Args:
-        steps: The recorded chain, ending at the seeds' layer.
-        top: The seeds' windows at the last step's output.
+        steps: The path's :class:`zfvis.deconv.ReverseStep` list, in reverse execution
+            order (each with ``node``, ``inputs``, ``cone``, ``params``, ``in_shapes``).
+        seed: The seed node's name.
+        top: The seeds' windows at the seed node's output (``None``: a vector).
+        image_node: The input node's name.
+        image_shape: The images' shape without batch.
         batch: Number of seeds.
         device: Where the window offsets live.
 
     Returns:
-        A list as long as ``steps``; entry i is the window of step i's input (``None``
-        where that input is a vector).
+        Node name -> window of its output; where several nodes consume one output, its
+        window holds all their cones (the producer sums their signals there).
     """
-    windows: list[Window | None] = [None] * len(steps)
-    out = top
-    for i in range(len(steps) - 1, -1, -1):
-        step = steps[i]
-        rule = spatial_params(step)
-        in_shape = step.in_shape
-        if len(in_shape) != 3:
-            win = None
-        else:
-            in_size = (in_shape[1], in_shape[2])
-            if rule == "identity" and out is not None:
-                win = out
-            elif rule in ("vector", "full") or out is None:
-                win = Window.whole(batch, in_size, device)
-            else:
-                win = _back(rule, out, in_size)  # type: ignore[arg-type]
-        windows[i] = win
-        out = win
+    windows: dict[str, Window | None] = {seed: top}
+    requests: dict[str, list[Window | None]] = {}
+    shapes: dict[str, tuple[int, ...]] = {image_node: tuple(image_shape)}
+
+    def settle(name: str) -> bool:
+        if name in windows:
+            return True
+        reqs = requests.get(name)
+        if not reqs:
+            return False
+        maps = [r for r in reqs if r is not None]
+        windows[name] = union(maps, maps[0].map_size) if maps else None
+        return True
+
+    for step in steps:
+        if not settle(step.node):
+            continue
+        out = windows[step.node]
+        for name, shape in zip(step.inputs, step.in_shapes):
+            shapes[name] = shape
+            requests.setdefault(name, []).append(_request(step.cone, step.params, out, shape, batch, device))
+    settle(image_node)
     return windows
 
+
+def receptive_field(steps: Sequence, image_node: str) -> dict[str, ReceptiveField | None]:
+    """The receptive field of every node's output on a path (``None`` where outputs are
+    vectors, a layer sees its whole input, or branches meet with different strides).
+
+    Args:
+        steps: :class:`zfvis.deconv.ReverseStep` list in reverse execution order.
+        image_node: The input node's name.
+    """
+    fields: dict[str, ReceptiveField | None] = {image_node: ReceptiveField((1, 1), (1, 1), (0, 0))}
+    for step in reversed(steps):
+        ins = [fields.get(name) for name in step.inputs]
+        rf: ReceptiveField | None = None
+        if len(step.out_shape) >= 2 and ins and all(f is not None for f in ins):
+            if step.cone == "same":
+                rf = _merge(ins)  # type: ignore[arg-type]
+            elif step.cone == "spatial" and len(ins) == 1 and ins[0] is not None:
+                k, s, p, d = step.params
+                f = ins[0]
+                rf = ReceptiveField(
+                    tuple(f.size[i] + (k[i] - 1) * d[i] * f.jump[i] for i in range(2)),  # type: ignore[arg-type]
+                    tuple(f.jump[i] * s[i] for i in range(2)),  # type: ignore[arg-type]
+                    tuple(f.offset[i] - p[i] * f.jump[i] for i in range(2)),  # type: ignore[arg-type]
+                )
+        fields[step.node] = rf
+    return fields
+
+
+def _merge(fields: Sequence[ReceptiveField]) -> ReceptiveField | None:
+    """The field that holds each of ``fields`` (they must share their jump)."""
+    first = fields[0]
+    if any(f.jump != first.jump for f in fields):
+        return None
+    lo = tuple(min(f.offset[i] for f in fields) for i in range(2))
+    hi = tuple(max(f.offset[i] + f.size[i] for f in fields) for i in range(2))
+    return ReceptiveField((hi[0] - lo[0], hi[1] - lo[1]), first.jump, lo)  # type: ignore[arg-type]

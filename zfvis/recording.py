@@ -1,69 +1,52 @@
-"""Recording a forward pass: the chain of layers, max-pool switches, the seed layer's map.
+"""Recording a forward pass over a traced model: what the reverse pass will need.
 
-One forward pass under forward hooks on every leaf module records, for each module that
-runs, its name, type and the shapes of its input and output; for every max-pool the
-switches (where each maximum came from, recomputed since torchvision's pools do not
-return them); and the output of the requested layer, where the pass stops. The hooks are
-removed and every module's ``training`` flag restored when the pass ends, also when it
-raises. Nothing in the model is changed: ``inplace`` ReLUs stay in place, which is safe
-because nothing recorded is read after a later module could overwrite it.
+:func:`record` runs the model's graph (:mod:`zfvis.graph`) node by node on the images,
+only as far as the requested layers need (every node they depend on, nothing after),
+calling the model's own modules (so their hooks run) and functions in the model's own
+order. For every node that carries the signal it keeps a :class:`~zfvis.ops.Site`: the
+node's constant arguments, its shapes, and what its op records (max-pool switches, ReLU
+masks for the guided and gradient rules). Nothing in the model is changed; every
+module's ``training`` flag is restored, also when the pass raises. In-place operations
+run as in the model; one that would overwrite a value still needed later is refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import torch.fx as fx
 from torch import nn
 
-__all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "SUPPORTED_TYPES"]
+from .errors import UserInputError
+from .graph import GraphNode, ModelGraph, eval_mode
+from .ops import SUPPORTED_TYPES, Live, Site, UnsupportedModelError
+from .receptive import ReceptiveField
 
-#: Module types the deconvnet can reverse, with what it does with each.
-SUPPORTED_TYPES: dict[type[nn.Module], str] = {
-    nn.Conv2d: "transposed convolution with the same weights (bias not applied)",
-    nn.ReLU: "ReLU",
-    nn.MaxPool2d: "unpooling with the recorded switches (overlaps add up)",
-    nn.AvgPool2d: "its transpose",
-    nn.AdaptiveAvgPool2d: "its transpose",
-    nn.BatchNorm2d: "folded into the preceding convolution (its per-channel scale)",
-    nn.Linear: "transposed (weights only)",
-    nn.Flatten: "reshape back",
-    nn.LocalResponseNorm: "passed through",
-    nn.Dropout: "passed through",
-    nn.Dropout2d: "passed through",
-    nn.Identity: "passed through",
-}
-
-
-class UnsupportedModelError(ValueError):
-    """The model contains a module type or a topology the deconvnet cannot reverse."""
+__all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "SUPPORTED_TYPES", "eval_mode"]
 
 
 @dataclasses.dataclass
 class Step:
-    """One module call in the recorded chain.
+    """One node that carries the signal, as a forward pass saw it.
 
     Attributes:
-        name: The module's dotted name from ``named_modules()``; ``"<flatten>"`` for a
-            flatten done in ``forward()`` rather than by a module.
-        module: The module (``None`` for an implicit flatten).
-        in_shape: Shape of its input, without the batch dimension.
-        out_shape: Shape of its output, without the batch dimension.
+        name: The node's name (a module's ``named_modules()`` name for a module called once).
+        module: The module (``None`` for a function call).
+        in_shape: Shape of its (first) input that carries the signal, without batch.
+        out_shape: Shape of its output, without batch.
+        kind: The module type or function name.
+        receptive_field: The receptive field of its output (``None``: the whole input).
     """
 
     name: str
     module: nn.Module | None
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-
-    @property
-    def kind(self) -> str:
-        """The module's type name (``Flatten`` for an implicit flatten)."""
-        return "Flatten" if self.module is None else type(self.module).__name__
+    kind: str = ""
+    receptive_field: ReceptiveField | None = None
 
 
 @dataclasses.dataclass
@@ -71,19 +54,30 @@ class Recording:
     """What one forward pass left for the reverse pass.
 
     Attributes:
-        layer: The module name the pass stopped at (``None``: it ran to the end).
-        steps: The chain of module calls, up to and including ``layer``.
-        switches: For each max-pool step index, the flat argmax indices into its input
-            (N, C, H_out, W_out).
-        output: The output of ``layer`` (or of the last module), (N, C, H, W) or (N, F).
+        layer: The node the pass was recorded for (``None``: the model's output).
+        output: That node's output, (N, C, H, W) or (N, F).
         input_shape: The shape of the images, (N, C, H, W).
+        sites: Per node that carries the signal, what its op needs in reverse.
+        rule: The ReLU rule the masks were recorded for.
+        graph: The traced model.
+        problems: Nodes whose arguments turned out to be unsupported, with the error.
     """
 
     layer: str | None
-    steps: list[Step]
-    switches: dict[int, torch.Tensor]
     output: torch.Tensor
     input_shape: tuple[int, ...]
+    sites: dict[str, Site]
+    rule: str
+    graph: ModelGraph
+    problems: dict[str, UnsupportedModelError] = dataclasses.field(default_factory=dict)
+
+    @property
+    def steps(self) -> list[Step]:
+        """The recorded nodes that carry the signal, in execution order."""
+        return [
+            Step(s.node.name, s.node.module, s.in_shapes[0] if s.in_shapes else (), s.out_shape, s.node.kind)
+            for s in self.sites.values()
+        ]
 
 
 class RemovableHandles(list):  # type: ignore[type-arg]
@@ -94,121 +88,121 @@ class RemovableHandles(list):  # type: ignore[type-arg]
             self.pop().remove()
 
 
-class _Stop(Exception):
-    """Raised inside the forward pass once the requested layer has run."""
+def _fetch_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
-def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-
-
-def _version(t: torch.Tensor) -> int | None:
-    """The tensor's in-place modification counter (``None`` for inference tensors)."""
-    try:
-        return t._version
-    except RuntimeError:
+def _mutated(node: GraphNode, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GraphNode | None:
+    """The input an in-place operation overwrites, or ``None``."""
+    fxn = node.fx_node
+    inplace = (
+        bool(getattr(node.module, "inplace", False))
+        or bool(kwargs.get("inplace", False))
+        or (fxn.op == "call_method" and str(fxn.target).endswith("_"))
+        or (fxn.op == "call_function" and getattr(fxn.target, "__name__", "").endswith("_"))
+    )
+    first = fxn.args[0] if fxn.args else None
+    if not inplace or not isinstance(first, fx.Node):
         return None
+    return next((p for p in node.inputs if p.fx_node is first), None)
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Puts every module in eval mode and restores each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+def _run(node: GraphNode, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    fxn = node.fx_node
+    if fxn.op == "get_attr":
+        return _fetch_attr(model, str(fxn.target))
+    if node.module is not None:
+        return node.module(*args, **kwargs)
+    if fxn.op == "call_method":
+        return getattr(args[0], str(fxn.target))(*args[1:], **kwargs)
+    return fxn.target(*args, **kwargs)
 
 
-class _Recorder:
-    def __init__(self, model: nn.Module, stop_at: str | None) -> None:
-        self.model = model
-        self.stop_at = stop_at
-        self.handles = RemovableHandles()
-        self.steps: list[Step] = []
-        self.switches: dict[int, torch.Tensor] = {}
-        self.last: torch.Tensor | None = None
-        self.last_version: int | None = None
-        self.in_version: int | None = None
-        self.output: torch.Tensor | None = None
-        self.seen: set[str] = set()
+def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any) -> Site:
+    live = [p for p in node.inputs if p.carries]
+    slot = {p.fx_node: k for k, p in enumerate(live)}
 
-    def register(self) -> RemovableHandles:
-        self.handles.remove()
-        for name, module in _leaves(self.model):
-            self.handles.append(module.register_forward_pre_hook(self._pre_hook))
-            self.handles.append(module.register_forward_hook(self._hook(name)))
-        return self.handles
+    def value(n: fx.Node) -> Any:
+        return Live(slot[n]) if n in slot else env[n]
 
-    def _pre_hook(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        # the input's version before the module runs (an inplace module bumps it)
-        x = inputs[0] if inputs else None
-        self.in_version = _version(x) if isinstance(x, torch.Tensor) else None
+    args = fx.node.map_arg(node.fx_node.args, value)
+    kwargs = fx.node.map_arg(node.fx_node.kwargs, value)
+    tensors = [env[p.fx_node] for p in live]
+    if not isinstance(out, torch.Tensor) or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise UnsupportedModelError(
+            f"node '{node.name}' ({node.kind}) does not map tensors to one tensor; zfvis cannot reverse it"
+        )
+    return Site(node, tuple(args), dict(kwargs), live, [tuple(t.shape[1:]) for t in tensors], tuple(out.shape[1:]),
+                cone=node.op.cone if node.op is not None else "same")
 
-    def _hook(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            self._on_call(name, module, inputs, output)
 
-        return hook
+class _Pass:
+    """One forward pass over the needed part of the graph."""
 
-    def _on_call(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if type(module) not in SUPPORTED_TYPES:
-            raise UnsupportedModelError(
-                f"module '{name}' of type {type(module).__name__} is not supported; supported types: "
-                f"{', '.join(t.__name__ for t in SUPPORTED_TYPES)}"
-            )
-        x = inputs[0] if inputs else None
-        out = output[0] if isinstance(output, tuple) else output
-        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
-            raise UnsupportedModelError(f"module '{name}' does not map one tensor to one tensor")
-        prev = self.last
-        if prev is None:  # pragma: no cover - set to the images before every pass
-            raise RuntimeError("recorder used outside record()")
-        # an in-place operation between two modules (``out += identity``) keeps the tensor
-        # but bumps its version counter: that is not a chain either
-        prev_ok = self.in_version == self.last_version
-        if not prev_ok or not _same_tensor(x, prev):
-            if prev_ok and x.dim() == 2 and x.data_ptr() == prev.data_ptr() and x.numel() == prev.numel() and prev.dim() == 4:
-                self.steps.append(Step("<flatten>", None, tuple(prev.shape[1:]), tuple(x.shape[1:])))
+    def __init__(self, graph: ModelGraph, targets: list[GraphNode], rule: str) -> None:
+        self.graph = graph
+        self.rule = rule
+        self.targets = {t.fx_node for t in targets}
+        self.needed = graph.ancestors(targets)
+        order = {n.fx_node: i for i, n in enumerate(self.needed)}
+        self.last_use: dict[fx.Node, int] = {}
+        for i, n in enumerate(self.needed):
+            for p in n.inputs:
+                self.last_use[p.fx_node] = i
+        self.order = order
+        self.sites: dict[str, Site] = {}
+        self.problems: dict[str, UnsupportedModelError] = {}
+        self.outputs: dict[fx.Node, torch.Tensor] = {}
+
+    def run(self, images: torch.Tensor) -> None:
+        env: dict[fx.Node, Any] = {}
+        model = self.graph.model
+        last = len(self.needed) - 1
+        for i, node in enumerate(self.needed):
+            fxn = node.fx_node
+            if fxn.op == "placeholder":
+                out: Any = images
             else:
-                before = f"the output of '{self.steps[-1].name}'" if self.steps else "the model's input"
-                raise UnsupportedModelError(
-                    f"the input of module '{name}' is not {before}: the model is not a single chain of "
-                    "modules (a branch, a residual addition or a functional operation lies between them); "
-                    "zfvis reverses plain chains of modules"
-                )
-        if name in self.seen:
+                args = fx.node.map_arg(fxn.args, lambda n: env[n])
+                kwargs = fx.node.map_arg(fxn.kwargs, lambda n: env[n])
+                self._check_inplace(node, args, kwargs, i)
+                inputs = [env[p.fx_node] for p in node.inputs if p.carries] if node.carries else []
+                out = _run(node, model, args, kwargs)
+                if node.carries:
+                    self._record(node, env, out, inputs)
+            env[fxn] = out
+            if fxn in self.targets and isinstance(out, torch.Tensor):
+                self.outputs[fxn] = out if i == last else out.clone()
+            for p in node.inputs:
+                if self.last_use.get(p.fx_node) == i:
+                    env.pop(p.fx_node, None)
+
+    def _check_inplace(self, node: GraphNode, args: Any, kwargs: Any, i: int) -> None:
+        victim = _mutated(node, args, kwargs)
+        if victim is None:
+            return
+        later = [u for u in victim.users if u is not node and u.fx_node in self.order and self.order[u.fx_node] > i]
+        if later:
             raise UnsupportedModelError(
-                f"module '{name}' runs more than once in the forward pass; the deconvnet needs each "
-                "layer to be its own module (give every use its own instance)"
+                f"node '{node.name}' ({node.kind}) overwrites '{victim.name}' in place, which '{later[0].name}' reads "
+                "afterwards; zfvis would reverse the wrong values. Hint: make that operation not in-place"
             )
-        self.seen.add(name)
-        index = len(self.steps)
-        self.steps.append(Step(name, module, tuple(x.shape[1:]), tuple(out.shape[1:])))
-        if isinstance(module, nn.MaxPool2d):
-            if isinstance(output, tuple):
-                self.switches[index] = output[1]
-            else:
-                self.switches[index] = F.max_pool2d(
-                    x,
-                    module.kernel_size,
-                    module.stride,
-                    module.padding,
-                    module.dilation,
-                    ceil_mode=module.ceil_mode,
-                    return_indices=True,
-                )[1]
-        self.last = out
-        self.last_version = _version(out)
-        if name == self.stop_at:
-            self.output = out
-            raise _Stop
+
+    def _record(self, node: GraphNode, env: dict[fx.Node, Any], out: Any, inputs: list[Any]) -> None:
+        if node.op is None:
+            return
+        try:
+            site = _site(node, env, out)
+            if node.op.prepare is not None:
+                node.op.prepare(site)
+            if node.op.record is not None:
+                site.state = node.op.record(site, inputs, out, self.rule)
+            self.sites[node.name] = site
+        except UnsupportedModelError as err:
+            self.problems[node.name] = err
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
@@ -217,60 +211,36 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dt
     return None, None
 
 
-def record(model: nn.Module, images: torch.Tensor, layer: str | None = None) -> Recording:
-    """Runs ``model`` on ``images`` under hooks, up to and including module ``layer``.
+def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode], rule: str = "deconvnet") -> tuple[
+        dict[str, torch.Tensor], dict[str, Site], dict[str, UnsupportedModelError], tuple[int, ...]]:
+    """Runs the model's graph on ``images`` as far as ``targets`` need.
 
     Args:
-        model: A chain of supported modules.
+        graph: The traced model.
         images: A batch (N, C, H, W); moved to the model's device and dtype.
-        layer: Dotted module name to stop at, or ``None`` to run the whole chain.
+        targets: The nodes whose outputs are wanted.
+        rule: The ReLU rule the reverse pass will use (which masks to keep).
 
     Returns:
-        The :class:`Recording`.
+        (outputs by node name, sites by node name, problems by node name, the images' shape).
 
     Raises:
-        UnsupportedModelError: An unsupported module type or a non-chain topology.
-        ValueError: ``layer`` never ran in the forward pass.
+        ValueError: The forward pass failed (another input size or channel count?).
+        UnsupportedModelError: An in-place operation overwrites a value read later.
     """
-    device, dtype = _model_device_dtype(model)
+    device, dtype = _model_device_dtype(graph.model)
     if device is not None:
         images = images.to(device=device, dtype=dtype)
-    rec = _Recorder(model, layer)
-    rec.last = images
-    rec.last_version = _version(images)
-    with eval_mode(model), torch.no_grad():
-        rec.register()
+    p = _Pass(graph, list(targets), rule)
+    with eval_mode(graph.model), torch.no_grad():
         try:
-            final = model(images)
-        except _Stop:
-            final = None
+            p.run(images)
+        except (UnsupportedModelError, torch.OutOfMemoryError):
+            raise
         except RuntimeError as err:
-            raise ValueError(
+            raise UserInputError(
                 f"the forward pass failed on input of shape {tuple(images.shape)}: {str(err).splitlines()[0]} "
                 "(does the model expect another input size or channel count?)"
             ) from err
-        finally:
-            rec.handles.remove()
-    if layer is not None and rec.output is None:
-        raise ValueError(f"layer '{layer}' did not run in the forward pass; pick a layer the model uses")
-    if layer is None:
-        if (
-            not isinstance(final, torch.Tensor)
-            or rec.last is None
-            or not _same_tensor(final, rec.last)
-            or _version(final) != rec.last_version
-        ):
-            raise UnsupportedModelError("the model's output is not the output of its last module")
-        rec.output = final
-    assert rec.output is not None
-    return Recording(layer, rec.steps, rec.switches, rec.output, tuple(images.shape))
-
-
-def leaf_names(model: nn.Module) -> list[str]:
-    """Dotted names of the model's leaf modules, in ``named_modules()`` order."""
-    return [n for n, _ in _leaves(model)]
-
-
-def chain_summary(steps: Sequence[Step]) -> list[str]:
-    """One line per step: name, type and output shape (for error messages and listings)."""
-    return [f"{s.name} ({s.kind}) -> {tuple(s.out_shape)}" for s in steps]
+    outputs = {t.name: p.outputs[t.fx_node] for t in targets if t.fx_node in p.outputs}
+    return outputs, p.sites, p.problems, tuple(images.shape)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,10 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import functional as TF
 
+from .aliases import layer_aliases, register_aliases
+from .checkpoints import apply_state_dict, read_checkpoint
 from .data import to_rgb
+from .errors import InputTypeError, UserInputError
 
 __all__ = [
     "ZFNet",
@@ -80,7 +82,7 @@ class Preprocess:
     def with_size(self, size: int) -> Preprocess:
         """Returns the same preprocessing for square inputs of side ``size``."""
         if size < 1:
-            raise ValueError(f"input size must be a positive number of pixels, got {size}")
+            raise UserInputError(f"input size must be a positive number of pixels, got {size}")
         return dataclasses.replace(self, resize=size, crop=size)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +193,6 @@ class ModelSpec:
         weights_enum: torchvision's weights enum, where published weights exist.
         packaged: File name of the weights shipped in ``zfvis/weights``.
         classes: Output class names, where known here.
-        alias_style: ``"flat"`` (conv1..conv5) or ``"vgg"`` (conv1_1..conv5_3).
     """
 
     name: str
@@ -201,7 +202,6 @@ class ModelSpec:
     weights_enum: Any = None
     packaged: str | None = None
     classes: tuple[str, ...] | None = None
-    alias_style: str = "flat"
 
 
 _IMAGENET_PRE = Preprocess(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -227,7 +227,7 @@ _register(
 )
 
 
-def _tv(name: str, enum_name: str, style: str) -> ModelSpec:
+def _tv(name: str, enum_name: str) -> ModelSpec:
     builder = getattr(torchvision.models, name)
     return ModelSpec(
         name,
@@ -235,14 +235,29 @@ def _tv(name: str, enum_name: str, style: str) -> ModelSpec:
         _IMAGENET_PRE,
         "DEFAULT",
         weights_enum=getattr(torchvision.models, enum_name),
-        alias_style=style,
     )
 
 
-_register(_tv("alexnet", "AlexNet_Weights", "flat"))
+_register(_tv("alexnet", "AlexNet_Weights"))
 for _depth in (11, 13, 16, 19):
-    _register(_tv(f"vgg{_depth}", f"VGG{_depth}_Weights", "vgg"))
-    _register(_tv(f"vgg{_depth}_bn", f"VGG{_depth}_BN_Weights", "vgg"))
+    _register(_tv(f"vgg{_depth}", f"VGG{_depth}_Weights"))
+    _register(_tv(f"vgg{_depth}_bn", f"VGG{_depth}_BN_Weights"))
+for _depth in (18, 34, 50, 101, 152):
+    _register(_tv(f"resnet{_depth}", f"ResNet{_depth}_Weights"))
+_register(_tv("densenet121", "DenseNet121_Weights"))
+_register(_tv("mobilenet_v2", "MobileNet_V2_Weights"))
+
+
+def _googlenet(num_classes: int = 1000) -> nn.Module:
+    # as torchvision builds it for its ImageNet weights: no auxiliary heads (they only run
+    # in training), and transform_input on, which maps ImageNet normalisation to the
+    # original network's
+    return torchvision.models.googlenet(weights=None, num_classes=num_classes, aux_logits=False,
+                                        transform_input=True, init_weights=True)
+
+
+_register(ModelSpec("googlenet", _googlenet, _IMAGENET_PRE, "DEFAULT",
+                    weights_enum=torchvision.models.GoogLeNet_Weights))
 
 
 def list_models() -> list[str]:
@@ -263,68 +278,11 @@ def get_spec(name: str) -> ModelSpec:
         ValueError: No such model; the message lists the valid names.
     """
     if not isinstance(name, str):
-        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+        raise InputTypeError(f"model name must be a str, got {type(name).__name__}")
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(_unknown("model", name, list_models())) from None
-
-
-def _extract_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model_state_dict", "model"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping):
-                obj = inner
-                break
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            prefix = "module."
-            if all(k.startswith(prefix) for k in tensors):
-                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
-            return tensors
-    raise ValueError(f"'{source}' holds no state dict (expected a dict of tensors, or a checkpoint dict with 'state_dict')")
-
-
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file '{path}' does not exist; pass random, a torchvision weights name or a .pt file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
-        raise ValueError(
-            f"refused to load '{path}': it holds objects other than tensors, which could run code "
-            f"({first}); save a state dict with torch.save(model.state_dict(), path)"
-        ) from None
-    except Exception as err:  # corrupt data: pickle and zip readers raise many types
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"cannot read checkpoint '{path}': {first}") from None
-    return _extract_state_dict(obj, str(path))
-
-
-def _apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        raise ValueError(f"weights '{source}' do not match the model ({'; '.join(parts)})")
-    for k, v in state.items():
-        if own[k].shape != v.shape:
-            raise ValueError(
-                f"weights '{source}' do not match the model: '{k}' has shape {tuple(v.shape)}, "
-                f"the model expects {tuple(own[k].shape)}"
-            )
-    model.load_state_dict(state)
+        raise UserInputError(_unknown("model", name, list_models())) from None
 
 
 def _download(spec: ModelSpec, weights_name: str) -> dict[str, torch.Tensor]:
@@ -333,7 +291,7 @@ def _download(spec: ModelSpec, weights_name: str) -> dict[str, torch.Tensor]:
         weights = enum[weights_name]
     except KeyError:
         names = ["DEFAULT", *enum.__members__]
-        raise ValueError(_unknown(f"weights name for {spec.name}", weights_name, names)) from None
+        raise UserInputError(_unknown(f"weights name for {spec.name}", weights_name, names)) from None
     cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
         return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True, weights_only=True)
@@ -344,7 +302,7 @@ def _download(spec: ModelSpec, weights_name: str) -> dict[str, torch.Tensor]:
             f"file at '{cache}' or pass --weights PATH to a local state dict"
         ) from None
     except Exception as err:  # bad hash, a corrupt or unsafe file: pickle raises many types
-        raise ValueError(
+        raise UserInputError(
             f"the {spec.name} weights file '{cache}' is unusable ({str(err).splitlines()[0]}); delete it and retry"
         ) from None
 
@@ -366,28 +324,28 @@ def load_weights(model: nn.Module, spec: ModelSpec, weights: str | os.PathLike[s
         isinstance(weights, str) and (os.sep in weights or "/" in weights or weights.endswith((".pt", ".pth", ".ckpt")))
     ):
         path = Path(weights)
-        _apply_state_dict(model, _read_checkpoint(path), str(path))
+        apply_state_dict(model, read_checkpoint(path), str(path))
         return str(path)
     if not isinstance(weights, str):
-        raise TypeError(f"weights must be a str or a path, got {type(weights).__name__}")
+        raise InputTypeError(f"weights must be a str or a path, got {type(weights).__name__}")
     if weights == "random":
         return "random"
     if weights == "packaged":
         if spec.packaged is None:
-            raise ValueError(f"{spec.name} ships no weights; use random, a torchvision name or a file")
+            raise UserInputError(f"{spec.name} ships no weights; use random, a torchvision name or a file")
         ref = resources.files("zfvis") / "weights" / spec.packaged
         with resources.as_file(ref) as path:
             if not path.is_file():
                 raise FileNotFoundError(f"the packaged weights '{path}' are missing; reinstall zfvis")
-            _apply_state_dict(model, _read_checkpoint(path), f"packaged {spec.packaged}")
+            apply_state_dict(model, read_checkpoint(path), f"packaged {spec.packaged}")
         return f"packaged:{spec.packaged}"
     if spec.weights_enum is None:
         names = ["random", "packaged"] if spec.packaged else ["random"]
-        raise ValueError(
+        raise UserInputError(
             f"unknown weights '{weights}' for {spec.name}: it has no torchvision weights; "
             f"use {' or '.join(names)}, or the path of a .pt file"
         )
-    _apply_state_dict(model, _download(spec, weights), f"torchvision {weights}")
+    apply_state_dict(model, _download(spec, weights), f"torchvision {weights}")
     return f"torchvision:{spec.weights_enum[weights].name if weights != 'DEFAULT' else spec.weights_enum.DEFAULT.name}"
 
 
@@ -424,24 +382,17 @@ def load_model(
     return model.eval().to(device), spec.preprocess
 
 
-def _alias_style(model: nn.Module) -> str | None:
-    if isinstance(model, torchvision.models.VGG):
-        return "vgg"
-    if isinstance(model, (ZFNet, torchvision.models.AlexNet)):
-        return "flat"
-    return None
+def _chain_aliases(style: str) -> Callable[[nn.Module], dict[str, str]]:
+    return lambda model: _paper_aliases(model, style)
 
 
-def layer_aliases(model: nn.Module) -> dict[str, str]:
-    """Paper names of a zoo model's layers, mapped to ``named_modules()`` names.
+def _paper_aliases(model: nn.Module, style: str) -> dict[str, str]:
+    """Paper names of a chain model's layers, mapped to ``named_modules()`` names.
 
     ``convN`` (or ``convB_i`` for VGG) and ``fcN`` name the rectified output of that layer
     (the ReLU that follows it; fc8 has none and names the Linear); ``poolN`` names the
-    N-th max-pool. Models outside the zoo have no aliases.
+    N-th max-pool.
     """
-    style = _alias_style(model)
-    if style is None:
-        return {}
     leaves = [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
     aliases: dict[str, str] = {}
     conv = pool = 0
@@ -469,3 +420,41 @@ def layer_aliases(model: nn.Module) -> dict[str, str]:
         elif not isinstance(mod, nn.BatchNorm2d):
             pending = None
     return aliases
+
+
+def _resnet_aliases(model: nn.Module) -> dict[str, str]:
+    # stem: the rectified output of conv1 (the name conv1 itself is the convolution's output);
+    # pool1: the stem's max-pool; layer1..4 and fc are module names already
+    return {"stem": "relu", "pool1": "maxpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}, "fc": "fc"}
+
+
+def _googlenet_aliases(model: nn.Module) -> dict[str, str]:
+    names = ["conv1", "pool1", "conv2", "conv3", "pool2", "inception3a", "inception3b", "pool3", "inception4a",
+             "inception4b", "inception4c", "inception4d", "inception4e", "pool4", "inception5a", "inception5b", "fc"]
+    renamed = {"pool1": "maxpool1", "pool2": "maxpool2", "pool3": "maxpool3", "pool4": "maxpool4"}
+    return {n: renamed.get(n, n) for n in names}
+
+
+def _densenet_aliases(model: nn.Module) -> dict[str, str]:
+    out = {"conv1": "features.relu0", "pool1": "features.pool0"}
+    for name, _ in model.features.named_children():
+        if name.startswith(("denseblock", "transition")):
+            out[name] = f"features.{name}"
+    out["fc"] = "classifier"
+    return out
+
+
+def _mobilenet_aliases(model: nn.Module) -> dict[str, str]:
+    # block0 is the stem convolution, block1..17 the inverted residual blocks, block18 the 1x1 head
+    out = {"conv1": "features.0", **{f"block{i}": f"features.{i}" for i in range(len(model.features))}}
+    out["fc"] = "classifier.1"
+    return out
+
+
+register_aliases(torchvision.models.VGG, _chain_aliases("vgg"))
+register_aliases(ZFNet, _chain_aliases("flat"))
+register_aliases(torchvision.models.AlexNet, _chain_aliases("flat"))
+register_aliases(torchvision.models.ResNet, _resnet_aliases)
+register_aliases(torchvision.models.GoogLeNet, _googlenet_aliases)
+register_aliases(torchvision.models.DenseNet, _densenet_aliases)
+register_aliases(torchvision.models.MobileNetV2, _mobilenet_aliases)

@@ -7,23 +7,34 @@ Every subcommand lives in its own module with ``add_parser(subparsers)`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import traceback
+import warnings
 from collections.abc import Sequence
 
-from . import evolution, filters, layers, mine, project
-from ._common import CLIError, apply_config
+from . import correspond, evolution, filters, invariance, layers, mine, occlude, project
+from ._common import (  # noqa: F401
+    ArgumentParser,
+    CLIError,
+    apply_config,
+    parse_command_line,
+    report_error,
+)
 
 __all__ = ["get_args_parser", "main"]
 
-_COMMANDS = (project, layers, filters, evolution, mine)
+_COMMANDS = (project, layers, filters, evolution, mine, occlude, invariance, correspond)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The parser of the whole command line (one sub-parser per command)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # usage errors are one line; sub-parsers inherit the class
         prog="zfvis",
         description="Deconvnet visualizations of CNN features (Zeiler & Fergus, 2014).",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also after COMMAND)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _COMMANDS:
         module.add_parser(sub)
@@ -31,8 +42,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (0 ok, 2 bad input)."""
+    """Runs the command line; returns the exit status.
+
+    0: done; 2: bad input (one line on stderr: the option, file or setting at fault, or
+    running out of memory); 1: a zfvis bug (one line asking for a report; ``--debug``
+    prints the traceback); 130: interrupted.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:cut]
+    argv = [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["project", *argv]  # `zfvis` alone runs the main job
     if argv and argv[0] == "--version":
@@ -41,18 +60,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zfvis {__version__}")
         return 0
     parser = get_args_parser()
-    try:
-        args = parser.parse_args(argv)
-        args = apply_config(parser, args, argv)
-        return int(args.func(args) or 0)
-    except CLIError as err:
-        print(f"zfvis: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, OSError, LookupError) as err:
-        print(f"zfvis: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("zfvis: interrupted", file=sys.stderr)
-        return 130
-    except SystemExit as exit_:
-        return int(exit_.code) if isinstance(exit_.code, int) else 2
+    with warnings.catch_warnings(record=True) as caught:  # no warning printed before an error line
+        try:
+            args = parse_command_line(parser, argv)
+            status = int(args.func(args) or 0)
+        except SystemExit as exit_:
+            return int(exit_.code) if isinstance(exit_.code, int) else 2
+        except BrokenPipeError:  # the reader went away (`zfvis layers | head`): stop quietly
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+            return 0
+        except KeyboardInterrupt as err:
+            if debug:
+                traceback.print_exc()
+            print(f"zfvis: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
+            return 130
+        except Exception as err:  # noqa: BLE001 - the boundary: one line, never a traceback unless --debug
+            if debug:
+                traceback.print_exc()
+            return report_error(err, argv[0] if argv else None)
+    for w in caught:  # the command succeeded: show its warnings after all
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return status

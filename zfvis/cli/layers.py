@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from ..checks import check_input_size
 from ..engine import Deconvnet
-from ..receptive import receptive_fields
-from ..zoo import load_model
-from ._common import add_config_arg
+from ._common import add_config_arg, check_model_name, fit_input_size, load_zoo_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,16 +20,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, preprocess = load_model(args.model, weights="random")
-    size = args.input_size or preprocess.crop or 224
-    if size < 1:
-        raise ValueError(f"--input-size must be positive, got {size}")
+    check_model_name(args.model)
+    if args.input_size is not None:
+        check_input_size(args.input_size)
+    model, preprocess = load_zoo_model(args.model, "random", torch.device("cpu"))
+    own = preprocess.crop or 224
+    size = args.input_size or own
     dn = Deconvnet(model)
+    last = dn.graph.node_names()[-1]  # the model's output
+    fit_input_size(dn, model, last, size, own, args.model)
     steps = dn.trace((3, size, size))
-    fields = receptive_fields(steps)
-    alias_of = {v: k for k, v in dn.aliases.items()}
+    alias_of: dict[str, str] = {}
+    for alias in dn.aliases:
+        alias_of.setdefault(dn.resolve(alias), alias)
     rows = [("layer", "alias", "type", "output", "receptive field (size/jump)")]
-    for step, rf in zip(steps, fields):
+    for step in steps:
+        rf = step.receptive_field
         shape = "x".join(str(v) for v in step.out_shape)
         field = f"{rf.size[0]}x{rf.size[1]} / {rf.jump[0]}" if rf is not None else "whole input"
         rows.append((step.name, alias_of.get(step.name, ""), step.kind, shape, field))

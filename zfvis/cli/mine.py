@@ -5,10 +5,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..checks import check_input_size, check_int
+from ..data import IMAGE_EXTENSIONS
 from ..engine import Deconvnet
-from ..mining import mine
-from ..zoo import get_spec, load_model
-from ._common import CLIError, add_config_arg, parse_channels, add_model_args, check_output, resolve_device, write_settings
+from ..mining import MineSettings, mine
+from ..ops import RULES
+from ..zoo import get_spec
+from ._common import (
+    CLIError,
+    add_config_arg,
+    add_model_args,
+    fit_input_size,
+    load_zoo_model,
+    parse_channels,
+    resolve_device,
+    resolve_layer,
+)
+
+#: Largest --top: each entry is a projection and two tiles per channel.
+MAX_TOP = 1000
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,33 +32,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="top-k activations per channel over a data set, with projections (ZF Fig. 2)",
         description="Streams a data set through the model, keeps the k strongest activations of every "
         "channel (at most one per image), projects them to pixel space and writes topk.json, one "
-        "figure per layer (pages of 64 channels), the tiles and a static HTML gallery (index.html).",
+        "figure per layer (pages of 64 channels), the tiles and a static HTML gallery (index.html). "
+        "Interrupted (Ctrl-C, kill), the same command resumes the run.",
     )
     p.add_argument("dataset", nargs="?", metavar="DATASET", help="folder of images (searched recursively) or a text file of paths")
     add_model_args(p)
     p.add_argument("--layers", help="comma-separated layer names or aliases, e.g. conv1,conv3 (required)")
-    p.add_argument("--top", type=int, default=9, help="activations kept per channel (default 9)")
+    p.add_argument("--top", type=int, default=9, help="activations kept per channel (default 9; the figures show 9)")
     p.add_argument("--channels", help="channels to mine in every layer, e.g. 0-15,32,40 (default: all)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0)")
     p.add_argument("--limit", type=int, help="use only N images, evenly spaced over the sorted file list (every class of a class-folder layout)")
     p.add_argument("--input-size", type=int, help="square input side (default: the model's preprocessing)")
-    p.add_argument("--state-every", type=int, default=20, help="save resumable state every N batches (default 20)")
-    p.add_argument("--restart", action="store_true", help="discard a saved state in OUTDIR and start again")
+    p.add_argument("--state-every", type=int, default=20, help="save resumable state every N batches, and at least every minute (default 20)")
+    p.add_argument("--rule", default="deconvnet", choices=list(RULES),
+                   help="how ReLUs pass the signal back in the projections: deconvnet (default), guided, gradient")
+    p.add_argument("--restart", action="store_true", help="start again: discard a saved state in OUTDIR, also of a run with other settings")
+    p.add_argument("--overwrite", action="store_true", help="write into an OUTDIR that holds files zfvis did not write")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or summary")
     p.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (required)")
     add_config_arg(p)
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    for name in ("top", "batch_size", "state_every"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.workers < 0:
-        raise CLIError("--workers must be 0 or more")
-    if args.limit is not None and args.limit < 1:
-        raise CLIError("--limit must be at least 1")
+def _check_args(args: argparse.Namespace) -> tuple[Path, list[str], Path]:
+    """The checks that need no model: numbers, the data set's kind, the output's kind."""
+    check_int("--top", args.top, 1, MAX_TOP)
+    check_int("--batch-size", args.batch_size, 1, 1 << 16)
+    check_int("--workers", args.workers, 0, 256)
+    check_int("--state-every", args.state_every, 1)
+    if args.limit is not None:
+        check_int("--limit", args.limit, 1)
+    if args.input_size is not None:
+        check_input_size(args.input_size)
     if not args.dataset:
         raise CLIError("no DATASET given: pass a folder of images or a text file of paths (or `dataset` in --config)")
     if not args.layers:
@@ -53,36 +74,39 @@ def run(args: argparse.Namespace) -> int:
     dataset = Path(args.dataset)
     if not dataset.exists():
         raise CLIError(f"data set '{dataset}' does not exist; pass a folder of images or a text file of paths")
-    layers = [s.strip() for s in str(args.layers).split(",") if s.strip()]
+    if dataset.is_file() and dataset.suffix.lower() in IMAGE_EXTENSIONS:
+        raise CLIError(f"'{dataset}' is an image, not a data set: pass a folder of images or a text file with one "
+                       "image path a line (for one image, use `zfvis project IMAGE`)")
+    layers = list(dict.fromkeys(s.strip() for s in str(args.layers).split(",") if s.strip()))
     if not layers:
         raise CLIError("--layers names no layer; e.g. --layers conv1,conv3")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"output '{out}' exists and is not a folder")
+    return dataset, layers, out
+
+
+def run(args: argparse.Namespace) -> int:
+    dataset, layers, out = _check_args(args)
     channels = parse_channels(args.channels) if args.channels else None
     device = resolve_device(args.device)
-    out = check_output(args.output, directory=True)
-    model, preprocess = load_model(args.model, weights=args.weights, device=device)
-    if args.input_size is not None:
-        preprocess = preprocess.with_size(args.input_size)
+    model, preprocess = load_zoo_model(args.model, args.weights, device)
     dn = Deconvnet(model)
     for layer in layers:
-        dn.resolve(layer)  # unknown layer -> ValueError with the closest names
-    write_settings(out / "settings.json", {**vars(args), "layers": layers, "channels": channels,
-                                           "input_size": preprocess.crop, "device": str(device)})
-    mine(
-        model,
-        preprocess,
-        dataset,
-        layers,
-        out_dir=out,
-        top=args.top,
-        channels=channels,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=device,
-        limit=args.limit,
-        state_every=args.state_every,
-        progress=not args.no_progress,
-        restart=args.restart,
-        model_name=args.model,
-        weights=args.weights or f"{get_spec(args.model).default_weights} (default)",
+        resolve_layer(dn, layer)
+        if args.input_size is not None:
+            fit_input_size(dn, model, layer, args.input_size, preprocess.crop or 224, args.model)
+    if args.input_size is not None:
+        preprocess = preprocess.with_size(args.input_size)
+    record = {**{k: v for k, v in vars(args).items() if k != "func"},
+              "layers": layers, "input_size": preprocess.crop, "device": str(device)}
+    settings = MineSettings(
+        layers=layers, out_dir=out, top=args.top, channels=channels, batch_size=args.batch_size,
+        workers=args.workers, device=device, limit=args.limit, state_every=args.state_every,
+        progress=not args.no_progress, restart=args.restart, overwrite=args.overwrite, model_name=args.model,
+        rule=args.rule,
+        weights=args.weights or f"{get_spec(args.model).default_weights} (default)", record=record,
+        option_names=True,
     )
+    mine(model, preprocess, dataset, settings=settings)
     return 0

@@ -8,11 +8,25 @@ from pathlib import Path
 import torch
 
 from .. import default_image
+from ..checks import check_channels, check_int
 from ..data import load_image
 from ..engine import Deconvnet
-from ..render import project_figure
-from ..zoo import get_spec, load_model
-from ._common import CLIError, add_config_arg, add_model_args, check_output, resolve_device, write_settings
+from ..figures import Selection, projection_figure, rules_figure
+from ..ops import RULES
+from ..zoo import get_spec
+from ._common import (
+    CLIError,
+    add_config_arg,
+    add_model_args,
+    add_output_args,
+    check_output,
+    fit_input_size,
+    layer_modules,
+    load_zoo_model,
+    resolve_device,
+    resolve_layer,
+    write_settings,
+)
 
 #: Input side used for a model whose preprocessing is 32x32: large enough that a
 #: middle layer's receptive field covers a part of the photo, not all of it.
@@ -39,7 +53,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=1, help="strongest positions per channel (default 1)")
     p.add_argument("--position", help="project the activation at Y,X instead of the strongest")
     p.add_argument("--input-size", type=int, help="side of the square model input (default: the model's own; 96 for 32x32 models)")
-    p.add_argument("-o", "--output", default="zfvis_project.png", help="PNG file to write (default zfvis_project.png)")
+    p.add_argument("--rule", default="deconvnet", choices=[*RULES, "all"],
+                   help="how ReLUs pass the signal back: deconvnet (Zeiler & Fergus, the default), guided "
+                   "(guided backpropagation), gradient; all: the three side by side")
+    add_output_args(p, "zfvis_project.png")
     add_config_arg(p)
     p.set_defaults(func=run)
 
@@ -49,21 +66,15 @@ def default_layer(dn: Deconvnet) -> str:
     convs = [a for a in dn.aliases if a.startswith("conv")]
     if convs:
         return convs[len(convs) // 2]
-    names = [n for n, m in dn.model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    names = [n for n, m in layer_modules(dn) if isinstance(m, torch.nn.Conv2d)]
     if not names:
         raise CLIError("the model has no convolution; pass --layer")
     return names[len(names) // 2]
 
 
-def _after_flatten(dn: Deconvnet, layer: str) -> bool:
-    """Whether a layer sees the whole input (fc layers need the model's own input size)."""
-    target = dn.resolve(layer)
-    for name, module in dn.model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Flatten)):
-            return True
-        if name == target:
-            return False
-    return False
+def _after_flatten(dn: Deconvnet, layer: str, own: int) -> bool:
+    """Whether a layer sees the whole input (such layers need the model's own input size)."""
+    return dn.receptive_field(layer, (3, own, own)) is None
 
 
 def _parse_position(text: str) -> tuple[int, int]:
@@ -74,64 +85,82 @@ def _parse_position(text: str) -> tuple[int, int]:
     return y, x
 
 
-def run(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    out = check_output(args.output)
-    if args.top_k < 1:
-        raise CLIError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_channels is not None and args.top_channels < 1:
-        raise CLIError(f"--top-channels must be at least 1, got {args.top_channels}")
-    spec = get_spec(args.model)
-    image_path = Path(args.image) if args.image else default_image()
-    image = load_image(image_path)
-    model, preprocess = load_model(args.model, weights=args.weights, device=device)
-    dn = Deconvnet(model)
-    layer = args.layer or default_layer(dn)
-    size = args.input_size
-    if size is None and (preprocess.crop or 224) <= 64 and not _after_flatten(dn, layer):
-        size = SMALL_MODEL_INPUT
-    if size is not None:
-        preprocess = preprocess.with_size(size)
-    x = preprocess(image).unsqueeze(0).to(device)
-    rec = dn.record(x, layer)
-    out_map = rec.output
-    n_channels = out_map.shape[1]
+def _check_args(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The checks that need no model; returns the position, if any."""
+    check_int("--top-k", args.top_k, 1, MAX_PANELS)
+    if args.top_channels is not None:
+        check_int("--top-channels", args.top_channels, 1, MAX_PANELS)
+    for c in args.channel or []:
+        check_int("--channel", c, 0)
     position = _parse_position(args.position) if args.position else None
     if position is not None and args.top_k != 1:
         raise CLIError("give either --position or --top-k, not both")
+    if args.channel and len(args.channel) * args.top_k > MAX_PANELS:
+        raise CLIError(f"{len(args.channel)} channels x top-k {args.top_k} is more than {MAX_PANELS} panels; ask for fewer")
+    return position
+
+
+def _choose_channels(args: argparse.Namespace, out_map: torch.Tensor, layer: str) -> list[int]:
+    n_channels = out_map.shape[1]
     if args.channel:
-        channels = list(args.channel)
+        return check_channels(list(dict.fromkeys(args.channel)), n_channels, layer)
+    count = min(args.top_channels or 9, n_channels, MAX_PANELS // args.top_k)
+    strength = out_map[0].reshape(n_channels, -1).amax(dim=1)
+    order = torch.sort(strength, descending=True, stable=True).indices
+    return [int(c) for c in order[:count]]
+
+
+def _check_seeds(out_map: torch.Tensor, layer: str, position: tuple[int, int] | None, top_k: int) -> None:
+    """Position and top-k against the layer's map, before the engine sees them."""
+    if out_map.dim() != 4:
+        if position is not None or top_k != 1:
+            raise CLIError(f"layer '{layer}' outputs a vector: it has no positions (drop --position and --top-k)")
+        return
+    h, w = out_map.shape[2], out_map.shape[3]
+    if position is not None and not (0 <= position[0] < h and 0 <= position[1] < w):
+        raise CLIError(f"--position {position[0]},{position[1]} is outside the {h}x{w} feature map of "
+                       f"'{layer}' (0..{h - 1}, 0..{w - 1})")
+    if top_k > h * w:
+        raise CLIError(f"--top-k {top_k} exceeds the {h}x{w} = {h * w} positions of layer '{layer}'")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    out = check_output(args.output, overwrite=args.overwrite)
+    position = _check_args(args)
+    image_path = Path(args.image) if args.image else default_image()
+    if image_path.resolve() == out.resolve():
+        raise CLIError(f"-o {out} would replace the input image; choose another output file")
+    image = load_image(image_path)
+    model, preprocess = load_zoo_model(args.model, args.weights, device)
+    dn = Deconvnet(model)
+    layer = args.layer or default_layer(dn)
+    resolve_layer(dn, layer)
+    own = preprocess.crop or 224
+    size = args.input_size
+    if size is None and own <= 64 and not _after_flatten(dn, layer, own):
+        size = SMALL_MODEL_INPUT
+    if size is not None:
+        fit_input_size(dn, model, layer, size, own, args.model)
+        preprocess = preprocess.with_size(size)
+    x = preprocess(image).unsqueeze(0).to(device)
+    rule = None if args.rule == "all" else args.rule
+    rec = dn.record(x, layer, rule=rule)
+    channels = _choose_channels(args, rec.output, layer)
+    _check_seeds(rec.output, layer, position, args.top_k)
+    selection = Selection(channels, args.top_k, position)
+    weights = args.weights or get_spec(args.model).default_weights
+    title = f"{args.model} ({weights}) / layer {layer} / {image_path.name} at {x.shape[-2]}x{x.shape[-1]}"
+    if rule is None:
+        rules_figure(dn, x, layer, selection, show=preprocess.denormalize, title=f"{title} / each rule", path=out)
     else:
-        count = min(args.top_channels or 9, n_channels)
-        strength = out_map[0].reshape(n_channels, -1).amax(dim=1)
-        order = torch.sort(strength, descending=True, stable=True).indices
-        channels = [int(c) for c in order[:count]]
-    if len(channels) * args.top_k > MAX_PANELS:
-        raise CLIError(f"{len(channels)} channels x top-k {args.top_k} is more than {MAX_PANELS} panels; ask for fewer")
-    seeds = dn.select(rec, channels, position, top_k=args.top_k if position is None and out_map.dim() == 4 else None)
-    patches = dn.reverse(rec, seeds)
-    full = patches.full().cpu()
-    shown = preprocess.denormalize(x[0].cpu().float())
-    boxes = [tuple(int(v) for v in b) for b in patches.box.cpu()]
-    titles = []
-    for i in range(len(seeds)):
-        where = f" @ ({int(seeds.y[i])}, {int(seeds.x[i])})" if int(seeds.y[i]) >= 0 else ""
-        titles.append(f"ch {int(seeds.channel[i])}{where}\nact {float(seeds.value[i]):.3g}")
-    weights = args.weights or spec.default_weights
-    suptitle = f"{args.model} ({weights}) / layer {layer} / {image_path.name} at {x.shape[-2]}x{x.shape[-1]}"
-    project_figure(
-        shown,
-        [p.float() for p in full],
-        boxes,
-        titles,
-        suptitle,
-        out,
-        note="deconvnet projections: zero is grey, scaled by each projection's largest |value|; "
-        "boxes: receptive field of the activation",
-    )
+        projection_figure(dn, x, layer, selection, rule=rule, show=preprocess.denormalize,
+                          title=f"{title} / {rule}", path=out)
+    n = len(channels) * (1 if position is not None or rec.output.dim() == 2 else args.top_k)
     settings = dict(vars(args))
     settings.update(image=str(image_path), layer=layer, channels=channels, input_size=list(x.shape[-2:]),
                     weights=weights, output=str(out))
     write_settings(out.with_suffix(".json"), settings)
-    print(f"wrote {out} ({len(seeds)} projections of {args.model} {layer}; settings in {out.with_suffix('.json').name})")
+    print(f"wrote {out} ({n} projections of {args.model} {layer}, rule {args.rule}; "
+          f"settings in {out.with_suffix('.json').name})")
     return 0

@@ -1,0 +1,249 @@
+"""Tests for zfvis.gallery: the mining gallery as a static site (model, layer and channel pages)."""
+
+from __future__ import annotations
+
+import functools
+import html
+import html.parser
+import json
+import os
+import posixpath
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pytest
+
+from zfvis import gallery, render
+
+# VGG16's 13 conv layers: (name, channels, output side at 224x224, receptive field size, jump, offset)
+VGG16 = [
+    ("conv1_1", 64, 224, 3, 1, -1), ("conv1_2", 64, 224, 5, 1, -2),
+    ("conv2_1", 128, 112, 10, 2, -4), ("conv2_2", 128, 112, 14, 2, -6),
+    ("conv3_1", 256, 56, 24, 4, -10), ("conv3_2", 256, 56, 32, 4, -14), ("conv3_3", 256, 56, 40, 4, -18),
+    ("conv4_1", 512, 28, 60, 8, -26), ("conv4_2", 512, 28, 76, 8, -34), ("conv4_3", 512, 28, 92, 8, -42),
+    ("conv5_1", 512, 14, 132, 16, -58), ("conv5_2", 512, 14, 164, 16, -74), ("conv5_3", 512, 14, 196, 16, -90),
+]
+TOP = 9
+
+
+class _Refs(html.parser.HTMLParser):
+    """Collects every href and src, the ids, and whether the page has a script."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+        self.ids: set[str] = set()
+        self.scripts = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "script":
+            self.scripts += 1
+        for key, value in attrs:
+            if key in ("href", "src") and value is not None:
+                self.refs.append(value)
+            if key == "id" and value:
+                self.ids.add(value)
+            assert not key.startswith("on"), f"event handler {key} on <{tag}>"
+
+
+_REF = re.compile(r'(?:href|src)="([^"]*)"')
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(path: Path) -> _Refs:
+    parser = _Refs()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    return parser
+
+
+def _synthetic_run(out: Path, layers: list[tuple[str, int, int, int, int, int]]) -> tuple[dict, dict, dict]:
+    """topk, gallery and layer_info as mining would produce them, with tiny shared tiles on disk."""
+    rng = np.random.default_rng(0)
+    topk: dict[str, Any] = {"model": "vgg16 <random>", "weights": "random", "dataset": "/data/imgs & more",
+                            "images": 5000, "skipped": [{"image": "bad.jpg", "error": "truncated"}], "top": TOP,
+                            "layers": {}}
+    site: dict[str, list[dict[str, Any]]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for p, (layer, count, side, size, jump, offset) in enumerate(layers):
+        tiles = out / "tiles" / gallery.safe_name(layer)
+        tiles.mkdir(parents=True)
+        names = []
+        for r in range(TOP):  # the same nine tile pairs serve every channel of the layer
+            h = w = min(size, 224)
+            render.save_image(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), tiles / f"t{r}_proj.png")
+            render.save_image(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), tiles / f"t{r}_patch.png")
+            names.append((f"t{r}_proj.png", f"t{r}_patch.png"))
+        figs = [f"{gallery.safe_name(layer)}_p{k + 1}.png" for k in range((count + 63) // 64)]
+        for f in figs:
+            (out / f).write_bytes(b"png")
+        channels, entries_per_channel = [], []
+        for ch in range(count):
+            entries = [{"image": f"class_{ch % 10}/img <{ch * TOP + r}>.jpg", "index": ch * TOP + r,
+                        "value": float(100 - r - ch / 1000), "position": [r % side, (r * 3) % side],
+                        "box": [0, 0, min(size, 224), min(size, 224)]} for r in range(TOP)]
+            if ch == 5:
+                entries = []  # a channel that never fired
+            entries_per_channel.append(entries)
+            channels.append({"channel": ch, "tiles": names[: len(entries)], "entries": entries,
+                             "figure": figs[ch // 64]})
+        topk["layers"][layer] = {"module": f"features.{2 * p}", "channel_count": count,
+                                 "channel_ids": list(range(count)), "channels": entries_per_channel}
+        site[layer] = channels
+        info[layer] = {"shape": [count, side, side],
+                       "receptive_field": {"size": [size, size], "jump": [jump, jump], "offset": [offset, offset]}}
+    (out / "topk.json").write_text(json.dumps(topk))
+    return topk, site, info
+
+
+def _pages(out: Path) -> Iterator[Path]:
+    yield from sorted(out.rglob("*.html"))
+
+
+def _check_links(out: Path, page: Path, refs: list[str], files: set[str]) -> None:
+    """Every reference of ``page`` is a relative path to a file in ``files`` (paths relative to ``out``)."""
+    here = os.path.dirname(page.relative_to(out).as_posix())
+    for ref in refs:
+        parts = urlsplit(ref)
+        assert not parts.scheme and not parts.netloc, f"{page}: external link {ref}"
+        if not parts.path:  # a fragment on the same page
+            continue
+        target = _resolve(here, unquote(parts.path))
+        assert not target.startswith(".."), f"{page.relative_to(out)}: {ref} leaves the site"
+        assert target in files, f"{page.relative_to(out)}: {ref} does not resolve"
+        if parts.fragment:
+            assert parts.fragment in _parse(out / target).ids, f"{page.relative_to(out)}: {ref}: no such id"
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve(folder: str, path: str) -> str:
+    return posixpath.normpath(posixpath.join(folder, path))
+
+
+def _files(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def vgg_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict, dict, list[Path]]:
+    out = tmp_path_factory.mktemp("vgg_site")
+    topk, site, info = _synthetic_run(out, VGG16)
+    written = gallery.write_site(out, topk, site, layer_info=info)
+    return out, topk, site, info, written
+
+
+def test_every_channel_has_its_address(vgg_site: tuple) -> None:
+    out, _, site, _, written = vgg_site
+    n_channels = sum(len(v) for v in site.values())
+    assert n_channels == 4224
+    for layer, channels in site.items():
+        for g in channels:
+            page = out / gallery.channel_page(layer, g["channel"])
+            assert page.is_file(), page
+    assert gallery.channel_page("conv3_1", 42) == "layers/conv3_1/c0042.html"
+    assert len(written) == 2 + len(site) + n_channels  # index, style, one page per layer, one per channel
+    assert all(p.is_file() for p in written) and written[-1] == out / "index.html"
+
+
+def test_all_links_resolve_and_pages_are_small(vgg_site: tuple) -> None:
+    out = vgg_site[0]
+    pages = list(_pages(out))
+    assert len(pages) == 1 + 13 + 4224
+    files = _files(out)
+    for k, page in enumerate(pages):
+        assert page.stat().st_size < 2_000_000, page
+        text = page.read_text(encoding="utf-8")
+        refs = [html.unescape(r) for r in _REF.findall(text)]
+        assert "<script" not in text.lower()
+        _check_links(out, page, refs, files)
+        if page.name == "index.html" or k % 64 == 0:  # html.parser on every index and a sample of channels
+            parsed = _Refs()
+            parsed.feed(text)
+            assert parsed.refs == refs and parsed.scripts == 0
+
+
+def test_channel_pages_link_back_and_to_neighbours(vgg_site: tuple) -> None:
+    out, _, site, _, _ = vgg_site
+    for layer, channels in site.items():
+        ids = [g["channel"] for g in channels]
+        for i in (0, 1, len(ids) // 2, len(ids) - 1):
+            page = out / gallery.channel_page(layer, ids[i])
+            refs = _parse(page).refs
+            assert f"index.html#c{ids[i]:04d}" in refs  # back to the layer, at this channel
+            assert "../../index.html" in refs  # the model page
+            assert i == 0 or f"c{ids[i - 1]:04d}.html" in refs
+            assert i + 1 == len(ids) or f"c{ids[i + 1]:04d}.html" in refs
+            assert sum(r.startswith("c") and r.endswith(".html") for r in refs) == (i > 0) + (i + 1 < len(ids))
+        layer_page = _parse(out / "layers" / gallery.safe_name(layer) / "index.html")
+        assert {f"c{c:04d}.html" for c in ids} <= set(layer_page.refs)
+        assert {f"c{c:04d}" for c in ids} <= layer_page.ids
+    model = _parse(out / "index.html").refs
+    assert {f"layers/{gallery.safe_name(layer)}/index.html" for layer in site} <= set(model)
+    assert "topk.json" in model
+
+
+def test_channel_page_opens_with_nine_pairs_values_and_paths(vgg_site: tuple) -> None:
+    out, topk, _, _, _ = vgg_site
+    text = (out / gallery.channel_page("conv4_2", 17)).read_text(encoding="utf-8")
+    body = text[text.index("<main>") :]
+    first_img = body.index("<img")
+    assert body.index("<h1>") < first_img < body.index('class="meta"')  # the tiles come before the details
+    refs = _parse(out / gallery.channel_page("conv4_2", 17)).refs
+    tiles = [r for r in refs if "/tiles/" in r]
+    assert len(tiles) == 2 * TOP
+    assert tiles[:2] == ["../../tiles/conv4_2/t0_proj.png", "../../tiles/conv4_2/t0_patch.png"]
+    for e in topk["layers"]["conv4_2"]["channels"][17]:
+        assert f"{e['value']:.4g}" in text
+        assert "img &lt;" in text and "&lt;script" not in text  # image paths are escaped
+    empty = (out / gallery.channel_page("conv1_1", 5)).read_text(encoding="utf-8")
+    assert "No activations" in empty
+
+
+def test_model_page_lists_shapes_and_receptive_fields(vgg_site: tuple) -> None:
+    out = vgg_site[0]
+    text = (out / "index.html").read_text(encoding="utf-8")
+    assert "vgg16 &lt;random&gt;" in text and "/data/imgs &amp; more" in text
+    assert "512 × 14 × 14" in text and "196 px, jump 16" in text
+    assert "4,224 channels" in text
+    for layer, *_ in VGG16:
+        assert f">{layer}<" in text
+
+
+def test_layer_pages_split_past_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gallery, "CHANNELS_PER_LAYER_PAGE", 10)
+    topk, site, _ = _synthetic_run(tmp_path, [("features.28", 25, 14, 196, 16, -90)])
+    gallery.write_site(tmp_path, topk, site, layer_info=None, data_file=None)
+    folder = tmp_path / "layers" / "features_28"
+    assert sorted(p.name for p in folder.glob("*.html") if not p.name.startswith("c")) == [
+        "index.html", "page2.html", "page3.html"]
+    back = _parse(tmp_path / gallery.channel_page("features.28", 24)).refs
+    assert "page3.html#c0024" in back
+    files = _files(tmp_path)
+    for page in _pages(tmp_path):
+        _check_links(tmp_path, page, _parse(page).refs, files)
+    assert "topk.json" not in _parse(tmp_path / "index.html").refs
+
+
+def test_colliding_layer_names_get_distinct_folders(tmp_path: Path) -> None:
+    topk, site, info = _synthetic_run(tmp_path, [("a.b", 3, 8, 5, 1, -2)])
+    topk["layers"]["a_b"] = topk["layers"]["a.b"]
+    site["a_b"] = site["a.b"]
+    gallery.write_site(tmp_path, topk, site, layer_info=info)
+    assert (tmp_path / "layers" / "a_b" / "index.html").is_file()
+    assert (tmp_path / "layers" / "a_b-2" / "index.html").is_file()
+    files = _files(tmp_path)
+    for page in _pages(tmp_path):
+        _check_links(tmp_path, page, _parse(page).refs, files)
+
+
+def test_bad_input_raises(tmp_path: Path) -> None:
+    topk, site, _ = _synthetic_run(tmp_path, [("conv1", 2, 8, 5, 1, -2)])
+    with pytest.raises(ValueError, match="conv9"):
+        gallery.write_site(tmp_path, topk, {"conv9": []})
+    with pytest.raises(FileNotFoundError):
+        gallery.write_site(tmp_path / "missing", topk, site)
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "index.html").exists()

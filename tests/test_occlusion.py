@@ -1,0 +1,300 @@
+"""Occlusion sensitivity (ZF Fig. 7): both methods equal the brute-force loop, on a chain and
+a residual model, in float64; bad input; the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import zfvis
+from zfvis.cli import main
+from zfvis.occlusion import (
+    OcclusionResult,
+    _Incremental,
+    _trace,
+    occlude,
+    occluder_positions,
+    occlusion,
+)
+
+# ----------------------------------------------------------------------------- small models
+
+
+def chain_model() -> nn.Module:
+    """VGG-like, 23x21 inputs: convolutions (padded, dilated, strided), LRN, batch norm, both
+    pools (padded, ceil mode, count_include_pad=False), a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.LocalResponseNorm(3),
+        nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
+        nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),
+        nn.Conv2d(6, 8, 3, padding=2, dilation=2), nn.ReLU(),
+        nn.AvgPool2d(2, ceil_mode=True),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Dropout(), nn.Linear(8 * 3 * 3, 10),
+    )  # fmt: skip
+
+
+class Block(nn.Module):
+    """A ResNet basic block (F.relu, ``x + y``, ``.relu()``), with a strided 1x1 shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+        return (y + (x if self.down is None else self.down(x))).relu()
+
+
+class Residual(nn.Module):
+    """Residual blocks, a channel concatenation, and a GroupNorm (no incremental rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.relu, self.pool = nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        self.b1, self.b2 = Block(6, 6, 1), Block(6, 8, 2)
+        self.side = nn.Conv2d(8, 4, 1)
+        self.gn = nn.GroupNorm(2, 12)
+        self.b3 = Block(12, 12, 1)
+        self.head = nn.Linear(12, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b2(self.b1(self.pool(self.relu(self.stem(x)))))
+        x = self.b3(self.gn(torch.cat([x, self.side(x)], dim=1)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def ready(model: nn.Module) -> nn.Module:
+    """Seeded weights, non-trivial batch-norm statistics, float64, eval mode."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0, 0.4)
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    return model.double().eval()
+
+
+def brute_force(model: nn.Module, x: torch.Tensor, patch: tuple[int, int], stride: tuple[int, int],
+                fill: torch.Tensor, layer: str, channel: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The definition: occlude, run the whole model, softmax; the layer's map total via a hook."""
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    hook = modules[layer].register_forward_hook(lambda m, i, o: seen.__setitem__("out", o.detach().clone()))
+    probs, totals = [], []
+    try:
+        for t in range(0, x.shape[1] - patch[0] + 1, stride[0]):
+            for l in range(0, x.shape[2] - patch[1] + 1, stride[1]):
+                occluded = x.clone()
+                occluded[:, t : t + patch[0], l : l + patch[1]] = fill.view(-1, 1, 1)
+                with torch.no_grad():
+                    probs.append(torch.softmax(model(occluded[None]), dim=1)[0])
+                totals.append(seen["out"][0, channel].sum())
+    finally:
+        hook.remove()
+    return torch.stack(probs), torch.stack(totals)
+
+
+def assert_matches(res: OcclusionResult, probs: torch.Tensor, totals: torch.Tensor) -> None:
+    rows, cols = res.shape
+    assert len(probs) == rows * cols
+    torch.testing.assert_close(res.class_prob, probs[:, res.target].reshape(rows, cols), rtol=0, atol=1e-10)
+    torch.testing.assert_close(res.activation, totals.reshape(rows, cols), rtol=0, atol=1e-10)
+    assert torch.equal(res.top_class, probs.argmax(dim=1).reshape(rows, cols))
+    torch.testing.assert_close(res.top_prob, probs.amax(dim=1).reshape(rows, cols), rtol=0, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("method", ["incremental", "full"])
+@pytest.mark.parametrize(("patch", "stride"), [((5, 4), (4, 3)), (3, 2), ((23, 21), 1)])
+def test_chain_equals_brute_force(method: str, patch: object, stride: object) -> None:
+    model = ready(chain_model())
+    x = torch.randn(3, 23, 21, dtype=torch.float64)
+    fill = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    res = occlusion(model, x, patch=patch, stride=stride, fill=fill, layer="6", channel=2, batch_size=7, method=method)
+    p, s = (patch, patch) if isinstance(patch, int) else patch, (stride, stride) if isinstance(stride, int) else stride
+    assert res.method == method
+    assert_matches(res, *brute_force(model, x, p, s, fill, "6", 2))  # type: ignore[arg-type]
+
+
+def test_positions_reach_the_borders() -> None:
+    tops, lefts = occluder_positions((23, 21), (5, 4), (4, 3))
+    assert tops.tolist() == [0, 4, 8, 12, 16] and lefts.tolist() == [0, 3, 6, 9, 12, 15]  # (23-5)/4 is not whole
+    res = occlusion(ready(chain_model()), torch.randn(3, 23, 21, dtype=torch.float64), patch=(5, 4), stride=(4, 3))
+    assert res.shape == (5, 6) and res.box(4, 5) == (16, 15, 21, 19)
+
+
+def test_residual_equals_brute_force() -> None:
+    model = ready(Residual())
+    x = torch.randn(3, 30, 27, dtype=torch.float64)
+    fill = torch.tensor([0.2, 0.0, -0.4], dtype=torch.float64)
+    for layer in ("b1.c2", "b2.b2"):
+        res = occlusion(model, x, patch=(5, 4), stride=(4, 3), fill=fill, layer=layer, channel=1, batch_size=6)
+        assert res.method == "incremental"
+        assert_matches(res, *brute_force(model, x, (5, 4), (4, 3), fill, layer, 1))
+
+
+def test_residual_graph_layers_and_border_patch() -> None:
+    """Layers that are function nodes (an addition) and a one-pixel occluder whose changes a
+    strided 1x1 shortcut skips at some positions."""
+    model = ready(Residual())
+    x = torch.randn(3, 22, 19, dtype=torch.float64)
+    res = occlusion(model, x, patch=1, stride=5, layer="b2.add", channel=3, method="incremental")
+    full = occlusion(model, x, patch=1, stride=5, layer="b2.add", channel=3, method="full")
+    torch.testing.assert_close(res.class_prob, full.class_prob, rtol=0, atol=1e-10)
+    torch.testing.assert_close(res.activation, full.activation, rtol=0, atol=1e-10)
+    probs, _ = brute_force(model, x, (1, 1), (5, 5), torch.zeros(3, dtype=torch.float64), "b2.c2", 0)
+    torch.testing.assert_close(res.class_prob.reshape(-1), probs[:, res.target], rtol=0, atol=1e-10)
+
+
+def test_incremental_plan_recomputes_windows_and_falls_back() -> None:
+    """The occluder's cone: early layers are recomputed over windows smaller than their maps;
+    the GroupNorm (no incremental rule) and everything after it run whole."""
+    model = ready(Residual())
+    x = torch.randn(3, 30, 27, dtype=torch.float64)
+    graph, names = _trace(model)
+    grid = torch.cartesian_prod(*occluder_positions(x.shape, 4, 4))
+    inc = _Incremental(model, graph, names, zfvis.Deconvnet(model), x, None, grid, (4, 4), torch.zeros(3, dtype=x.dtype))
+    plans = {names.get(n, n.name): inc.plans[n] for n in inc.nodes}
+    assert plans["stem"].mode == "patch" and plans["stem"].size == (6, 6)  # 4x4 occluder + the 3x3 kernel's reach
+    assert plans["b1.add"].mode == "patch" and plans["cat"].mode in ("patch", "full")
+    assert plans["gn"].mode == "full" and plans["head"].mode == "full"
+
+
+def test_inplace_modules_leave_the_model_and_cache_alone() -> None:
+    model = ready(chain_model())
+    x = torch.randn(3, 23, 21, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    a = occlusion(model, x, patch=4, stride=4)
+    b = occlusion(model, x, patch=4, stride=4, method="full")
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    torch.testing.assert_close(a.class_prob, b.class_prob, rtol=0, atol=1e-12)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            y = -y
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def test_untraceable_model_falls_back_to_full() -> None:
+    model = Untraceable().double()
+    x = torch.randn(3, 9, 9, dtype=torch.float64)
+    assert occlusion(model, x, patch=3, stride=3).method == "full"
+    with pytest.raises(ValueError, match="trace"):
+        occlusion(model, x, patch=3, stride=3, method="incremental")
+
+
+def test_default_target_channel_and_base() -> None:
+    model = ready(chain_model())
+    x = torch.randn(3, 23, 21, dtype=torch.float64)
+    res = occlusion(model, x, patch=4, stride=4, layer="6")
+    with torch.no_grad():
+        probs = torch.softmax(model(x[None]), dim=1)[0]
+        out = zfvis.Deconvnet(model).record(x[None], "6").output[0]
+    assert res.target == int(probs.argmax()) == res.base_class
+    assert res.base_prob == pytest.approx(float(probs.max()))
+    assert res.channel == int(out.flatten(1).amax(dim=1).argmax())
+    assert res.base_activation == pytest.approx(float(out[res.channel].sum()))
+
+
+def test_occlude_helper() -> None:
+    x = torch.zeros(3, 6, 6)
+    out = occlude(x, [(1, 2, 3, 5), (0, 0, 6, 6)], torch.tensor([1.0, 2.0, 3.0]))
+    assert out.shape == (2, 3, 6, 6) and torch.equal(x, torch.zeros(3, 6, 6))
+    assert out[0, :, 1:3, 2:5].sum() == 6 * 6 and out[0].sum() == 36 and out[1, 2].unique().tolist() == [3.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"patch": 22, "stride": 1}, ValueError, "larger than"),
+        ({"patch": 4, "stride": 0}, ValueError, "stride"),
+        ({"patch": 4, "stride": 2, "target": 10}, ValueError, "out of range"),
+        ({"patch": 4, "stride": 2, "channel": 1}, ValueError, "layer"),
+        ({"patch": 4, "stride": 2, "layer": "6", "channel": 99}, ValueError, "out of range"),
+        ({"patch": 4, "stride": 2, "layer": "nope"}, ValueError, "nope"),
+        ({"patch": 4, "stride": 2, "method": "fast"}, ValueError, "method"),
+        ({"patch": 4, "stride": 2, "fill": torch.zeros(2)}, ValueError, "fill"),
+        ({"patch": 2.5, "stride": 2}, TypeError, "patch"),
+    ],
+)
+def test_bad_input(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        occlusion(ready(chain_model()), torch.randn(3, 23, 21, dtype=torch.float64), **kwargs)
+
+
+def test_wrong_input_size_is_bad_input() -> None:
+    with pytest.raises(ValueError, match="forward pass failed"):
+        occlusion(ready(chain_model()), torch.randn(3, 16, 16, dtype=torch.float64), patch=4, stride=4)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_occlude(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "occ.png"
+    assert main(["occlude", "--patch", "12", "--stride", "5", "--target", "dog", "--fill", "gray",
+                 "--no-progress", "-o", str(out)]) == 0  # fmt: skip
+    with Image.open(out) as im:
+        w, h = im.size
+    assert w > 1200 and h > 350
+    data = json.loads(out.with_suffix(".json").read_text())
+    res = data["result"]
+    assert data["layer"] == "conv5" and res["target"] == 5 and res["target_name"] == "dog"
+    assert len(res["class_prob"]) == 5 and len(res["class_prob"][0]) == 5 and len(res["activation"]) == 5
+    assert "p(dog)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--patch", "40"], "larger than"),
+        (["--stride", "0"], "at least 1"),
+        (["--target", "catt"], "unknown class name 'catt'. Did you mean 'cat'"),
+        (["--target", "12"], "out of range"),
+        (["--fill", "pink"], "--fill"),
+        (["--layer", "conv9"], "conv9"),
+    ],
+)
+def test_cli_occlude_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str) -> None:
+    assert main(["occlude", *args, "--no-progress", "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err
+
+
+def test_figure_is_returned_and_written_only_with_a_path(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from zfvis.analysis_figures import occlusion_figure
+
+    model = ready(chain_model())
+    x = torch.randn(3, 23, 21, dtype=torch.float64)
+    res = occlusion(model, x, patch=5, stride=4)  # no layer: panels (b) and (c) stay empty
+    fig = occlusion_figure(res, torch.rand(3, 23, 21), class_names=[f"c{k}" for k in range(10)])
+    assert isinstance(fig, Figure) and not list(tmp_path.iterdir())
+    occlusion_figure(res, torch.rand(3, 23, 21), path=tmp_path / "f.png")
+    with Image.open(tmp_path / "f.png") as im:
+        assert im.size[0] > 1000

@@ -1,0 +1,161 @@
+"""zfvis's reverse convolution is Cᵀ, with C the forward convolution's matrix (its Jacobian).
+
+A convolution is a linear map y = C x + b. Row c_i of C holds the weights with which
+activation i sees the input, so the input that drives a set of activations y most is
+x' = Σ_i y_i c_i = Cᵀ y: the deconvnet's reverse step. These tests build C from the
+forward convolution alone (``torch.autograd.functional.jacobian``: nothing of zfvis) and
+check, through the public engine on ``nn.Sequential(conv)`` (no ReLU, so the reverse
+pass is linear), that
+
+- projecting the single activation (c, i, j) gives y[c, i, j] · row (c, i, j) of C, for
+  every channel and position: each row of Cᵀ;
+- projecting channel c's whole map gives Cᵀ applied to that map (zero elsewhere);
+
+across strides, paddings, dilations, groups and rectangular kernels. The bias is large
+so that no activation is near zero (a zero seed would test nothing) and it must not
+enter the reverse pass. A last test checks that these comparisons do fail for a wrong
+reverse layer (flipped kernel, padding cropped on the wrong side, bias added, swapped
+groups).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zfvis
+
+# (in, out, kernel, stride, padding, dilation, groups, input H, W)
+CASES = {
+    "plain 3x3": (1, 2, 3, 1, 0, 1, 1, 6, 7),
+    "stride 2, pad 1": (2, 3, 3, 2, 1, 1, 1, 7, 8),
+    "dilation 2, pad 2": (2, 2, 3, 1, 2, 2, 1, 7, 6),
+    "groups 2, stride 2": (4, 6, 3, 2, 1, 1, 2, 8, 7),
+    "depthwise, stride 3 > kernel 2": (3, 3, 2, 3, 0, 1, 3, 8, 9),
+    "rectangular everything": (2, 4, (3, 2), (2, 1), (1, 0), (1, 2), 2, 7, 8),
+    "5x5 stride 2 pad 2 (ZF conv2-like)": (3, 2, 5, 2, 2, 1, 1, 9, 9),
+}
+
+
+def _conv(case: tuple, seed: int) -> tuple[nn.Conv2d, torch.Tensor]:
+    cin, cout, k, stride, pad, dil, groups, h, w = case
+    gen = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
+        conv.bias.copy_(20.0 + torch.rand(cout, generator=gen, dtype=torch.float64))  # values far from 0
+    x = torch.rand(1, cin, h, w, generator=gen, dtype=torch.float64) * 0.2
+    return conv, x
+
+
+def conv_matrix(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """C: the Jacobian of the forward convolution at ``x``, (C_out·H_out·W_out, C_in·H·W)."""
+    jac = torch.autograd.functional.jacobian(lambda t: conv(t), x)  # (1, Co, Ho, Wo, 1, Ci, H, W)
+    out, inp = jac.shape[1:4], jac.shape[5:]
+    return jac.reshape(int(torch.tensor(out).prod()), int(torch.tensor(inp).prod()))
+
+
+Reverse = Callable[[torch.Tensor, int, tuple[int, int] | str], torch.Tensor]
+
+
+def _mismatches(reverse: Reverse, conv: nn.Conv2d, x: torch.Tensor) -> list[str]:
+    """Where ``reverse(x, channel, position)`` differs from the rows of Cᵀ (empty: it is Cᵀ)."""
+    matrix = conv_matrix(conv, x)
+    with torch.no_grad():
+        y = conv(x)[0]  # (Co, Ho, Wo), the seeds' values
+    co, ho, wo = y.shape
+    bad = []
+    for c in range(co):
+        for i in range(ho):
+            for j in range(wo):
+                row = matrix[(c * ho + i) * wo + j].reshape(x.shape[1:])
+                got = reverse(x, c, (i, j))[0]
+                if not torch.allclose(got, y[c, i, j] * row, rtol=1e-10, atol=1e-10):
+                    bad.append(f"channel {c} at ({i}, {j})")
+        mask = torch.zeros_like(y)
+        mask[c] = y[c]
+        want = (matrix.T @ mask.reshape(-1)).reshape(x.shape[1:])  # Cᵀ (map of channel c)
+        if not torch.allclose(reverse(x, c, "all")[0], want, rtol=1e-10, atol=1e-10):
+            bad.append(f"channel {c}, whole map")
+    return bad
+
+
+def _zfvis_reverse(conv: nn.Conv2d) -> Reverse:
+    dn = zfvis.Deconvnet(nn.Sequential(conv))
+    return lambda x, channel, position: dn.project(x, "0", channel=channel, position=position)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_zfvis_reverse_convolution_is_conv_matrix_transposed(name: str) -> None:
+    conv, x = _conv(CASES[name], seed=len(name))
+    assert conv_matrix(conv, x).abs().sum() > 0
+    assert _mismatches(_zfvis_reverse(conv), conv, x) == []
+
+
+def test_conv_matrix_rows_are_the_filters() -> None:
+    """Row (c, i, j) of C is filter c placed at the window of (i, j): C x + b is the convolution."""
+    conv, x = _conv(CASES["stride 2, pad 1"], seed=0)
+    matrix = conv_matrix(conv, x)
+    with torch.no_grad():
+        y = conv(x)[0]
+    assert torch.allclose(matrix @ x.reshape(-1) + conv.bias.repeat_interleave(y[0].numel()), y.reshape(-1))
+    padded = F.pad(torch.zeros(1, 2, 7, 8, dtype=torch.float64), (1, 1, 1, 1))
+    padded[0, :, 2 * 1 : 2 * 1 + 3, 2 * 2 : 2 * 2 + 3] = conv.weight[2]  # filter 2 at output (1, 2)
+    row = matrix[(2 * y.shape[1] + 1) * y.shape[2] + 2].reshape(2, 7, 8)
+    assert torch.equal(row, padded[0, :, 1:-1, 1:-1])
+
+
+def _wrong_reverses(conv: nn.Conv2d) -> dict[str, Reverse]:
+    """Reverse convolutions with one classic mistake each, seeded like zfvis's."""
+    st, pad, dil, groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def seeded(x: torch.Tensor, channel: int, position: tuple[int, int] | str) -> torch.Tensor:
+        with torch.no_grad():
+            y = conv(x)
+        seed = torch.zeros_like(y)
+        if position == "all":
+            seed[:, channel] = y[:, channel]
+        else:
+            i, j = position  # type: ignore[misc]
+            seed[:, channel, i, j] = y[:, channel, i, j]
+        return seed
+
+    def transpose(weight: torch.Tensor, crop: tuple[int, int] = (0, 0), bias: bool = False) -> Reverse:
+        def run(x: torch.Tensor, channel: int, position: tuple[int, int] | str) -> torch.Tensor:
+            seed = seeded(x, channel, position)
+            h, w = x.shape[-2:]
+            full = F.conv_transpose2d(seed, weight, stride=st, padding=0, dilation=dil, groups=groups)
+            top, left = pad[0] + crop[0], pad[1] + crop[1]
+            out = F.pad(full, (0, w, 0, h))[..., top : top + h, left : left + w]
+            if bias:
+                out = out + conv.bias.mean()
+            return out
+        return run
+
+    w = conv.weight.detach()
+    cout, cin_g = w.shape[:2]
+    swapped = w.reshape(groups, cout // groups, cin_g, *w.shape[2:]).flip(0).reshape(w.shape)
+    out = {
+        "right (sanity check of the harness)": transpose(w),
+        "kernel flipped": transpose(w.flip(-1, -2)),
+        "padding cropped at the wrong side": transpose(w, crop=(-pad[0] or 1, -pad[1] or 1)),
+        "bias added": transpose(w, bias=True),
+    }
+    if groups > 1:
+        out["groups swapped"] = transpose(swapped)
+    return out
+
+
+@pytest.mark.parametrize("name", ["stride 2, pad 1", "groups 2, stride 2", "rectangular everything"])
+def test_the_comparison_fails_for_wrong_reverse_layers(name: str) -> None:
+    conv, x = _conv(CASES[name], seed=1)
+    for label, reverse in _wrong_reverses(conv).items():
+        bad = _mismatches(reverse, conv, x)
+        if label.startswith("right"):
+            assert bad == [], label
+        else:
+            assert bad, f"a reverse layer with its {label} passed"

@@ -1,0 +1,146 @@
+"""Checks of numbers a person gives: channel lists and specs, input sizes, counts.
+
+Each check exists once here and is used by the command line and the library alike. All
+bounds are checked arithmetically before anything is allocated, so a spec like
+``0-99999999999999`` is refused at once instead of building a list that fills memory.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+
+from .errors import UserInputError
+
+__all__ = [
+    "MAX_INPUT_SIZE",
+    "MAX_CHANNELS",
+    "check_int",
+    "check_input_size",
+    "parse_channel_spec",
+    "check_channels",
+]
+
+#: Largest square input side accepted (pixels). A 4096x4096 VGG16 forward pass already
+#: needs tens of GB; anything larger is a typing slip, not a plan.
+MAX_INPUT_SIZE = 4096
+#: No layer of a CNN zfvis can reverse has more channels than this.
+MAX_CHANNELS = 1 << 16
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """Returns ``value`` if it is an int in ``low..high``.
+
+    Args:
+        name: How the person knows the setting (``--top``, ``top``), for the message.
+        value: The value given.
+        low: Smallest allowed value.
+        high: Largest allowed value (``None``: no upper bound).
+
+    Raises:
+        UserInputError: Not an int, or out of bounds.
+    """
+    if not _is_int(value):
+        raise UserInputError(f"{name} must be a whole number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise UserInputError(f"{name} must be {bound}, got {value}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def check_input_size(size: object, name: str = "--input-size") -> int:
+    """Checks a square input side against ``1..MAX_INPUT_SIZE`` (see :data:`MAX_INPUT_SIZE`).
+
+    Raises:
+        UserInputError: Not an int, or out of bounds.
+    """
+    if _is_int(size) and int(size) > MAX_INPUT_SIZE:  # type: ignore[arg-type]
+        raise UserInputError(
+            f"{name} {size} is too large: at most {MAX_INPUT_SIZE} pixels a side (a {size}x{size} input would "
+            "need more memory than any machine has)"
+        )
+    return check_int(name, size, 1, MAX_INPUT_SIZE)
+
+
+def parse_channel_spec(spec: object, name: str = "--channels") -> list[tuple[int, int]]:
+    """Parses ``"0-15,32,40"`` (or an int, or a list of ints and such strings) into
+    inclusive ranges, without expanding them.
+
+    Raises:
+        UserInputError: Malformed parts, backwards ranges, negative numbers, or numbers
+            beyond any layer's channel count (:data:`MAX_CHANNELS`).
+    """
+    parts: Iterable[object] = spec if isinstance(spec, (list, tuple)) else [spec]
+    ranges: list[tuple[int, int]] = []
+    for item in parts:
+        if _is_int(item):
+            ranges.append((int(item), int(item)))  # type: ignore[arg-type]
+            continue
+        if not isinstance(item, str):
+            raise UserInputError(f"{name}: {item!r} is not a channel number or range like 0-15")
+        for part in item.split(","):
+            part = part.strip()
+            if part:
+                ranges.append(_parse_part(part, name))
+    if not ranges:
+        raise UserInputError(f"{name}: {spec!r} names no channels; use e.g. 0-15,32,40")
+    for _, b in ranges:
+        if b >= MAX_CHANNELS:
+            raise UserInputError(f"{name}: channel {b} is beyond any layer's channels (layers have at most {MAX_CHANNELS})")
+    return ranges
+
+
+def _parse_part(part: str, name: str) -> tuple[int, int]:
+    a_text, sep, b_text = part.partition("-")
+    if not a_text.strip() and sep:
+        raise UserInputError(f"{name}: channel numbers start at 0, got '{part}'")
+    try:
+        a = int(a_text)
+        b = int(b_text) if sep else a
+    except ValueError:
+        raise UserInputError(f"{name}: '{part}' is not a channel number or range like 0-15") from None
+    if a < 0 or b < 0:
+        raise UserInputError(f"{name}: channel numbers start at 0, got '{part}'")
+    if b < a:
+        raise UserInputError(f"{name}: range '{part}' runs backwards")
+    return a, b
+
+
+def check_channels(
+    channels: Sequence[int] | Sequence[tuple[int, int]], count: int, layer: str | None = None
+) -> list[int]:
+    """Checks channels against a layer's channel count and returns them sorted, unique.
+
+    Args:
+        channels: Channel numbers, or inclusive ranges from :func:`parse_channel_spec`.
+        count: The layer's number of channels.
+        layer: The layer's name, for the message.
+
+    Raises:
+        UserInputError: An empty list, a non-integer, or a channel outside ``0..count-1``.
+    """
+    ranges = [_index_pair(c) for c in channels]
+    if not ranges:
+        raise UserInputError(f"empty channel list for layer '{layer}'")
+    for a, b in ranges:
+        bad = a if a < 0 else b if b >= count else None
+        if bad is not None:
+            raise UserInputError(
+                f"channel {bad} is out of range: layer '{layer}' has {count} channels (0..{count - 1})"
+            )
+    return sorted({c for a, b in ranges for c in range(a, b + 1)})
+
+
+def _index_pair(c: object) -> tuple[int, int]:
+    """A channel (an int, numpy or 0-d tensor integer) or an inclusive range as a pair."""
+    pair = c if isinstance(c, tuple) else (c, c)
+    try:
+        if any(isinstance(v, bool) for v in pair):
+            raise TypeError
+        return operator.index(pair[0]), operator.index(pair[1])
+    except (TypeError, IndexError):
+        raise UserInputError(f"channels must be whole numbers, got {c!r}") from None

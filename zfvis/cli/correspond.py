@@ -1,0 +1,119 @@
+"""``zfvis correspond``: does the network relate the same part across images? (ZF Fig. 8, Table 1)"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+
+from .._io import atomic_write_text
+from ..analysis_figures import correspondence_figure
+from ..correspondence import (
+    CorrespondenceResult,
+    PartImages,
+    correspondence,
+    default_parts_file,
+    load_parts,
+)
+from ..engine import Deconvnet
+from ..zoo import get_spec
+from ._common import (
+    CLIError,
+    add_config_arg,
+    add_model_args,
+    add_output_args,
+    check_output,
+    load_zoo_model,
+    resolve_device,
+    resolve_layer,
+    write_settings,
+)
+from .occlude import FILL_HELP, alias_layers, parse_fill, parse_layers
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "correspond",
+        help="part correspondence across images: sign-change consistency of occluded parts (ZF Table 1)",
+        description="Occludes the same part (given as boxes per image in a JSON file: image -> part name -> "
+        "[top, left, bottom, right]) in every image, and a box of the same size at a random place as a baseline, "
+        "and measures how consistently the feature vectors change: Delta, the sum over image pairs of the "
+        "normalised Hamming distance between the signs of the changes (lower: more consistent). Prints the "
+        "table, writes it as CSV and JSON, and draws the parts and scores.",
+    )
+    p.add_argument("boxes", nargs="?", metavar="BOXES.json",
+                   help="part boxes (default: the three faces shipped with zfvis)")
+    add_model_args(p)
+    p.add_argument("--layers",
+                   help="comma-separated layers (default: the last conv layer and fc7, as the paper's layers 5 and 7)")
+    p.add_argument("--fill", default="mean", help=FILL_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline boxes (default 0)")
+    p.add_argument("--no-random", action="store_true", help="leave out the random baseline")
+    add_output_args(p, "zfvis_correspondence.csv",
+                    "CSV table to write; the results (.json) and the figure (.png) go beside it")
+    add_config_arg(p)
+    p.set_defaults(func=run)
+
+
+def _default_layers(dn: Deconvnet) -> list[str]:
+    convs, fcs = alias_layers(dn)
+    if "fc7" in fcs and convs:
+        return [convs[-1], "fc7"]
+    names = convs + fcs
+    return names[-2:]
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    out = check_output(args.output, overwrite=args.overwrite)
+    if out.suffix.lower() != ".csv":
+        raise CLIError(f"-o must name a .csv file (the JSON and PNG go beside it), got '{out}'")
+    boxes = Path(args.boxes) if args.boxes else default_parts_file()
+    if not boxes.is_file():
+        raise CLIError(f"part file '{boxes}' does not exist")
+    model, preprocess = load_zoo_model(args.model, args.weights, device)
+    dn = Deconvnet(model)
+    layers = parse_layers(args.layers, _default_layers(dn))
+    for layer in layers:
+        resolve_layer(dn, layer)
+    parts = load_parts(boxes, preprocess)
+    fill = parse_fill(args.fill, preprocess)
+    result = correspondence(model, parts.images.to(device), parts.boxes, layers, fill=fill, seed=args.seed,
+                            random_baseline=not args.no_random)
+    weights = args.weights or get_spec(args.model).default_weights
+    print(f"Correspondence: {args.model} ({weights}), {len(parts.names)} images ({', '.join(parts.names)}), "
+          f"Delta = sum over {len(parts.names) * (len(parts.names) - 1)} ordered pairs of the fraction of units whose "
+          "change differs in sign; mean ± std over pairs")
+    print(result.format_table())
+    _write_csv(out, result)
+    _write_json(out.with_suffix(".json"), args, result, parts, boxes, layers, weights)
+    shown = [preprocess.denormalize(img) for img in parts.images]
+    title = f"Correspondence: {args.model} ({weights}), occluding each part in {len(parts.names)} images"
+    correspondence_figure(result, shown, parts.names, title=title, path=out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.json').name} and {out.with_suffix('.png').name}")
+    return 0
+
+
+def _write_csv(path: Path, result: CorrespondenceResult) -> None:
+    buf = io.StringIO()
+    records = result.records()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _write_json(path: Path, args: argparse.Namespace, result: CorrespondenceResult, parts: PartImages,
+                boxes: Path, layers: list[str], weights: str) -> None:  # fmt: skip
+    settings = dict(vars(args))
+    settings.update(boxes=str(boxes), layers=layers, weights=weights, output=str(path.with_suffix(".csv")))
+    write_settings(path, settings)
+    data = json.loads(path.read_text())
+    data["images"] = parts.names
+    data["rows"] = result.records()
+    data["boxes"] = {label: [list(b) for b in per_image] for label, per_image in result.boxes.items()}
+    data["pairs"] = {label: {layer: s.pairs.tolist() for layer, s in scores.items()} for label, scores in result.rows.items()}
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+

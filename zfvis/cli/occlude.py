@@ -1,0 +1,228 @@
+"""``zfvis occlude``: occlusion sensitivity of one image (ZF Fig. 7).
+
+Also holds the option parsing the analysis commands share: the occluder colour
+(``--fill``), class names and ``--target``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import default_image
+from .._io import atomic_write_text
+from ..analysis_figures import occlusion_figure
+from ..data import load_image
+from ..engine import Deconvnet
+from ..occlusion import OcclusionResult, occlusion
+from ..zoo import Preprocess, get_spec
+from ._common import (
+    CLIError,
+    add_config_arg,
+    add_model_args,
+    add_output_args,
+    check_output,
+    load_zoo_model,
+    resolve_device,
+    resolve_layer,
+    write_settings,
+)
+
+FILL_HELP = "occluder colour: mean (the data set's mean colour), gray, black, or a VALUE in model input space (default mean)"
+TOP_K = 4
+
+
+# ----------------------------------------------------------------------------- shared options
+
+
+def parse_fill(text: str, preprocess: Preprocess) -> float | torch.Tensor:
+    """``mean`` -> 0.0 (the mean after normalisation); ``gray``/``black`` -> 0.5/0 normalised; or a number."""
+    name = str(text).strip().lower()
+    mean, std = torch.tensor(preprocess.mean), torch.tensor(preprocess.std)
+    if name == "mean":
+        return 0.0
+    if name in ("gray", "grey"):
+        return (0.5 - mean) / std
+    if name == "black":
+        return -mean / std
+    try:
+        return float(name)
+    except ValueError:
+        raise CLIError(f"--fill must be mean, gray, black or a number, got '{text}'") from None
+
+
+def fill_rgb(fill: float | torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """The occluder colour as shown (3,) in [0, 1]."""
+    value = torch.as_tensor(fill, dtype=torch.float32).expand(3)
+    return (value * torch.tensor(preprocess.std) + torch.tensor(preprocess.mean)).clamp(0, 1)
+
+
+def class_names(model: str, weights: str | None) -> list[str] | None:
+    """Output class names of a zoo model with these weights, where known."""
+    spec = get_spec(model)
+    if spec.classes is not None:
+        return list(spec.classes)
+    enum = spec.weights_enum
+    name = spec.default_weights if weights is None else weights
+    if enum is None or not isinstance(name, str):
+        return None
+    try:
+        entry = enum.DEFAULT if name == "DEFAULT" else enum[name]
+    except KeyError:
+        return None
+    categories = entry.meta.get("categories")
+    return list(categories) if categories else None
+
+
+def parse_target(text: str | None, names: Sequence[str] | None) -> int | None:
+    """A class index or (case-insensitive) name; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if names is None:
+        raise CLIError(f"unknown class name '{text}': this model's class names are not known; give a class number")
+    lower = [n.lower() for n in names]
+    if text.lower() in lower:
+        return lower.index(text.lower())
+    close = difflib.get_close_matches(text.lower(), lower, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(names[lower.index(c)]) for c in close)}?" if close else ""
+    raise CLIError(f"unknown class name '{text}'.{hint}")
+
+
+def alias_layers(dn: Deconvnet) -> tuple[list[str], list[str]]:
+    """The conv and fc aliases of a zoo model, else Conv2d and Linear module names."""
+    convs = [a for a in dn.aliases if a.startswith("conv")]
+    fcs = [a for a in dn.aliases if a.startswith("fc")]
+    if not convs:
+        convs = [n for n, m in dn.model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        fcs = [n for n, m in dn.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return convs, fcs
+
+
+def parse_layers(text: str | None, default: list[str]) -> list[str]:
+    layers = [s.strip() for s in str(text).split(",") if s.strip()] if text else default
+    if not layers:
+        raise CLIError("no layers given; pass --layers, e.g. --layers conv5,fc7")
+    return layers
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "occlude",
+        help="occlusion sensitivity of an image: what the network looks at (ZF Fig. 7)",
+        description="Slides an occluder over the image and maps, per position, the total activation of one "
+        "feature map, the probability of the target class and the most probable class; draws the figure of "
+        "Zeiler & Fergus Fig. 7 with that feature map's strongest activations projected to pixel space.",
+    )
+    p.add_argument("image", nargs="?", help="image file (default: the photo shipped with zfvis)")
+    add_model_args(p)
+    p.add_argument("--layer", help="layer whose feature map is mapped (default: the last conv layer)")
+    p.add_argument("--channel", type=int, help="feature map of --layer (default: the strongest on the image)")
+    p.add_argument("--patch", type=int, help="occluder side in pixels (default: a quarter of the input side)")
+    p.add_argument("--stride", type=int, help="step between positions in pixels (default: a quarter of the patch)")
+    p.add_argument("--fill", default="mean", help=FILL_HELP)
+    p.add_argument("--target", help="class number or name whose probability is mapped (default: the top class)")
+    p.add_argument("--batch-size", type=int, default=32, help="positions per batch (default 32)")
+    p.add_argument("--method", choices=("auto", "incremental", "full"), default="auto",
+                   help="incremental (only the occluder's cone is recomputed) or full re-inference (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_args(p, "zfvis_occlusion.png")
+    add_config_arg(p)
+    p.set_defaults(func=run)
+
+
+def _geometry(args: argparse.Namespace, side: int) -> tuple[int, int]:
+    patch = args.patch if args.patch is not None else max(1, round(side / 4))
+    stride = args.stride if args.stride is not None else max(1, patch // 4)
+    if patch < 1 or stride < 1:
+        raise CLIError(f"--patch and --stride must be at least 1, got {patch} and {stride}")
+    if patch > side:
+        raise CLIError(f"--patch {patch} is larger than the {side}x{side} model input")
+    return patch, stride
+
+
+def _projections(dn: Deconvnet, x: torch.Tensor, layer: str, channel: int, shown: torch.Tensor
+                 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:  # fmt: skip
+    """The channel's strongest activations on the image, projected, beside their patches."""
+    rec = dn.record(x, layer)
+    top_k = None if rec.output.dim() == 2 else min(TOP_K, rec.output[0, 0].numel())
+    seeds = dn.select(rec, channel, top_k=top_k)
+    patches = dn.reverse(rec, seeds)
+    pairs = [(crop.float(), shown[:, t:b, l:r]) for crop, (t, l, b, r) in zip(patches.crops(), patches.boxes())]
+    labels = [f"{float(v):.3g} at ({int(y)}, {int(x_)})" if int(y) >= 0 else f"{float(v):.3g}"
+              for v, y, x_ in zip(seeds.value, seeds.y, seeds.x)]
+    return pairs, labels
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    out = check_output(args.output, overwrite=args.overwrite)
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
+    image_path = Path(args.image) if args.image else default_image()
+    if image_path.resolve() == out.resolve():
+        raise CLIError(f"-o {out} would replace the input image; choose another output file")
+    image = load_image(image_path)
+    model, preprocess = load_zoo_model(args.model, args.weights, device)
+    names = class_names(args.model, args.weights)
+    target = parse_target(args.target, names)
+    fill = parse_fill(args.fill, preprocess)
+    dn = Deconvnet(model)
+    layer = args.layer or alias_layers(dn)[0][-1]
+    resolve_layer(dn, layer)
+    x = preprocess(image).to(device)
+    patch, stride = _geometry(args, min(x.shape[-2:]))
+    res = occlusion(model, x, patch=patch, stride=stride, fill=fill, target=target, layer=layer, channel=args.channel,
+                    batch_size=args.batch_size, method=args.method, progress=not args.no_progress)
+    shown = preprocess.denormalize(x.cpu().float())
+    try:
+        pairs, labels = _projections(dn, x[None], layer, res.channel, shown)  # type: ignore[arg-type]
+        note = (f"(c): deconvnet projections of the {len(pairs)} strongest activations of map {res.channel} on the "
+                "unoccluded image (0 is grey), with their values and positions")
+    except ValueError as err:  # the engine cannot project this model or layer
+        pairs, labels, note = [], [], f"(c) not drawn: {str(err).splitlines()[0][:150]}"
+    weights = args.weights or get_spec(args.model).default_weights
+    title = (f"Occlusion: {args.model} ({weights}), {image_path.name} at {x.shape[-1]}x{x.shape[-2]}, "
+             f"patch {patch}, stride {stride}, fill {args.fill}")
+    occlusion_figure(res, shown, projections=pairs, projection_labels=labels, class_names=names,
+                     fill_rgb=fill_rgb(fill, preprocess), title=title,
+                     note=note + f"; computed with the {res.method} method", path=out)
+    _write_json(out.with_suffix(".json"), args, res, names, image_path, layer, patch, stride, weights)
+    _summary(res, names, out)
+    return 0
+
+
+def _write_json(path: Path, args: argparse.Namespace, res: OcclusionResult, names: list[str] | None,
+                image_path: Path, layer: str, patch: int, stride: int, weights: str) -> None:  # fmt: skip
+    settings: dict[str, Any] = dict(vars(args))
+    settings.update(image=str(image_path), layer=layer, channel=res.channel, patch=patch, stride=stride, weights=weights,
+                    target=res.target, output=str(path.with_suffix(".png")))
+    write_settings(path, settings)
+    data = json.loads(path.read_text())
+    data["result"] = {
+        "target": res.target, "target_name": names[res.target] if names else None, "base_prob": res.base_prob,
+        "tops": res.tops.tolist(), "lefts": res.lefts.tolist(), "class_prob": res.class_prob.tolist(),
+        "top_class": res.top_class.tolist(), "activation": None if res.activation is None else res.activation.tolist(),
+        "method": res.method,
+    }  # fmt: skip
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _summary(res: OcclusionResult, names: list[str] | None, out: Path) -> None:
+    label = names[res.target] if names else f"class {res.target}"
+    i, j = divmod(int(res.class_prob.argmin()), res.shape[1])
+    t, l, _, _ = res.box(i, j)
+    print(f"p({label}) = {res.base_prob:.3f} unoccluded; lowest {float(res.class_prob[i, j]):.3f} with the occluder at "
+          f"({t}, {l}); {res.shape[0]}x{res.shape[1]} positions ({res.method})")
+    print(f"wrote {out} (maps and settings in {out.with_suffix('.json').name})")

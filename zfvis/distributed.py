@@ -1,0 +1,108 @@
+"""The processes of a torchrun run, and how they tell each other that one failed.
+
+Under torchrun every rank calls :meth:`Ranks.check` at the same points: the phase
+boundaries of a run and every step of its main loop. A rank that fails calls
+:meth:`Ranks.fail` instead, which meets the others' next check: an all-reduce of the
+lowest failed rank, then an all-gather of the reasons. The others then raise
+:class:`~zfvis.errors.RankFailedError` naming the failed rank, within one step of the
+loop, instead of waiting for the backend's timeout (30 minutes for gloo). A single
+process has nothing to exchange; every call is then a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import RankFailedError
+
+__all__ = ["Ranks"]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class Ranks:
+    """The processes of a run and their check-ins (see the module's description).
+
+    Attributes:
+        rank: This process's rank (0 for a single process).
+        world: The number of processes.
+        owned: Whether :meth:`setup` initialised the process group (and
+            :meth:`close` destroys it).
+        device: Where the collectives' tensors live (the GPU for nccl).
+        active: Whether check-ins still happen (``False`` after :meth:`finish`, a
+            failure, or for a single process).
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1, owned: bool = False, device: torch.device | None = None) -> None:
+        self.rank, self.world, self.owned = rank, world, owned
+        self.device = device or torch.device("cpu")
+        self.active = world > 1
+
+    @classmethod
+    def setup(cls, device: torch.device) -> Ranks:
+        """Joins the process group of torchrun's environment (or an initialised one)."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), False, _collective_device(device))
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1 and "RANK" in os.environ and dist.is_available():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend)
+            return cls(dist.get_rank(), dist.get_world_size(), True, _collective_device(device))
+        return cls()
+
+    def _exchange(self, failed: bool, reason: str = "") -> None:
+        flag = torch.tensor([self.rank if failed else self.world], device=self.device)
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            first = int(flag.item())
+            if first >= self.world:
+                return
+            reasons: list[Any] = [None] * self.world
+            dist.all_gather_object(reasons, reason if failed else None)
+        except RuntimeError as err:  # a peer vanished (killed): the backend reports a broken connection
+            self.active = False
+            if failed:
+                return
+            raise RankFailedError(-1, self.world, f"lost contact with another rank ({_first_line(err)})") from None
+        self.active = False
+        if not failed:
+            raise RankFailedError(first, self.world, reasons[first] or "")
+
+    def check(self) -> None:
+        """Raises :class:`RankFailedError` if another rank has failed."""
+        if self.active:
+            self._exchange(False)
+
+    def fail(self, err: BaseException) -> None:
+        """Tells the other ranks that this one failed (at their next check)."""
+        if self.active and not isinstance(err, RankFailedError):
+            self._exchange(True, f"{type(err).__name__}: {_first_line(err)}")
+
+    def finish(self) -> None:
+        """No more collectives follow."""
+        self.active = False
+
+    def gather(self, obj: Any) -> list[Any]:
+        """All ranks' ``obj``, in rank order."""
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+

@@ -1,0 +1,308 @@
+"""The model as a graph: torch.fx tracing, node names, and which nodes carry the signal.
+
+:func:`trace_model` traces a model symbolically (in eval mode) with torch.fx, keeping as
+leaves every module type the op table knows (and its subclasses, whose ``forward`` may
+differ), plus torch.nn's own modules. Containers (``nn.Sequential``, a ResNet block,
+an Inception module) are traced through, so functional calls in ``forward()``
+(``F.relu``, ``x + y``, ``torch.cat``, ``torch.flatten``) become nodes too.
+
+Nodes are named as torchvision's ``get_graph_node_names`` names them: a module call by
+its ``named_modules()`` name, a function call by the enclosing module's name and the
+function's (``layer1.0.add``), with ``_1``, ``_2``, ... for repeated names within a
+module (``layer1.0.relu_1``). A custom module that cannot be traced (its ``forward``
+raises, or branches on tensor values) is kept as one opaque node: layers before it
+stay projectable, and a projection that must run back through it is refused with the
+reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import linecache
+import re
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from . import ops
+from .ops import UnsupportedModelError
+
+__all__ = ["GraphNode", "ModelGraph", "trace_model", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Puts every module in eval mode and restores each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@dataclasses.dataclass(eq=False)
+class GraphNode:
+    """One node of the traced model.
+
+    Attributes:
+        name: Its name (``layer1.0.relu_1``).
+        fx_node: The torch.fx node it comes from.
+        index: Position in execution order.
+        module_name: For a module call, the module's ``named_modules()`` name.
+        module: For a module call, the module.
+        op: The op-table entry that reverses it (``None``: no entry).
+        carries: Whether the node's value depends on the input image through tensors
+            (the reverse signal can flow through it); shape queries like ``x.size(0)``
+            depend on the input but carry no signal.
+        problem: Why the node cannot be reversed, for nodes that carry the signal
+            without an op-table entry.
+        source: ``file:line: code`` of the call in the model's source, where fx knows it.
+    """
+
+    name: str
+    fx_node: fx.Node
+    index: int
+    module_name: str | None = None
+    module: nn.Module | None = None
+    op: ops.Op | None = None
+    carries: bool = False
+    problem: str | None = None
+    source: str | None = None
+    inputs: list[GraphNode] = dataclasses.field(default_factory=list)
+    users: list[GraphNode] = dataclasses.field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """A short description of what the node does (module type or function name)."""
+        if self.module is not None:
+            return type(self.module).__name__
+        target = self.fx_node.target
+        if self.fx_node.op == "call_method":
+            return f"Tensor.{target}"
+        return getattr(target, "__name__", str(target))
+
+    def __repr__(self) -> str:
+        return f"GraphNode({self.name!r}, {self.kind})"
+
+
+@dataclasses.dataclass
+class ModelGraph:
+    """A traced model.
+
+    Attributes:
+        model: The model.
+        nodes: Every node in execution order (the input first).
+        by_name: Nodes by name.
+        module_output: For each ``named_modules()`` name that a forward call produced,
+            the node holding its (last) output.
+        first_call: For modules called more than once, the node of the first call.
+        opaque: Modules kept whole because tracing into them failed, with the reason.
+    """
+
+    model: nn.Module
+    nodes: list[GraphNode]
+    by_name: dict[str, GraphNode]
+    module_output: dict[str, GraphNode]
+    first_call: dict[str, GraphNode]
+    opaque: dict[str, str]
+
+    @property
+    def input(self) -> GraphNode:
+        """The image placeholder."""
+        return self.nodes[0]
+
+    def node_names(self) -> list[str]:
+        """Names of the nodes that carry the signal, in execution order (not the input)."""
+        return [n.name for n in self.nodes[1:] if n.carries]
+
+    def ancestors(self, targets: list[GraphNode]) -> list[GraphNode]:
+        """Every node the targets depend on (including them), in execution order."""
+        seen: set[int] = set()
+        stack = list(targets)
+        while stack:
+            n = stack.pop()
+            if n.index in seen:
+                continue
+            seen.add(n.index)
+            stack.extend(n.inputs)
+        return [n for n in self.nodes if n.index in seen]
+
+    def signal_path(self, seed: GraphNode) -> list[GraphNode]:
+        """The nodes a reverse pass from ``seed`` runs through, in execution order: those
+        that carry the signal and lie on a path from the input to ``seed``."""
+        return [n for n in self.ancestors([seed]) if n.carries]
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps op-table modules as leaves and names nodes like torchvision."""
+
+    def __init__(self, opaque: set[str]) -> None:
+        super().__init__(autowrap_functions=(), param_shapes_constant=False)
+        self.record_stack_traces = True
+        self.opaque = opaque
+        self.path = ""
+        self.names: dict[fx.Node, str] = {}
+        self.module_of: dict[fx.Node, str] = {}
+        self.counts: dict[str, int] = {}
+        self.outputs: dict[str, fx.Node] = {}
+        self.calls: dict[str, list[fx.Node]] = {}
+        self.failed: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.opaque or isinstance(m, ops.LEAF_TYPES):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        outer = self.path
+        qualname = self.path_of_module(m)
+        self.path = qualname
+        try:
+            if self.is_leaf_module(m, qualname):
+                out = self.create_proxy("call_module", qualname, args, kwargs)
+            else:
+                try:
+                    out = forward(*args, **kwargs)
+                except Exception as err:
+                    if self.failed is None and qualname:
+                        self.failed = (qualname, _describe(err))
+                    raise
+            if isinstance(out, fx.Proxy):
+                self.outputs[qualname] = out.node
+                self.calls.setdefault(qualname, []).append(out.node)
+            return out
+        finally:
+            self.path = outer
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                     type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if kind == "call_module":
+            base = str(target)
+            self.module_of[node] = base
+        elif kind == "placeholder":
+            base = node.name
+        else:
+            local = re.sub(r"_\d+$", "", node.name)
+            base = f"{self.path}.{local}" if self.path else local
+        n = self.counts.get(base, -1) + 1
+        self.counts[base] = n
+        self.names[node] = base if n == 0 else f"{base}_{n}"
+        return proxy
+
+
+def _describe(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _user_frame(err: BaseException) -> str | None:
+    """``file:line: code`` of the innermost frame outside torch (the model's own code)."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return None
+    f = frames[-1]
+    code = (f.line or linecache.getline(f.filename, f.lineno or 0)).strip()
+    return f"{f.filename}:{f.lineno}: {code}"
+
+
+def _trace(model: nn.Module) -> tuple[fx.Graph, _Tracer, dict[str, str]]:
+    opaque: dict[str, str] = {}
+    for _ in range(len(list(model.modules())) + 1):
+        tracer = _Tracer(set(opaque))
+        try:
+            with eval_mode(model):
+                graph = tracer.trace(model)
+            return graph, tracer, opaque
+        except Exception as err:  # noqa: BLE001 - any failure inside a module's forward
+            if tracer.failed is None or tracer.failed[0] in opaque:
+                where = _user_frame(err)
+                raise UnsupportedModelError(
+                    f"cannot trace the model's forward() with torch.fx ({_describe(err)})"
+                    + (f" at {where}" if where else "")
+                    + ". Hint: move tensor-dependent control flow into a submodule, or make the model's "
+                    "forward() a plain sequence of tensor operations"
+                ) from None
+            name, why = tracer.failed
+            where = _user_frame(err)
+            opaque[name] = why + (f" at {where}" if where else "")
+    raise UnsupportedModelError("cannot trace the model's forward() with torch.fx")  # pragma: no cover
+
+
+_OWN_DIR = str(Path(__file__).resolve().parent)
+
+
+def _source(node: fx.Node) -> str | None:
+    """``file:line: code`` of the model's own line that made the node (fx's stack trace,
+    innermost frame outside torch)."""
+    trace = node.stack_trace
+    if not trace:
+        return None
+    lines = trace.splitlines()
+    found = None
+    for i, line in enumerate(lines):
+        m = re.match(r'\s*File "([^"]+)", line (\d+)', line)
+        if m and "/torch/" not in m.group(1) and not m.group(1).startswith(_OWN_DIR):
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].lstrip().startswith("File ") else ""
+            found = f"{m.group(1)}:{m.group(2)}" + (f": {code}" if code else "")
+    return found
+
+
+def trace_model(model: nn.Module) -> ModelGraph:
+    """Traces ``model`` (in eval mode; its modes are restored) into a :class:`ModelGraph`.
+
+    Raises:
+        UnsupportedModelError: The model's own ``forward()`` cannot be traced, or it
+            does not take exactly one input tensor.
+    """
+    graph, tracer, opaque = _trace(model)
+    modules = dict(model.named_modules())
+    nodes: list[GraphNode] = []
+    of: dict[fx.Node, GraphNode] = {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedModelError(
+            f"the model's forward() takes {len(placeholders)} inputs; zfvis needs a model of one image batch"
+        )
+    for fxn in graph.nodes:
+        if fxn.op == "output":
+            continue
+        gn = GraphNode(tracer.names.get(fxn, fxn.name), fxn, len(nodes))
+        if fxn.op == "call_module":
+            gn.module_name = str(fxn.target)
+            gn.module = modules[gn.module_name]
+        gn.source = _source(fxn)
+        gn.inputs = [of[a] for a in fxn.all_input_nodes if a in of]
+        for parent in gn.inputs:
+            parent.users.append(gn)
+        of[fxn] = gn
+        nodes.append(gn)
+    _classify(nodes, opaque)
+    module_output = {name: of[n] for name, n in tracer.outputs.items() if n in of}
+    first_call = {name: of[c[0]] for name, c in tracer.calls.items() if len(c) > 1 and c[0] in of}
+    return ModelGraph(model, nodes, {n.name: n for n in nodes}, module_output, first_call, opaque)
+
+
+def _classify(nodes: list[GraphNode], opaque: dict[str, str]) -> None:
+    """Marks which nodes carry the signal and finds each one's op-table entry."""
+    nodes[0].carries = True
+    for gn in nodes[1:]:
+        if not any(p.carries for p in gn.inputs) or ops.is_shape_query(gn.fx_node):
+            continue
+        gn.carries = True
+        if gn.module_name in opaque:
+            gn.problem = f"module '{gn.module_name}' ({gn.kind}) could not be traced: {opaque[gn.module_name]}"
+            continue
+        gn.op, why = ops.lookup(gn)
+        if why is not None:
+            where = f" at {gn.source}" if gn.source else ""
+            gn.problem = (f"node '{gn.name}' ({gn.kind}){where}: {why}. Hint: layers before it can still be "
+                          "projected; see `zfvis layers` for the supported operations")

@@ -1,0 +1,248 @@
+"""Invariance (Zeiler & Fergus 2014, Fig. 5): how features change as an image is moved.
+
+Each image is translated vertically, scaled or rotated by a range of amounts. For every
+amount, :func:`invariance` measures at each requested layer the Euclidean distance
+between the feature vector of the transformed image and that of the original, and the
+probability the model gives the image's true (or top) class. Small changes in the low
+layers that grow with the amount, flatter curves in high layers, and a stable
+probability mean the network is invariant to that transformation.
+
+The transformations act on the preprocessed image (model input space) and keep its
+size; pixels that come from outside the image take the value ``fill`` (0.0: the data
+set's mean colour after normalisation):
+
+* ``translation``: a vertical shift by a whole number of pixels (positive: down);
+* ``scale``: a zoom about the centre by a factor (above 1: larger), bilinear;
+* ``rotation``: a rotation about the centre by degrees (positive: counter-clockwise
+  as displayed), bilinear.
+
+The identity (shift 0, factor 1, angle 0) returns the image unchanged, exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .engine import Deconvnet
+from .errors import UserInputError
+
+__all__ = ["TRANSFORMS", "InvarianceResult", "invariance", "transform_images"]
+
+#: The transformations :func:`invariance` applies.
+TRANSFORMS = ("translation", "scale", "rotation")
+_IDENTITY = {"translation": 0.0, "scale": 1.0, "rotation": 0.0}
+
+
+@dataclasses.dataclass
+class InvarianceResult:
+    """Feature distances and class probabilities per image and amount of one transformation.
+
+    Attributes:
+        transform: ``"translation"``, ``"scale"`` or ``"rotation"``.
+        amounts: The amounts (A,): pixels, factors or degrees.
+        layers: The layer names, as given.
+        distances: For each layer, ``||f(T(x)) - f(x)||`` per image and amount (N, A).
+        probability: Probability of each image's target class (N, A).
+        targets: Each image's target class (N,).
+        base_probability: The target's probability on each untransformed image (N,).
+    """
+
+    transform: str
+    amounts: torch.Tensor
+    layers: list[str]
+    distances: dict[str, torch.Tensor]
+    probability: torch.Tensor
+    targets: torch.Tensor
+    base_probability: torch.Tensor
+
+
+def _check_transform(transform: str) -> str:
+    if transform not in TRANSFORMS:
+        raise UserInputError(f"unknown transform '{transform}'; use one of {', '.join(TRANSFORMS)}")
+    return transform
+
+
+def _check_amount(transform: str, amount: float) -> float:
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
+        raise TypeError(f"{transform} amounts must be finite numbers, got {amount!r}")
+    if transform == "translation" and amount != int(amount):
+        raise UserInputError(f"translation amounts are whole pixels, got {amount}")
+    if transform == "scale" and amount <= 0:
+        raise UserInputError(f"scale factors must be positive, got {amount}")
+    return float(amount)
+
+
+def _fill_like(fill: float | torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``fill`` (a float or a (C,) tensor) as a (1, C, 1, 1) tensor like ``images``."""
+    value = torch.as_tensor(fill, dtype=images.dtype, device=images.device).reshape(-1)
+    if value.numel() not in (1, images.shape[1]):
+        raise UserInputError(f"fill must be a float or a ({images.shape[1]},) tensor, got {value.numel()} values")
+    return value.expand(images.shape[1]).reshape(1, -1, 1, 1)
+
+
+def _affine(images: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Samples ``images`` at ``matrix @ (x, y)`` (pixel units about the centre), bilinear."""
+    n, _, h, w = images.shape
+    half = torch.tensor([w / 2.0, h / 2.0], dtype=images.dtype, device=images.device)
+    theta = torch.zeros(n, 2, 3, dtype=images.dtype, device=images.device)
+    theta[:, :, :2] = matrix.to(images) * half[None, :] / half[:, None]  # D^-1 M D in normalised units
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
+
+def transform_images(
+    images: torch.Tensor, transform: str, amount: float, *, fill: float | torch.Tensor = 0.0
+) -> torch.Tensor:
+    """Translates, scales or rotates a batch of images, keeping their size.
+
+    Args:
+        images: (N, C, H, W), in model input space.
+        transform: ``"translation"`` (vertical, pixels, positive down), ``"scale"`` (factor,
+            about the centre) or ``"rotation"`` (degrees, counter-clockwise as displayed).
+        amount: How much.
+        fill: Value of the pixels that come from outside the image: a float or a (C,) tensor.
+
+    Returns:
+        The transformed images (a copy; the identity returns an exact copy).
+
+    Raises:
+        ValueError: Unknown transform, a fractional shift or a factor that is not positive.
+    """
+    _check_transform(transform)
+    amount = _check_amount(transform, amount)
+    fill = _fill_like(fill, images)
+    if amount == _IDENTITY[transform] or (transform == "rotation" and amount % 360 == 0):
+        return images.clone()
+    if transform == "translation":
+        shift, h = int(amount), images.shape[-2]
+        out = fill.expand_as(images).clone()
+        if abs(shift) < h:
+            src = images[..., max(0, -shift) : h - max(0, shift), :]
+            out[..., max(0, shift) : max(0, shift) + src.shape[-2], :] = src
+        return out
+    if transform == "scale":
+        matrix = torch.eye(2) / amount
+    else:  # counter-clockwise as displayed (y points down): sample the input at R(-angle) p
+        a = math.radians(amount)
+        matrix = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return _affine(images, matrix.to(torch.float64), fill)
+
+
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise UserInputError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor, got {images.dtype}")
+    return images
+
+
+def _targets(targets: Sequence[int] | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    n, classes = logits.shape
+    if targets is None:
+        return logits.argmax(dim=1).cpu()
+    t = torch.as_tensor(targets, dtype=torch.long).reshape(-1).cpu()
+    if len(t) == 1:
+        t = t.expand(n).clone()
+    if len(t) != n:
+        raise UserInputError(f"got {len(t)} targets for {n} images; give one per image or one for all")
+    bad = [int(v) for v in t if not 0 <= int(v) < classes]
+    if bad:
+        raise UserInputError(f"target class {bad[0]} is out of range: the model has {classes} classes (0..{classes - 1})")
+    return t
+
+
+def invariance(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: str,
+    amounts: Sequence[float],
+    layers: Sequence[str],
+    *,
+    targets: Sequence[int] | torch.Tensor | None = None,
+    fill: float | torch.Tensor = 0.0,
+    batch_size: int = 64,
+) -> InvarianceResult:
+    """Feature distances and class probabilities of transformed images (ZF Fig. 5).
+
+    Args:
+        model: A classifier returning (N, classes) scores; run in eval mode.
+        images: Preprocessed images (N, C, H, W) (or one, (C, H, W)).
+        transform: ``"translation"``, ``"scale"`` or ``"rotation"`` (see
+            :func:`transform_images`).
+        amounts: The amounts to apply (pixels, factors or degrees).
+        layers: Layer names or aliases whose feature vectors are compared.
+        targets: The true class of each image (or one for all); by default each
+            untransformed image's most probable class.
+        fill: Value of pixels that come from outside the image (model input space): a
+            float or a (C,) tensor.
+        batch_size: Transformed images per forward pass.
+
+    Returns:
+        An :class:`InvarianceResult`; distances are float64, on the CPU.
+
+    Raises:
+        ValueError: Unknown transform or layer, bad amounts or targets, no amounts or layers.
+        TypeError: Arguments of the wrong type.
+    """
+    _check_transform(transform)
+    images = _check_images(images)
+    amounts = [_check_amount(transform, a) for a in amounts]
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    if not amounts or not layers:
+        raise UserInputError("give at least one amount and one layer")
+    if batch_size < 1:
+        raise UserInputError(f"batch_size must be at least 1, got {batch_size}")
+    dn = Deconvnet(model)
+    for layer in layers:
+        dn.resolve(layer)
+    param = next(model.parameters(), None)
+    if param is not None:
+        images = images.to(device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        try:
+            return _measure(model, dn, images, transform, amounts, layers, targets, fill, batch_size)
+        finally:
+            model.train(was)
+
+
+def _measure(
+    model: nn.Module,
+    dn: Deconvnet,
+    images: torch.Tensor,
+    transform: str,
+    amounts: list[float],
+    layers: list[str],
+    targets: Sequence[int] | torch.Tensor | None,
+    fill: float | torch.Tensor,
+    batch_size: int,
+) -> InvarianceResult:
+    """Each chunk of transformed images runs in one batch with its original, so the
+    identity gives exactly the original's features (batch size changes rounding)."""
+    target = _targets(targets, model(images))
+    n, a = images.shape[0], len(amounts)
+    dist = {layer: torch.zeros(n, a, dtype=torch.float64) for layer in layers}
+    prob = torch.zeros(n, a, dtype=torch.float64)
+    base = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        moved = torch.cat([transform_images(images[i : i + 1], transform, v, fill=fill) for v in amounts])
+        for start in range(0, a, batch_size):
+            chunk = torch.cat([images[i : i + 1], moved[start : start + batch_size]])
+            cols = slice(start, start + len(chunk) - 1)
+            probs = torch.softmax(model(chunk), dim=1)[:, int(target[i])].double().cpu()
+            base[i], prob[i, cols] = probs[0], probs[1:]
+            for layer in layers:
+                feats = dn.output(chunk, layer).reshape(len(chunk), -1).double()
+                dist[layer][i, cols] = (feats[1:] - feats[:1]).norm(dim=1).cpu()
+    return InvarianceResult(transform, torch.tensor(amounts, dtype=torch.float64), layers, dist, prob, target, base)

@@ -1,0 +1,227 @@
+"""The output folder of a mining run: what it may hold, locking it, and undoing a failed start.
+
+zfvis writes into a folder only when it holds nothing, or a zfvis run with the same
+settings (which is then resumed or finished). Anything else is refused before a single
+file is written: a person's own files unless ``overwrite``, a zfvis run with other
+settings unless ``restart`` (or ``overwrite``). ``settings.json`` carries a ``zfvis``
+entry with the run's fingerprint: that is how a folder is known to be a zfvis run. The
+folder is locked (:class:`~zfvis._io.FolderLock`) while a run writes to it. A start that
+fails before any result removes what it made: the folders it created and its
+``settings.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import FolderLock, atomic_write_text
+from .errors import OutputFolderError, UserInputError
+
+__all__ = ["STATE_VERSION", "FolderRequest", "claim", "load_state", "safe_name"]
+
+#: Version of the saved pass-1 state (``state.pt``).
+STATE_VERSION = 1
+
+
+def safe_name(layer: str) -> str:
+    """A layer name as a file name (``features.3`` -> ``features_3``)."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in layer)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_state(path: Path) -> dict[str, Any] | None:
+    """A saved mining state (``None`` if there is none).
+
+    Raises:
+        UserInputError: The file is damaged.
+        OutputFolderError: It is not a zfvis mining state.
+    """
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged state file
+        raise UserInputError(f"cannot read the saved state '{path}' ({_first_line(err)}); delete it to start again") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise OutputFolderError(f"'{path}' is not a zfvis mining state; use another output folder")
+    return state
+
+
+@dataclasses.dataclass
+class FolderRequest:
+    """What a run asks of its output folder.
+
+    Attributes:
+        out: The folder.
+        fingerprint: The run's identity (settings, file list, weights).
+        run: The settings the fingerprint covers (named in messages when they differ).
+        record: Further settings to record in ``settings.json``.
+        restart: Replace a zfvis run, whatever its settings.
+        overwrite: Write into a folder that holds other files too.
+        flag: How the person turns a flag on, for messages (``--restart``).
+    """
+
+    out: Path
+    fingerprint: str
+    run: dict[str, Any]
+    record: dict[str, Any]
+    restart: bool = False
+    overwrite: bool = False
+    flag: Callable[[str], str] = lambda name: f"{name}=True"
+
+
+def _run_marker(out: Path) -> dict[str, Any] | None:
+    """What marks ``out`` as a zfvis mining run: ``settings.json``'s ``zfvis`` entry (or,
+    for runs made before it existed, a zfvis ``state.pt``); ``None``: not a zfvis run."""
+    try:
+        settings = json.loads((out / "settings.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        settings = None
+    except (OSError, ValueError):
+        return None  # someone's own, unreadable settings.json
+    if isinstance(settings, dict) and isinstance(settings.get("zfvis"), dict):
+        marker = {**settings["zfvis"], "run": settings.get("run")}
+        return marker if marker.get("command") == "mine" else None
+    try:
+        state = load_state(out / "state.pt")
+    except UserInputError:
+        return None
+    return {"fingerprint": state["fingerprint"], "run": None} if state else None
+
+
+def _make_folder(out: Path) -> list[Path]:
+    """Creates ``out`` (and missing parents); returns the folders created, outermost first."""
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"output '{out}' exists and is not a folder")
+    missing = [p for p in [out, *out.parents] if not p.exists()][::-1]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputFolderError(f"cannot create output folder '{out}': {err.strerror or err}") from None
+    if not os.access(out, os.W_OK):
+        raise OutputFolderError(f"output folder '{out}' is not writable")
+    return missing
+
+
+def _contents(out: Path) -> list[str]:
+    """The folder's entries, less the lock and leftover temporary files."""
+    return sorted(p.name for p in out.iterdir()
+                  if p.name != FolderLock.NAME and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+
+def _check_folder(req: FolderRequest) -> None:
+    """Refuses a folder that holds anything but a zfvis run with the same settings, unless
+    the person asked; clears the outputs of a zfvis run that is replaced."""
+    entries = _contents(req.out)
+    if not entries:
+        return
+    marker = _run_marker(req.out)
+    if marker is None:
+        if req.overwrite:
+            return
+        shown = ", ".join(entries[:4]) + (f", ... ({len(entries)} in all)" if len(entries) > 4 else "")
+        raise OutputFolderError(
+            f"output folder '{req.out}' already holds files that zfvis did not write ({shown}); use a new or empty "
+            f"folder, or {req.flag('overwrite')} to write into it anyway"
+        )
+    same = marker.get("fingerprint") == req.fingerprint
+    if same and not req.restart:
+        return
+    if not same and not (req.restart or req.overwrite):
+        raise OutputFolderError(
+            f"output folder '{req.out}' holds a zfvis mining run with other settings"
+            f"{_differences(marker.get('run'), req.run)}; use another folder, or {req.flag('restart')} to replace "
+            "that run"
+        )
+    _discard_run(req.out, marker)
+
+
+def _differences(old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return ""
+    keys = sorted(k for k in new if json.dumps(old.get(k), sort_keys=True, default=str)
+                  != json.dumps(new[k], sort_keys=True, default=str))
+    return f" (different: {', '.join(keys)})" if keys else " (other image files or other weights)"
+
+
+def _discard_run(out: Path, marker: dict[str, Any]) -> None:
+    """Removes the outputs of an earlier zfvis run that is being replaced."""
+    for p in [out / "state.pt", out / "topk.json", out / "index.html", *out.glob("state.rank*-of-*.pt")]:
+        p.unlink(missing_ok=True)
+    for layer in (marker.get("run") or {}).get("layers") or {}:
+        for fig in [out / f"{safe_name(layer)}.png", *out.glob(f"{safe_name(layer)}_p*.png")]:
+            fig.unlink(missing_ok=True)
+        shutil.rmtree(out / "tiles" / safe_name(layer), ignore_errors=True)
+
+
+def _write_settings(req: FolderRequest) -> None:
+    from . import __version__
+
+    marker = {"command": "mine", "version": __version__, "fingerprint": req.fingerprint}
+    settings = {**{k: v for k, v in req.record.items() if not callable(v)}, "zfvis": marker, "run": req.run}
+    atomic_write_text(req.out / "settings.json", json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _has_results(out: Path) -> bool:
+    return (out / "state.pt").exists() or (out / "topk.json").exists() or any(out.glob("state.rank*-of-*.pt"))
+
+
+def _undo(out: Path, created: list[Path], fresh_settings: bool) -> None:
+    """Undoes a start that failed before any result: its ``settings.json`` (if there was
+    none before), then the folders it created (each only if empty)."""
+    if _has_results(out):
+        return
+    if fresh_settings:
+        (out / "settings.json").unlink(missing_ok=True)
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def claim(req: FolderRequest, *, lead: bool = True, sync: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Claims the output folder for the duration of the block.
+
+    The lead process creates and locks the folder, checks what it holds and writes
+    ``settings.json``; then every process calls ``sync`` (under torchrun, the ranks'
+    check-in, which also tells the others if the lead refused). On a failure before any
+    result, what this run made is removed.
+
+    Raises:
+        OutputFolderError: The folder holds what the run may not replace, cannot be
+            created, or another run holds its lock.
+    """
+    created: list[Path] = []
+    lock: FolderLock | None = None
+    fresh = False
+    try:
+        if lead:
+            created = _make_folder(req.out)
+            lock = FolderLock(req.out, busy=OutputFolderError)
+            lock.acquire()
+            _check_folder(req)
+            fresh = not (req.out / "settings.json").exists()
+            _write_settings(req)
+        sync()
+        yield
+    except BaseException:
+        if lock is not None:
+            lock.release()
+            _undo(req.out, created, fresh)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
