@@ -30,6 +30,9 @@ __all__ = ["Deconvnet", "Seeds", "Patches"]
 
 Position = tuple[int, int]
 
+#: Ops that may stand between a convolution and the layer name that means it (``conv3``).
+_AFTER_CONV = ("batch_norm", "relu", "relu6")
+
 
 @dataclasses.dataclass
 class Seeds:
@@ -194,6 +197,30 @@ class Deconvnet:
         raise UserInputError(
             f"layer '{layer}' is {kind}.{hint} Hint: use Deconvnet.layer_names() (or `zfvis layers`) for the valid names"
         )
+
+    def convolution(self, layer: str) -> tuple[str, nn.Conv2d]:
+        """The convolution module a layer stands for: the convolution itself, or its
+        output after batch norm and ReLU (what ``conv3`` names), found through the graph.
+
+        Returns:
+            (its ``named_modules()`` name, the module).
+
+        Raises:
+            UserInputError: The layer is something else (a pool, a linear layer, ...).
+        """
+        node = self._node(layer)
+        while node.op is not None and node.op.name in _AFTER_CONV:
+            live = [p for p in node.inputs if p.carries]
+            if len(live) != 1:
+                break
+            node = live[0]
+        if isinstance(node.module, nn.Conv2d) and node.module_name is not None:
+            return node.module_name, node.module
+        convs = [a for a in self.aliases if a.startswith("conv")] or [
+            n.module_name for n in self.graph.nodes if isinstance(n.module, nn.Conv2d)]
+        shown = ", ".join(str(c) for c in convs[:8]) + (", ..." if len(convs) > 8 else "")
+        raise UserInputError(f"layer '{layer}' is a {node.kind}, not a convolution; filters exist for "
+                             f"convolutions: {shown}")
 
     def trace(self, input_shape: Sequence[int]) -> list[Step]:
         """Every node that carries the signal, with shapes and receptive fields, for

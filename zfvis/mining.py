@@ -58,6 +58,8 @@ from .engine import Deconvnet, Seeds
 from .errors import MiningInterrupted, UserInputError
 from .gallery import write_site
 from .run_folder import STATE_VERSION, FolderRequest, claim, load_state, safe_name
+from .topk import EMPTY as _EMPTY
+from .topk import empty_topk, image_maxima, merge_topk
 from .zoo import Preprocess
 
 __all__ = [
@@ -77,7 +79,6 @@ PAGE_CHANNELS = 64
 #: Activations per channel drawn in the Fig. 2 figures (a 3x3 grid); tiles and the
 #: gallery show all ``top``.
 FIGURE_TOP = 9
-_EMPTY = torch.iinfo(torch.long).max  # index of an empty top-k slot (sorts last)
 _PROBE_FILES = 50  # files tried for a readable first image
 
 
@@ -325,47 +326,6 @@ def _loader(ds: _Files, batch_size: int, workers: int) -> torch.utils.data.DataL
 # --------------------------------------------------------------------------- top-k
 
 
-def empty_topk(channels: int, k: int) -> dict[str, torch.Tensor]:
-    """A top-k list with every slot empty, for ``channels`` channels."""
-    return {
-        "values": torch.full((channels, k), -math.inf),
-        "index": torch.full((channels, k), _EMPTY, dtype=torch.long),
-        "pos": torch.full((channels, k), -1, dtype=torch.long),
-    }
-
-
-def merge_topk(parts: Sequence[dict[str, torch.Tensor]], k: int) -> dict[str, torch.Tensor]:
-    """Merges top-k lists (each ``values``/``index``/``pos`` of shape (C, n)) exactly.
-
-    Order: value descending, then image index ascending; empty slots (index
-    ``_EMPTY``) last. Entries of one image must occur once per channel across ``parts``.
-    """
-    values = torch.cat([p["values"] for p in parts], dim=1)
-    index = torch.cat([p["index"] for p in parts], dim=1)
-    pos = torch.cat([p["pos"] for p in parts], dim=1)
-    order = torch.sort(index, dim=1, stable=True).indices  # secondary key first
-    values, index, pos = (torch.gather(t, 1, order) for t in (values, index, pos))
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    values, index, pos = (torch.gather(t, 1, order) for t in (values, index, pos))
-    return {"values": values[:, :k].contiguous(), "index": index[:, :k].contiguous(), "pos": pos[:, :k].contiguous()}
-
-
-def image_maxima(out: torch.Tensor, channels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and channel the maximum over positions and its flat position (C, B)."""
-    out = out.detach()
-    if channels is not None:
-        out = out.index_select(1, channels)
-    if out.dim() == 2:
-        vals = out.float()
-        pos = torch.full_like(vals, -1, dtype=torch.long)
-    else:
-        flat = out.flatten(2).float()
-        vals = flat.amax(dim=2)
-        pos = (flat == vals.unsqueeze(2)).to(torch.uint8).argmax(dim=2)  # first maximum
-    vals = torch.nan_to_num(vals, nan=-math.inf)
-    return vals.t().cpu(), pos.t().cpu()
-
-
 # --------------------------------------------------------------------------- forward taps
 
 
@@ -579,7 +539,7 @@ def _bar(total: int, desc: str, show: bool, initial: int = 0, unit: str = "img")
     if not show:
         yield None
         return
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     # shown after a second: an error in the first moments is then the only line on stderr
     bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, delay=1.0)

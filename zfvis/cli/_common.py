@@ -437,7 +437,7 @@ def write_settings(path: str | os.PathLike[str], settings: dict[str, Any]) -> No
 @contextlib.contextmanager
 def progress(total: int, desc: str, unit: str, show: bool = True) -> Iterator[Any]:
     """A tqdm bar on stderr that is cleared, not left behind, when the work fails."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     # shown after a second: an error in the first moments is then the only line on stderr
     bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not show, dynamic_ncols=True, delay=1.0)

@@ -18,8 +18,9 @@ from ..checkpoints import check_checkpoint_file
 from ..checks import check_channels, check_input_size, check_int
 from ..data import evenly_spaced, list_images, load_image, resolve
 from ..engine import Deconvnet
-from ..mining import crop_winners, image_maxima, make_seeds, merge_topk
+from ..mining import crop_winners, make_seeds
 from ..render import grid_figure, normalize_projection
+from ..topk import strongest
 from ._common import (
     CLIError,
     add_config_arg,
@@ -85,35 +86,15 @@ def _load_images(paths: list[Path], preprocess, show: bool) -> tuple[torch.Tenso
     return torch.stack(tensors), names, len(paths) - len(tensors)
 
 
-def strongest(dn: Deconvnet, images: torch.Tensor, layer: str, channels: list[int], batch: int = 128):
-    """For each channel, the (value, image index, y, x) of its strongest activation
-    (ties: the first image, then the first position, as in mining)."""
-    sel = torch.tensor(channels, device=images.device)
-    best = None
-    width = 1
-    for start in range(0, len(images), batch):
-        out = dn.record(images[start : start + batch], layer).output
-        values, pos = image_maxima(out, sel)
-        index = torch.arange(start, start + out.shape[0]).expand_as(values)
-        part = {"values": values, "index": index, "pos": pos}
-        best = merge_topk([part] if best is None else [best, part], 1)
-        width = out.shape[-1] if out.dim() == 4 else 1
-    if best is None:
-        raise CLIError("no image to search")
-    pos = best["pos"][:, 0]
-    y = torch.where(pos >= 0, pos // width, -1)
-    x = torch.where(pos >= 0, pos % width, -1)
-    return best["values"][:, 0], best["index"][:, 0], y, x
-
-
 def _column(dn: Deconvnet, images: torch.Tensor, layer: str, channels: list[int]) -> list[torch.Tensor | None]:
     """One checkpoint's column: each channel's strongest activation, projected and cropped."""
-    value, index, y, x = strongest(dn, images, layer, channels)
-    winners = sorted(set(index.tolist()))
+    best = strongest(dn, images, layer, channels)
+    winners = sorted(set(best.image.tolist()))
     where = {i: j for j, i in enumerate(winners)}
-    rows = [(where[int(i)], c, int(yy), int(xx), float(v)) for i, c, yy, xx, v in zip(index, channels, y, x, value)]
+    rows = [(where[int(i)], c, int(yy), int(xx), float(v))
+            for i, c, yy, xx, v in zip(best.image, channels, best.y, best.x, best.value)]
     crops = crop_winners(dn, images[winners], layer, make_seeds(rows, images.device))
-    return [normalize_projection(p.float()) if float(v) > 0 else None for (p, _, _), v in zip(crops, value)]
+    return [normalize_projection(p.float()) if float(v) > 0 else None for (p, _, _), v in zip(crops, best.value)]
 
 
 def _check_args(args: argparse.Namespace) -> list[tuple[int, int]]:

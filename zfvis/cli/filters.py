@@ -10,20 +10,15 @@ from ..engine import Deconvnet
 from ..render import filter_grid
 from ..zoo import get_spec
 from ._common import (
-    CLIError,
     add_config_arg,
     add_model_args,
     add_output_args,
     check_output,
-    layer_modules,
     load_zoo_model,
     resolve_device,
     resolve_layer,
     write_settings,
 )
-
-#: Modules that may follow a convolution in the layer an alias names (its rectified output).
-_AFTER_CONV = (nn.BatchNorm2d, nn.ReLU)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,30 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def conv_of(dn: Deconvnet, layer: str) -> tuple[str, nn.Conv2d]:
-    """The convolution a layer name stands for: the convolution itself, or its output
-    after batch norm and ReLU (what ``conv3`` names).
-
-    Raises:
-        CLIError: The layer is something else (a pool, a linear layer, ...).
-    """
-    target = resolve_layer(dn, layer)
-    found: tuple[str, nn.Conv2d] | None = None
-    kind = "layer"
-    for name, module in layer_modules(dn):
-        if isinstance(module, nn.Conv2d):
-            found = (name, module)
-        elif not isinstance(module, _AFTER_CONV):
-            found = None
-        if name == target:
-            kind = type(module).__name__ if module is not None else "function"
-            break
-    if found is None:
-        convs = [a for a, t in dn.aliases.items() if a.startswith("conv")] or [
-            n for n, m in layer_modules(dn) if isinstance(m, nn.Conv2d)
-        ]
-        shown = ", ".join(convs[:8]) + (", ..." if len(convs) > 8 else "")
-        raise CLIError(f"layer '{layer}' is a {kind}, not a convolution; filters exist for convolutions: {shown}")
-    return found
+    """The convolution a layer name stands for (:meth:`zfvis.Deconvnet.convolution`)."""
+    resolve_layer(dn, layer)
+    return dn.convolution(layer)
 
 
 def run(args: argparse.Namespace) -> int:
