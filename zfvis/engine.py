@@ -19,16 +19,24 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .aliases import layer_aliases
-from .deconv import ReverseStack, ReverseStep, crop_windows
+from .deconv import ReverseConv2d, ReverseStack, ReverseStep, crop_windows
 from .errors import InputTypeError, UserInputError
 from .graph import GraphNode, ModelGraph, trace_model
 from .ops import OPS, RULES, UnsupportedModelError
-from .receptive import ReceptiveField, Window, plan, receptive_field
+from .receptive import ReceptiveField, StepCost, Window, group_seeds, plan, receptive_field
 from .recording import Recording, Step, record
 
 __all__ = ["Deconvnet", "Seeds", "Patches"]
 
 Position = tuple[int, int]
+
+#: How seeds are batched for the reverse pass (:func:`zfvis.receptive.group_seeds`), in
+#: multiply-adds: what a step costs per element of signal it only reads and writes, the
+#: fixed cost of running one step for a batch, and the largest signal a batch may have
+#: (elements) so that its steps work in the processor's cache.
+_MEMORY_WORK = 8.0
+_STEP_OVERHEAD = 3e6
+_BATCH_ELEMENTS = 8_000_000
 
 #: Ops that may stand between a convolution and the layer name that means it (``conv3``).
 _AFTER_CONV = ("batch_norm", "relu", "relu6")
@@ -466,21 +474,43 @@ class Deconvnet:
             at the input size.
         """
         stack = self.reverse_stack(recording)
-        parts = [self._reverse_chunk(recording, stack, seeds[i : i + self.chunk_size])
-                 for i in range(0, len(seeds), self.chunk_size)]
+        batches = self._batches(recording, stack, seeds)
+        parts = [self._reverse_chunk(recording, stack, seeds[torch.tensor(b, device=seeds.image.device)])
+                 for b in batches]
         if len(parts) == 1:
             return parts[0]
-        # where branches meet, a window's size depends on the seeds of its chunk: bring
-        # every chunk to the largest (the projection is zero outside each seed's cone)
+        # a window's size depends on the seeds of its batch: bring every batch to the
+        # largest (the projection is zero outside each seed's cone), in the seeds' order
         h = max(p.pixels.shape[-2] for p in parts)
         w = max(p.pixels.shape[-1] for p in parts)
+        wide = [_widen(p, h, w) for p in parts]
+        order = torch.argsort(torch.tensor([i for b in batches for i in b])).to(parts[0].pixels.device)
         return Patches(
-            torch.cat([_widen(p, h, w).pixels for p in parts]),
-            torch.cat([_widen(p, h, w).top for p in parts]),
-            torch.cat([_widen(p, h, w).left for p in parts]),
-            torch.cat([p.box for p in parts]),
+            torch.cat([p.pixels for p in wide])[order],
+            torch.cat([p.top for p in wide])[order],
+            torch.cat([p.left for p in wide])[order],
+            torch.cat([p.box for p in wide])[order],
             parts[0].image_size,
         )
+
+    def _batches(self, recording: Recording, stack: ReverseStack, seeds: Seeds) -> list[list[int]]:
+        """Seeds grouped into the batches that are reversed together (at most
+        ``chunk_size`` each): seeds whose cones are alike, few enough to work in cache."""
+        n, out = len(seeds), recording.output
+        if n <= 1 or not self.windowed or seeds.whole_map or out.dim() != 4:
+            return [list(range(i, min(i + self.chunk_size, n))) for i in range(0, n, self.chunk_size)]
+        top = Window.points(seeds.y, seeds.x, (out.shape[2], out.shape[3]))
+        wins = self._plan(recording, stack, top, n, out.device)
+        costs = []
+        for step in stack.steps:
+            win = wins.get(step.node)
+            if win is None or len(step.out_shape) != 3:
+                continue
+            layer = step.layer
+            work = float(layer.weight.numel()) if isinstance(layer, ReverseConv2d) else _MEMORY_WORK * step.out_shape[0]
+            costs.append(StepCost(win, work, int(step.out_shape[0])))
+        return group_seeds(n, costs, overhead=_STEP_OVERHEAD * len(stack.steps), max_elements=_BATCH_ELEMENTS,
+                           max_size=self.chunk_size)
 
     def _plan(self, recording: Recording, stack: ReverseStack, top: Window | None, b: int,
               dev: torch.device) -> dict[str, Window | None]:
@@ -525,7 +555,7 @@ class Deconvnet:
                 # activation's value equals the value seeded (and is exact for negative ones)
                 pixels = pixels * seeds.value.to(pixels.dtype).view(-1, 1, 1, 1)
         box = torch.stack(bottom.cone, dim=1)
-        return Patches(pixels, bottom.top, bottom.left, box, bottom.map_size)
+        return Patches(pixels.contiguous(), bottom.top, bottom.left, box, bottom.map_size)
 
     def figure(
         self,

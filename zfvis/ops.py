@@ -386,7 +386,7 @@ OPS: dict[str, Op] = {
         Op("batch_norm", "its per-channel scale gamma / sqrt(running_var + eps)", "same",
            lambda site: deconv.Scale(site.node.module, _source(site)), _prepare_bn),
         Op("max_pool2d", "unpooling with the recorded switches (overlapping windows add up)", "spatial",
-           lambda site: deconv.Unpool2d(_source(site), str(_pool_params(site))), _prepare_maxpool,
+           lambda site: deconv.Unpool2d(_source(site), _pool_params(site)), _prepare_maxpool,
            record=_record_switches, params=_pool_params),
         Op("avg_pool2d", "its transpose", "spatial", _linear_map("avg_pool2d"), params=_pool_params),
         Op("adaptive_avg_pool2d", "its transpose", "spatial", _linear_map("adaptive_avg_pool2d"),

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ReceptiveField", "Window", "plan", "receptive_field", "union"]
+__all__ = ["ReceptiveField", "Window", "StepCost", "group_seeds", "plan", "receptive_field", "union"]
 
 Pair = tuple[int, int]
 
@@ -251,3 +251,67 @@ def _merge(fields: Sequence[ReceptiveField]) -> ReceptiveField | None:
     lo = tuple(min(f.offset[i] for f in fields) for i in range(2))
     hi = tuple(max(f.offset[i] + f.size[i] for f in fields) for i in range(2))
     return ReceptiveField((hi[0] - lo[0], hi[1] - lo[1]), first.jump, lo)  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """What one reverse step costs, per pixel of the window it takes.
+
+    Attributes:
+        window: That window (per seed: its cone).
+        work: Multiply-adds (or their equivalent in memory traffic) per pixel.
+        channels: Channels of the signal on the window.
+    """
+
+    window: Window
+    work: float
+    channels: int
+
+
+def group_seeds(n: int, steps: Sequence[StepCost], *, overhead: float, max_elements: int,
+                max_size: int) -> list[list[int]]:
+    """Splits seeds into batches that are cheap to reverse together.
+
+    A batch shares one window size per step, the largest of its seeds' cones, so a seed
+    whose cone is small (near a border, or lower in the network) pays for its
+    neighbours' when batched with them; a batch also pays ``overhead`` once (running
+    the steps), and its largest signal should stay small enough to work in cache.
+    Seeds are taken largest first, and each joins the current batch while that costs
+    less than reversing it on its own.
+
+    Args:
+        n: The number of seeds.
+        steps: Every step with a map window, from one plan of all the seeds.
+        overhead: The fixed cost of one batch, in the unit of ``work``.
+        max_elements: The most elements a batch's signal may have at any step (a batch
+            of one seed may have more).
+        max_size: The most seeds in a batch.
+
+    Returns:
+        Batches of seed indices (each in increasing order), largest cones first.
+    """
+    if not steps:
+        return [list(range(i, min(i + max_size, n))) for i in range(0, n, max_size)]
+    heights = torch.stack([(s.window.cone[2] - s.window.cone[0]).clamp(min=1) for s in steps]).double().cpu()
+    widths = torch.stack([(s.window.cone[3] - s.window.cone[1]).clamp(min=1) for s in steps]).double().cpu()
+    work = torch.tensor([s.work for s in steps], dtype=torch.float64)
+    channels = torch.tensor([s.channels for s in steps], dtype=torch.float64)
+    own = (work[:, None] * heights * widths).sum(0)
+    order = torch.argsort(own, descending=True, stable=True).tolist()
+    groups: list[list[int]] = []
+    members: list[int] = []
+    gh = gw = torch.zeros(len(steps), dtype=torch.float64)
+    cost = 0.0
+    for j in order:
+        nh, nw = torch.maximum(gh, heights[:, j]), torch.maximum(gw, widths[:, j])
+        k = len(members) + 1
+        merged = k * float((work * nh * nw).sum())
+        fits = k <= max_size and k * float((channels * nh * nw).max()) <= max_elements
+        if members and (not fits or merged - cost > float(own[j]) + overhead):
+            groups.append(sorted(members))
+            members, nh, nw = [], heights[:, j].clone(), widths[:, j].clone()
+            merged = float(own[j])
+        members.append(j)
+        gh, gw, cost = nh, nw, merged
+    groups.append(sorted(members))
+    return groups
