@@ -14,10 +14,9 @@ from torch import nn
 
 import zfvis
 from zfvis.cli import main
+from zfvis.incremental import IncrementalOcclusion
 from zfvis.occlusion import (
     OcclusionResult,
-    _Incremental,
-    _trace,
     occlude,
     occluder_positions,
     occlusion,
@@ -167,9 +166,10 @@ def test_incremental_plan_recomputes_windows_and_falls_back() -> None:
     the GroupNorm (no incremental rule) and everything after it run whole."""
     model = ready(Residual())
     x = torch.randn(3, 30, 27, dtype=torch.float64)
-    graph, names = _trace(model)
+    graph = zfvis.Deconvnet(model).graph
     grid = torch.cartesian_prod(*occluder_positions(x.shape, 4, 4))
-    inc = _Incremental(model, graph, names, zfvis.Deconvnet(model), x, None, grid, (4, 4), torch.zeros(3, dtype=x.dtype))
+    inc = IncrementalOcclusion(graph, x, None, grid, (4, 4), torch.zeros(3, dtype=x.dtype))
+    names = {gn.fx_node: gn.name for gn in graph.nodes}
     plans = {names.get(n, n.name): inc.plans[n] for n in inc.nodes}
     assert plans["stem"].mode == "patch" and plans["stem"].size == (6, 6)  # 4x4 occluder + the 3x3 kernel's reach
     assert plans["b1.add"].mode == "patch" and plans["cat"].mode in ("patch", "full")
