@@ -412,9 +412,12 @@ def test_figure_is_returned_and_written_only_with_a_path(tmp_path: Path) -> None
 
     model = ready(chain_model())
     x = torch.randn(3, 23, 21, dtype=torch.float64)
-    res = occlusion(model, x, patch=5, stride=4)  # no layer: panels (b) and (c) stay empty
+    res = occlusion(model, x, patch=5, stride=4)  # no layer: panels (b) and (c) are left out
     fig = occlusion_figure(res, torch.rand(3, 23, 21), class_names=[f"c{k}" for k in range(10)])
     assert isinstance(fig, Figure) and not list(tmp_path.iterdir())
+    assert len([ax for ax in fig.axes if ax.images]) == 3  # (a), (d), (e): no blank panels
+    legend = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert legend == {f"c{int(k)}" for k in res.top_class.unique()}
     occlusion_figure(res, torch.rand(3, 23, 21), path=tmp_path / "f.png")
     with Image.open(tmp_path / "f.png") as im:
         assert im.size[0] > 1000

@@ -29,7 +29,7 @@ from torch import fx
 
 from .errors import UserInputError
 from .graph import ModelGraph
-from .incremental_rules import Pointwise, Rule, empty_regions, is_inplace, is_pointwise, module_rule
+from .incremental_rules import Pointwise, Rule, is_inplace, is_pointwise, module_rule
 
 __all__ = ["IncrementalOcclusion", "NotIncremental", "map_totals"]
 

@@ -41,7 +41,7 @@ from .graph import eval_mode
 from .incremental import IncrementalOcclusion, NotIncremental, map_totals
 from .ops import UnsupportedModelError
 
-__all__ = ["OcclusionResult", "occlusion", "occlude", "occluder_positions", "METHODS"]
+__all__ = ["OcclusionResult", "occlusion", "occlude", "occluder_positions", "check_boxes", "METHODS"]
 
 #: Accepted values of ``method``.
 METHODS = ("auto", "incremental", "full")
@@ -179,7 +179,7 @@ def _kind(value: object) -> str:
     return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def _check_boxes(boxes: object) -> list[Box]:
+def check_boxes(boxes: object) -> list[Box]:
     """Boxes as lists of four ints (a tensor (N, 4) or a sequence of 4-sequences)."""
     rows = boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes
     if not isinstance(rows, (list, tuple)):
@@ -207,7 +207,7 @@ def occlude(images: torch.Tensor, boxes: Sequence[Box] | torch.Tensor, fill: flo
     """
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
         raise InputTypeError(f"images must be a floating-point torch.Tensor, got {_kind(images)}")
-    boxes = _check_boxes(boxes)
+    boxes = check_boxes(boxes)
     if images.dim() == 3:
         images = images.unsqueeze(0).expand(len(boxes), -1, -1, -1)
     if images.dim() != 4 or len(boxes) != images.shape[0]:

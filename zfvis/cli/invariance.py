@@ -29,7 +29,7 @@ from ._common import (
     resolve_layer,
     write_settings,
 )
-from .occlude import (
+from ._analysis import (
     FILL_HELP,
     alias_layers,
     class_names,
@@ -63,6 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", action="append", help="class number or name of the images (once for all, or once "
                    "per image; default: each image's top class)")
     p.add_argument("--fill", default="mean", help=FILL_HELP.replace("occluder", "colour of uncovered pixels"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_output_args(p, "zfvis_invariance.png")
     add_config_arg(p)
     p.set_defaults(func=run)
@@ -142,11 +143,12 @@ def run(args: argparse.Namespace) -> int:
     results, examples = [], []
     for transform in transforms:
         amounts = _amounts(args, transform, min(x.shape[-2:]))
-        results.append(invariance(model, x, transform, amounts, layers, targets=targets, fill=fill))
+        results.append(invariance(model, x, transform, amounts, layers, targets=targets, fill=fill,
+                                  progress=not args.no_progress))
         examples.append(_examples(x[0].cpu(), transform, amounts, preprocess.denormalize, fill))
     weights = args.weights or get_spec(args.model).default_weights
     title = f"Invariance: {args.model} ({weights}), {len(paths)} images at {x.shape[-1]}x{x.shape[-2]}"
-    invariance_figure(results, [p.name for p in paths], examples=examples, title=title, path=out)
+    invariance_figure(results, [p.name for p in paths], examples=examples, class_names=names, title=title, path=out)
     _write_json(out.with_suffix(".json"), args, results, paths, layers, names, weights)
     print(f"wrote {out} ({', '.join(transforms)}; layers {', '.join(layers)}; data and settings in "
           f"{out.with_suffix('.json').name})")
