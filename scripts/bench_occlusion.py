@@ -32,7 +32,9 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from zfvis.occlusion import occlusion  # noqa: E402
+from zfvis import Deconvnet  # noqa: E402
+from zfvis.incremental import IncrementalOcclusion  # noqa: E402
+from zfvis.occlusion import occluder_positions, occlusion  # noqa: E402
 
 GOAL = 0.33  # zfvis's time / captum's time
 
@@ -98,6 +100,7 @@ def main() -> None:
     def ours(method: str) -> Any:
         return occlusion(model, x, patch=args.patch, stride=args.stride, batch_size=args.batch_size, method=method)
 
+    _print_plan(model, x, args)
     rounds = []
     for r in range(args.rounds):
         runs: dict[str, Any] = {}
@@ -113,6 +116,17 @@ def main() -> None:
         rounds.append(runs)
         _print_round(r, runs)
     _print_summary(rounds)
+
+
+def _print_plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> None:
+    """What share of each convolution's map the incremental pass recomputes per position."""
+    grid = torch.cartesian_prod(*occluder_positions(x.shape, args.patch, args.stride))
+    dn = Deconvnet(model)
+    with torch.no_grad():
+        work = IncrementalOcclusion(dn.graph, x, None, grid, (args.patch, args.patch), torch.zeros(3)).work()
+    shares = [f"{alias} {100 * work[node][1]:.0f}%" for alias, node in dn.aliases.items()
+              if alias.startswith("conv") and node in work]  # fmt: skip
+    print("recomputed per position (share of the map): " + ", ".join(shares))
 
 
 def _target(model: torch.nn.Module, x: torch.Tensor) -> int:

@@ -119,6 +119,7 @@ class IncrementalOcclusion:
         self.model, self.image, self.grid, self.patch, self.fill = graph.model, image, grid, patch, fill
         self.modules = dict(self.model.named_modules())
         self.nodes = list(graph.input.fx_node.graph.nodes)
+        self.names = {gn.fx_node: gn.name for gn in graph.nodes}
         self.output = next(n for n in self.nodes if n.op == "output")
         order = {n: i for i, n in enumerate(self.nodes)}
         self.last_use = {n: max((order[u] for u in n.users), default=-1) for n in self.nodes}
@@ -170,8 +171,8 @@ class IncrementalOcclusion:
         for other, value in self.base.items():
             later = self.last_use[other] > i
             if later and isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == storage:
-                raise NotIncremental(f"the model's forward() changes a tensor in place ({node.name}) that "
-                                     f"'{other.name}' still reads afterwards")
+                raise NotIncremental(f"the model's forward() changes a tensor in place ({self.names[node]}) that "
+                                     f"'{self.names.get(other, other.name)}' still reads afterwards")
 
     # ------------------------------------------------------------------ planning
     def _plan(self, node: fx.Node) -> NodePlan:
@@ -241,15 +242,15 @@ class IncrementalOcclusion:
         m = self.modules[node.target]  # type: ignore[index]
         return module_rule(m, tuple(data[0].shape[-2:]), tuple(out.shape[-2:]))  # type: ignore[arg-type]
 
-    def work(self) -> dict[str, tuple[str, int]]:
-        """Per node that is recomputed, its mode and the (y, x) positions of its map it
-        computes per occluder position (the whole map's for ``full``)."""
+    def work(self) -> dict[str, tuple[str, float]]:
+        """Per layer (engine name) with a map that is recomputed: its mode and the share of
+        the map it computes per occluder position (1.0 for ``full``)."""
         out = {}
         for node, plan in self.plans.items():
             value = self.base[node]
-            if plan.mode in (PATCH, FULL) and _is_map(value):
-                area = plan.size[0] * plan.size[1] if plan.mode == PATCH else value.shape[-2] * value.shape[-1]
-                out[node.name] = (plan.mode, area)
+            if node in self.names and plan.mode in (PATCH, FULL) and _is_map(value):
+                share = plan.size[0] * plan.size[1] / (value.shape[-2] * value.shape[-1]) if plan.mode == PATCH else 1.0
+                out[self.names[node]] = (plan.mode, share)
         return out
 
     # ------------------------------------------------------------------ batches

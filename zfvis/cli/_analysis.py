@@ -4,13 +4,17 @@ occluder colour (``--fill``), class names and ``--target``, default layers."""
 from __future__ import annotations
 
 import difflib
+import json
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from .._io import atomic_write_text
 from ..engine import Deconvnet
 from ..zoo import Preprocess, get_spec
-from ._common import CLIError
+from ._common import CLIError, write_settings
 
 FILL_HELP = "occluder colour: mean (the data set's mean colour), gray, black, or a VALUE in model input space (default mean)"
 
@@ -86,3 +90,13 @@ def parse_layers(text: str | None, default: list[str]) -> list[str]:
     if not layers:
         raise CLIError("no layers given; pass --layers, e.g. --layers conv5,fc7")
     return layers
+
+
+def write_results(path: str | os.PathLike[str], settings: dict[str, Any], **results: Any) -> None:
+    """One JSON file (atomically written) with the settings, marked as zfvis's
+    (:func:`~zfvis.cli._common.write_settings`), and the results as further keys."""
+    write_settings(path, settings)
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    data.update(results)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 from pathlib import Path
 
 from .._io import atomic_write_text
@@ -29,9 +28,8 @@ from ._common import (
     load_zoo_model,
     resolve_device,
     resolve_layer,
-    write_settings,
 )
-from ._analysis import FILL_HELP, alias_layers, parse_fill, parse_layers
+from ._analysis import FILL_HELP, alias_layers, parse_fill, parse_layers, write_results
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -115,11 +113,7 @@ def _write_json(path: Path, args: argparse.Namespace, result: CorrespondenceResu
                 boxes: Path, layers: list[str], weights: str) -> None:  # fmt: skip
     settings = dict(vars(args))
     settings.update(boxes=str(boxes), layers=layers, weights=weights, output=str(path.with_suffix(".csv")))
-    write_settings(path, settings)
-    data = json.loads(path.read_text())
-    data["images"] = parts.names
-    data["rows"] = result.records()
-    data["boxes"] = {label: [list(b) for b in per_image] for label, per_image in result.boxes.items()}
-    data["pairs"] = {label: {layer: s.pairs.tolist() for layer, s in scores.items()} for label, scores in result.rows.items()}
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    boxes_out = {label: [list(b) for b in per_image] for label, per_image in result.boxes.items()}
+    pairs = {label: {layer: s.pairs.tolist() for layer, s in scores.items()} for label, scores in result.rows.items()}
+    write_results(path, settings, images=parts.names, rows=result.records(), boxes=boxes_out, pairs=pairs)
 

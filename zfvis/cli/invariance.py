@@ -4,14 +4,12 @@ and rotation (ZF Fig. 5)."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import default_image
-from .._io import atomic_write_text
 from ..analysis_figures import invariance_figure
 from ..correspondence import default_parts_file
 from ..data import load_image
@@ -27,7 +25,6 @@ from ._common import (
     load_zoo_model,
     resolve_device,
     resolve_layer,
-    write_settings,
 )
 from ._analysis import (
     FILL_HELP,
@@ -36,6 +33,7 @@ from ._analysis import (
     parse_fill,
     parse_layers,
     parse_target,
+    write_results,
 )
 
 #: Default ranges (start, stop, step; stop included). Translation is a fraction of the side.
@@ -159,14 +157,11 @@ def _write_json(path: Path, args: argparse.Namespace, results: list[InvarianceRe
                 layers: list[str], names: list[str] | None, weights: str) -> None:  # fmt: skip
     settings = dict(vars(args))
     settings.update(images=[str(p) for p in paths], layers=layers, weights=weights, output=str(path.with_suffix(".png")))
-    write_settings(path, settings)
-    data = json.loads(path.read_text())
-    data["results"] = [
+    write_results(path, settings, results=[
         {
             "transform": r.transform, "amounts": r.amounts.tolist(), "targets": r.targets.tolist(),
             "target_names": [names[t] for t in r.targets.tolist()] if names else None,
             "distances": {k: v.tolist() for k, v in r.distances.items()}, "probability": r.probability.tolist(),
         }
         for r in results
-    ]  # fmt: skip
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    ])  # fmt: skip

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import default_image
-from .._io import atomic_write_text
 from ..analysis_figures import occlusion_figure
 from ..data import load_image
 from ..engine import Deconvnet
 from ..occlusion import OcclusionResult, occlusion
 from ..zoo import get_spec
-from ._analysis import FILL_HELP, alias_layers, class_names, fill_rgb, parse_fill, parse_target
+from ._analysis import FILL_HELP, alias_layers, class_names, fill_rgb, parse_fill, parse_target, write_results
 from ._common import (
     CLIError,
     add_config_arg,
@@ -26,7 +24,6 @@ from ._common import (
     load_zoo_model,
     resolve_device,
     resolve_layer,
-    write_settings,
 )
 
 TOP_K = 4
@@ -126,15 +123,12 @@ def _write_json(path: Path, args: argparse.Namespace, res: OcclusionResult, name
     settings: dict[str, Any] = dict(vars(args))
     settings.update(image=str(image_path), layer=layer, channel=res.channel, patch=patch, stride=stride, weights=weights,
                     target=res.target, output=str(path.with_suffix(".png")))
-    write_settings(path, settings)
-    data = json.loads(path.read_text())
-    data["result"] = {
+    write_results(path, settings, result={
         "target": res.target, "target_name": names[res.target] if names else None, "base_prob": res.base_prob,
         "tops": res.tops.tolist(), "lefts": res.lefts.tolist(), "class_prob": res.class_prob.tolist(),
         "top_class": res.top_class.tolist(), "activation": None if res.activation is None else res.activation.tolist(),
         "method": res.method,
-    }  # fmt: skip
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    })  # fmt: skip
 
 
 def _summary(res: OcclusionResult, names: list[str] | None, out: Path) -> None:
