@@ -366,6 +366,23 @@ def test_bad_images_and_boxes_are_typed_errors() -> None:
         occlude(torch.zeros(3, 6, 6), [(0, 0, 2, 7)])
 
 
+def test_progress_bar_counts_positions(capsys: pytest.CaptureFixture[str]) -> None:
+    occlusion(ready(chain_model()), torch.randn(3, 23, 21, dtype=torch.float64), patch=4, stride=2, progress=True)
+    err = capsys.readouterr().err
+    assert "occlusion" in err and "/90" in err and "pos" in err  # 10 x 9 positions
+    occlusion(ready(chain_model()), torch.randn(3, 23, 21, dtype=torch.float64), patch=4, stride=2)
+    assert capsys.readouterr().err == ""
+
+
+def test_class_names_for_the_legend() -> None:
+    from zfvis.cli._analysis import class_names
+
+    assert class_names("zfnet-cifar10", None)[:3] == ["airplane", "automobile", "bird"]  # type: ignore[index]
+    imagenet = class_names("vgg16", None)  # torchvision's DEFAULT weights: their categories
+    assert imagenet is not None and len(imagenet) == 1000 and imagenet[281] == "tabby"
+    assert class_names("vgg16", "random") is None and class_names("zfnet", None) is None
+
+
 def test_wrong_input_size_is_bad_input() -> None:
     with pytest.raises(ValueError, match="forward pass failed"):
         occlusion(ready(chain_model()), torch.randn(3, 16, 16, dtype=torch.float64), patch=4, stride=4)
