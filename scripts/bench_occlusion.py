@@ -9,7 +9,9 @@ ratios measured in the same run, of wall-clock time and of the process's CPU tim
 other processes on a shared machine disturb less; with ``--threads 1`` it is the work
 done). It also checks that both give the same numbers: captum's forward outputs are
 recorded and compared position by position with zfvis's probabilities. ``--full`` adds
-zfvis's brute-force method (occlude, run the whole model) as a second reference.
+zfvis's brute-force method (occlude, run the whole model) as a second reference. First it
+prints the share of each convolution's map that the incremental pass recomputes per
+position (its plan, not a timing).
 
     python scripts/bench_occlusion.py [--rounds 1] [--batch-size 32] [--threads 2] [--full]
 
