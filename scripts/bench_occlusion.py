@@ -9,7 +9,9 @@ ratios measured in the same run, of wall-clock time and of the process's CPU tim
 other processes on a shared machine disturb less; with ``--threads 1`` it is the work
 done). It also checks that both give the same numbers: captum's forward outputs are
 recorded and compared position by position with zfvis's probabilities. ``--full`` adds
-zfvis's brute-force method (occlude, run the whole model) as a second reference.
+zfvis's brute-force method (occlude, run the whole model) as a second reference. First it
+prints the share of each convolution's map that the incremental pass recomputes per
+position (its plan, not a timing).
 
     python scripts/bench_occlusion.py [--rounds 1] [--batch-size 32] [--threads 2] [--full]
 
@@ -32,7 +34,9 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from zfvis.occlusion import occlusion  # noqa: E402
+from zfvis import Deconvnet  # noqa: E402
+from zfvis.incremental import IncrementalOcclusion  # noqa: E402
+from zfvis.occlusion import occluder_positions, occlusion  # noqa: E402
 
 GOAL = 0.33  # zfvis's time / captum's time
 
@@ -98,6 +102,7 @@ def main() -> None:
     def ours(method: str) -> Any:
         return occlusion(model, x, patch=args.patch, stride=args.stride, batch_size=args.batch_size, method=method)
 
+    _print_plan(model, x, args)
     rounds = []
     for r in range(args.rounds):
         runs: dict[str, Any] = {}
@@ -113,6 +118,17 @@ def main() -> None:
         rounds.append(runs)
         _print_round(r, runs)
     _print_summary(rounds)
+
+
+def _print_plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> None:
+    """What share of each convolution's map the incremental pass recomputes per position."""
+    grid = torch.cartesian_prod(*occluder_positions(x.shape, args.patch, args.stride))
+    dn = Deconvnet(model)
+    with torch.no_grad():
+        work = IncrementalOcclusion(dn.graph, x, None, grid, (args.patch, args.patch), torch.zeros(3)).work()
+    shares = [f"{alias} {100 * work[node][1]:.0f}%" for alias, node in dn.aliases.items()
+              if alias.startswith("conv") and node in work]  # fmt: skip
+    print("recomputed per position (share of the map): " + ", ".join(shares))
 
 
 def _target(model: torch.nn.Module, x: torch.Tensor) -> int:

@@ -97,6 +97,18 @@ def test_bad_boxes() -> None:
         correspondence(model, images[:1], {"eye": [(2, 3, 7, 8)]}, ["6"])
 
 
+def test_bad_types_are_typed_errors() -> None:
+    model, images = ready(chain_model()), torch.randn(2, 3, 23, 21, dtype=torch.float64)
+    with pytest.raises(zfvis.InputTypeError, match="4 ints"):
+        correspondence(model, images, {"eye": [(2, 3, 7, 8), ("a", 4, 10, 9)]}, ["6"])
+    with pytest.raises(zfvis.InputTypeError, match="images"):
+        correspondence(model, images.long(), {"eye": [(2, 3, 7, 8)] * 2}, ["6"])
+    with pytest.raises(zfvis.InputTypeError, match="seed"):
+        correspondence(model, images, {"eye": [(2, 3, 7, 8)] * 2}, ["6"], seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(zfvis.UserInputError, match="shape"):
+        correspondence(model, images[0], {"eye": [(2, 3, 7, 8)] * 2}, ["6"])
+
+
 def test_shipped_faces_map_through_the_preprocessing() -> None:
     _, preprocess = zfvis.load_model("zfnet-cifar10")
     parts = load_parts(default_parts_file(), preprocess)
@@ -130,7 +142,8 @@ def test_part_files_bad_input(tmp_path: Path) -> None:
 
 def test_cli_correspond(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "table.csv"
-    assert main(["correspond", "--layers", "conv3,conv5", "-o", str(out)]) == 0
+    assert main(["correspond", "--layers", "conv3,conv5", "--no-progress", "-o", str(out)]) == 0
+    assert main(["correspond", "--layers", "conv3,conv5", "--no-progress", "-o", str(out)]) == 0  # its own files: rewritten
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 16 and {r["layer"] for r in rows} == {"conv3", "conv5"}
     assert {r["part"] for r in rows if r["kind"] == "part"} == {"left eye", "right eye", "nose", "mouth"}
@@ -141,6 +154,13 @@ def test_cli_correspond(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert im.size[0] > 800 and im.size[1] > 600
     printed = capsys.readouterr().out
     assert "left eye" in printed and "random (mouth)" in printed and "conv5: Delta" in printed
+
+
+def test_cli_correspond_keeps_a_figure_zfvis_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "t.png").write_bytes(b"someone's picture")
+    assert main(["correspond", "--no-progress", "-o", str(tmp_path / "t.csv")]) == 2
+    assert "t.png" in capsys.readouterr().err and (tmp_path / "t.png").read_bytes() == b"someone's picture"
+    assert not (tmp_path / "t.csv").exists()
 
 
 def test_cli_correspond_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

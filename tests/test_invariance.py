@@ -13,6 +13,7 @@ from PIL import Image
 from test_occlusion import Residual, chain_model, ready
 from torch import nn
 
+import zfvis
 from zfvis.cli import main
 from zfvis.invariance import invariance, transform_images
 
@@ -89,10 +90,47 @@ def test_bad_input(args: tuple, error: type, match: str) -> None:
         invariance(tiny_model(), torch.zeros(3, 1, 4, 4, dtype=torch.float64), "scale", [1.0], ["0"], targets=[0, 1])
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (("rotation", ["10"], ["0"]), {}, "finite numbers"),
+        (("rotation", [10.0], ["0"]), {"fill": "grey"}, "fill"),
+        (("rotation", [10.0], ["0"]), {"targets": ["cat"]}, "targets"),
+        ((1, [10.0], ["0"]), {}, "transform"),
+    ],
+)
+def test_bad_types_are_typed_errors(args: tuple, kwargs: dict, match: str) -> None:
+    with pytest.raises(zfvis.InputTypeError, match=match):
+        invariance(tiny_model(), torch.zeros(1, 1, 4, 4, dtype=torch.float64), *args, **kwargs)
+    with pytest.raises(zfvis.InputTypeError, match="images"):
+        invariance(tiny_model(), [[0.0]], "scale", [1.0], ["0"])  # type: ignore[arg-type]
+
+
+def test_every_module_keeps_its_own_mode() -> None:
+    model = ready(chain_model()).train()
+    model[5].eval()  # a frozen batch norm inside a model being trained
+    invariance(model, torch.randn(1, 3, 23, 21, dtype=torch.float64), "scale", [1.0, 1.2], ["2"])
+    assert model.training and not model[5].training and model[0].training
+
+
+def test_figure_legend_names_each_images_class() -> None:
+    from zfvis.analysis_figures import invariance_figure
+
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    x[1, 0, 1, 1] = 1.5
+    res = invariance(tiny_model(), x, "translation", [-1, 0, 1], ["0", "1"])
+    fig = invariance_figure([res], ["a.png", "b.png"], class_names=["face", "other"])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["a.png (face)", "b.png (face)"]  # ties go to class 0; b's bright pixel is class 0's feature
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_ylabel() for ax in axes] == ["Euclidean distance", "Euclidean distance", "probability"]
+    assert all(len(ax.lines) == 2 for ax in axes)  # a curve per image
+
+
 def test_cli_invariance(tmp_path: Path) -> None:
     out = tmp_path / "inv.png"
     assert main(["invariance", "--transform", "translation,rotation", "--translations=-4:4:4",
-                 "--rotations", "0:180:90", "--target", "cat", "-o", str(out)]) == 0  # fmt: skip
+                 "--rotations", "0:180:90", "--target", "cat", "--no-progress", "-o", str(out)]) == 0  # fmt: skip
     with Image.open(out) as im:
         w, h = im.size
     assert w > 1000 and h > 500

@@ -4,20 +4,22 @@ a residual model, in float64; bad input; the command line."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import zfvis
 from zfvis.cli import main
+from zfvis.incremental import IncrementalOcclusion
 from zfvis.occlusion import (
     OcclusionResult,
-    _Incremental,
-    _trace,
     occlude,
     occluder_positions,
     occlusion,
@@ -149,6 +151,18 @@ def test_residual_equals_brute_force() -> None:
         assert_matches(res, *brute_force(model, x, (5, 4), (4, 3), fill, layer, 1))
 
 
+@pytest.mark.parametrize(("size", "patch", "stride"), [((30, 26), 6, 4), ((17, 19), (5, 7), (3, 4))])
+def test_residual_positions_on_every_border(size: tuple[int, int], patch: object, stride: object) -> None:
+    """The last occluders touch the bottom and right borders (H - patch and W - patch are
+    multiples of the stride), where windows are clamped and padding is read."""
+    model = ready(Residual())
+    x = torch.randn(3, *size, dtype=torch.float64)
+    p, s = (patch, patch) if isinstance(patch, int) else patch, (stride, stride) if isinstance(stride, int) else stride
+    res = occlusion(model, x, patch=patch, stride=stride, layer="b1", channel=2, method="incremental")
+    assert res.box(res.shape[0] - 1, res.shape[1] - 1)[2:] == size  # type: ignore[comparison-overlap]
+    assert_matches(res, *brute_force(model, x, p, s, torch.zeros(3, dtype=torch.float64), "b1", 2))  # type: ignore[arg-type]
+
+
 def test_residual_graph_layers_and_border_patch() -> None:
     """Layers that are function nodes (an addition) and a one-pixel occluder whose changes a
     strided 1x1 shortcut skips at some positions."""
@@ -167,13 +181,97 @@ def test_incremental_plan_recomputes_windows_and_falls_back() -> None:
     the GroupNorm (no incremental rule) and everything after it run whole."""
     model = ready(Residual())
     x = torch.randn(3, 30, 27, dtype=torch.float64)
-    graph, names = _trace(model)
+    graph = zfvis.Deconvnet(model).graph
     grid = torch.cartesian_prod(*occluder_positions(x.shape, 4, 4))
-    inc = _Incremental(model, graph, names, zfvis.Deconvnet(model), x, None, grid, (4, 4), torch.zeros(3, dtype=x.dtype))
+    inc = IncrementalOcclusion(graph, x, None, grid, (4, 4), torch.zeros(3, dtype=x.dtype))
+    names = {gn.fx_node: gn.name for gn in graph.nodes}
     plans = {names.get(n, n.name): inc.plans[n] for n in inc.nodes}
     assert plans["stem"].mode == "patch" and plans["stem"].size == (6, 6)  # 4x4 occluder + the 3x3 kernel's reach
     assert plans["b1.add"].mode == "patch" and plans["cat"].mode in ("patch", "full")
     assert plans["gn"].mode == "full" and plans["head"].mode == "full"
+
+
+class ConvCount(TorchFunctionMode):
+    """Counts the outputs (per image, channel, y, x) every batched 2-D convolution computes
+    (a batch of one image is the unoccluded pass, not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[int] = []
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") == "conv2d" and out.shape[0] > 1:
+            self.outputs.append(out.numel())
+        return out
+
+
+def conv_work(model: nn.Module, x: torch.Tensor, method: str, patch: int, stride: int) -> tuple[list[int], OcclusionResult]:
+    counter = ConvCount()
+    with counter:
+        res = occlusion(model, x, patch=patch, stride=stride, batch_size=1000, method=method)
+    return counter.outputs, res
+
+
+@pytest.mark.parametrize(("model_fn", "size"), [(chain_model, (23, 21)), (Residual, (30, 27))])
+def test_incremental_recomputes_only_the_cone(model_fn: Callable[[], nn.Module], size: tuple[int, int]) -> None:
+    """Counted, not timed: the convolutions of the incremental pass compute far fewer output
+    positions than full re-inference, and the first one exactly the occluder's window plus
+    its 3x3 kernel's reach, per position. Switching incrementality off fails this test."""
+    model = ready(model_fn())
+    x = torch.randn(3, *size, dtype=torch.float64)
+    full, ref = conv_work(model, x, "full", 4, 3)
+    inc, res = conv_work(model, x, "incremental", 4, 3)
+    positions = ref.shape[0] * ref.shape[1]
+    assert res.method == "incremental" and torch.equal(res.top_class, ref.top_class)
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert inc[0] == positions * first_conv.out_channels * 6 * 6  # 4x4 occluder + 1 pixel each side
+    assert full[0] == positions * first_conv.out_channels * size[0] * size[1]
+    assert sum(inc) < 0.6 * sum(full)
+
+
+class ViewThenInplace(nn.Module):
+    """Overwrites, in place, a view of a tensor that it reads again afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Linear(4 * 10 * 10, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = self.relu(y.flatten(1))  # changes y too
+        return self.fc(z + y.flatten(1))
+
+
+def test_inplace_write_to_a_tensor_read_again_falls_back_to_full() -> None:
+    model = ViewThenInplace().double().eval()
+    x = torch.randn(3, 10, 10, dtype=torch.float64)
+    res = occlusion(model, x, patch=3, stride=2, layer="conv", channel=0)
+    assert res.method == "full"
+    assert_matches(res, *brute_force(model, x, (3, 3), (2, 2), torch.zeros(3, dtype=torch.float64), "conv", 0))
+    with pytest.raises(zfvis.UserInputError, match="in place .* method='full'"):
+        occlusion(model, x, patch=3, stride=2, method="incremental")
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow inside a submodule: the engine keeps it as one opaque node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3), nn.Linear(4, 3)
+        self.odd = Untraceable()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv1(x))
+        return self.fc(self.conv2(y).mean(dim=(2, 3))) + self.odd(y[:, :3])
+
+
+def test_opaque_submodule_falls_back_from_there_on() -> None:
+    model = ready(Branchy())
+    x = torch.randn(3, 12, 11, dtype=torch.float64)
+    res = occlusion(model, x, patch=3, stride=2, layer="conv2", channel=1)
+    assert res.method == "incremental"
+    assert_matches(res, *brute_force(model, x, (3, 3), (2, 2), torch.zeros(3, dtype=torch.float64), "conv2", 1))
 
 
 def test_inplace_modules_leave_the_model_and_cache_alone() -> None:
@@ -202,9 +300,13 @@ class Untraceable(nn.Module):
 def test_untraceable_model_falls_back_to_full() -> None:
     model = Untraceable().double()
     x = torch.randn(3, 9, 9, dtype=torch.float64)
-    assert occlusion(model, x, patch=3, stride=3).method == "full"
-    with pytest.raises(ValueError, match="trace"):
-        occlusion(model, x, patch=3, stride=3, method="incremental")
+    res = occlusion(model, x, patch=3, stride=3)
+    probs, _ = brute_force(model, x, (3, 3), (3, 3), torch.zeros(3, dtype=torch.float64), "conv", 0)
+    assert res.method == "full"
+    torch.testing.assert_close(res.class_prob.reshape(-1), probs[:, res.target], rtol=0, atol=1e-12)
+    for kwargs in ({"method": "incremental"}, {"layer": "conv"}):
+        with pytest.raises(zfvis.UserInputError, match="trace"):
+            occlusion(model, x, patch=3, stride=3, **kwargs)
 
 
 def test_default_target_channel_and_base() -> None:
@@ -230,20 +332,55 @@ def test_occlude_helper() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"patch": 22, "stride": 1}, ValueError, "larger than"),
-        ({"patch": 4, "stride": 0}, ValueError, "stride"),
-        ({"patch": 4, "stride": 2, "target": 10}, ValueError, "out of range"),
-        ({"patch": 4, "stride": 2, "channel": 1}, ValueError, "layer"),
-        ({"patch": 4, "stride": 2, "layer": "6", "channel": 99}, ValueError, "out of range"),
-        ({"patch": 4, "stride": 2, "layer": "nope"}, ValueError, "nope"),
-        ({"patch": 4, "stride": 2, "method": "fast"}, ValueError, "method"),
-        ({"patch": 4, "stride": 2, "fill": torch.zeros(2)}, ValueError, "fill"),
-        ({"patch": 2.5, "stride": 2}, TypeError, "patch"),
+        ({"patch": 22, "stride": 1}, zfvis.UserInputError, "larger than"),
+        ({"patch": 4, "stride": 0}, zfvis.UserInputError, "stride"),
+        ({"patch": 4, "stride": 2, "target": 10}, zfvis.UserInputError, "out of range"),
+        ({"patch": 4, "stride": 2, "channel": 1}, zfvis.UserInputError, "layer"),
+        ({"patch": 4, "stride": 2, "layer": "6", "channel": 99}, zfvis.UserInputError, "out of range"),
+        ({"patch": 4, "stride": 2, "layer": "nope"}, zfvis.UserInputError, "nope"),
+        ({"patch": 4, "stride": 2, "method": "fast"}, zfvis.UserInputError, "method"),
+        ({"patch": 4, "stride": 2, "fill": torch.zeros(2)}, zfvis.UserInputError, "fill"),
+        ({"patch": 4, "stride": 2, "batch_size": 0}, zfvis.UserInputError, "batch_size"),
+        ({"patch": 2.5, "stride": 2}, zfvis.InputTypeError, "patch"),
+        ({"patch": 4, "stride": 2, "target": 1.0}, zfvis.InputTypeError, "target"),
+        ({"patch": 4, "stride": 2, "layer": "6", "channel": "1"}, zfvis.InputTypeError, "channel"),
+        ({"patch": 4, "stride": 2, "fill": "grey"}, zfvis.InputTypeError, "fill"),
+        ({"patch": 4, "stride": 2, "layer": 6}, zfvis.InputTypeError, "layer"),
     ],
 )
 def test_bad_input(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         occlusion(ready(chain_model()), torch.randn(3, 23, 21, dtype=torch.float64), **kwargs)
+
+
+def test_bad_images_and_boxes_are_typed_errors() -> None:
+    model = ready(chain_model())
+    for image in (torch.zeros(3, 23, 21, dtype=torch.long), [[0.0]]):
+        with pytest.raises(zfvis.InputTypeError, match="image"):
+            occlusion(model, image, patch=4, stride=2)  # type: ignore[arg-type]
+    with pytest.raises(zfvis.UserInputError, match="images\\[0\\]"):
+        occlusion(model, torch.zeros(1, 3, 23, 21), patch=4, stride=2)
+    with pytest.raises(zfvis.InputTypeError, match="4 ints"):
+        occlude(torch.zeros(3, 6, 6), [(0, 0, 2)])
+    with pytest.raises(zfvis.UserInputError, match="outside"):
+        occlude(torch.zeros(3, 6, 6), [(0, 0, 2, 7)])
+
+
+def test_progress_bar_counts_positions(capsys: pytest.CaptureFixture[str]) -> None:
+    occlusion(ready(chain_model()), torch.randn(3, 23, 21, dtype=torch.float64), patch=4, stride=2, progress=True)
+    err = capsys.readouterr().err
+    assert "occlusion" in err and "/90" in err and "pos" in err  # 10 x 9 positions
+    occlusion(ready(chain_model()), torch.randn(3, 23, 21, dtype=torch.float64), patch=4, stride=2)
+    assert capsys.readouterr().err == ""
+
+
+def test_class_names_for_the_legend() -> None:
+    from zfvis.cli._analysis import class_names
+
+    assert class_names("zfnet-cifar10", None)[:3] == ["airplane", "automobile", "bird"]  # type: ignore[index]
+    imagenet = class_names("vgg16", None)  # torchvision's DEFAULT weights: their categories
+    assert imagenet is not None and len(imagenet) == 1000 and imagenet[281] == "tabby"
+    assert class_names("vgg16", "random") is None and class_names("zfnet", None) is None
 
 
 def test_wrong_input_size_is_bad_input() -> None:
@@ -292,9 +429,12 @@ def test_figure_is_returned_and_written_only_with_a_path(tmp_path: Path) -> None
 
     model = ready(chain_model())
     x = torch.randn(3, 23, 21, dtype=torch.float64)
-    res = occlusion(model, x, patch=5, stride=4)  # no layer: panels (b) and (c) stay empty
+    res = occlusion(model, x, patch=5, stride=4)  # no layer: panels (b) and (c) are left out
     fig = occlusion_figure(res, torch.rand(3, 23, 21), class_names=[f"c{k}" for k in range(10)])
     assert isinstance(fig, Figure) and not list(tmp_path.iterdir())
+    assert len([ax for ax in fig.axes if ax.images]) == 3  # (a), (d), (e): no blank panels
+    legend = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert legend == {f"c{int(k)}" for k in res.top_class.unique()}
     occlusion_figure(res, torch.rand(3, 23, 21), path=tmp_path / "f.png")
     with Image.open(tmp_path / "f.png") as im:
         assert im.size[0] > 1000

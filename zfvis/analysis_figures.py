@@ -163,7 +163,8 @@ def occlusion_figure(
     the feature map per occluder position; (c) that map's strongest activations projected
     to pixel space beside their image patches; (d) the probability of the target class per
     position; (e) the most probable class per position, with a legend of class names.
-    Maps are drawn in image coordinates, each cell centred on its occluder's centre.
+    Without a layer in ``result``, (b) and (c) are left out. Maps are drawn in image
+    coordinates, each cell centred on its occluder's centre.
 
     Args:
         result: From :func:`zfvis.occlusion` (with a layer for panels b and c).
@@ -182,32 +183,36 @@ def occlusion_figure(
         The figure.
     """
     cell, gap, wide = 2.4, 0.75, 3.3
-    legend_w = 1.9
-    width = 2 * _MARGIN + 4 * cell + wide + 4 * gap + legend_w
+    layered = result.layer is not None
+    names = [_class_name(class_names, int(c)) for c in torch.unique(result.top_class)]
+    legend_w = max(1.9, 0.45 + 0.075 * max(len(n) for n in names))  # about 0.075 in a character at 9 pt
+    panels = (5 if layered else 3)
+    width = 2 * _MARGIN + (panels - 1) * (cell + gap) + cell + (wide - cell if layered else 0.0) + legend_w
     top0 = _MARGIN + (0.5 if title else 0.0) + 0.5
     height = top0 + cell + (0.55 if note else 0.25) + _MARGIN
     fig = _figure(width, height)
     if title:
         _text(fig, width / 2, _MARGIN, title, ha="center", va="top", fontsize=_TITLE, fontweight="bold")
-    x = [_MARGIN + k * (cell + gap) + (wide - cell if k > 2 else 0.0) for k in range(5)]
+    x = [_MARGIN + k * (cell + gap) + (wide - cell if k > 2 else 0.0) for k in range(panels)]
     target = _class_name(class_names, result.target)
-    heads = [
-        "(a) input with occluder",
-        f"(b) {result.layer}, map {result.channel}:\ntotal activation" if result.layer else "(b) no layer given",
-        f"(c) map {result.channel}: strongest activations,\nprojected | image patch" if result.layer else "(c) no layer given",
-        f"(d) p({target})",
-        "(e) most probable class",
-    ]
+    heads = [f"(d) p({target})", "(e) most probable class"]
+    if layered:
+        heads = [f"(b) {result.layer}, map {result.channel}:\ntotal activation",
+                 f"(c) map {result.channel}: strongest activations,\nprojected | image patch", *heads]
+    heads = ["(a) input with occluder", *heads]
     for k, head in enumerate(heads):
         _text(fig, x[k], top0 - 0.08, head, ha="left", va="bottom", fontsize=_HEAD)
     _occluded_panel(fig, x[0], top0, cell, result, image, position, fill_rgb)
     box = lambda k: (x[k], top0, cell, cell)  # noqa: E731
-    if result.activation is not None:
-        _heat(fig, _axes(fig, *box(1)), result, result.activation, "viridis", box(1))
-    if projections:
-        _projection_panel(fig, x[2], top0, wide, cell, projections, projection_labels)
-    _heat(fig, _axes(fig, *box(3)), result, result.class_prob, "magma", box(3))
-    _class_panel(fig, box(4), result, class_names)
+    if layered:
+        _heat(fig, _axes(fig, *box(1)), result, result.activation, "viridis", box(1))  # type: ignore[arg-type]
+        if projections:
+            _projection_panel(fig, x[2], top0, wide, cell, projections, projection_labels)
+        else:
+            _text(fig, x[2] + wide / 2, top0 + cell / 2, "no projections given", ha="center", va="center",
+                  fontsize=_LABEL, color="#707070")
+    _heat(fig, _axes(fig, *box(panels - 2)), result, result.class_prob, "magma", box(panels - 2))
+    _class_panel(fig, box(panels - 1), result, class_names)
     if note:
         _text(fig, _MARGIN, height - _MARGIN, note, ha="left", va="bottom", fontsize=_SMALL, color="#505050")
     return _save(fig, path)
@@ -255,6 +260,7 @@ def invariance_figure(
     image_names: Sequence[str],
     *,
     examples: Sequence[Sequence[tuple[str, torch.Tensor]]] | None = None,
+    class_names: Sequence[str] | None = None,
     title: str | None = None,
     path: str | os.PathLike[str] | None = None,
 ) -> Figure:
@@ -267,6 +273,7 @@ def invariance_figure(
         image_names: Legend label of each image.
         examples: Per row, up to 4 (label, image (3, h, w) in [0, 1]) thumbnails of the
             transformed first image, drawn in a first column.
+        class_names: Names of the model's classes: the legend names each image's class.
         title: Figure title.
         path: PNG to write (its folder must exist), or ``None``.
 
@@ -275,33 +282,36 @@ def invariance_figure(
     """
     if not results:
         raise ValueError("invariance_figure needs at least one result")
-    plot_w, plot_h, gap_x, gap_y = 3.3, 2.3, 0.85, 0.8
+    plot_w, plot_h, gap_x, gap_y = 3.3, 2.3, 0.95, 0.8
     ex_w = 2.3 if examples else 0.0
-    width = 2 * _MARGIN + 0.45 + ex_w + 3 * plot_w + 2 * gap_x + (0.4 if examples else 0.0)
+    width = 2 * _MARGIN + 0.65 + ex_w + 3 * plot_w + 2 * gap_x + (0.4 if examples else 0.0)
     top0 = _MARGIN + (0.5 if title else 0.0) + 0.5 + 0.35
     height = top0 + len(results) * plot_h + (len(results) - 1) * gap_y + 0.55 + _MARGIN
     fig = _figure(width, height)
     if title:
         _text(fig, width / 2, _MARGIN, title, ha="center", va="top", fontsize=_TITLE, fontweight="bold")
     colours = [_PALETTE[k % len(_PALETTE)] for k in range(len(image_names))]
-    handles = [Line2D([], [], color=c, marker="o", markersize=4, label=n) for c, n in zip(colours, image_names)]
+    targets = results[0].targets.tolist()
+    labels = [f"{n} ({_class_name(class_names, t)})" for n, t in zip(image_names, targets)]
+    handles = [Line2D([], [], color=c, marker="o", markersize=4, label=n) for c, n in zip(colours, labels)]
     fw, fh = fig.get_size_inches()
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=_LABEL, frameon=False,
                bbox_to_anchor=(0.5, 1 - (_MARGIN + (0.5 if title else 0.0)) / fh))
-    x0 = _MARGIN + 0.45 + ex_w + (0.4 if examples else 0.0)
+    x0 = _MARGIN + 0.65 + ex_w + (0.4 if examples else 0.0)
     for r, res in enumerate(results):
         top = top0 + r * (plot_h + gap_y)
         if examples:
             _examples(fig, _MARGIN, top, ex_w, plot_h, examples[r])
-        columns = [(res.distances[res.layers[0]], f"{res.layers[0]}: feature distance"),
-                   (res.distances[res.layers[-1]], f"{res.layers[-1]}: feature distance"),
-                   (res.probability, "probability of the class")]  # fmt: skip
-        for c, (values, head) in enumerate(columns):
+        columns = [(res.distances[res.layers[0]], f"{res.layers[0]}: feature distance", "Euclidean distance"),
+                   (res.distances[res.layers[-1]], f"{res.layers[-1]}: feature distance", "Euclidean distance"),
+                   (res.probability, "probability of the image's class", "probability")]  # fmt: skip
+        for c, (values, head, ylabel) in enumerate(columns):
             ax = _axes(fig, x0 + c * (plot_w + gap_x), top, plot_w, plot_h, ticks=True)
             for k in range(values.shape[0]):
                 ax.plot(res.amounts.numpy(), values[k].numpy(), color=colours[k], marker="o", markersize=3, linewidth=1.3)
             ax.set_title(head, fontsize=_LABEL)
             ax.set_xlabel(_UNITS[res.transform], fontsize=_SMALL)
+            ax.set_ylabel(ylabel, fontsize=_SMALL)
             ax.grid(True, color="#e0e0e0", linewidth=0.6)
             if c == 2:
                 ax.set_ylim(-0.03, 1.03)

@@ -38,8 +38,8 @@ from torch import nn
 
 from .data import load_image
 from .engine import Deconvnet
-from .errors import UserInputError
-from .occlusion import Box, occlude
+from .errors import InputTypeError, UserInputError
+from .occlusion import Box, check_boxes, occlude
 
 __all__ = [
     "PartScore",
@@ -151,8 +151,8 @@ def _check_boxes(boxes: Mapping[str, Sequence[Box]], n: int, h: int, w: int) -> 
     if not isinstance(boxes, Mapping) or not boxes:
         raise UserInputError("boxes must be a non-empty mapping: part name -> one box per image")
     out = {}
-    for part, per_image in boxes.items():
-        per_image = [tuple(int(v) for v in b) for b in per_image]
+    for part, given in boxes.items():
+        per_image = check_boxes(given)
         if len(per_image) != n:
             raise UserInputError(f"part '{part}' has {len(per_image)} boxes for {n} images; give one per image")
         for k, (t, l, b, r) in enumerate(per_image):
@@ -182,6 +182,7 @@ def correspondence(
     fill: float | torch.Tensor = 0.0,
     seed: int = 0,
     random_baseline: bool = True,
+    progress: bool = False,
 ) -> CorrespondenceResult:
     """Sign-change consistency of occluded parts across images (ZF Table 1).
 
@@ -194,6 +195,7 @@ def correspondence(
         fill: Occluder colour in model input space (float or (C,) tensor).
         seed: Seed of the random baseline boxes.
         random_baseline: Add a ``"random (<part>)"`` row per part.
+        progress: Show a progress bar over the rows (parts and baselines).
 
     Returns:
         A :class:`CorrespondenceResult`.
@@ -203,8 +205,12 @@ def correspondence(
             count, an unknown layer.
         TypeError: Arguments of the wrong type.
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise TypeError("images must be a torch.Tensor of shape (N, C, H, W)")
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise InputTypeError(f"images must be a floating-point torch.Tensor (N, C, H, W), got {type(images).__name__}")
+    if images.dim() != 4:
+        raise UserInputError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputTypeError(f"seed must be an int, got {type(seed).__name__}")
     n, _, h, w = images.shape
     if n < 2:
         raise UserInputError(f"correspondence compares images: give at least 2, got {n}")
@@ -216,15 +222,21 @@ def correspondence(
         gen = torch.Generator().manual_seed(seed)
         rows.update({f"random ({part})": _random_boxes(b, h, w, gen) for part, b in list(rows.items())})
     dn = Deconvnet(model)
-    base = {layer: dn.output(images, layer).reshape(n, -1) for layer in layers}
+    return CorrespondenceResult(layers, _scores(dn, images, rows, layers, fill, progress), rows, seed)
+
+
+def _scores(dn: Deconvnet, images: torch.Tensor, rows: dict[str, list[Box]], layers: list[str],
+            fill: float | torch.Tensor, progress: bool) -> dict[str, dict[str, PartScore]]:  # fmt: skip
+    """Row label -> layer -> score: one forward pass for the originals, one per row."""
+    from tqdm.auto import tqdm
+
+    n = len(images)
+    base = {k: v.reshape(n, -1) for k, v in dn.forward_outputs(images, layers).items()}
     scores: dict[str, dict[str, PartScore]] = {}
-    for label, per_image in rows.items():
-        occluded = occlude(images, per_image, fill)
-        scores[label] = {}
-        for layer in layers:
-            eps = base[layer] - dn.output(occluded, layer).reshape(n, -1)
-            scores[label][layer] = _score(eps)
-    return CorrespondenceResult(layers, scores, rows, seed)
+    for label, per_image in tqdm(rows.items(), desc="correspondence", unit="part", disable=not progress, leave=False):
+        occluded = dn.forward_outputs(occlude(images, per_image, fill), layers)
+        scores[label] = {layer: _score(base[layer] - occluded[layer].reshape(n, -1)) for layer in layers}
+    return scores
 
 
 # ----------------------------------------------------------------------------- part files

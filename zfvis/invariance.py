@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .engine import Deconvnet
-from .errors import UserInputError
+from .errors import InputTypeError, UserInputError
+from .graph import eval_mode
 
 __all__ = ["TRANSFORMS", "InvarianceResult", "invariance", "transform_images"]
 
@@ -63,6 +64,8 @@ class InvarianceResult:
 
 
 def _check_transform(transform: str) -> str:
+    if not isinstance(transform, str):
+        raise InputTypeError(f"transform must be a str ({', '.join(TRANSFORMS)}), got {type(transform).__name__}")
     if transform not in TRANSFORMS:
         raise UserInputError(f"unknown transform '{transform}'; use one of {', '.join(TRANSFORMS)}")
     return transform
@@ -70,7 +73,7 @@ def _check_transform(transform: str) -> str:
 
 def _check_amount(transform: str, amount: float) -> float:
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
-        raise TypeError(f"{transform} amounts must be finite numbers, got {amount!r}")
+        raise InputTypeError(f"{transform} amounts must be finite numbers, got {amount!r}")
     if transform == "translation" and amount != int(amount):
         raise UserInputError(f"translation amounts are whole pixels, got {amount}")
     if transform == "scale" and amount <= 0:
@@ -80,6 +83,8 @@ def _check_amount(transform: str, amount: float) -> float:
 
 def _fill_like(fill: float | torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """``fill`` (a float or a (C,) tensor) as a (1, C, 1, 1) tensor like ``images``."""
+    if isinstance(fill, bool) or not isinstance(fill, (int, float, torch.Tensor)):
+        raise InputTypeError(f"fill must be a float or a (C,) tensor, got {type(fill).__name__}")
     value = torch.as_tensor(fill, dtype=images.dtype, device=images.device).reshape(-1)
     if value.numel() not in (1, images.shape[1]):
         raise UserInputError(f"fill must be a float or a ({images.shape[1]},) tensor, got {value.numel()} values")
@@ -136,21 +141,28 @@ def transform_images(
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}")
+        raise InputTypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}")
     if images.dim() == 3:
         images = images.unsqueeze(0)
     if images.dim() != 4 or images.shape[0] == 0:
         raise UserInputError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
-        raise TypeError(f"images must be a floating-point tensor, got {images.dtype}")
+        raise InputTypeError(f"images must be a floating-point tensor, got {images.dtype}")
     return images
 
 
-def _targets(targets: Sequence[int] | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+def _targets(targets: Sequence[int] | torch.Tensor | None, logits: object) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise UserInputError(f"the model's output is {shape}; invariance needs class scores (N, classes)")
     n, classes = logits.shape
     if targets is None:
         return logits.argmax(dim=1).cpu()
-    t = torch.as_tensor(targets, dtype=torch.long).reshape(-1).cpu()
+    values = targets.tolist() if isinstance(targets, torch.Tensor) else targets
+    values = [values] if isinstance(values, int) else values
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise InputTypeError(f"targets must be class indices (ints), got {targets!r}")
+    t = torch.tensor(values, dtype=torch.long).reshape(-1)
     if len(t) == 1:
         t = t.expand(n).clone()
     if len(t) != n:
@@ -171,6 +183,7 @@ def invariance(
     targets: Sequence[int] | torch.Tensor | None = None,
     fill: float | torch.Tensor = 0.0,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> InvarianceResult:
     """Feature distances and class probabilities of transformed images (ZF Fig. 5).
 
@@ -186,6 +199,7 @@ def invariance(
         fill: Value of pixels that come from outside the image (model input space): a
             float or a (C,) tensor.
         batch_size: Transformed images per forward pass.
+        progress: Show a progress bar over the images.
 
     Returns:
         An :class:`InvarianceResult`; distances are float64, on the CPU.
@@ -200,49 +214,52 @@ def invariance(
     layers = [layers] if isinstance(layers, str) else list(layers)
     if not amounts or not layers:
         raise UserInputError("give at least one amount and one layer")
-    if batch_size < 1:
-        raise UserInputError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserInputError(f"batch_size must be a positive int, got {batch_size!r}")
     dn = Deconvnet(model)
     for layer in layers:
         dn.resolve(layer)
     param = next(model.parameters(), None)
     if param is not None:
         images = images.to(device=param.device, dtype=param.dtype)
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        try:
-            return _measure(model, dn, images, transform, amounts, layers, targets, fill, batch_size)
-        finally:
-            model.train(was)
+    fill = _fill_like(fill, images)
+    with eval_mode(model), torch.no_grad():
+        target = _targets(targets, model(images))
+        job = _Job(dn, transform, amounts, layers, fill, batch_size)
+        return _measure(job, images, target, progress)
 
 
-def _measure(
-    model: nn.Module,
-    dn: Deconvnet,
-    images: torch.Tensor,
-    transform: str,
-    amounts: list[float],
-    layers: list[str],
-    targets: Sequence[int] | torch.Tensor | None,
-    fill: float | torch.Tensor,
-    batch_size: int,
-) -> InvarianceResult:
+@dataclasses.dataclass
+class _Job:
+    """The checked settings of one :func:`invariance` call."""
+
+    dn: Deconvnet
+    transform: str
+    amounts: list[float]
+    layers: list[str]
+    fill: torch.Tensor
+    batch_size: int
+
+
+def _measure(job: _Job, images: torch.Tensor, target: torch.Tensor, progress: bool) -> InvarianceResult:
     """Each chunk of transformed images runs in one batch with its original, so the
     identity gives exactly the original's features (batch size changes rounding)."""
-    target = _targets(targets, model(images))
-    n, a = images.shape[0], len(amounts)
-    dist = {layer: torch.zeros(n, a, dtype=torch.float64) for layer in layers}
+    from tqdm.auto import tqdm
+
+    n, a = images.shape[0], len(job.amounts)
+    dist = {layer: torch.zeros(n, a, dtype=torch.float64) for layer in job.layers}
     prob = torch.zeros(n, a, dtype=torch.float64)
     base = torch.zeros(n, dtype=torch.float64)
-    for i in range(n):
-        moved = torch.cat([transform_images(images[i : i + 1], transform, v, fill=fill) for v in amounts])
-        for start in range(0, a, batch_size):
-            chunk = torch.cat([images[i : i + 1], moved[start : start + batch_size]])
+    for i in tqdm(range(n), desc=job.transform, unit="image", disable=not progress, leave=False):
+        moved = torch.cat([transform_images(images[i : i + 1], job.transform, v, fill=job.fill) for v in job.amounts])
+        for start in range(0, a, job.batch_size):
+            chunk = torch.cat([images[i : i + 1], moved[start : start + job.batch_size]])
             cols = slice(start, start + len(chunk) - 1)
-            probs = torch.softmax(model(chunk), dim=1)[:, int(target[i])].double().cpu()
+            probs = torch.softmax(job.dn.model(chunk), dim=1)[:, int(target[i])].double().cpu()
             base[i], prob[i, cols] = probs[0], probs[1:]
-            for layer in layers:
-                feats = dn.output(chunk, layer).reshape(len(chunk), -1).double()
-                dist[layer][i, cols] = (feats[1:] - feats[:1]).norm(dim=1).cpu()
-    return InvarianceResult(transform, torch.tensor(amounts, dtype=torch.float64), layers, dist, prob, target, base)
+            feats = job.dn.forward_outputs(chunk, job.layers)
+            for layer in job.layers:
+                flat = feats[layer].reshape(len(chunk), -1).double()
+                dist[layer][i, cols] = (flat[1:] - flat[:1]).norm(dim=1).cpu()
+    amounts = torch.tensor(job.amounts, dtype=torch.float64)
+    return InvarianceResult(job.transform, amounts, job.layers, dist, prob, target, base)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 from pathlib import Path
 
 from .._io import atomic_write_text
@@ -21,6 +20,7 @@ from ..engine import Deconvnet
 from ..zoo import get_spec
 from ._common import (
     CLIError,
+    _written_by_zfvis,
     add_config_arg,
     add_model_args,
     add_output_args,
@@ -28,9 +28,8 @@ from ._common import (
     load_zoo_model,
     resolve_device,
     resolve_layer,
-    write_settings,
 )
-from .occlude import FILL_HELP, alias_layers, parse_fill, parse_layers
+from ._analysis import FILL_HELP, alias_layers, parse_fill, parse_layers, write_results
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fill", default="mean", help=FILL_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline boxes (default 0)")
     p.add_argument("--no-random", action="store_true", help="leave out the random baseline")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_output_args(p, "zfvis_correspondence.csv",
                     "CSV table to write; the results (.json) and the figure (.png) go beside it")
     add_config_arg(p)
@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(args.output, overwrite=args.overwrite)
     if out.suffix.lower() != ".csv":
         raise CLIError(f"-o must name a .csv file (the JSON and PNG go beside it), got '{out}'")
+    figure = out.with_suffix(".png")
+    if figure.exists() and not args.overwrite and not _written_by_zfvis(out):
+        raise CLIError(f"'{figure}' (where the figure of '{out.name}' goes) already exists and zfvis did not write it; "
+                       "choose another -o or pass --overwrite")
     boxes = Path(args.boxes) if args.boxes else default_parts_file()
     if not boxes.is_file():
         raise CLIError(f"part file '{boxes}' does not exist")
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     parts = load_parts(boxes, preprocess)
     fill = parse_fill(args.fill, preprocess)
     result = correspondence(model, parts.images.to(device), parts.boxes, layers, fill=fill, seed=args.seed,
-                            random_baseline=not args.no_random)
+                            random_baseline=not args.no_random, progress=not args.no_progress)
     weights = args.weights or get_spec(args.model).default_weights
     print(f"Correspondence: {args.model} ({weights}), {len(parts.names)} images ({', '.join(parts.names)}), "
           f"Delta = sum over {len(parts.names) * (len(parts.names) - 1)} ordered pairs of the fraction of units whose "
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     _write_json(out.with_suffix(".json"), args, result, parts, boxes, layers, weights)
     shown = [preprocess.denormalize(img) for img in parts.images]
     title = f"Correspondence: {args.model} ({weights}), occluding each part in {len(parts.names)} images"
-    correspondence_figure(result, shown, parts.names, title=title, path=out.with_suffix(".png"))
+    correspondence_figure(result, shown, parts.names, title=title, path=figure)
     print(f"wrote {out}, {out.with_suffix('.json').name} and {out.with_suffix('.png').name}")
     return 0
 
@@ -109,11 +113,7 @@ def _write_json(path: Path, args: argparse.Namespace, result: CorrespondenceResu
                 boxes: Path, layers: list[str], weights: str) -> None:  # fmt: skip
     settings = dict(vars(args))
     settings.update(boxes=str(boxes), layers=layers, weights=weights, output=str(path.with_suffix(".csv")))
-    write_settings(path, settings)
-    data = json.loads(path.read_text())
-    data["images"] = parts.names
-    data["rows"] = result.records()
-    data["boxes"] = {label: [list(b) for b in per_image] for label, per_image in result.boxes.items()}
-    data["pairs"] = {label: {layer: s.pairs.tolist() for layer, s in scores.items()} for label, scores in result.rows.items()}
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    boxes_out = {label: [list(b) for b in per_image] for label, per_image in result.boxes.items()}
+    pairs = {label: {layer: s.pairs.tolist() for layer, s in scores.items()} for label, scores in result.rows.items()}
+    write_results(path, settings, images=parts.names, rows=result.records(), boxes=boxes_out, pairs=pairs)
 

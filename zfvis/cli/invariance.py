@@ -4,14 +4,12 @@ and rotation (ZF Fig. 5)."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import default_image
-from .._io import atomic_write_text
 from ..analysis_figures import invariance_figure
 from ..correspondence import default_parts_file
 from ..data import load_image
@@ -27,15 +25,15 @@ from ._common import (
     load_zoo_model,
     resolve_device,
     resolve_layer,
-    write_settings,
 )
-from .occlude import (
+from ._analysis import (
     FILL_HELP,
     alias_layers,
     class_names,
     parse_fill,
     parse_layers,
     parse_target,
+    write_results,
 )
 
 #: Default ranges (start, stop, step; stop included). Translation is a fraction of the side.
@@ -63,6 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", action="append", help="class number or name of the images (once for all, or once "
                    "per image; default: each image's top class)")
     p.add_argument("--fill", default="mean", help=FILL_HELP.replace("occluder", "colour of uncovered pixels"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_output_args(p, "zfvis_invariance.png")
     add_config_arg(p)
     p.set_defaults(func=run)
@@ -142,11 +141,12 @@ def run(args: argparse.Namespace) -> int:
     results, examples = [], []
     for transform in transforms:
         amounts = _amounts(args, transform, min(x.shape[-2:]))
-        results.append(invariance(model, x, transform, amounts, layers, targets=targets, fill=fill))
+        results.append(invariance(model, x, transform, amounts, layers, targets=targets, fill=fill,
+                                  progress=not args.no_progress))
         examples.append(_examples(x[0].cpu(), transform, amounts, preprocess.denormalize, fill))
     weights = args.weights or get_spec(args.model).default_weights
     title = f"Invariance: {args.model} ({weights}), {len(paths)} images at {x.shape[-1]}x{x.shape[-2]}"
-    invariance_figure(results, [p.name for p in paths], examples=examples, title=title, path=out)
+    invariance_figure(results, [p.name for p in paths], examples=examples, class_names=names, title=title, path=out)
     _write_json(out.with_suffix(".json"), args, results, paths, layers, names, weights)
     print(f"wrote {out} ({', '.join(transforms)}; layers {', '.join(layers)}; data and settings in "
           f"{out.with_suffix('.json').name})")
@@ -157,14 +157,11 @@ def _write_json(path: Path, args: argparse.Namespace, results: list[InvarianceRe
                 layers: list[str], names: list[str] | None, weights: str) -> None:  # fmt: skip
     settings = dict(vars(args))
     settings.update(images=[str(p) for p in paths], layers=layers, weights=weights, output=str(path.with_suffix(".png")))
-    write_settings(path, settings)
-    data = json.loads(path.read_text())
-    data["results"] = [
+    write_results(path, settings, results=[
         {
             "transform": r.transform, "amounts": r.amounts.tolist(), "targets": r.targets.tolist(),
             "target_names": [names[t] for t in r.targets.tolist()] if names else None,
             "distances": {k: v.tolist() for k, v in r.distances.items()}, "probability": r.probability.tolist(),
         }
         for r in results
-    ]  # fmt: skip
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    ])  # fmt: skip

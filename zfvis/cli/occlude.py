@@ -1,27 +1,20 @@
-"""``zfvis occlude``: occlusion sensitivity of one image (ZF Fig. 7).
-
-Also holds the option parsing the analysis commands share: the occluder colour
-(``--fill``), class names and ``--target``.
-"""
+"""``zfvis occlude``: occlusion sensitivity of one image (ZF Fig. 7)."""
 
 from __future__ import annotations
 
 import argparse
-import difflib
-import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import default_image
-from .._io import atomic_write_text
 from ..analysis_figures import occlusion_figure
 from ..data import load_image
 from ..engine import Deconvnet
 from ..occlusion import OcclusionResult, occlusion
-from ..zoo import Preprocess, get_spec
+from ..zoo import get_spec
+from ._analysis import FILL_HELP, alias_layers, class_names, fill_rgb, parse_fill, parse_target, write_results
 from ._common import (
     CLIError,
     add_config_arg,
@@ -31,87 +24,9 @@ from ._common import (
     load_zoo_model,
     resolve_device,
     resolve_layer,
-    write_settings,
 )
 
-FILL_HELP = "occluder colour: mean (the data set's mean colour), gray, black, or a VALUE in model input space (default mean)"
 TOP_K = 4
-
-
-# ----------------------------------------------------------------------------- shared options
-
-
-def parse_fill(text: str, preprocess: Preprocess) -> float | torch.Tensor:
-    """``mean`` -> 0.0 (the mean after normalisation); ``gray``/``black`` -> 0.5/0 normalised; or a number."""
-    name = str(text).strip().lower()
-    mean, std = torch.tensor(preprocess.mean), torch.tensor(preprocess.std)
-    if name == "mean":
-        return 0.0
-    if name in ("gray", "grey"):
-        return (0.5 - mean) / std
-    if name == "black":
-        return -mean / std
-    try:
-        return float(name)
-    except ValueError:
-        raise CLIError(f"--fill must be mean, gray, black or a number, got '{text}'") from None
-
-
-def fill_rgb(fill: float | torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
-    """The occluder colour as shown (3,) in [0, 1]."""
-    value = torch.as_tensor(fill, dtype=torch.float32).expand(3)
-    return (value * torch.tensor(preprocess.std) + torch.tensor(preprocess.mean)).clamp(0, 1)
-
-
-def class_names(model: str, weights: str | None) -> list[str] | None:
-    """Output class names of a zoo model with these weights, where known."""
-    spec = get_spec(model)
-    if spec.classes is not None:
-        return list(spec.classes)
-    enum = spec.weights_enum
-    name = spec.default_weights if weights is None else weights
-    if enum is None or not isinstance(name, str):
-        return None
-    try:
-        entry = enum.DEFAULT if name == "DEFAULT" else enum[name]
-    except KeyError:
-        return None
-    categories = entry.meta.get("categories")
-    return list(categories) if categories else None
-
-
-def parse_target(text: str | None, names: Sequence[str] | None) -> int | None:
-    """A class index or (case-insensitive) name; ``None`` stays ``None``."""
-    if text is None:
-        return None
-    text = str(text).strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    if names is None:
-        raise CLIError(f"unknown class name '{text}': this model's class names are not known; give a class number")
-    lower = [n.lower() for n in names]
-    if text.lower() in lower:
-        return lower.index(text.lower())
-    close = difflib.get_close_matches(text.lower(), lower, n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(names[lower.index(c)]) for c in close)}?" if close else ""
-    raise CLIError(f"unknown class name '{text}'.{hint}")
-
-
-def alias_layers(dn: Deconvnet) -> tuple[list[str], list[str]]:
-    """The conv and fc aliases of a zoo model, else Conv2d and Linear module names."""
-    convs = [a for a in dn.aliases if a.startswith("conv")]
-    fcs = [a for a in dn.aliases if a.startswith("fc")]
-    if not convs:
-        convs = [n for n, m in dn.model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-        fcs = [n for n, m in dn.model.named_modules() if isinstance(m, torch.nn.Linear)]
-    return convs, fcs
-
-
-def parse_layers(text: str | None, default: list[str]) -> list[str]:
-    layers = [s.strip() for s in str(text).split(",") if s.strip()] if text else default
-    if not layers:
-        raise CLIError("no layers given; pass --layers, e.g. --layers conv5,fc7")
-    return layers
 
 
 # ----------------------------------------------------------------------------- the command
@@ -208,15 +123,12 @@ def _write_json(path: Path, args: argparse.Namespace, res: OcclusionResult, name
     settings: dict[str, Any] = dict(vars(args))
     settings.update(image=str(image_path), layer=layer, channel=res.channel, patch=patch, stride=stride, weights=weights,
                     target=res.target, output=str(path.with_suffix(".png")))
-    write_settings(path, settings)
-    data = json.loads(path.read_text())
-    data["result"] = {
+    write_results(path, settings, result={
         "target": res.target, "target_name": names[res.target] if names else None, "base_prob": res.base_prob,
         "tops": res.tops.tolist(), "lefts": res.lefts.tolist(), "class_prob": res.class_prob.tolist(),
         "top_class": res.top_class.tolist(), "activation": None if res.activation is None else res.activation.tolist(),
         "method": res.method,
-    }  # fmt: skip
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    })  # fmt: skip
 
 
 def _summary(res: OcclusionResult, names: list[str] | None, out: Path) -> None:
