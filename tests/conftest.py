@@ -7,12 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 CIFAR_TEST_TAR = SHARED / "cifar10" / "cifar10-test.tar.gz"
 PHOTOS = SHARED / "images"
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for the module's tests (small tensors on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def require_shared(path: Path) -> Path:

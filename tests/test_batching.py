@@ -21,11 +21,8 @@ from zfvis.receptive import StepCost, Window, group_seeds
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(single_thread):
+    """Every test of this module runs on one intra-op thread."""
 
 
 def _cones(sizes: list[tuple[int, int]], map_size: tuple[int, int] = (64, 64)) -> Window:

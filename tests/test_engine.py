@@ -29,13 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even k
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: the tensors here are small, and on a busy machine with few
-    cores OpenMP's spinning threads make them many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(single_thread):
+    """Every test of this module runs on one intra-op thread."""
 
 
 # --------------------------------------------------------------------------- helpers

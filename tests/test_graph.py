@@ -44,12 +44,8 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread (small tensors, busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(single_thread):
+    """Every test of this module runs on one intra-op thread."""
 
 
 # --------------------------------------------------------------------------- models
