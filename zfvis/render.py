@@ -590,7 +590,7 @@ def grid_figure(
     grid_w = n_cols * cell_inches + (n_cols - 1) * gap
     fig_w = 2 * _MARGIN + label_w + grid_w
     if title:  # widen a narrow grid for its title, up to 12 inches, rather than wrap it
-        fig_w = max(fig_w, min(_text_width(title, _FONT_TITLE) + 2 * _MARGIN, 12.0))
+        fig_w = max(fig_w, min(_text_width(title, _FONT_TITLE) + 2 * _MARGIN + 0.1, 12.0))
     sup, sup_h = _title_band(title, fig_w)
     x0 = (fig_w - label_w - grid_w) / 2 + label_w  # centre the grid when the title is wider
     top0 = _MARGIN + sup_h + col_h
