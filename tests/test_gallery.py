@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 import zfvis
-from zfvis import gallery, render
+from zfvis import gallery, mining, render
 from zfvis.mining import mine
 
 # VGG16's 13 conv layers: (name, channels, output side at 224x224, receptive field size, jump, offset)
@@ -266,7 +266,8 @@ def _small_vgg() -> tuple[nn.Module, list[str]]:
     names = []
     for b, block in enumerate(widths, start=1):
         for i, cout in enumerate(block, start=1):
-            layers[f"c{b}_{i}"] = nn.Conv2d(cin, cout, 3, padding=1)
+            layers[f"c{b}_{i}"] = conv = nn.Conv2d(cin, cout, 3, padding=1)
+            nn.init.constant_(conv.bias, 0.2)  # every channel fires somewhere in every image
             layers[f"conv{b}_{i}"] = nn.ReLU()
             names.append(f"conv{b}_{i}")
             cin = cout
@@ -326,3 +327,33 @@ def test_a_vgg_style_run_over_every_conv_layer_is_a_site(mined_vgg: tuple) -> No
 
 def _value_text(v: float) -> str:
     return f"{v:.4g}"
+
+
+# --------------------------------------------------------------------------- the Fig. 2 pages from Python
+
+
+def test_mining_page_is_the_page_mining_wrote(mined_vgg: tuple, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    out, topk, names, _ = mined_vgg
+    for name in ("conv1_1", "conv3_2"):
+        fig = zfvis.mining_page(out, name)
+        assert list(tmp_path.iterdir()) == []
+        written = np.asarray(Image.open(out / f"{gallery.safe_name(name)}.png").convert("RGB"))
+        fig.canvas.draw()
+        drawn = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+        assert min(e["value"] for c in topk["layers"][name]["channels"] for e in c) > 0  # no all-zero projection
+        assert np.array_equal(drawn, written)
+        lay = fig._zfvis_layout  # type: ignore[attr-defined]
+        assert lay.labels[0].startswith("ch 0   max ") and len(lay.labels) == len(topk["layers"][name]["channel_ids"])
+    zfvis.mining_page(out, "conv1_1", page=1, path=tmp_path / "p.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+    with pytest.raises(zfvis.UserInputError, match="page must be 1..1"):
+        zfvis.mining_page(out, "conv1_1", page=2)
+    with pytest.raises(zfvis.UserInputError, match="not mined"):
+        zfvis.mining_page(out, "conv9")
+    with pytest.raises(zfvis.UserInputError, match="topk.json"):
+        zfvis.mining_page(tmp_path, "conv1_1")
+    monkeypatch.setattr(mining, "PAGE_CHANNELS", 4)  # conv2_1's 6 channels on two pages
+    second = zfvis.mining_page(out, "conv2_1", page=2)
+    assert [t.split()[1] for t in second._zfvis_layout.labels] == ["4", "5"]  # type: ignore[attr-defined]
+    assert "(channels 4-5, page 2 of 2)" in second.texts[0].get_text()

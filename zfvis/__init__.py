@@ -29,6 +29,7 @@ from .errors import InputTypeError, UserInputError, ZfvisError
 from .evolution import Evolution, EvolutionCell, ImageBatch, evolution, evolution_figure, load_images, sample_images
 from .figures import Selection, filters_figure, projection_figure, rules_figure
 from .gallery import write_site
+from .mining_figures import mining_page
 from .invariance import InvarianceResult, invariance, transform_images
 from .occlusion import OcclusionResult, occlude, occlusion
 from .ops import RULES, UnsupportedModelError
@@ -76,6 +77,7 @@ __all__ = [
     "load_images",
     "load_model",
     "load_parts",
+    "mining_page",
     "occlude",
     "occlusion",
     "projection_figure",

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ._io import atomic_write_bytes
+from .run_folder import safe_name  # mining's tile folders and figures are named with it
 
 __all__ = ["CHANNELS_PER_LAYER_PAGE", "channel_page", "safe_name", "write_site"]
 
@@ -76,11 +77,6 @@ figcaption{font-size:12.5px;margin-top:6px;line-height:1.45;word-break:break-all
 figcaption b{font-variant-numeric:tabular-nums}
 .empty{color:#777;font-style:italic}
 """
-
-
-def safe_name(layer: str) -> str:
-    """The layer name as a folder name: characters other than letters, digits, ``-``, ``_`` become ``_``."""
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in layer)
 
 
 def channel_page(layer: str, channel: int) -> str:
