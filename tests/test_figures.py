@@ -153,3 +153,15 @@ def test_filters_figure_finds_the_convolution_in_execution_order(tmp_path: Path)
         zfvis.filters_figure(model, "pool")
     with pytest.raises(zfvis.InputTypeError):
         zfvis.filters_figure("model", "act")  # type: ignore[arg-type]
+
+
+def test_progress_bars_are_tqdm_auto() -> None:
+    """Every progress bar of the package is ``tqdm.auto``'s, which renders in a notebook too."""
+    import re
+
+    package = Path(zfvis.__file__).parent
+    imports = {p.relative_to(package).as_posix(): re.findall(r"^\s*(?:from|import) (tqdm\S*)", p.read_text(), re.M)
+               for p in package.rglob("*.py")}
+    used = {name: found for name, found in imports.items() if found}
+    assert {"evolution.py", "mining.py", "cli/_common.py"} <= set(used)
+    assert all(set(found) == {"tqdm.auto"} for found in used.values()), used
