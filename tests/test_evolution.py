@@ -92,7 +92,9 @@ def test_evolution_figure_rows_are_feature_maps_and_columns_checkpoints(tmp_path
         assert np.allclose(shown, render.normalize_projection(cell.projection).permute(1, 2, 0).numpy())
         assert float(np.abs(shown - 0.5).max()) > 0.1  # not blank grey
     assert fig.axes[3].get_images() == []
-    zfvis.evolution_figure(evo, title="t", path=tmp_path / "e.png")
+    assert texts[0] == "4: strongest activation per feature map, by checkpoint (blank: never active)"
+    named = zfvis.evolution_figure(evo, model_name="tiny", path=tmp_path / "e.png")
+    assert named.texts[0].get_text().startswith("tiny 4: strongest")
     with Image.open(tmp_path / "e.png") as im:
         assert im.size[0] > 200
     assert [p.name for p in tmp_path.iterdir()] == ["e.png"]

@@ -205,7 +205,7 @@ def evolution(models: Iterable[nn.Module | Deconvnet], images: torch.Tensor, lay
     return Evolution(layer, chosen, names, cells)
 
 
-def evolution_figure(result: Evolution, *, title: str | None = None,
+def evolution_figure(result: Evolution, *, model_name: str | None = None, title: str | None = None,
                      path: str | os.PathLike[str] | None = None) -> Figure:
     """Draws an :class:`Evolution`: a row per feature map, a column per checkpoint.
 
@@ -215,7 +215,8 @@ def evolution_figure(result: Evolution, *, title: str | None = None,
 
     Args:
         result: What :func:`evolution` returned.
-        title: The figure title (default: the layer and what the cells show).
+        model_name: Named at the start of the default title, e.g. ``"zfnet-cifar10"``.
+        title: The figure title (default: the model name, the layer and what the cells show).
         path: Where to write the PNG (atomically); ``None`` writes nothing.
 
     Returns:
@@ -226,7 +227,8 @@ def evolution_figure(result: Evolution, *, title: str | None = None,
          for col in result.cells]
         for r in range(len(result.channels))
     ]
+    default = f"{result.layer}: strongest activation per feature map, by checkpoint (blank: never active)"
     return render.grid_figure(
         rows, path, row_labels=[f"ch {c}" for c in result.channels], col_labels=list(result.labels),
-        title=title or f"{result.layer}: strongest activation per feature map, by checkpoint (blank: never active)",
+        title=title or (f"{model_name} {default}" if model_name else default),
     )

@@ -102,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
     later = (load_zoo_model(args.model, ck, device)[0] for ck in args.checkpoints[1:])  # one model at a time
     evo = evolution(itertools.chain([first], later), images.batch.to(device), args.layer, ranges,
                     labels=[Path(c).stem for c in args.checkpoints], progress=True)
-    evolution_figure(evo, path=out, title=f"{args.model} {args.layer}: strongest activation per feature map, "
-                     "by checkpoint (blank: never active)")
+    evolution_figure(evo, model_name=args.model, path=out)
     write_settings(out.with_suffix(".json"), {**vars(args), "channels": evo.channels, "output": str(out)})
     skipped = len(images.skipped)
     searched = f"{len(images.paths)} images" + (f" ({skipped} unreadable, skipped)" if skipped else "")
