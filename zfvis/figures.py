@@ -26,7 +26,7 @@ from .ops import RULES
 if TYPE_CHECKING:
     from .engine import Deconvnet, Seeds
 
-__all__ = ["Selection", "choose_seeds", "filters_figure", "projection_figure", "rules_figure"]
+__all__ = ["Selection", "choose_seeds", "filters_figure", "projection_figure", "rules_figure", "strongest_channels"]
 
 Show = Callable[[torch.Tensor], torch.Tensor]
 
@@ -51,7 +51,9 @@ class Selection:
     top_channels: int = 9
 
 
-def _strongest_channels(output: torch.Tensor, count: int) -> list[int]:
+def strongest_channels(output: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` channels of a layer's output (1, C, ...) whose maximum is largest, strongest
+    first (ties: the lower channel); what ``zfvis project`` and :func:`projection_figure` show."""
     n = output.shape[1]
     strength = output[0].reshape(n, -1).amax(dim=1)
     order = torch.sort(strength, descending=True, stable=True).indices
@@ -62,7 +64,7 @@ def choose_seeds(dn: Deconvnet, image: torch.Tensor, layer: str, selection: Sele
                  rule: str | None = None) -> tuple[Seeds, list[int]]:
     """The seeds of one image (1, C, H, W) and the channels they come from."""
     rec = dn.record(image, layer, rule=rule)
-    channels = (_strongest_channels(rec.output, selection.top_channels) if selection.channel is None
+    channels = (strongest_channels(rec.output, selection.top_channels) if selection.channel is None
                 else [selection.channel] if isinstance(selection.channel, int) else list(selection.channel))
     vector = rec.output.dim() == 2
     top_k = None if vector or selection.position is not None else selection.top_k
