@@ -15,7 +15,7 @@ across strides, paddings, dilations, groups and rectangular kernels. The bias is
 so that no activation is near zero (a zero seed would test nothing) and it must not
 enter the reverse pass. A last test puts a wrong reverse convolution in the place of
 zfvis's own (kernel flipped, padding cropped on the wrong side, bias added, groups
-swapped) and checks that these comparisons fail.
+swapped) and checks that these comparisons fail (and that a faithful copy passes).
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ class _Mutant:
     one classic mistake, put in its place for one test: the comparison must catch it."""
 
     KINDS = ("kernel flipped", "padding cropped at the wrong side", "bias added", "groups swapped")
+    FAITHFUL = "none: a faithful copy"  # the harness itself changes nothing
 
     def __init__(self, kind: str, bias: torch.Tensor) -> None:
         self.kind, self.bias = kind, bias
@@ -131,7 +132,8 @@ class _Mutant:
             return w.reshape(g, w.shape[0] // g, *w.shape[1:]).flip(0).reshape(w.shape)
         return w
 
-    def reverse(self, layer: deconv.ReverseConv2d, signal: torch.Tensor, frame: object) -> list[torch.Tensor]:
+    def reverse_of(self, layer: deconv.ReverseConv2d, signal: torch.Tensor, frame: object) -> list[torch.Tensor]:
+        """The mutant's ``reverse`` of ``layer`` (it stands in for the method)."""
         full = F.conv_transpose2d(signal, self.weight(layer), None, layer.stride, 0, 0, layer.groups, layer.dilation)
         out_win, in_win = frame.out_win, frame.in_wins[0]  # type: ignore[attr-defined]
         pad = (0, 0) if self.kind == "padding cropped at the wrong side" else layer._pre_pad
@@ -141,7 +143,7 @@ class _Mutant:
         return [out + self.bias.mean() if self.kind == "bias added" else out]
 
 
-@pytest.mark.parametrize("kind", _Mutant.KINDS)
+@pytest.mark.parametrize("kind", [*_Mutant.KINDS, _Mutant.FAITHFUL])
 @pytest.mark.parametrize("name", ["stride 2, pad 1", "groups 2, stride 2", "rectangular everything"])
 def test_the_comparison_fails_when_zfvis_reverse_convolution_is_wrong(
     name: str, kind: str, monkeypatch: pytest.MonkeyPatch
@@ -150,5 +152,13 @@ def test_the_comparison_fails_when_zfvis_reverse_convolution_is_wrong(
     if kind == "groups swapped" and conv.groups == 1:
         pytest.skip("one group: nothing to swap")
     mutant = _Mutant(kind, conv.bias.detach())
-    monkeypatch.setattr(deconv.ReverseConv2d, "reverse", lambda layer, signal, frame: mutant.reverse(layer, signal, frame))
-    assert _mismatches(_zfvis_reverse(conv), conv, x, first=True), f"zfvis with its reverse convolution's {kind} passed"
+
+    def reverse(layer: deconv.ReverseConv2d, signal: torch.Tensor, frame: object) -> list[torch.Tensor]:
+        return mutant.reverse_of(layer, signal, frame)
+
+    monkeypatch.setattr(deconv.ReverseConv2d, "reverse", reverse)
+    bad = _mismatches(_zfvis_reverse(conv), conv, x, first=True)
+    if kind == _Mutant.FAITHFUL:
+        assert bad == []  # so each failure below comes from its one mistake
+    else:
+        assert bad, f"zfvis with its reverse convolution's {kind} passed"

@@ -652,9 +652,10 @@ def mining_figure(
 
     The whole grid, its channel labels included, is composed as one image at the
     figure's own pixel size and shown by one :class:`~matplotlib.axes.Axes` under the
-    title (figure text): a page of 64 channels draws and writes in a fraction of a second. All channels given are drawn in one
-    figure, whose height grows with their number (64 channels at 4 columns and
-    ``cell_inches=0.6``: 15 to 18 inches wide, 36 to 42 tall). To split a large layer into
+    title (figure text): a page of 64 channels draws and writes in a fraction of a
+    second. All channels given are drawn in one figure, whose height grows with their
+    number (64 channels at 4 columns and ``cell_inches=0.6``: 15 to 18 inches wide, 36
+    to 42 tall). To split a large layer into
     pages, call this once per slice of ``channels`` and put the page in
     ``layer_title``.
 
