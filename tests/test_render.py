@@ -467,3 +467,17 @@ def test_overwrite_replaces_file(tmp_path: Path) -> None:
     render.save_image(_image(), target)
     assert _png_size(target) == (32, 32)
     assert _only(tmp_path) == ["f.png"]
+
+
+def test_mining_figure_shows_uint8_tiles_as_they_are() -> None:
+    """uint8 tiles (as mining writes them) are drawn unchanged, an all-zero projection's grey included."""
+    gen = torch.Generator().manual_seed(2)
+    proj = (torch.rand(3, 6, 6, generator=gen) * 255).to(torch.uint8)
+    grey = torch.full((3, 6, 6), 128, dtype=torch.uint8)  # a projection that is zero everywhere
+    patch = (torch.rand(3, 6, 6, generator=gen) * 255).to(torch.uint8)
+    fig = render.mining_figure("t", [(0, [proj, grey], [patch, patch], [1.0, 0.0])], None, cell_inches=0.6)
+    page = np.asarray(fig.axes[0].get_images()[0].get_array())[..., :3]
+    f = 10
+    for g, i, tile in ((0, 0, proj), (0, 1, grey), (1, 0, patch)):
+        top, left, bottom, right = _tile_box(fig, 0, g, i)
+        assert np.array_equal(page[top:bottom:f, left:right:f], tile.permute(1, 2, 0).numpy()), (g, i)

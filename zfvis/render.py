@@ -662,8 +662,9 @@ def mining_figure(
     Args:
         layer_title: Figure title, e.g. ``"zfnet-cifar10 / conv2: top-9 per channel"``.
         channels: ``(channel_index, projections, patches, values)`` per channel;
-            projections are raw ``(3, h, w)``, patches ``(3, h, w)`` in ``[0, 1]``,
-            values the activations (only the largest is printed); up to 9 each.
+            projections are raw ``(3, h, w)`` (or uint8 tiles already shown, as mining
+            writes them), patches ``(3, h, w)`` in ``[0, 1]`` (or uint8), values the
+            activations (only the largest is printed); up to 9 each.
         path: Target PNG (its folder must exist), or None to write nothing.
         columns: Channels per figure row.
         cell_inches: Side of one thumbnail; at least 0.35 keeps it readable.
