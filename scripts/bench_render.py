@@ -14,18 +14,30 @@ makes the kernel flush the new file's data to disk.)
 
 Phases (median seconds over ``--rounds`` rounds, all measured back to back each round):
 
-- ``draw``: drawing and writing every page;
-- ``tiles``: encoding and writing every tile, from float tensors as mining passes them;
-- ``tiles_u8``: the same from the uint8 ``(3, h, w)`` tensors mining keeps (no float
-  round trip; the old ``save_image`` does not take them);
+- ``draw``: drawing and writing every page, from float tiles as mining passes them
+  (projections as ``tile / 255 - 0.5``, patches as ``tile / 255``);
+- ``draw_u8``: the same from the uint8 tiles mining keeps (no float round trip; the old
+  ``mining_figure`` does not take them);
+- ``tiles``: encoding and writing every tile, from float tensors;
+- ``tiles_u8``: the same from the uint8 ``(3, h, w)`` tensors mining writes;
 - ``project`` (with ``--project``): the same number of conv5 projections of the shipped
   model through the public API (``record`` + ``select`` + ``reverse``), for reference.
+
+With ``--mine DATASET`` a real ``zfvis mine`` of the shipped model's conv5 (128
+channels x top 9 = 1,152 projections) runs once a round into a new folder, and its
+``topk.json`` ``"timings"`` are reported: ``project`` (reading the winners' images,
+projecting, cropping) against ``render`` (tiles, Fig. 2 pages, gallery).
 
 With ``--baseline OLD_RENDER.py`` (e.g. ``git show HEAD~1:zfvis/render.py > /tmp/old.py``)
 the same phases are timed with that module too, in the same rounds, and the ratios are
 printed::
 
     OMP_NUM_THREADS=1 python scripts/bench_render.py --channels 128 --rounds 3 --baseline /tmp/old.py
+
+The goal (issue 10) is rendering at most as long as projecting: ``render / project``
+at most 1, printed last::
+
+    python scripts/bench_render.py --project --mine cifar10/test --limit 500 --rounds 3
 """
 
 from __future__ import annotations
@@ -85,10 +97,11 @@ def _u8_chw(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1)
 
 
-def draw_pages(mod: ModuleType, work: list[Any], out: Path) -> None:
-    """Draws and writes the Fig. 2 pages as mining does."""
+def draw_pages(mod: ModuleType, work: list[Any], out: Path, *, u8: bool = False) -> None:
+    """Draws and writes the Fig. 2 pages as mining does (from float tiles) or from uint8 tiles."""
     for p, s in enumerate(range(0, len(work), PAGE)):
-        entries = [(ch, [_from_u8(a) - 0.5 for a in pr], [_from_u8(a) for a in pa], v)
+        entries = [(ch, [_u8_chw(a) if u8 else _from_u8(a) - 0.5 for a in pr],
+                    [_u8_chw(a) if u8 else _from_u8(a) for a in pa], v)
                    for ch, pr, pa, v in work[s : s + PAGE]]
         mod.mining_figure(f"bench / conv5: top-9 activations per channel (page {p + 1})", entries,
                           out / f"page{p + 1}.png", columns=min(4, len(entries)), cell_inches=0.6)
@@ -130,8 +143,20 @@ def load_module(path: Path) -> ModuleType:
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot import {path}")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
+
+
+def mine_once(dataset: Path, limit: int | None, out: Path) -> dict[str, float]:
+    """One real mining run of the shipped model's conv5 into ``out``; its ``timings``."""
+    import zfvis
+    from zfvis.mining import mine
+
+    model, pre = zfvis.load_model("zfnet-cifar10")
+    res = mine(model, pre, dataset, ["conv5"], out_dir=out, limit=limit, progress=False, probe=False)
+    assert res.topk is not None
+    return dict(res.topk["timings"])
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -144,17 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--channels", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the projections (default 1)")
     ap.add_argument("--baseline", type=Path, help="an older render.py to time in the same rounds")
     ap.add_argument("--project", action="store_true", help="also time the projections, for reference")
     ap.add_argument("--keep", type=Path, help="write the outputs here (default: a temporary folder)")
+    ap.add_argument("--mine", type=Path, metavar="DATASET", help="also time a real zfvis mine of conv5 over DATASET")
+    ap.add_argument("--limit", type=int, default=500, help="images of DATASET for --mine (default 500)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     work = workload(args.channels)
     mods = {"new": render} | ({"baseline": load_module(args.baseline)} if args.baseline else {})
     phases: dict[str, Callable[[ModuleType, Path], None]] = {
         "draw": lambda m, o: draw_pages(m, work, o),
         "tiles": lambda m, o: save_tiles(m, work, o),
     }
+    phases["draw_u8"] = lambda m, o: draw_pages(m, work, o, u8=True)
     phases["tiles_u8"] = lambda m, o: save_tiles(m, work, o, u8=True)
     proj = project_phase(args.channels) if args.project else None
     times: dict[str, list[float]] = {}
@@ -163,10 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             if proj is not None:
                 times.setdefault("project", []).append(_timed(proj))
+            if args.mine is not None:
+                for key, v in mine_once(args.mine, args.limit, root / f"round{r + 1}" / "mine").items():
+                    times.setdefault(f"mine.{key}", []).append(v)
             for name, mod in mods.items():
                 for phase, fn in phases.items():
-                    if phase == "tiles_u8" and name == "baseline":
-                        continue  # the old save_image takes float tensors only
+                    if phase.endswith("_u8") and name == "baseline":
+                        continue  # the old functions take float tensors only
                     out = root / f"round{r + 1}" / name / phase  # a fresh folder, as a first mining run has
                     out.mkdir(parents=True)
                     times.setdefault(f"{name}.{phase}", []).append(_timed(functools.partial(fn, mod, out)))
@@ -181,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         after = med["new.draw"] + med.get("new.tiles_u8", med["new.tiles"])
         print(f"  draw + tiles: {before:.2f} s -> {after:.2f} s ({before / after:.1f}x)")
     if "project" in med:
-        total = med["new.draw"] + med.get("new.tiles_u8", med["new.tiles"])
-        print(f"  (draw + tiles) / project = {total / med['project']:.2f}")
+        total = med["new.draw"] + med["new.tiles_u8"]
+        print(f"  (draw + tiles_u8) / project = {total / med['project']:.2f}   "
+              f"(draw_u8 + tiles_u8) / project = {(med['new.draw_u8'] + med['new.tiles_u8']) / med['project']:.2f}")
+    if "mine.project" in med:
+        print(f"  zfvis mine conv5: render / project = {med['mine.render'] / med['mine.project']:.2f}")
     return 0
 
 

@@ -47,7 +47,8 @@ def _cells(ax: Axes, a: torch.Tensor, *, vmax: float | None = None, fontsize: fl
             v = float(a[r, c])
             if blank_zeros and v == 0:
                 continue
-            ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=fontsize)
+            dark = abs(v) > 0.7 * vmax  # the darkest reds and blues of the colour map: white text
+            ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=fontsize, color="white" if dark else "black")
     ax.set_xticks([])
     ax.set_yticks([])
     if title:

@@ -9,6 +9,7 @@ import json
 import os
 import posixpath
 import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,13 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from torch import nn
 
-from zfvis import gallery, render
+import zfvis
+from zfvis import gallery, mining, render
+from zfvis.mining import mine
 
 # VGG16's 13 conv layers: (name, channels, output side at 224x224, receptive field size, jump, offset)
 VGG16 = [
@@ -247,3 +253,107 @@ def test_bad_input_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         gallery.write_site(tmp_path / "missing", topk, site)
     assert not (tmp_path / "missing").exists() and not (tmp_path / "index.html").exists()
+
+
+# --------------------------------------------------------------------------- a real run
+
+
+def _small_vgg() -> tuple[nn.Module, list[str]]:
+    """A VGG-style chain, random weights: three blocks of 3x3 convolutions and ReLUs, max pools between."""
+    torch.manual_seed(0)
+    layers: dict[str, nn.Module] = {}
+    widths, cin = [(4, 4), (6, 6, 6), (8, 8)], 3
+    names = []
+    for b, block in enumerate(widths, start=1):
+        for i, cout in enumerate(block, start=1):
+            layers[f"c{b}_{i}"] = conv = nn.Conv2d(cin, cout, 3, padding=1)
+            nn.init.constant_(conv.bias, 0.2)  # every channel fires somewhere in every image
+            layers[f"conv{b}_{i}"] = nn.ReLU()
+            names.append(f"conv{b}_{i}")
+            cin = cout
+        layers[f"pool{b}"] = nn.MaxPool2d(2)
+    return nn.Sequential(OrderedDict(layers)).eval(), names
+
+
+@pytest.fixture(scope="module")
+def mined_vgg(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str], nn.Module]:
+    root = tmp_path_factory.mktemp("vgg_run")
+    gen = torch.Generator().manual_seed(3)
+    for i in range(12):
+        Image.fromarray((torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()).save(
+            root / f"img{i:02d}.png")
+    model, names = _small_vgg()
+    pre = zfvis.Preprocess(None, None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    out = root / "site"
+    res = mine(model, pre, root, names, out_dir=out, top=TOP, batch_size=6, progress=False)
+    assert res.topk is not None
+    return out, res.topk, names, model
+
+
+def test_a_vgg_style_run_over_every_conv_layer_is_a_site(mined_vgg: tuple) -> None:
+    out, topk, names, model = mined_vgg
+    files = _files(out)
+    pages = list(_pages(out))
+    channels = sum(len(topk["layers"][n]["channel_ids"]) for n in names)
+    assert channels == 4 + 4 + 6 * 3 + 8 + 8 and len(pages) == 1 + len(names) + channels
+    for page in pages:
+        assert page.stat().st_size < 2_000_000
+        parsed = _parse(page)
+        assert parsed.scripts == 0
+        _check_links(out, page, parsed.refs, files)
+    dn = zfvis.Deconvnet(model)
+    model_page = (out / "index.html").read_text(encoding="utf-8")
+    for name in names:
+        c, h, w = dn.output(torch.zeros(1, 3, 24, 24), name).shape[1:]
+        rf = dn.receptive_field(name, (3, 24, 24))
+        row = model_page[model_page.index(f"<b>{name}</b>") :].split("</tr>")[0]
+        assert f"{c} × {h} × {w}" in row and f"{rf.size[0]} px, jump {rf.jump[0]}" in row and f"{c} of {c}" in row
+        ids = topk["layers"][name]["channel_ids"]
+        layer_page = _parse(out / "layers" / gallery.safe_name(name) / "index.html")
+        assert [r for r in layer_page.refs if re.fullmatch(r"c\d{4}\.html", r)] == [f"c{c:04d}.html" for c in ids]
+        for i, ch in enumerate(ids):  # every channel: its address, its nine pairs, and the way back
+            page = out / gallery.channel_page(name, ch)
+            refs = _parse(page).refs
+            assert f"index.html#c{ch:04d}" in refs
+            tiles = [r for r in refs if "/tiles/" in r]
+            assert tiles == [f"../../tiles/{gallery.safe_name(name)}/c{ch:04d}_r{r + 1}_{kind}.png"
+                             for r in range(TOP) for kind in ("proj", "patch")]
+            text = page.read_text(encoding="utf-8")
+            for e in topk["layers"][name]["channels"][i]:
+                assert e["image"] in text and _value_text(e["value"]) in text
+            assert (f"c{ids[i - 1]:04d}.html" in refs) == (i > 0)  # previous, but none before the first
+            assert (f"c{ids[(i + 1) % len(ids)]:04d}.html" in refs) == (i + 1 < len(ids))  # next
+
+
+def _value_text(v: float) -> str:
+    return f"{v:.4g}"
+
+
+# --------------------------------------------------------------------------- the Fig. 2 pages from Python
+
+
+def test_mining_page_is_the_page_mining_wrote(mined_vgg: tuple, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    out, topk, names, _ = mined_vgg
+    for name in ("conv1_1", "conv3_2"):
+        fig = zfvis.mining_page(out, name)
+        assert list(tmp_path.iterdir()) == []
+        written = np.asarray(Image.open(out / f"{gallery.safe_name(name)}.png").convert("RGB"))
+        fig.canvas.draw()
+        drawn = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+        assert min(e["value"] for c in topk["layers"][name]["channels"] for e in c) > 0  # no all-zero projection
+        assert np.array_equal(drawn, written)
+        lay = fig._zfvis_layout  # type: ignore[attr-defined]
+        assert lay.labels[0].startswith("ch 0   max ") and len(lay.labels) == len(topk["layers"][name]["channel_ids"])
+    zfvis.mining_page(out, "conv1_1", page=1, path=tmp_path / "p.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+    with pytest.raises(zfvis.UserInputError, match="page must be 1..1"):
+        zfvis.mining_page(out, "conv1_1", page=2)
+    with pytest.raises(zfvis.UserInputError, match="not mined"):
+        zfvis.mining_page(out, "conv9")
+    with pytest.raises(zfvis.UserInputError, match="topk.json"):
+        zfvis.mining_page(tmp_path, "conv1_1")
+    monkeypatch.setattr(mining, "PAGE_CHANNELS", 4)  # conv2_1's 6 channels on two pages
+    second = zfvis.mining_page(out, "conv2_1", page=2)
+    assert [t.split()[1] for t in second._zfvis_layout.labels] == ["4", "5"]  # type: ignore[attr-defined]
+    assert "(channels 4-5, page 2 of 2)" in " ".join(second.texts[0].get_text().split())  # the title, wrapped

@@ -320,15 +320,21 @@ def _tile_box(fig: Figure, k: int, g: int, i: int) -> tuple[int, int, int, int]:
     return top, left, top + lay.cell, left + lay.cell
 
 
-def test_mining_figure_is_one_image_with_text_labels(tmp_path: Path) -> None:
+def test_mining_figure_is_one_image_with_its_labels(tmp_path: Path) -> None:
     channels = _mining_channels(6)
     fig = render.mining_figure("net / conv1 / top-9", channels, tmp_path / "m.png", columns=4)
     w, h = _png_size(tmp_path / "m.png")
     assert 800 <= w <= 2000 and 300 <= h <= 2000
     assert len(fig.axes) == 1 and len(fig.axes[0].get_images()) == 1  # one image, not an axes per cell
     page = np.asarray(fig.axes[0].get_images()[0].get_array())[..., :3] / 255.0
-    texts = [t.get_text() for t in fig.texts]
-    assert "net / conv1 / top-9" in texts and "ch 10   max 9" in texts and "ch 0   max 9" in texts
+    assert "net / conv1 / top-9" in [t.get_text() for t in fig.texts]
+    lay = fig._zfvis_layout  # type: ignore[attr-defined]
+    assert lay.labels[:2] == ["ch 0   max 9", "ch 10   max 9"] and len(lay.labels) == 6
+    for k in range(len(channels)):  # each label is written in its band, dark on white, left-aligned
+        x0, y0 = lay.origin(k)
+        band = page[y0 : y0 + lay.label, x0 : x0 + 2 * lay.grid]
+        dark = np.argwhere(band.max(axis=2) < 0.3)
+        assert len(dark) > 40 and dark[:, 1].min() < 5 and dark[:, 1].max() < lay.grid, k
     for k, (_, projections, patches, _) in enumerate(channels):
         for i in range(9):
             top, left, bottom, right = _tile_box(fig, k, 0, i)
@@ -461,3 +467,17 @@ def test_overwrite_replaces_file(tmp_path: Path) -> None:
     render.save_image(_image(), target)
     assert _png_size(target) == (32, 32)
     assert _only(tmp_path) == ["f.png"]
+
+
+def test_mining_figure_shows_uint8_tiles_as_they_are() -> None:
+    """uint8 tiles (as mining writes them) are drawn unchanged, an all-zero projection's grey included."""
+    gen = torch.Generator().manual_seed(2)
+    proj = (torch.rand(3, 6, 6, generator=gen) * 255).to(torch.uint8)
+    grey = torch.full((3, 6, 6), 128, dtype=torch.uint8)  # a projection that is zero everywhere
+    patch = (torch.rand(3, 6, 6, generator=gen) * 255).to(torch.uint8)
+    fig = render.mining_figure("t", [(0, [proj, grey], [patch, patch], [1.0, 0.0])], None, cell_inches=0.6)
+    page = np.asarray(fig.axes[0].get_images()[0].get_array())[..., :3]
+    f = 10
+    for g, i, tile in ((0, 0, proj), (0, 1, grey), (1, 0, patch)):
+        top, left, bottom, right = _tile_box(fig, 0, g, i)
+        assert np.array_equal(page[top:bottom:f, left:right:f], tile.permute(1, 2, 0).numpy()), (g, i)

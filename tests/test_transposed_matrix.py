@@ -13,9 +13,9 @@ pass is linear), that
 
 across strides, paddings, dilations, groups and rectangular kernels. The bias is large
 so that no activation is near zero (a zero seed would test nothing) and it must not
-enter the reverse pass. A last test checks that these comparisons do fail for a wrong
-reverse layer (flipped kernel, padding cropped on the wrong side, bias added, swapped
-groups).
+enter the reverse pass. A last test puts a wrong reverse convolution in the place of
+zfvis's own (kernel flipped, padding cropped on the wrong side, bias added, groups
+swapped) and checks that these comparisons fail (and that a faithful copy passes).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zfvis
+from zfvis import deconv
 
 # (in, out, kernel, stride, padding, dilation, groups, input H, W)
 CASES = {
@@ -62,8 +63,9 @@ def conv_matrix(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 Reverse = Callable[[torch.Tensor, int, tuple[int, int] | str], torch.Tensor]
 
 
-def _mismatches(reverse: Reverse, conv: nn.Conv2d, x: torch.Tensor) -> list[str]:
-    """Where ``reverse(x, channel, position)`` differs from the rows of Cᵀ (empty: it is Cᵀ)."""
+def _mismatches(reverse: Reverse, conv: nn.Conv2d, x: torch.Tensor, *, first: bool = False) -> list[str]:
+    """Where ``reverse(x, channel, position)`` differs from the rows of Cᵀ (empty: it is Cᵀ);
+    with ``first``, only the first place found."""
     matrix = conv_matrix(conv, x)
     with torch.no_grad():
         y = conv(x)[0]  # (Co, Ho, Wo), the seeds' values
@@ -76,6 +78,8 @@ def _mismatches(reverse: Reverse, conv: nn.Conv2d, x: torch.Tensor) -> list[str]
                 got = reverse(x, c, (i, j))[0]
                 if not torch.allclose(got, y[c, i, j] * row, rtol=1e-10, atol=1e-10):
                     bad.append(f"channel {c} at ({i}, {j})")
+                    if first:
+                        return bad
         mask = torch.zeros_like(y)
         mask[c] = y[c]
         want = (matrix.T @ mask.reshape(-1)).reshape(x.shape[1:])  # Cᵀ (map of channel c)
@@ -109,53 +113,52 @@ def test_conv_matrix_rows_are_the_filters() -> None:
     assert torch.equal(row, padded[0, :, 1:-1, 1:-1])
 
 
-def _wrong_reverses(conv: nn.Conv2d) -> dict[str, Reverse]:
-    """Reverse convolutions with one classic mistake each, seeded like zfvis's."""
-    st, pad, dil, groups = conv.stride, conv.padding, conv.dilation, conv.groups
+class _Mutant:
+    """zfvis's own reverse convolution (:meth:`zfvis.deconv.ReverseConv2d.reverse`) with
+    one classic mistake, put in its place for one test: the comparison must catch it."""
 
-    def seeded(x: torch.Tensor, channel: int, position: tuple[int, int] | str) -> torch.Tensor:
-        with torch.no_grad():
-            y = conv(x)
-        seed = torch.zeros_like(y)
-        if position == "all":
-            seed[:, channel] = y[:, channel]
-        else:
-            i, j = position  # type: ignore[misc]
-            seed[:, channel, i, j] = y[:, channel, i, j]
-        return seed
+    KINDS = ("kernel flipped", "padding cropped at the wrong side", "bias added", "groups swapped")
+    FAITHFUL = "none: a faithful copy"  # the harness itself changes nothing
 
-    def transpose(weight: torch.Tensor, crop: tuple[int, int] = (0, 0), bias: bool = False) -> Reverse:
-        def run(x: torch.Tensor, channel: int, position: tuple[int, int] | str) -> torch.Tensor:
-            seed = seeded(x, channel, position)
-            h, w = x.shape[-2:]
-            full = F.conv_transpose2d(seed, weight, stride=st, padding=0, dilation=dil, groups=groups)
-            top, left = pad[0] + crop[0], pad[1] + crop[1]
-            out = F.pad(full, (0, w, 0, h))[..., top : top + h, left : left + w]
-            if bias:
-                out = out + conv.bias.mean()
-            return out
-        return run
+    def __init__(self, kind: str, bias: torch.Tensor) -> None:
+        self.kind, self.bias = kind, bias
 
-    w = conv.weight.detach()
-    cout, cin_g = w.shape[:2]
-    swapped = w.reshape(groups, cout // groups, cin_g, *w.shape[2:]).flip(0).reshape(w.shape)
-    out = {
-        "right (sanity check of the harness)": transpose(w),
-        "kernel flipped": transpose(w.flip(-1, -2)),
-        "padding cropped at the wrong side": transpose(w, crop=(-pad[0] or 1, -pad[1] or 1)),
-        "bias added": transpose(w, bias=True),
-    }
-    if groups > 1:
-        out["groups swapped"] = transpose(swapped)
-    return out
+    def weight(self, layer: deconv.ReverseConv2d) -> torch.Tensor:
+        w = layer.weight
+        if self.kind == "kernel flipped":
+            return w.flip(-1, -2)
+        if self.kind == "groups swapped":
+            g = layer.groups
+            return w.reshape(g, w.shape[0] // g, *w.shape[1:]).flip(0).reshape(w.shape)
+        return w
+
+    def reverse_of(self, layer: deconv.ReverseConv2d, signal: torch.Tensor, frame: object) -> list[torch.Tensor]:
+        """The mutant's ``reverse`` of ``layer`` (it stands in for the method)."""
+        full = F.conv_transpose2d(signal, self.weight(layer), None, layer.stride, 0, 0, layer.groups, layer.dilation)
+        out_win, in_win = frame.out_win, frame.in_wins[0]  # type: ignore[attr-defined]
+        pad = (0, 0) if self.kind == "padding cropped at the wrong side" else layer._pre_pad
+        shift_y = in_win.top - (out_win.top * layer.stride[0] - pad[0])
+        shift_x = in_win.left - (out_win.left * layer.stride[1] - pad[1])
+        out = deconv.crop_windows(full, None, shift_y, shift_x, *in_win.size)
+        return [out + self.bias.mean() if self.kind == "bias added" else out]
 
 
+@pytest.mark.parametrize("kind", [*_Mutant.KINDS, _Mutant.FAITHFUL])
 @pytest.mark.parametrize("name", ["stride 2, pad 1", "groups 2, stride 2", "rectangular everything"])
-def test_the_comparison_fails_for_wrong_reverse_layers(name: str) -> None:
+def test_the_comparison_fails_when_zfvis_reverse_convolution_is_wrong(
+    name: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     conv, x = _conv(CASES[name], seed=1)
-    for label, reverse in _wrong_reverses(conv).items():
-        bad = _mismatches(reverse, conv, x)
-        if label.startswith("right"):
-            assert bad == [], label
-        else:
-            assert bad, f"a reverse layer with its {label} passed"
+    if kind == "groups swapped" and conv.groups == 1:
+        pytest.skip("one group: nothing to swap")
+    mutant = _Mutant(kind, conv.bias.detach())
+
+    def reverse(layer: deconv.ReverseConv2d, signal: torch.Tensor, frame: object) -> list[torch.Tensor]:
+        return mutant.reverse_of(layer, signal, frame)
+
+    monkeypatch.setattr(deconv.ReverseConv2d, "reverse", reverse)
+    bad = _mismatches(_zfvis_reverse(conv), conv, x, first=True)
+    if kind == _Mutant.FAITHFUL:
+        assert bad == []  # so each failure below comes from its one mistake
+    else:
+        assert bad, f"zfvis with its reverse convolution's {kind} passed"

@@ -26,8 +26,10 @@ from .data import list_images, load_image, to_rgb
 from .deconv import ReverseStack
 from .engine import Deconvnet, Patches, Seeds
 from .errors import InputTypeError, UserInputError, ZfvisError
-from .figures import Selection, projection_figure, rules_figure
+from .evolution import Evolution, EvolutionCell, ImageBatch, evolution, evolution_figure, load_images, sample_images
+from .figures import Selection, filters_figure, projection_figure, rules_figure
 from .gallery import write_site
+from .mining_figures import mining_page
 from .invariance import InvarianceResult, invariance, transform_images
 from .occlusion import OcclusionResult, occlude, occlusion
 from .ops import RULES, UnsupportedModelError
@@ -40,6 +42,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CorrespondenceResult",
     "Deconvnet",
+    "Evolution",
+    "EvolutionCell",
+    "ImageBatch",
     "InputTypeError",
     "InvarianceResult",
     "OcclusionResult",
@@ -61,18 +66,24 @@ __all__ = [
     "correspondence",
     "default_image",
     "default_parts_file",
+    "evolution",
+    "evolution_figure",
+    "filters_figure",
     "invariance",
     "layer_aliases",
     "list_images",
     "list_models",
     "load_image",
+    "load_images",
     "load_model",
     "load_parts",
+    "mining_page",
     "occlude",
     "occlusion",
     "projection_figure",
     "register_aliases",
     "rules_figure",
+    "sample_images",
     "to_rgb",
     "transform_images",
     "write_site",

@@ -1,10 +1,11 @@
-"""Projection figures from Python: what ``zfvis project`` draws, one call away.
+"""Figures of one model from Python: what ``zfvis project`` and ``zfvis filters`` draw.
 
 :func:`projection_figure` is the figure of ``zfvis project`` (the input, each projection,
 and both cropped to the activation's receptive field); :func:`rules_figure` shows the
 deconvnet, guided-backpropagation and gradient projections of the same activations side
-by side. Both return a matplotlib ``Figure``; a PNG is written only when ``path`` is
-given. :meth:`zfvis.Deconvnet.figure` calls :func:`projection_figure`.
+by side; :func:`filters_figure` is the figure of ``zfvis filters`` (a convolution's
+filters, ZF Fig. 6). Each returns a matplotlib ``Figure``; a PNG is written only when
+``path`` is given. :meth:`zfvis.Deconvnet.figure` calls :func:`projection_figure`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
+from torch import nn
 
 from . import render
+from .errors import InputTypeError
 from .ops import RULES
 
 if TYPE_CHECKING:
     from .engine import Deconvnet, Seeds
 
-__all__ = ["Selection", "choose_seeds", "projection_figure", "rules_figure"]
+__all__ = ["Selection", "choose_seeds", "filters_figure", "projection_figure", "rules_figure", "strongest_channels"]
 
 Show = Callable[[torch.Tensor], torch.Tensor]
 
@@ -48,7 +51,9 @@ class Selection:
     top_channels: int = 9
 
 
-def _strongest_channels(output: torch.Tensor, count: int) -> list[int]:
+def strongest_channels(output: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` channels of a layer's output (1, C, ...) whose maximum is largest, strongest
+    first (ties: the lower channel); what ``zfvis project`` and :func:`projection_figure` show."""
     n = output.shape[1]
     strength = output[0].reshape(n, -1).amax(dim=1)
     order = torch.sort(strength, descending=True, stable=True).indices
@@ -59,7 +64,7 @@ def choose_seeds(dn: Deconvnet, image: torch.Tensor, layer: str, selection: Sele
                  rule: str | None = None) -> tuple[Seeds, list[int]]:
     """The seeds of one image (1, C, H, W) and the channels they come from."""
     rec = dn.record(image, layer, rule=rule)
-    channels = (_strongest_channels(rec.output, selection.top_channels) if selection.channel is None
+    channels = (strongest_channels(rec.output, selection.top_channels) if selection.channel is None
                 else [selection.channel] if isinstance(selection.channel, int) else list(selection.channel))
     vector = rec.output.dim() == 2
     top_k = None if vector or selection.position is not None else selection.top_k
@@ -146,3 +151,39 @@ def rules_figure(dn: Deconvnet, images: torch.Tensor, layer: str, selection: Sel
         title=title or f"layer {layer}: the same activations under each rule (cropped to the receptive field)",
         cell_inches=1.6,
     )
+
+
+def filters_figure(model: nn.Module | Deconvnet, layer: str, *, model_name: str | None = None,
+                   title: str | None = None, path: str | os.PathLike[str] | None = None) -> Figure:
+    """The filters of the convolution a layer stands for, as an image grid (ZF Fig. 6).
+
+    The convolution is found through the model's graph
+    (:meth:`~zfvis.Deconvnet.convolution`): the layer itself, or the convolution whose
+    output it is after batch norm and ReLU (``conv3`` of the zoo's models). With 3 input
+    channels each filter is an RGB image, otherwise the mean over input channels in grey;
+    each is scaled on its own (0 is grey).
+
+    Args:
+        model: The model, or its :class:`~zfvis.Deconvnet`.
+        layer: A layer name or alias.
+        model_name: Named at the start of the default title, e.g. ``"zfnet-cifar10 (packaged)"``.
+        title: The figure title (default: the model name, the layer, the module and the
+            filters' count and size).
+        path: Where to write the PNG (atomically); ``None`` writes nothing.
+
+    Returns:
+        The figure.
+
+    Raises:
+        UserInputError: The layer is unknown or is not a convolution.
+        InputTypeError: ``model`` is neither a module nor a Deconvnet.
+    """
+    from .engine import Deconvnet
+
+    if not isinstance(model, (nn.Module, Deconvnet)):
+        raise InputTypeError(f"expected a torch.nn.Module or a zfvis.Deconvnet, got {type(model).__name__}")
+    dn = model if isinstance(model, Deconvnet) else Deconvnet(model)
+    name, conv = dn.convolution(layer)
+    w = conv.weight.detach().float().cpu()
+    default = f"{layer} = '{name}': {w.shape[0]} filters {w.shape[2]}x{w.shape[3]}"
+    return render.filter_grid(w, path, title=title or (f"{model_name} {default}" if model_name else default))

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ._io import atomic_write_bytes
+from .run_folder import safe_name  # mining's tile folders and figures are named with it
 
 __all__ = ["CHANNELS_PER_LAYER_PAGE", "channel_page", "safe_name", "write_site"]
 
@@ -76,11 +77,6 @@ figcaption{font-size:12.5px;margin-top:6px;line-height:1.45;word-break:break-all
 figcaption b{font-variant-numeric:tabular-nums}
 .empty{color:#777;font-style:italic}
 """
-
-
-def safe_name(layer: str) -> str:
-    """The layer name as a folder name: characters other than letters, digits, ``-``, ``_`` become ``_``."""
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in layer)
 
 
 def channel_page(layer: str, channel: int) -> str:
@@ -322,7 +318,8 @@ class _LayerSite:
         self.next_layer = (next_layer, folders[next_layer]) if next_layer else None
         self.n_pages = max(1, math.ceil(len(channels) / CHANNELS_PER_LAYER_PAGE))
         self.side = _longest_side(channels)
-        self.meta = self._meta()  # shared by every page of the layer
+        self.meta = self._meta(figures=True)  # shared by the layer's thumbnail pages
+        self.channel_meta = self._meta(figures=False)  # a channel page links its own Fig. 2 page
         self.large = self._large_scale()
 
     def write(self, out_dir: Path) -> list[Path]:
@@ -337,8 +334,8 @@ class _LayerSite:
         """URL of a tile from a page in ``layers/<folder>/``."""
         return _url(f"../../tiles/{self.tiles}", name)
 
-    def _meta(self) -> str:
-        figs = sorted({str(g["figure"]) for g in self.channels if g.get("figure")})
+    def _meta(self, *, figures: bool) -> str:
+        figs = sorted({str(g["figure"]) for g in self.channels if g.get("figure")}) if figures else []
         links = ", ".join(f'<a href="{_url("..", "..", f)}">{_e(f)}</a>' for f in figs)
         count = self.top.get("channel_count", len(self.channels))
         return (f'<p class="meta">module {_e(str(self.top.get("module", "")))} · output '
@@ -371,25 +368,28 @@ class _LayerSite:
         imgs = ""
         if g["tiles"] and g["entries"]:
             box = g["entries"][0].get("box")
-            imgs = "".join(self._img(t, "", box, _THUMB / self.side if self.side else None, _THUMB)
+            imgs = "".join(self._img(t, "", box, _THUMB / self.side if self.side else None, _THUMB, lazy=True)
                            for t in g["tiles"][0])
-        value = f'<span class="v">max {_value(g["entries"][0]["value"])}</span>' if g["entries"] else ""
+        value = (f'<span class="v">max {_value(g["entries"][0]["value"])}</span>' if g["entries"]
+                 else '<span class="v">never active</span>')
         return f'<a id="c{ch:04d}" href="{_channel_file(ch)}">{imgs}<br>ch {ch}{value}</a>'
 
-    def _img(self, name: str, alt: str, box: Sequence[int] | None, scale: float | None, cell: int) -> str:
+    def _img(self, name: str, alt: str, box: Sequence[int] | None, scale: float | None, cell: int, *,
+             lazy: bool = False) -> str:
         """A tile in a grey cell of ``cell`` CSS pixels, at ``scale`` CSS pixels per tile pixel.
 
         One scale per layer keeps the tiles of a layer comparable: a patch clipped at
         the image border looks smaller, not stretched. Without a box or scale the tile
-        is fitted to the cell.
+        is fitted to the cell. ``lazy`` tiles load as they scroll into view (plain HTML).
         """
+        load = ' loading="lazy"' if lazy else ""
         if box is None or scale is None:
-            return f'<span class="cell"><img class="fit" src="{self._tile(name)}" alt="{_e(alt)}"></span>'
+            return f'<span class="cell"><img class="fit"{load} src="{self._tile(name)}" alt="{_e(alt)}"></span>'
         h = max(1, round((int(box[2]) - int(box[0])) * scale))
         w = max(1, round((int(box[3]) - int(box[1])) * scale))
         size = f' style="width:{cell}px;height:{cell}px"' if cell != _THUMB else ""
         smooth = ' class="smooth"' if scale < 1 else ""  # reduced: filtered; enlarged: sharp pixels
-        return (f'<span class="cell"{size}><img{smooth} src="{self._tile(name)}" width="{w}" height="{h}" '
+        return (f'<span class="cell"{size}><img{smooth}{load} src="{self._tile(name)}" width="{w}" height="{h}" '
                 f'alt="{_e(alt)}"></span>')
 
     def _large_scale(self) -> tuple[float | None, int]:
@@ -428,7 +428,7 @@ class _LayerSite:
         for r, (entry, (proj, patch)) in enumerate(zip(g["entries"], g["tiles"])):
             body.append(self._pair(r, entry, proj, patch))
         body.append("</div>")
-        body.append(self.meta)
+        body.append(self.channel_meta)
         if g.get("figure"):
             body.append(f'<p class="meta">This channel on its Fig. 2 page: '
                         f'<a href="{_url("..", "..", str(g["figure"]))}">{_e(str(g["figure"]))}</a></p>')

@@ -24,6 +24,7 @@ deconvnet projection is ``(3, H, W)`` of any sign and is shown through
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import struct
@@ -41,7 +42,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 from matplotlib.transforms import Bbox, IdentityTransform, TransformedBbox
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from zfvis._io import atomic_open, atomic_write_bytes
 
@@ -306,7 +307,9 @@ def _save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
 
     At the figure's own dpi the canvas is drawn once and its RGB pixels are streamed out
     by :func:`_png_chunks` (zlib level :data:`PNG_COMPRESS_LEVEL`): about twice as fast
-    as matplotlib's RGBA PNG through Pillow, and smaller.
+    as matplotlib's RGBA PNG through Pillow, and smaller. A page image that
+    :func:`_pixel_image` placed (nothing drawn over it) is copied into the drawn
+    pixels rather than composited by Agg: the same pixels, without the cost.
     """
     path = Path(path)
     w_in, h_in = fig.get_size_inches()
@@ -316,9 +319,18 @@ def _save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
             fig.savefig(fh, format="png", dpi=dpi, facecolor="white",
                         pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
             return path
-        fig.canvas.draw()
-        rgba = np.asarray(fig.canvas.buffer_rgba())
-        for chunk in _png_chunks(rgba[..., :3], compress_level=PNG_COMPRESS_LEVEL):
+        pages = [im for ax in fig.axes for im in ax.get_images() if isinstance(im, _PixelImage) and im.exact()]
+        for im in pages:
+            im.set_visible(False)
+        try:
+            fig.canvas.draw()
+        finally:
+            for im in pages:
+                im.set_visible(True)
+        rgb = np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+        for im in pages:
+            im.paste_into(rgb)
+        for chunk in _png_chunks(rgb, compress_level=PNG_COMPRESS_LEVEL):
             fh.write(chunk)
     return path
 
@@ -590,7 +602,7 @@ def grid_figure(
     grid_w = n_cols * cell_inches + (n_cols - 1) * gap
     fig_w = 2 * _MARGIN + label_w + grid_w
     if title:  # widen a narrow grid for its title, up to 12 inches, rather than wrap it
-        fig_w = max(fig_w, min(_text_width(title, _FONT_TITLE) + 2 * _MARGIN, 12.0))
+        fig_w = max(fig_w, min(_text_width(title, _FONT_TITLE) + 2 * _MARGIN + 0.1, 12.0))
     sup, sup_h = _title_band(title, fig_w)
     x0 = (fig_w - label_w - grid_w) / 2 + label_w  # centre the grid when the title is wider
     top0 = _MARGIN + sup_h + col_h
@@ -638,26 +650,28 @@ def mining_figure(
     pixels), large ones reduced with a Lanczos filter. Missing entries (fewer than 9)
     are light-grey blanks.
 
-    The whole grid is composed as one image at the figure's own pixel size and shown
-    by one :class:`~matplotlib.axes.Axes`, with the labels as figure text: a page of
-    64 channels draws in a fraction of a second. All channels given are drawn in one
-    figure, whose height grows with their number (64 channels at 4 columns and
-    ``cell_inches=0.6``: 15 to 18 inches wide, 36 to 42 tall). To split a large layer into
+    The whole grid, its channel labels included, is composed as one image at the
+    figure's own pixel size and shown by one :class:`~matplotlib.axes.Axes` under the
+    title (figure text): a page of 64 channels draws and writes in a fraction of a
+    second. All channels given are drawn in one figure, whose height grows with their
+    number (64 channels at 4 columns and ``cell_inches=0.6``: 15 to 18 inches wide, 36
+    to 42 tall). To split a large layer into
     pages, call this once per slice of ``channels`` and put the page in
     ``layer_title``.
 
     Args:
         layer_title: Figure title, e.g. ``"zfnet-cifar10 / conv2: top-9 per channel"``.
         channels: ``(channel_index, projections, patches, values)`` per channel;
-            projections are raw ``(3, h, w)``, patches ``(3, h, w)`` in ``[0, 1]``,
-            values the activations (only the largest is printed); up to 9 each.
+            projections are raw ``(3, h, w)`` (or uint8 tiles already shown, as mining
+            writes them), patches ``(3, h, w)`` in ``[0, 1]`` (or uint8), values the
+            activations (only the largest is printed); up to 9 each.
         path: Target PNG (its folder must exist), or None to write nothing.
         columns: Channels per figure row.
         cell_inches: Side of one thumbnail; at least 0.35 keeps it readable.
 
     Returns:
         The figure (written to ``path`` first, when given). Its one axes holds the
-        grid image; ``fig.texts`` hold the title and the channel labels.
+        grid image with the channel labels; ``fig.texts`` hold the title and the legend.
 
     Raises:
         ValueError: No channels, ``columns < 1``, more than 9 tiles for a channel, or
@@ -671,11 +685,14 @@ def mining_figure(
     columns = min(columns, len(channels))
     target = max(1, round(max(0.2, cell_inches) * DPI))
     blocks = [_channel_cells(index, projections, patches, target) for index, projections, patches, _ in channels]
-    cell = max(max(a.shape[0], a.shape[1]) for groups in blocks for group in groups for a in group)
+    cell = max(b.side for b in blocks)
     lay = _MiningLayout(cell, columns, math.ceil(len(channels) / columns))
-    page = np.full((lay.height, lay.width, 4), 255, dtype=np.uint8)  # opaque white RGBA
-    for k, groups in enumerate(blocks):
-        lay.paste(page, k, groups)
+    page = np.full((lay.height, lay.width, 3), 255, dtype=np.uint8)  # white RGB
+    for k, cells in enumerate(blocks):
+        lay.paste(page, k, cells)
+    lay.labels = [f"ch {index}" + (f"   max {max(float(v) for v in values):.3g}" if len(values) else "")
+                  for index, _, _, values in channels]
+    lay.write_labels(page)
 
     fig_w = (lay.width + 2 * lay.margin) / DPI
     sup, sup_h = _title_band(layer_title, fig_w)
@@ -688,34 +705,57 @@ def mining_figure(
     _text(fig, fig_w / 2, _MARGIN + sup_h, "left: projections (0 = grey, each scaled by its max |value|)"
           "    right: input patches", ha="center", va="top", fontsize=_FONT_SMALL, color="#505050")
     _pixel_image(fig, page, lay.margin, lay.margin + head_px)
-    fig._zfvis_layout = lay  # type: ignore[attr-defined]  # where each cell is, for tests and tools
-    for k, (index, _, _, values) in enumerate(channels):
-        label = f"ch {index}"
-        if len(values):
-            label += f"   max {max(float(v) for v in values):.3g}"
-        x, y = lay.origin(k)
-        _text(fig, (lay.margin + x) / DPI, (lay.margin + head_px + y + lay.label - 4) / DPI, label,
-              ha="left", va="bottom", fontsize=_FONT_LABEL)
+    fig._zfvis_layout = lay  # type: ignore[attr-defined]  # where each cell and label is, for tests and tools
     return _finish(fig, path)
+
+
+@dataclasses.dataclass
+class _Cells:
+    """One channel's 9 + 9 tiles (uint8, before enlarging) on one pixel scale.
+
+    Tile ``i`` of a group sits at ``offsets[g][i]`` (rows, columns, before enlarging) on a
+    white canvas of ``canvas`` pixels, enlarged ``factor`` times (1 when reduced already).
+    """
+
+    groups: tuple[list[np.ndarray], list[np.ndarray]]
+    offsets: tuple[list[tuple[int, int]], list[tuple[int, int]]]
+    canvas: tuple[int, int]
+    factor: int
+
+    @property
+    def side(self) -> int:
+        """The longer side of the enlarged canvas."""
+        return max(self.canvas) * self.factor
+
+
+def _display_u8(p: torch.Tensor, *, projection: bool) -> np.ndarray:
+    """A tile as shown, (h, w, 3) uint8: a raw projection through :func:`normalize_projection`;
+    a uint8 tile (already shown, as mining writes them) or a patch in [0, 1] as it is."""
+    return _projection_u8(p) if projection and p.dtype != torch.uint8 else _u8(p)
 
 
 def _channel_cells(
     index: int, projections: Sequence[torch.Tensor], patches: Sequence[torch.Tensor], target: int
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """One channel's projection and patch tiles as uint8, padded to one size and scaled.
-
-    Every tile is centred on a white canvas of the largest height and width among the
-    channel's tiles, then scaled so the canvas's longer side is near ``target`` pixels.
-    """
+) -> _Cells:
+    """One channel's projection and patch tiles on one scale: each centred on a white
+    canvas of the largest height and width among them, the canvas's longer side scaled
+    near ``target`` pixels (enlarged by a whole factor, or reduced with Lanczos)."""
     if len(projections) > 9 or len(patches) > 9:
         raise ValueError(f"channel {index}: at most 9 projections and patches, "
                          f"got {len(projections)} and {len(patches)}")
-    groups = [_projection_u8(p) for p in projections], [_u8(p) for p in patches]
+    groups = ([_display_u8(p, projection=True) for p in projections],
+              [_display_u8(p, projection=False) for p in patches])
     h = max([1] + [a.shape[0] for g in groups for a in g])
     w = max([1] + [a.shape[1] for g in groups for a in g])
-    scaled = [[_scale_u8(_pad_u8(a, h, w), target) for a in g] for g in groups]
-    blank = _scale_u8(np.full((h, w, 3), _GREY_BLANK, dtype=np.uint8), target)
-    return tuple(g + [blank] * (9 - len(g)) for g in scaled)  # type: ignore[return-value]
+    blank = np.full((h, w, 3), _GREY_BLANK, dtype=np.uint8)
+    full = tuple(g + [blank] * (9 - len(g)) for g in groups)
+    if max(h, w) > target:  # reduce: pad, then resample each canvas
+        size = (max(1, round(w * target / max(h, w))), max(1, round(h * target / max(h, w))))
+        reduced = tuple([np.asarray(Image.fromarray(_pad_u8(a, h, w)).resize(size, Image.LANCZOS)) for a in g]
+                        for g in full)
+        return _Cells(reduced, ([(0, 0)] * 9, [(0, 0)] * 9), (size[1], size[0]), 1)  # type: ignore[arg-type]
+    offsets = tuple([((h - a.shape[0]) // 2, (w - a.shape[1]) // 2) for a in g] for g in full)
+    return _Cells(full, offsets, (h, w), max(1, round(target / max(h, w))))  # type: ignore[arg-type]
 
 
 def _pad_u8(arr: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -729,17 +769,13 @@ def _pad_u8(arr: np.ndarray, h: int, w: int) -> np.ndarray:
     return out
 
 
-def _scale_u8(arr: np.ndarray, target: int) -> np.ndarray:
-    """Scales ``arr`` so its longer side is near ``target``: whole-factor enlarging, Lanczos reducing."""
-    h, w = arr.shape[:2]
-    side = max(h, w)
-    if side <= target:
-        f = max(1, round(target / side))
-        if f == 1:
-            return arr
-        return np.broadcast_to(arr[:, None, :, None], (h, f, w, f, arr.shape[2])).reshape(h * f, w * f, -1)
-    size = (max(1, round(w * target / side)), max(1, round(h * target / side)))
-    return np.asarray(Image.fromarray(arr).resize(size, Image.LANCZOS))
+def _put(page: np.ndarray, top: int, left: int, tile: np.ndarray, f: int) -> None:
+    """Writes ``tile`` (h, w, 3) enlarged ``f`` times (sharp pixels) into ``page`` at ``(top, left)``."""
+    h, w = tile.shape[:2]
+    if f == 1:
+        page[top : top + h, left : left + w] = tile
+        return
+    page[top : top + h * f, left : left + w * f].reshape(h, f, w, f, 3)[:] = tile[:, None, :, None]
 
 
 @dataclasses.dataclass
@@ -754,6 +790,7 @@ class _MiningLayout:
     block_gap: int = round(0.3 * DPI)
     label: int = round((_text_height(1, _FONT_LABEL) + 0.06) * DPI)
     margin: int = round(_MARGIN * DPI)
+    labels: list[str] = dataclasses.field(default_factory=list)  # block k's label, drawn above its grids
 
     @property
     def grid(self) -> int:
@@ -773,20 +810,49 @@ class _MiningLayout:
         r, c = divmod(k, self.columns)
         return c * (2 * self.grid + self.mid_gap + self.block_gap), r * (self.label + self.grid + self.block_gap)
 
-    def paste(self, page: np.ndarray, k: int, groups: tuple[list[np.ndarray], list[np.ndarray]]) -> None:
-        """Copies block ``k``'s two groups of 9 tiles into ``page``, each centred in its cell."""
+    def write_labels(self, page: np.ndarray) -> None:
+        """Writes every block's label in black into its band of ``page`` (H, W, 3), in
+        DejaVu Sans at 10 pt.
+
+        Drawn into the pixels with Pillow (the font matplotlib ships): a matplotlib text
+        per label costs a few milliseconds, 64 of them more than the rest of a page.
+        """
+        font = _label_font(round(_FONT_LABEL * DPI / 72.0))
+        width = 2 * self.grid + self.mid_gap + self.block_gap  # up to the next block
+        for k, text in enumerate(self.labels):
+            x, y = self.origin(k)
+            mask = Image.new("L", (min(width, page.shape[1] - x), self.label))
+            ImageDraw.Draw(mask).text((0, self.label - 4), text, fill=255, font=font, anchor="ld")
+            ink = np.asarray(mask, dtype=np.uint16)[..., None]
+            band = page[y : y + self.label, x : x + mask.width]
+            band[:] = (band * (255 - ink) + 127) // 255  # black text over the band, antialiased
+
+    def paste(self, page: np.ndarray, k: int, cells: _Cells) -> None:
+        """Writes block ``k``'s two groups of 9 tiles into ``page``, each canvas centred in its cell."""
         x0, y0 = self.origin(k)
-        for g, tiles in enumerate(groups):
+        f = cells.factor
+        ch, cw = cells.canvas[0] * f, cells.canvas[1] * f
+        for g, (tiles, offsets) in enumerate(zip(cells.groups, cells.offsets)):
             gx, gy = x0 + g * (self.grid + self.mid_gap), y0 + self.label
-            for i, t in enumerate(tiles):
-                th, tw = t.shape[:2]
-                top = gy + (i // 3) * (self.cell + self.gap) + (self.cell - th) // 2
-                left = gx + (i % 3) * (self.cell + self.gap) + (self.cell - tw) // 2
-                page[top : top + th, left : left + tw, :3] = t
+            for i, (t, (oy, ox)) in enumerate(zip(tiles, offsets)):
+                top = gy + (i // 3) * (self.cell + self.gap) + (self.cell - ch) // 2 + oy * f
+                left = gx + (i % 3) * (self.cell + self.gap) + (self.cell - cw) // 2 + ox * f
+                _put(page, top, left, t, f)
+
+
+@functools.lru_cache(maxsize=4)
+def _label_font(size_px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans (matplotlib's own font) at ``size_px`` pixels per em."""
+    from matplotlib import font_manager
+
+    try:
+        return ImageFont.truetype(font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans")), size_px)
+    except OSError:  # pragma: no cover - matplotlib always ships it
+        return ImageFont.load_default()
 
 
 class _PixelImage(AxesImage):
-    """An RGBA uint8 image drawn pixel for pixel when its axes are exactly its size.
+    """An RGB uint8 image drawn pixel for pixel when its axes are exactly its size.
 
     Matplotlib resamples every image it draws, which for a page-sized image costs far
     more than the page's text. Where the image's extent on the canvas is exactly its
@@ -800,26 +866,51 @@ class _PixelImage(AxesImage):
         super().__init__(ax, interpolation="nearest", resample=False, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
         self.set_data(rgba)
 
-    def make_image(self, renderer: Any, magnification: float = 1.0, unsampled: bool = False) -> Any:
-        """The RGBA pixels and their lower-left corner; resampled unless drawn at their own size."""
+    def _normalize_image_array(self, A: Any) -> Any:  # noqa: N803 - matplotlib's name
+        """An RGB uint8 page as it is: matplotlib's check copies and scans every pixel."""
+        if isinstance(A, np.ndarray) and A.dtype == np.uint8 and A.ndim == 3 and A.shape[2] == 3:
+            return A
+        return super()._normalize_image_array(A)
+
+    def _placement(self) -> tuple[int, int, bool]:
+        """The image's lower-left canvas pixel and whether it is drawn exactly at its own size there."""
         x1, x2, y1, y2 = self.get_extent()
         box = TransformedBbox(Bbox([[x1, y1], [x2, y2]]), self.get_transform())
         rgba = np.asarray(self.get_array())
         h, w = rgba.shape[:2]
         exact = (
-            magnification == 1.0 and not unsampled and rgba.dtype == np.uint8 and rgba.ndim == 3
-            and rgba.shape[2] == 4
+            rgba.dtype == np.uint8 and rgba.ndim == 3 and rgba.shape[2] == 3
             and abs(abs(box.width) - w) < 1e-6 and abs(abs(box.height) - h) < 1e-6
             and abs(box.xmin - round(box.xmin)) < 1e-6 and abs(box.ymin - round(box.ymin)) < 1e-6
         )
-        if not exact:
+        return round(box.xmin), round(box.ymin), exact
+
+    def exact(self) -> bool:
+        """Whether the image is visible and drawn pixel for pixel on the canvas."""
+        return self.get_visible() and self._placement()[2]
+
+    def paste_into(self, rgb: np.ndarray) -> None:
+        """Copies the image's RGB pixels into a drawn canvas ``rgb`` (H, W, 3), top row first."""
+        x0, y0, _ = self._placement()
+        page = np.asarray(self.get_array())
+        h, w = page.shape[:2]
+        top = rgb.shape[0] - y0 - h
+        rgb[top : top + h, x0 : x0 + w] = page
+
+    def make_image(self, renderer: Any, magnification: float = 1.0, unsampled: bool = False) -> Any:
+        """The RGBA pixels and their lower-left corner; resampled unless drawn at their own size."""
+        x0, y0, exact = self._placement()
+        if magnification != 1.0 or unsampled or not exact:
             return super().make_image(renderer, magnification, unsampled)
-        # the renderer takes rows bottom-up
-        return np.ascontiguousarray(rgba[::-1]), round(box.xmin), round(box.ymin), IdentityTransform()
+        page = np.asarray(self.get_array())
+        rgba = np.empty((*page.shape[:2], 4), dtype=np.uint8)
+        rgba[..., :3] = page[::-1]  # the renderer takes RGBA rows bottom-up
+        rgba[..., 3] = 255
+        return rgba, x0, y0, IdentityTransform()
 
 
 def _pixel_image(fig: Figure, arr: np.ndarray, left_px: int, top_px: int) -> Axes:
-    """Shows ``arr`` (H, W, 4) RGBA uint8 pixel for pixel at ``(left_px, top_px)`` from the top-left corner."""
+    """Shows ``arr`` (H, W, 3) RGB uint8 pixel for pixel at ``(left_px, top_px)`` from the top-left corner."""
     fw, fh = fig.bbox.width, fig.bbox.height
     h, w = arr.shape[:2]
     ax = fig.add_axes((left_px / fw, 1.0 - (top_px + h) / fh, w / fw, h / fh))

@@ -2,25 +2,26 @@
 
 For each feature map of a layer, the strongest activation over a set of images is
 projected to pixel space, at each checkpoint given: one column per checkpoint, one row
-per feature map.
+per feature map. The command parses and checks; :mod:`zfvis.evolution` computes and
+draws.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import default_image
 from ..checkpoints import check_checkpoint_file
-from ..checks import check_channels, check_input_size, check_int
-from ..data import evenly_spaced, list_images, load_image, resolve
+from ..checks import check_input_size, check_int
 from ..engine import Deconvnet
-from ..mining import crop_winners, make_seeds
-from ..render import grid_figure, normalize_projection
-from ..topk import strongest
+from ..evolution import evolution, evolution_figure, load_images, sample_images
+from ..zoo import Preprocess
 from ._common import (
     CLIError,
     add_config_arg,
@@ -30,7 +31,6 @@ from ._common import (
     fit_input_size,
     load_zoo_model,
     parse_channels,
-    progress,
     resolve_device,
     resolve_layer,
     write_settings,
@@ -53,10 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _image_paths(dataset: str | None, limit: int) -> list[Path]:
-    if dataset is None:
-        return [default_image()]
-    found = list_images(dataset)
-    return [resolve(dataset, found[i]) for i in evenly_spaced(len(found), limit)]  # every class, the last included
+    """The images to search: ``limit`` evenly spaced over the data set (every class, the last included)."""
+    return [default_image()] if dataset is None else sample_images(dataset, limit)
 
 
 def _check_memory(count: int, side: int) -> None:
@@ -68,33 +66,6 @@ def _check_memory(count: int, side: int) -> None:
     if need > have // 2:
         raise CLIError(f"{count} images of {side}x{side} need {need / 2**30:.1f} GiB in memory, more than half of the "
                        f"{have / 2**30:.1f} GiB here; lower --limit or --input-size")
-
-
-def _load_images(paths: list[Path], preprocess, show: bool) -> tuple[torch.Tensor, list[str], int]:
-    """The readable images as one batch, their names, and how many were skipped."""
-    tensors, names = [], []
-    with progress(len(paths), "reading images", "img", show=show and len(paths) > 50) as bar:
-        for path in paths:
-            try:
-                tensors.append(preprocess(load_image(path)))
-                names.append(str(path))
-            except (ValueError, FileNotFoundError):
-                pass
-            bar.update(1)
-    if not tensors:
-        raise CLIError(f"none of the {len(paths)} images is readable")
-    return torch.stack(tensors), names, len(paths) - len(tensors)
-
-
-def _column(dn: Deconvnet, images: torch.Tensor, layer: str, channels: list[int]) -> list[torch.Tensor | None]:
-    """One checkpoint's column: each channel's strongest activation, projected and cropped."""
-    best = strongest(dn, images, layer, channels)
-    winners = sorted(set(best.image.tolist()))
-    where = {i: j for j, i in enumerate(winners)}
-    rows = [(where[int(i)], c, int(yy), int(xx), float(v))
-            for i, c, yy, xx, v in zip(best.image, channels, best.y, best.x, best.value)]
-    crops = crop_winners(dn, images[winners], layer, make_seeds(rows, images.device))
-    return [normalize_projection(p.float()) if float(v) > 0 else None for (p, _, _), v in zip(crops, best.value)]
 
 
 def _check_args(args: argparse.Namespace) -> list[tuple[int, int]]:
@@ -109,39 +80,31 @@ def _check_args(args: argparse.Namespace) -> list[tuple[int, int]]:
     return parse_channels(args.channels)  # type: ignore[return-value]
 
 
+def _first_model(args: argparse.Namespace, device: torch.device, count: int) -> tuple[nn.Module, Preprocess]:
+    """The first checkpoint's model, with the layer and input size checked, and the preprocessing to use."""
+    model, preprocess = load_zoo_model(args.model, args.checkpoints[0], device)
+    dn = Deconvnet(model)
+    resolve_layer(dn, args.layer)
+    own = preprocess.crop or 224
+    if args.input_size:
+        fit_input_size(dn, model, args.layer, args.input_size, own, args.model)
+    _check_memory(count, args.input_size or own)
+    return model, preprocess.with_size(args.input_size) if args.input_size else preprocess
+
+
 def run(args: argparse.Namespace) -> int:
     out = check_output(args.output, overwrite=args.overwrite)
     device = resolve_device(args.device)
     ranges = _check_args(args)
     paths = _image_paths(args.dataset, args.limit)
-    columns: list[list[torch.Tensor | None]] = []
-    channels: list[int] = []
-    skipped = 0
-    with progress(len(args.checkpoints), "checkpoints", "ckpt") as bar:
-        for ck in args.checkpoints:
-            model, preprocess = load_zoo_model(args.model, ck, device)
-            dn = Deconvnet(model)
-            own = preprocess.crop or 224
-            if not columns:
-                resolve_layer(dn, args.layer)
-                if args.input_size:
-                    fit_input_size(dn, model, args.layer, args.input_size, own, args.model)
-                _check_memory(len(paths), args.input_size or own)
-                sized = preprocess.with_size(args.input_size) if args.input_size else preprocess
-                images, _, skipped = _load_images(paths, sized, True)
-                images = images.to(device)
-                count = dn.record(images[:1], args.layer).output.shape[1]
-                channels = check_channels(ranges, count, args.layer)
-            columns.append(_column(dn, images, args.layer, channels))
-            bar.update(1)
-    grid_figure(
-        [[col[r] for col in columns] for r in range(len(channels))],
-        out,
-        row_labels=[f"ch {c}" for c in channels],
-        col_labels=[Path(c).stem for c in args.checkpoints],
-        title=f"{args.model} {args.layer}: strongest activation per feature map, by checkpoint (blank: never active)",
-    )
-    write_settings(out.with_suffix(".json"), {**vars(args), "channels": channels, "output": str(out)})
-    searched = f"{len(images)} images" + (f" ({skipped} unreadable, skipped)" if skipped else "")
-    print(f"wrote {out} ({len(channels)} feature maps x {len(args.checkpoints)} checkpoints, searched {searched})")
+    first, preprocess = _first_model(args, device, len(paths))
+    images = load_images(paths, preprocess, progress=len(paths) > 50)
+    later = (load_zoo_model(args.model, ck, device)[0] for ck in args.checkpoints[1:])  # one model at a time
+    evo = evolution(itertools.chain([first], later), images.batch.to(device), args.layer, ranges,
+                    labels=[Path(c).stem for c in args.checkpoints], progress=True)
+    evolution_figure(evo, model_name=args.model, path=out)
+    write_settings(out.with_suffix(".json"), {**vars(args), "channels": evo.channels, "output": str(out)})
+    skipped = len(images.skipped)
+    searched = f"{len(images.paths)} images" + (f" ({skipped} unreadable, skipped)" if skipped else "")
+    print(f"wrote {out} ({len(evo.channels)} feature maps x {len(args.checkpoints)} checkpoints, searched {searched})")
     return 0

@@ -1,13 +1,12 @@
-"""``zfvis filters``: a convolution's filters as an image grid (ZF Fig. 6)."""
+"""``zfvis filters``: a convolution's filters as an image grid (ZF Fig. 6); the figure is
+:func:`zfvis.figures.filters_figure`."""
 
 from __future__ import annotations
 
 import argparse
 
-from torch import nn
-
 from ..engine import Deconvnet
-from ..render import filter_grid
+from ..figures import filters_figure
 from ..zoo import get_spec
 from ._common import (
     add_config_arg,
@@ -30,19 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def conv_of(dn: Deconvnet, layer: str) -> tuple[str, nn.Conv2d]:
-    """The convolution a layer name stands for (:meth:`zfvis.Deconvnet.convolution`)."""
-    resolve_layer(dn, layer)
-    return dn.convolution(layer)
-
-
 def run(args: argparse.Namespace) -> int:
     out = check_output(args.output, overwrite=args.overwrite)
     model, _ = load_zoo_model(args.model, args.weights, resolve_device(args.device))
-    name, conv = conv_of(Deconvnet(model), args.layer)
+    dn = Deconvnet(model)
+    resolve_layer(dn, args.layer)
+    name, conv = dn.convolution(args.layer)
     weights = args.weights or get_spec(args.model).default_weights
-    w = conv.weight.detach().float().cpu()
-    filter_grid(w, out, title=f"{args.model} ({weights}) {args.layer} = '{name}': {w.shape[0]} filters {w.shape[2]}x{w.shape[3]}")
+    filters_figure(dn, args.layer, model_name=f"{args.model} ({weights})", path=out)
     write_settings(out.with_suffix(".json"), {**vars(args), "module": name, "output": str(out)})
-    print(f"wrote {out} ({w.shape[0]} filters of '{name}')")
+    print(f"wrote {out} ({conv.weight.shape[0]} filters of '{name}')")
     return 0
