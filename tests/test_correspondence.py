@@ -68,6 +68,25 @@ def test_delta_follows_the_formula(model_fn: type) -> None:
             assert score.std == pytest.approx((sum((p - mean) ** 2 for p in pairs) / 3) ** 0.5, abs=1e-12)
 
 
+def test_figure_draws_each_part_and_its_baseline() -> None:
+    model = ready(chain_model())
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, 23, 21, dtype=torch.float64)
+    boxes = {"eye": [(2, 3, 7, 8), (4, 4, 9, 9), (3, 10, 8, 15)], "nose": [(12, 8, 18, 13)] * 3}
+    res = correspondence(model, images, boxes, ["6", "13"], seed=3)
+    shown = (images - images.min()) / (images.max() - images.min())
+    fig = zfvis.correspondence_figure(res, list(shown), ["a", "b", "c"])
+    pictures = [ax for ax in fig.axes if ax.images]
+    assert len(pictures) == 3 and all(len(ax.patches) == 2 for ax in pictures)  # a box per part
+    assert all(float(ax.images[0].get_array().std()) > 0 for ax in pictures)  # not blank
+    plots = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title().split(":")[0] for ax in plots] == ["6", "13"]
+    for ax, layer in zip(plots, ["6", "13"]):
+        heights = [round(b.get_height(), 12) for b in ax.patches]
+        want = [res.rows[p][layer].mean for p in ["eye", "nose", "random (eye)", "random (nose)"]]
+        assert heights == pytest.approx(want, abs=1e-9) and max(heights) > 0
+
+
 def test_sign_change_distances() -> None:
     eps = torch.tensor([[1.0, -2.0, 0.0, 3.0], [2.0, -1.0, 0.5, -1.0], [0.0, 0.0, 0.0, 0.0]])
     d = sign_change_distances(eps)

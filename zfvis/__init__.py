@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from .aliases import layer_aliases, register_aliases
+from .analysis_figures import correspondence_figure, invariance_figure, occlusion_figure
 from .correspondence import (
     CorrespondenceResult,
     PartImages,
@@ -64,12 +65,14 @@ __all__ = [
     "ZFNet",
     "ZfvisError",
     "correspondence",
+    "correspondence_figure",
     "default_image",
     "default_parts_file",
     "evolution",
     "evolution_figure",
     "filters_figure",
     "invariance",
+    "invariance_figure",
     "layer_aliases",
     "list_images",
     "list_models",
@@ -80,6 +83,7 @@ __all__ = [
     "mining_page",
     "occlude",
     "occlusion",
+    "occlusion_figure",
     "projection_figure",
     "register_aliases",
     "rules_figure",
