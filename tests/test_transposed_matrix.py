@@ -143,14 +143,21 @@ class _Mutant:
         return [out + self.bias.mean() if self.kind == "bias added" else out]
 
 
-@pytest.mark.parametrize("kind", [*_Mutant.KINDS, _Mutant.FAITHFUL])
-@pytest.mark.parametrize("name", ["stride 2, pad 1", "groups 2, stride 2", "rectangular everything"])
+#: (case, mutant): every mistake on every case it can happen in (groups swap only where
+#: there are several groups)
+MUTANT_CASES = [
+    (name, kind)
+    for name in ["stride 2, pad 1", "groups 2, stride 2", "rectangular everything"]
+    for kind in [*_Mutant.KINDS, _Mutant.FAITHFUL]
+    if kind != "groups swapped" or CASES[name][6] > 1
+]
+
+
+@pytest.mark.parametrize(("name", "kind"), MUTANT_CASES)
 def test_the_comparison_fails_when_zfvis_reverse_convolution_is_wrong(
     name: str, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     conv, x = _conv(CASES[name], seed=1)
-    if kind == "groups swapped" and conv.groups == 1:
-        pytest.skip("one group: nothing to swap")
     mutant = _Mutant(kind, conv.bias.detach())
 
     def reverse(layer: deconv.ReverseConv2d, signal: torch.Tensor, frame: object) -> list[torch.Tensor]:
