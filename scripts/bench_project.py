@@ -38,7 +38,7 @@ from zfvis.receptive import Window  # noqa: E402
 SETUPS = {
     "vgg16": (["conv5_3", "conv3_3"], [
         ("conv5_3 x1 vs captum", "conv5_3 x1", "captum conv5_3 x1", 0.8),
-        ("conv5_3 x9 vs 9 captum", "conv5_3 x9", "captum conv5_3 x9", 0.45),
+        ("conv5_3 x9 vs 9 captum", "conv5_3 x9", "captum conv5_3 x9", 0.35),
         ("conv3_3 x9 vs 9 captum", "conv3_3 x9", "captum conv3_3 x9", 0.2),
     ]),
     "resnet50": (["layer3", "layer2"], [
