@@ -125,13 +125,13 @@ def _back(rule: tuple, out: Window, in_size: tuple[int, int]) -> Window:
     size, starts, cone_a, cone_b = [], [], [], []
     for i in range(2):
         extent = d[i] * (k[i] - 1) + 1
-        generic = (out.size[i] - 1) * s[i] + extent
-        n = min(in_size[i], generic)
         if d[i] == 1:  # every input row between the taps is read: the clamped interval is exact
             a = (out.cone[i] * s[i] - p[i]).clamp(min=0)
             b = ((out.cone[i + 2] - 1) * s[i] - p[i] + extent).clamp(max=in_size[i])
         else:
             a, b = _reached(out.cone[i], out.cone[i + 2], k[i], s[i], p[i], d[i], in_size[i])
+        # as large as the largest cone: a seed whose cone a border clips computes less
+        n = min(in_size[i], max(1, int((b - a).max())))
         size.append(n)
         starts.append(torch.minimum(a, torch.full_like(a, in_size[i] - n)))
         cone_a.append(a)
