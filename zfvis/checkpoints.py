@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_path
 from .errors import UserInputError
 
 __all__ = ["EXPECTED", "check_checkpoint_file", "read_checkpoint", "extract_state_dict", "apply_state_dict"]
@@ -56,7 +57,7 @@ def check_checkpoint_file(path: str | Path, what: str = "weights file") -> Path:
         UserInputError: It is a folder, empty, or clearly another kind of file; the
             message says which, and what was expected.
     """
-    path = Path(path)
+    path = check_path(what, path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.pt"))[:4]
         hint = f"; it holds {', '.join(inside)}: pass one of those" if inside else ""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .checks import check_int, check_path
 from .errors import UserInputError
 
 __all__ = ["IMAGE_EXTENSIONS", "load_image", "to_rgb", "list_images", "evenly_spaced", "resolve"]
@@ -66,7 +67,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             truncated, or it has more pixels than Pillow's decompression-bomb guard
             allows (``PIL.Image.MAX_IMAGE_PIXELS``); nothing large is allocated then.
     """
-    path = Path(path)
+    path = check_path("image path", path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"image '{path}' {what}; pass the path of an image file")
@@ -107,7 +108,7 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
         UserInputError: (a ``ValueError``) It holds no image paths, or it is a file that is
             not a text list of paths (an image, say).
     """
-    root = Path(root)
+    root = check_path("data set", root)
     if root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:
         raise UserInputError(
             f"'{root}' is an image, not a data set: pass a folder of images or a text file with one image path "
@@ -156,7 +157,13 @@ def evenly_spaced(count: int, limit: int | None) -> list[int]:
     Args:
         count: Number of items.
         limit: How many to take (``None``: all).
+
+    Raises:
+        UserInputError: ``count`` is negative or ``limit`` is not a positive int.
     """
+    check_int("count", count, 0)
+    if limit is not None:
+        check_int("limit", limit, 1)
     if limit is None or limit >= count:
         return list(range(count))
     return [i * count // limit for i in range(limit)]
