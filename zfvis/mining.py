@@ -977,9 +977,9 @@ def _check_inputs(model: object, preprocess: object, dataset: object) -> Path:
     """The kinds of :func:`mine`'s positional arguments; returns the data set's path."""
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(preprocess):
-        raise InputTypeError(f"preprocess must be a callable from a PIL image to a (C, H, W) tensor, got "
-                             f"{type(preprocess).__name__}")
+    if not callable(preprocess) or not callable(getattr(preprocess, "denormalize", None)):
+        raise InputTypeError(f"preprocess must be a callable from a PIL image to a (C, H, W) tensor with a "
+                             f"denormalize method (a zfvis.zoo.Preprocess), got {type(preprocess).__name__}")
     return check_path("dataset", dataset)
 
 
