@@ -596,15 +596,17 @@ def test_input_size_checked_on_shapes_alone(tmp_path: Path, capsys, monkeypatch)
     rc, err = run_cli(capsys, "layers", "--input-size", "4096")  # every layer but the classifier fits
     assert rc == 2 and "does not fit" in one_line(err)
     assert time.perf_counter() - t0 < 10
-    import zfvis.cli._common as common
-
-    monkeypatch.setattr(common, "_free_memory", lambda device: 2**20)  # 1 MiB free
+    monkeypatch.setattr(zfvis.checks, "free_memory", lambda device: 2**20)  # 1 MiB free
     rc, err = run_cli(capsys, "project", "--layer", "conv2", "--input-size", "512", "-o", tmp_path / "p.png")
     line = one_line(err)
     assert rc == 2 and "needs about" in line and "GiB free" in line and "lower --input-size" in line
     assert not (tmp_path / "p.png").exists()
     rc, err = run_cli(capsys, "layers", "--input-size", "32")  # shapes only: no memory needed, none checked
     assert rc == 0, err
+    data = make_images(tmp_path / "d", 4, 32)
+    rc, err = run_cli(capsys, *MINE, data, "--batch-size", "4096", "-o", tmp_path / "out")
+    assert rc == 2 and "a batch of 4096 images" in one_line(err) and "lower --batch-size" in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

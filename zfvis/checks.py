@@ -24,6 +24,8 @@ __all__ = [
     "check_number",
     "check_path",
     "check_device",
+    "free_memory",
+    "check_memory",
     "check_input_size",
     "parse_channel_spec",
     "check_channels",
@@ -114,6 +116,40 @@ def check_device(device: object, name: str = "device") -> torch.device:
     elif dev.type != "cpu":
         raise UserInputError(f"{name}: unsupported device '{device}'; use cpu, cuda or cuda:N")
     return dev
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated on ``device`` now: the GPU's free memory, or the system's
+    available memory (Linux ``MemAvailable``, else the physical memory); ``None``: unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        try:
+            with open("/proc/meminfo", encoding="ascii") as fh:
+                info = dict(line.split(":", 1) for line in fh if ":" in line)
+            return int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError, IndexError):
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
+def check_memory(need: int | None, device: torch.device, what: str, lower: str) -> None:
+    """Refuses work that needs more memory than ``device`` has free, before it starts.
+
+    Args:
+        need: Bytes the work needs (``None``: unknown, nothing checked).
+        device: Where it runs.
+        what: The work, for the message ("a batch of 64 images of (3, 224, 224)").
+        lower: What the person can lower ("--batch-size").
+
+    Raises:
+        UserInputError: ``need`` exceeds the free memory.
+    """
+    free = free_memory(device)
+    if need is not None and free is not None and need > free:
+        raise UserInputError(f"{what} needs about {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
+                             f"{device}; lower {lower}")
 
 
 def check_input_size(size: object, name: str = "--input-size") -> int:

@@ -54,7 +54,7 @@ from torch import nn
 from . import render
 from ._io import atomic_torch_save, atomic_write_text
 from ._progress import progress
-from .checks import check_channels, check_device, check_int, check_number, check_path
+from .checks import check_channels, check_device, check_int, check_memory, check_number, check_path
 from .data import evenly_spaced, list_images, load_image, resolve
 from .distributed import Ranks
 from .engine import Deconvnet, Seeds
@@ -468,26 +468,12 @@ def _first_readable(root: Path, rels: Sequence[str], preprocess: Preprocess) -> 
     raise UserInputError(f"data set '{root}': none of the first {len(rels)} files is a readable image ({errors[0]})")
 
 
-def _physical_memory(device: torch.device) -> int | None:
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        return None
-
-
 def _check_memory(run: _Run) -> None:
-    """Refuses a batch whose input and layer outputs alone exceed the machine's memory."""
+    """Refuses a batch whose input and layer outputs alone exceed the free memory."""
     per_image = math.prod(run.probe_image.shape) + sum(math.prod(lay.shape) for lay in run.layers.values())
     need = 3 * run.s.batch_size * per_image * torch.finfo(run.dtype).bits // 8
-    have = _physical_memory(run.device)
-    if have is not None and need > have:
-        raise UserInputError(
-            f"a batch of {run.s.batch_size} images of {tuple(run.probe_image.shape)} needs about {need / 2**30:.1f} GiB "
-            f"for its activations, more than the {have / 2**30:.1f} GiB of {run.device}; lower "
-            f"{run.s.name('batch_size')} (or the input size)"
-        )
+    check_memory(need, run.device, f"a batch of {run.s.batch_size} images of {tuple(run.probe_image.shape)}",
+                 f"{run.s.name('batch_size')} (or the input size)")
 
 
 def _model_signature(model: nn.Module) -> str:

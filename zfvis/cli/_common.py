@@ -24,7 +24,7 @@ from torch import nn
 from .._io import atomic_write_text
 from .._progress import progress
 from ..checkpoints import check_checkpoint_file
-from ..checks import check_channels, check_device, check_input_size, parse_channel_spec
+from ..checks import check_channels, check_device, check_input_size, check_memory, parse_channel_spec
 from ..errors import UserInputError, ZfvisError, first_line
 from ..zoo import get_spec, list_models, load_model
 
@@ -481,18 +481,6 @@ def _is_fake_failure(err: BaseException) -> bool:
                for e in chain)
 
 
-def _free_memory(device: torch.device) -> int | None:
-    """Bytes that can be allocated on ``device`` now (``None``: unknown)."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            info = dict(line.split(":", 1) for line in fh)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError, RuntimeError, IndexError):
-        return None
-
-
 def _forward(dn: Any, layer: str, size: int, device: torch.device, dtype: torch.dtype) -> None:
     dn.output(torch.zeros(1, 3, size, size, device=device, dtype=dtype), layer)
 
@@ -508,14 +496,6 @@ def _probe_size(dn: Any, layer: str, size: int, device: torch.device, dtype: tor
             return None, None
         return err, tally.bytes
     return None, tally.bytes
-
-
-def _check_need(need: int | None, size: int, layer: str, model_name: str, device: torch.device) -> None:
-    free = _free_memory(device)
-    if need is not None and free is not None and need > free:
-        raise CLIError(f"--input-size {size}: a forward pass of {model_name} up to layer {layer} needs about "
-                       f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}; "
-                       "lower --input-size")
 
 
 def fit_input_size(dn: Any, model: nn.Module, layer: str, size: int, default: int, model_name: str, *,
@@ -554,7 +534,8 @@ def fit_input_size(dn: Any, model: nn.Module, layer: str, size: int, default: in
             failure = err
     if failure is None:
         if memory:
-            _check_need(need, size, layer, model_name, device)
+            check_memory(need, device, f"--input-size {size}: a forward pass of {model_name} up to layer {layer}",
+                         "--input-size")
         return
     if size != default and _probe_size(dn, layer, default, device, dtype)[0] is None:
         raise CLIError(f"--input-size {size} does not fit {model_name} up to layer {layer} ({first_line(failure)}); "
