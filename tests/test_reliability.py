@@ -811,3 +811,18 @@ def test_a_failing_preprocess_in_pass_1_is_not_an_unreadable_file(tmp_path: Path
         mine(tiny_model(), flaky, data, ["1"], out_dir=tmp_path / "out", batch_size=2, progress=False,
              figures=False)
     assert not isinstance(caught.value, UserInputError)  # the caller's bug, not a skipped file
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs a device file (/dev/zero)")
+def test_devices_are_not_called_missing_nor_text(tmp_path: Path, capsys) -> None:
+    for argv, message in [
+        (["project", "/dev/zero", "-o", tmp_path / "p.png"], "image '/dev/zero' is not a regular file"),
+        (["project", "--weights", "/dev/zero", "-o", tmp_path / "p.png"], "is not a regular file"),
+        ([*MINE, "/dev/zero", "-o", tmp_path / "out"], "data set '/dev/zero' is not a regular file"),
+    ]:
+        rc, err = run_cli(capsys, *argv)
+        assert rc == 2 and message in one_line(err)
+    zeros = tmp_path / "zeros.pt"
+    zeros.write_bytes(bytes(600))
+    rc, err = run_cli(capsys, "project", "--weights", zeros, "-o", tmp_path / "p.png")
+    assert rc == 2 and "a binary file of an unknown format" in one_line(err)  # was: "a text file"

@@ -45,6 +45,8 @@ def _sniff(head: bytes) -> str | None:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         return "a binary file of an unknown format"
+    if "\x00" in text:
+        return "a binary file of an unknown format"
     first = text.strip().splitlines()[0][:40] if text.strip() else ""
     return f"a text file (it starts with {first!r})"
 
@@ -64,6 +66,8 @@ def check_checkpoint_file(path: str | Path, what: str = "weights file") -> Path:
         raise UserInputError(f"{what} '{path}' is a folder, not a file; expected {EXPECTED}{hint}")
     if not path.exists():
         raise FileNotFoundError(f"{what} '{path}' does not exist; expected {EXPECTED}")
+    if not path.is_file():
+        raise UserInputError(f"{what} '{path}' is not a regular file (a device or a pipe); expected {EXPECTED}")
     with open(path, "rb") as fh:
         head = fh.read(512)
     if not head:
