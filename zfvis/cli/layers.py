@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # shapes only: a large --input-size allocates nothing
         with shapes_only():
             steps = dn.trace((3, size, size))
-    except (ValueError, RuntimeError):  # fake tensors cannot run this model: a real pass, if memory allows
+    except (ImportError, ValueError, RuntimeError):  # no fake tensors for this model: a real pass, if memory allows
         fit_input_size(dn, model, last, size, own, args.model)
         steps = dn.trace((3, size, size))
     alias_of: dict[str, str] = {}
