@@ -337,7 +337,7 @@ def test_single_file_outputs_never_replace_a_persons_files(tmp_path: Path, capsy
         assert run_cli(capsys, "project", "--layer", "conv1", "--top-channels", "1", "-o", out)[0] == 0
     assert run_cli(capsys, "project", "--layer", "conv1", "--top-channels", "1", "--overwrite", "-o", mine_png)[0] == 0
     rc, err = run_cli(capsys, "project", out, "--overwrite", "-o", out)
-    assert rc == 2 and "input image" in one_line(err)
+    assert rc == 2 and "input" in one_line(err) and "image" in one_line(err)
 
 
 # --------------------------------------------------------------------------- failing early, the caller's model
@@ -517,3 +517,312 @@ def test_one_failed_rank_stops_every_rank_within_seconds(tmp_path: Path) -> None
     failed = next(line for line in logs[1].splitlines() if line.startswith("FAILED"))
     assert "rank 1 of 2 failed: RuntimeError: simulated failure on rank 1" in stopped
     assert float(stopped.split()[1]) - float(failed.split()[1]) < 15
+
+
+# --------------------------------------------------------------------------- found by the second battery
+
+
+CANNOT_ALLOCATE = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                   "tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def _broken_batch_norm(monkeypatch: pytest.MonkeyPatch, err: BaseException) -> None:
+    """A failure inside the forward pass of the zoo model (its batch norms)."""
+
+    def forward(self, x):  # noqa: ANN001, ANN202
+        raise err
+
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", forward)
+
+
+@pytest.mark.parametrize("command", ["project", "mine"])
+def test_out_of_memory_inside_the_forward_pass_says_so(command: str, data: Path, tmp_path: Path, capsys,
+                                                       monkeypatch) -> None:
+    # the engine passes a failing forward pass on as "another input size?"; running out of memory is not that
+    _broken_batch_norm(monkeypatch, RuntimeError(CANNOT_ALLOCATE))
+    argv = [*MINE, data, "-o", tmp_path / "out"] if command == "mine" else ["project", "-o", tmp_path / "p.png"]
+    rc, err = run_cli(capsys, *argv)
+    line = one_line(err)
+    assert rc == 2 and line.startswith("zfvis: error: out of memory") and "lower --" in line
+    assert "input size or channel count" not in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["project", "mine"])
+def test_a_failing_forward_pass_of_a_zoo_model_is_our_bug(command: str, data: Path, tmp_path: Path, capsys,
+                                                          monkeypatch) -> None:
+    _broken_batch_norm(monkeypatch, RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"))
+    argv = [*MINE, data, "-o", tmp_path / "out"] if command == "mine" else ["project", "-o", tmp_path / "p.png"]
+    rc, err = run_cli(capsys, *argv)
+    line = one_line(err)
+    assert rc == 1 and line.startswith("zfvis: internal error: the forward pass failed") and "report" in line
+    rc, err = run_cli(capsys, "--debug", *argv)
+    assert rc == 1 and "Traceback" in err and "must match the size" in err
+
+
+def test_bugs_behind_user_looking_errors_are_reported_as_bugs(data: Path, tmp_path: Path, capsys,
+                                                              monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise TypeError("resolve() got an unexpected keyword")
+
+    monkeypatch.setattr(zfvis.engine.Deconvnet, "resolve", broken)  # was turned into a one-line user error
+    rc, err = run_cli(capsys, "filters", "-o", tmp_path / "f.png")
+    assert rc == 1 and one_line(err).startswith("zfvis: internal error: TypeError")
+    monkeypatch.undo()
+
+    def bad_preprocess(self, image):  # noqa: ANN001, ANN202
+        raise ValueError("a bug in the preprocessing")
+
+    monkeypatch.setattr(zfvis.zoo.Preprocess, "__call__", bad_preprocess)  # was "no readable image"
+    rc, err = run_cli(capsys, *MINE, data, "-o", tmp_path / "out")
+    line = one_line(err)
+    assert rc == 1 and "internal error: ValueError: a bug in the preprocessing" in line and "readable" not in line
+
+
+def test_os_errors_name_the_fix(tmp_path: Path, capsys, monkeypatch) -> None:
+    import zfvis.cli.project as project_cli
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "p.json"))
+
+    monkeypatch.setattr(project_cli, "write_settings", full)
+    rc, err = run_cli(capsys, "project", "--layer", "conv1", "--top-channels", "1", "-o", tmp_path / "p.png")
+    assert rc == 2 and "No space left on device" in one_line(err) and "free some space" in err
+
+
+def test_input_size_checked_on_shapes_alone(tmp_path: Path, capsys, monkeypatch) -> None:
+    t0 = time.perf_counter()  # a real 4096x4096 forward pass of zfnet-cifar10 takes a minute and gigabytes
+    rc, err = run_cli(capsys, "project", "--layer", "fc8", "--input-size", "4096", "-o", tmp_path / "p.png")
+    assert rc == 2 and "does not fit zfnet-cifar10 up to layer fc8" in one_line(err)
+    rc, err = run_cli(capsys, "layers", "--input-size", "4096")  # every layer but the classifier fits
+    assert rc == 2 and "does not fit" in one_line(err)
+    assert time.perf_counter() - t0 < 10
+    monkeypatch.setattr(zfvis.checks, "free_memory", lambda device: 2**20)  # 1 MiB free
+    rc, err = run_cli(capsys, "project", "--layer", "conv2", "--input-size", "512", "-o", tmp_path / "p.png")
+    line = one_line(err)
+    assert rc == 2 and "needs about" in line and "GiB free" in line and "lower --input-size" in line
+    assert not (tmp_path / "p.png").exists()
+    rc, err = run_cli(capsys, "layers", "--input-size", "32")  # shapes only: no memory needed, none checked
+    assert rc == 0, err
+    data = make_images(tmp_path / "d", 4, 32)
+    rc, err = run_cli(capsys, *MINE, data, "--batch-size", "4096", "-o", tmp_path / "out")
+    assert rc == 2 and "a batch of 4096 images" in one_line(err) and "lower --batch-size" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["project", "--layer", "", "-o", "P"], "layer '' is not a layer"),  # was: silently the default layer
+    (["project", "--device", "mps", "-o", "P"], "MPS"),  # was: an internal error
+    (["project", "--device", "cuda:0", "-o", "P"], "CUDA"),
+    (["project", "--model", "alexnet", "--weights", "IMAGENET", "-o", "P"], "Valid: random, DEFAULT, IMAGENET1K_V1,"),
+])
+def test_more_bad_options(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+    if "mps" in argv and torch.backends.mps.is_available() or "cuda:0" in argv and torch.cuda.is_available():
+        pytest.skip("the device exists here")
+    rc, err = run_cli(capsys, *[tmp_path / "p.png" if a == "P" else a for a in argv])
+    line = one_line(err)
+    assert rc == 2 and message in line and line.count("DEFAULT") <= 1
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'[mine]\nbatch_size = 2\nbatch-size = 3\n', "'batch_size' and 'batch-size' set the same option"),
+    (b'[project]\nlayerz = "conv1"\n[mine]\ntop = 2\n', "unknown setting 'layerz' for `zfvis project`"),
+    (b'[project]\ntop-k = "2"\n', "top-k must be a whole number"),
+    (b'[mine]\ntop = 100000\n', "--top must be between 1 and 1000, got 100000 (set by 'top' in config file"),
+])
+def test_config_files_checked_whole(content: bytes, message: str, tmp_path: Path, data: Path, capsys) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_bytes(content)
+    rc, err = run_cli(capsys, *MINE, data, "--config", cfg, "-o", tmp_path / "out")
+    assert rc == 2 and message in one_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_given_twice_is_refused(tmp_path: Path, capsys) -> None:
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('[project]\nlayer = "conv1"\n')
+    b.write_text('[project]\nlayer = "conv2"\n')
+    rc, err = run_cli(capsys, "project", "--config", a, f"--config={b}", "-o", tmp_path / "p.png")
+    assert rc == 2 and "--config is given 2 times" in one_line(err)
+
+
+# --------------------------------------------------------------------------- outputs never replace inputs
+
+
+def test_outputs_never_replace_what_the_command_reads(tmp_path: Path, data: Path, capsys) -> None:
+    ckpt = tmp_path / "epoch_1.pt"
+    torch.save(zfvis.load_model("zfnet-cifar10", weights="random")[0].state_dict(), ckpt)
+    listed = tmp_path / "list.txt"
+    listed.write_text("data/00.png\ndata/01.png\n")
+    cfg = tmp_path / "evo.toml"
+    cfg.write_text('[evolution]\nlayer = "conv1"\nchannels = "0-1"\n')
+    before = snapshot(tmp_path)
+    evo = ["evolution", ckpt, "--config", cfg, "--overwrite"]
+    for argv, what in [
+        ([*evo, "-o", ckpt], "the input file"),  # was: the checkpoint replaced by the figure
+        ([*evo, "--dataset", listed, "-o", data / "00.png"], "the image"),  # an image of the list
+        ([*evo, "--dataset", data, "-o", data / "new.png"], "inside the data set"),  # would join the data set
+        ([*evo, "-o", tmp_path / "evo.toml"], "config file"),
+        (["project", "--weights", ckpt, "--overwrite", "-o", tmp_path / "epoch_1.png"], None),  # no clash: runs
+    ]:
+        rc, err = run_cli(capsys, *argv)
+        if what is None:
+            assert rc == 0, err
+            continue
+        assert rc == 2 and what in one_line(err) and "choose another -o" in err, err
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_correspond_part_file_is_not_replaced_by_its_results(tmp_path: Path, capsys) -> None:
+    parts = tmp_path / "parts.json"
+    parts.write_text(zfvis.default_parts_file().read_text())
+    before = parts.read_bytes()
+    rc, err = run_cli(capsys, "correspond", parts, "--overwrite", "-o", tmp_path / "parts.csv")
+    assert rc == 2 and "parts.json" in one_line(err) and "settings" in err
+    assert parts.read_bytes() == before
+
+
+def test_companion_outputs_are_checked_like_the_output(tmp_path: Path) -> None:
+    from zfvis.cli._common import CLIError, check_output
+
+    figure = tmp_path / "table.png"
+    figure.write_bytes(b"my own figure")
+    with pytest.raises(CLIError, match="table.png.*where the png of 'table.csv' go"):
+        check_output(tmp_path / "table.csv", overwrite=False, also=(".png",))
+    assert check_output(tmp_path / "table.csv", overwrite=True, also=(".png",)) == tmp_path / "table.csv"
+    assert check_output(tmp_path / "table.csv", overwrite=False) == tmp_path / "table.csv"  # no companion asked
+
+
+@pytest.mark.parametrize("where", ["the", "inside the"])
+def test_mine_never_writes_into_its_data_set(where: str, data: Path, capsys) -> None:
+    before = snapshot(data)
+    out = data if where == "the" else data / "mined"
+    rc, err = run_cli(capsys, *MINE, data, "--overwrite", "-o", out)
+    assert rc == 2 and f"is {where} data set" in one_line(err)
+    assert snapshot(data) == before and not (data / "mined").exists()
+
+
+# --------------------------------------------------------------------------- pass 2 resumes
+
+
+PAGED = ["mine", "--weights", "random", "--layers", "conv3", "--channels", "0-65", "--top", "2", "--no-progress"]
+
+
+def _topk_without_timings(out: Path) -> dict:
+    topk = json.loads((out / "topk.json").read_text())
+    topk.pop("timings")
+    return topk
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_pass_2_interrupted_resumes_at_its_page(how: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    import signal
+
+    data = make_images(tmp_path / "d", 6, 32)
+    assert run_cli(capsys, *PAGED, data, "-o", tmp_path / "whole")[0] == 0
+    real, drawn = mining._draw, []
+
+    def interrupted(run, page, *args):  # noqa: ANN001, ANN202
+        if page.number == 1:  # the second of conv3's two pages (64 + 2 channels)
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt
+        drawn.append(page.number)
+        return real(run, page, *args)
+
+    monkeypatch.setattr(mining, "_draw", interrupted)
+    out = tmp_path / "out"
+    rc, err = run_cli(capsys, *PAGED[:-1], data, "-o", out)
+    last = err.strip().splitlines()[-1]
+    assert rc == 130 and "pass 2 stopped at figure page 2 of 2" in last and "run the same command again" in last
+    assert drawn == [0] and (out / "conv3_p1.png").is_file() and not (out / "topk.json").exists()
+    monkeypatch.setattr(mining, "_draw", lambda run, page, *a: (drawn.append(page.number), real(run, page, *a))[1])
+    rc, err = run_cli(capsys, *PAGED[:-1], data, "-o", out)
+    assert rc == 0 and "resuming pass 2" in err and "1 of 2 figure pages already done" in err
+    assert drawn == [0, 1]  # the first page was not drawn again
+    assert _topk_without_timings(out) == _topk_without_timings(tmp_path / "whole")
+
+
+# --------------------------------------------------------------------------- the Python API
+
+
+class _Strings(Preprocess):
+    def __call__(self, image):  # noqa: ANN001, ANN204
+        return "x"
+
+
+def _api_cases(tmp_path: Path, data: Path) -> list[tuple[str, object]]:
+    model = tiny_model()
+    kw = dict(out_dir=tmp_path / "api", progress=False, figures=False)
+    meta = tiny_model().to("meta")
+    return [
+        ("layers must be a list", lambda: mine(model, PRE, data, "1", **kw)),
+        ("out_dir must be a path", lambda: mine(model, PRE, data, ["1"], **{**kw, "out_dir": None})),
+        ("dataset must be a path", lambda: mine(model, PRE, None, ["1"], **kw)),
+        ("model must be a torch.nn.Module", lambda: mine("vgg16", PRE, data, ["1"], **kw)),
+        ("preprocess must be a callable", lambda: mine(model, None, data, ["1"], **kw)),
+        ("preprocess must be a callable", lambda: mine(model, lambda im: im, data, ["1"], **kw)),
+        ("preprocess must return a float", lambda: mine(model, _Strings(None, None, (0.5,) * 3, (0.25,) * 3), data,
+                                                        ["1"], **kw)),
+        ("channels must be a list", lambda: mine(model, PRE, data, ["1"], channels=2, **kw)),
+        ("aliases must be a dict", lambda: mine(model, PRE, data, ["1"], aliases=["a"], **kw)),
+        ("settings must be a zfvis.mining.MineSettings", lambda: mine(model, PRE, data, settings={"layers": ["1"]})),
+        ("unknown device", lambda: mine(model, PRE, data, ["1"], device="gpu", **kw)),
+        ("state_seconds must be a finite number", lambda: mine(model, PRE, data, ["1"], state_seconds=float("nan"),
+                                                               **kw)),
+        ("meta device", lambda: mine(meta, PRE, data, ["1"], **kw)),
+        ("image path must be a path", lambda: zfvis.load_image(3)),
+        ("data set must be a path", lambda: zfvis.data.list_images(None)),
+        ("limit must be at least 1", lambda: evenly_spaced(10, 0)),
+        ("unknown device", lambda: zfvis.load_model("zfnet-cifar10", weights="random", device="gpu")),
+        ("seed must be a whole number", lambda: zfvis.load_model("zfnet-cifar10", weights="random", seed="x")),
+        ("weights file must be a path", lambda: zfvis.checkpoints.read_checkpoint(3)),
+        ("preprocess takes a PIL image", lambda: PRE("cat.png")),
+        ("input size", lambda: PRE.with_size(10**6)),
+    ]
+
+
+def test_api_refuses_wrong_kinds_with_typed_errors(tmp_path: Path) -> None:
+    data = make_images(tmp_path / "d", 3)
+    for message, call in _api_cases(tmp_path, data):
+        with pytest.raises(UserInputError, match=message):
+            call()  # type: ignore[operator]
+    assert not (tmp_path / "api").exists()
+    from zfvis.errors import InputTypeError
+
+    with pytest.raises(InputTypeError):  # a TypeError too, as documented
+        mine(tiny_model(), PRE, data, "1", out_dir=tmp_path / "api")
+
+
+def test_a_failing_preprocess_in_pass_1_is_not_an_unreadable_file(tmp_path: Path) -> None:
+    data = make_images(tmp_path / "d", 6)
+    calls = []
+
+    class Flaky(Preprocess):  # the caller's own preprocessing, failing on the third image
+        def __call__(self, image):  # noqa: ANN001, ANN204
+            calls.append(1)
+            if len(calls) == 4:  # the probe's image, then pass 1's first, second, third
+                raise ValueError("my preprocessing broke")
+            return super().__call__(image)
+
+    flaky = Flaky(None, None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+    with pytest.raises(ValueError, match="my preprocessing broke") as caught:
+        mine(tiny_model(), flaky, data, ["1"], out_dir=tmp_path / "out", batch_size=2, progress=False,
+             figures=False)
+    assert not isinstance(caught.value, UserInputError)  # the caller's bug, not a skipped file
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs a device file (/dev/zero)")
+def test_devices_are_not_called_missing_nor_text(tmp_path: Path, capsys) -> None:
+    for argv, message in [
+        (["project", "/dev/zero", "-o", tmp_path / "p.png"], "image '/dev/zero' is not a regular file"),
+        (["project", "--weights", "/dev/zero", "-o", tmp_path / "p.png"], "is not a regular file"),
+        ([*MINE, "/dev/zero", "-o", tmp_path / "out"], "data set '/dev/zero' is not a regular file"),
+    ]:
+        rc, err = run_cli(capsys, *argv)
+        assert rc == 2 and message in one_line(err)
+    zeros = tmp_path / "zeros.pt"
+    zeros.write_bytes(bytes(600))
+    rc, err = run_cli(capsys, "project", "--weights", zeros, "-o", tmp_path / "p.png")
+    assert rc == 2 and "a binary file of an unknown format" in one_line(err)  # was: "a text file"

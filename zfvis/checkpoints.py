@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_path
 from .errors import UserInputError
 
 __all__ = ["EXPECTED", "check_checkpoint_file", "read_checkpoint", "extract_state_dict", "apply_state_dict"]
@@ -44,6 +45,8 @@ def _sniff(head: bytes) -> str | None:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         return "a binary file of an unknown format"
+    if "\x00" in text:
+        return "a binary file of an unknown format"
     first = text.strip().splitlines()[0][:40] if text.strip() else ""
     return f"a text file (it starts with {first!r})"
 
@@ -56,13 +59,15 @@ def check_checkpoint_file(path: str | Path, what: str = "weights file") -> Path:
         UserInputError: It is a folder, empty, or clearly another kind of file; the
             message says which, and what was expected.
     """
-    path = Path(path)
+    path = check_path(what, path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.pt"))[:4]
         hint = f"; it holds {', '.join(inside)}: pass one of those" if inside else ""
         raise UserInputError(f"{what} '{path}' is a folder, not a file; expected {EXPECTED}{hint}")
     if not path.exists():
         raise FileNotFoundError(f"{what} '{path}' does not exist; expected {EXPECTED}")
+    if not path.is_file():
+        raise UserInputError(f"{what} '{path}' is not a regular file (a device or a pipe); expected {EXPECTED}")
     with open(path, "rb") as fh:
         head = fh.read(512)
     if not head:

@@ -7,15 +7,25 @@ bounds are checked arithmetically before anything is allocated, so a spec like
 
 from __future__ import annotations
 
+import math
 import operator
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
-from .errors import UserInputError
+import torch
+
+from .errors import InputTypeError, UserInputError
 
 __all__ = [
     "MAX_INPUT_SIZE",
     "MAX_CHANNELS",
     "check_int",
+    "check_number",
+    "check_path",
+    "check_device",
+    "free_memory",
+    "check_memory",
     "check_input_size",
     "parse_channel_spec",
     "check_channels",
@@ -50,6 +60,96 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
         bound = f"at least {low}" if high is None else f"between {low} and {high}"
         raise UserInputError(f"{name} must be {bound}, got {value}")
     return int(value)  # type: ignore[arg-type]
+
+
+def check_number(name: str, value: object, low: float, *, above: bool = False) -> float:
+    """Returns ``value`` if it is a finite real number ``>= low`` (``> low`` with ``above``).
+
+    Raises:
+        UserInputError: Not a number (a bool is not one), not finite, or too small.
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise UserInputError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (above and value == low):
+        raise UserInputError(f"{name} must be {'more than' if above else 'at least'} {low}, got {value}")
+    return float(value)
+
+
+def check_path(name: str, value: object) -> Path:
+    """``value`` as a :class:`~pathlib.Path`, if it is a ``str`` or an ``os.PathLike`` of one.
+
+    Raises:
+        InputTypeError: Anything else (``None``, a number, bytes).
+    """
+    if isinstance(value, str) and value:
+        return Path(value)
+    if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
+        return Path(value)
+    raise InputTypeError(f"{name} must be a path (a str or pathlib.Path), got {value!r}")
+
+
+def check_device(device: object, name: str = "device") -> torch.device:
+    """A torch device that exists on this machine.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a :class:`torch.device`.
+        name: How the person knows the setting (``--device``), for the message.
+
+    Raises:
+        UserInputError: An unknown device, or one this machine does not have (CUDA without
+            a GPU, a GPU index beyond the count, MPS without Apple silicon).
+    """
+    if not isinstance(device, (str, torch.device)):
+        raise InputTypeError(f"{name} must be a str such as 'cpu' or 'cuda:0', or a torch.device, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserInputError(f"{name}: unknown device '{device}'; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError(f"CUDA was asked for ({name} {device}) but no CUDA GPU is available; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserInputError(f"{name} {device}: only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserInputError(f"{name} {device}: MPS (Apple silicon) is not available here; use cpu")
+    elif dev.type != "cpu":
+        raise UserInputError(f"{name}: unsupported device '{device}'; use cpu, cuda or cuda:N")
+    return dev
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated on ``device`` now: the GPU's free memory, or the system's
+    available memory (Linux ``MemAvailable``, else the physical memory); ``None``: unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        try:
+            with open("/proc/meminfo", encoding="ascii") as fh:
+                info = dict(line.split(":", 1) for line in fh if ":" in line)
+            return int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError, IndexError):
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
+def check_memory(need: int | None, device: torch.device, what: str, lower: str) -> None:
+    """Refuses work that needs more memory than ``device`` has free, before it starts.
+
+    Args:
+        need: Bytes the work needs (``None``: unknown, nothing checked).
+        device: Where it runs.
+        what: The work, for the message ("a batch of 64 images of (3, 224, 224)").
+        lower: What the person can lower ("--batch-size").
+
+    Raises:
+        UserInputError: ``need`` exceeds the free memory.
+    """
+    free = free_memory(device)
+    if need is not None and free is not None and need > free:
+        raise UserInputError(f"{what} needs about {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
+                             f"{device}; lower {lower}")
 
 
 def check_input_size(size: object, name: str = "--input-size") -> int:

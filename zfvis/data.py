@@ -8,9 +8,10 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .checks import check_int, check_path
 from .errors import UserInputError
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image", "to_rgb", "list_images", "evenly_spaced", "resolve"]
+__all__ = ["IMAGE_EXTENSIONS", "load_image", "to_rgb", "check_data_set", "list_images", "evenly_spaced", "resolve"]
 
 #: File endings treated as images when a directory is scanned.
 IMAGE_EXTENSIONS = frozenset(
@@ -66,8 +67,10 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             truncated, or it has more pixels than Pillow's decompression-bomb guard
             allows (``PIL.Image.MAX_IMAGE_PIXELS``); nothing large is allocated then.
     """
-    path = Path(path)
+    path = check_path("image path", path)
     if not path.is_file():
+        if path.exists() and not path.is_dir():
+            raise UserInputError(f"image '{path}' is not a regular file (a device or a pipe); pass an image file")
         what = "is a directory" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"image '{path}' {what}; pass the path of an image file")
     try:
@@ -90,6 +93,29 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise UserInputError(f"cannot decode image '{path}' ({err}); the file may be truncated or corrupt") from None
 
 
+def check_data_set(root: str | os.PathLike[str]) -> Path:
+    """Checks that ``root`` can be a data set: a folder, or a text file that is not an image.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        UserInputError: It is an image, a device or a pipe.
+    """
+    root = check_path("data set", root)
+    if root.is_dir():
+        return root
+    if not root.exists():
+        raise FileNotFoundError(f"data set '{root}' does not exist; pass a folder of images or a text file of paths")
+    if not root.is_file():
+        raise UserInputError(f"data set '{root}' is not a regular file (a device or a pipe); pass a folder of images "
+                             "or a text file of paths")
+    if root.suffix.lower() in IMAGE_EXTENSIONS:
+        raise UserInputError(
+            f"'{root}' is an image, not a data set: pass a folder of images or a text file with one image path "
+            "a line (for one image, use `zfvis project IMAGE`)"
+        )
+    return root
+
+
 def list_images(root: str | os.PathLike[str]) -> list[str]:
     """Lists a data set as relative paths with "/" separators, in sorted order.
 
@@ -104,28 +130,16 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        UserInputError: (a ``ValueError``) It holds no image paths, or it is a file that is
-            not a text list of paths (an image, say).
+        UserInputError: (a ``ValueError``) It holds no image paths, or it is not a folder or
+            a text list of paths (an image, say: :func:`check_data_set`).
     """
-    root = Path(root)
-    if root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:
-        raise UserInputError(
-            f"'{root}' is an image, not a data set: pass a folder of images or a text file with one image path "
-            "a line (for one image, use `zfvis project IMAGE`)"
-        )
+    root = check_data_set(root)
     if root.is_dir():
-        found = sorted(
-            {
-                p.relative_to(root).as_posix()
-                for p in root.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            }
-        )
-    elif root.is_file():
+        found = sorted({p.relative_to(root).as_posix() for p in root.rglob("*")
+                        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()})
+    else:
         lines = _read_list(root)
         found = sorted({ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")})
-    else:
-        raise FileNotFoundError(f"data set '{root}' does not exist; pass a directory of images or a text file of paths")
     if not found:
         raise UserInputError(f"data set '{root}' holds no images (endings: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return found
@@ -156,7 +170,13 @@ def evenly_spaced(count: int, limit: int | None) -> list[int]:
     Args:
         count: Number of items.
         limit: How many to take (``None``: all).
+
+    Raises:
+        UserInputError: ``count`` is negative or ``limit`` is not a positive int.
     """
+    check_int("count", count, 0)
+    if limit is not None:
+        check_int("limit", limit, 1)
     if limit is None or limit >= count:
         return list(range(count))
     return [i * count // limit for i in range(limit)]

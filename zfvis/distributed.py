@@ -17,14 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import RankFailedError
+from .errors import RankFailedError, first_line
 
 __all__ = ["Ranks"]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 class Ranks:
@@ -72,7 +67,7 @@ class Ranks:
             self.active = False
             if failed:
                 return
-            raise RankFailedError(-1, self.world, f"lost contact with another rank ({_first_line(err)})") from None
+            raise RankFailedError(-1, self.world, f"lost contact with another rank ({first_line(err)})") from None
         self.active = False
         if not failed:
             raise RankFailedError(first, self.world, reasons[first] or "")
@@ -85,7 +80,7 @@ class Ranks:
     def fail(self, err: BaseException) -> None:
         """Tells the other ranks that this one failed (at their next check)."""
         if self.active and not isinstance(err, RankFailedError):
-            self._exchange(True, f"{type(err).__name__}: {_first_line(err)}")
+            self._exchange(True, f"{type(err).__name__}: {first_line(err)}")
 
     def finish(self) -> None:
         """No more collectives follow."""

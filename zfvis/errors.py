@@ -10,7 +10,21 @@ status 2; anything else is reported as an internal error with exit status 1.
 
 from __future__ import annotations
 
-__all__ = ["ZfvisError", "UserInputError", "InputTypeError", "OutputFolderError", "RankFailedError", "MiningInterrupted"]
+__all__ = [
+    "ZfvisError",
+    "UserInputError",
+    "InputTypeError",
+    "OutputFolderError",
+    "RankFailedError",
+    "MiningInterrupted",
+    "first_line",
+]
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 class ZfvisError(Exception):

@@ -20,7 +20,9 @@ A run goes through named phases, each a function of one :class:`_Run`:
 5. **merge** (:func:`_merge`): under ``torch.distributed`` (torchrun), the per-rank top-k
    lists are gathered and merged exactly.
 6. **pass 2** (:func:`_pass2`): project every winner with its own image's switches, only
-   over its receptive field; crop projection and image to it; tiles, figures, gallery.
+   over its receptive field; crop projection and image to it; tiles, figures, gallery. It
+   goes a figure page (64 channels) at a time and saves each page's boxes in the state, so
+   an interrupted pass 2 resumes at the page it was on.
 7. **outputs** (:func:`_finish`): ``topk.json`` and a summary.
 
 Under torchrun every rank checks in with the others at each phase boundary and after
@@ -51,11 +53,12 @@ from torch import nn
 
 from . import render
 from ._io import atomic_torch_save, atomic_write_text
-from .checks import check_channels, check_int
+from ._progress import progress
+from .checks import check_channels, check_device, check_int, check_memory, check_number, check_path
 from .data import evenly_spaced, list_images, load_image, resolve
 from .distributed import Ranks
 from .engine import Deconvnet, Seeds
-from .errors import MiningInterrupted, UserInputError
+from .errors import InputTypeError, MiningInterrupted, UserInputError, first_line
 from .gallery import write_site
 from .run_folder import STATE_VERSION, FolderRequest, claim, load_state, safe_name
 from .topk import EMPTY as _EMPTY
@@ -158,19 +161,41 @@ class MineSettings:
         Raises:
             UserInputError: The first bad setting, named.
         """
-        if isinstance(self.layers, str) or not self.layers or not all(isinstance(x, str) for x in self.layers):
-            raise UserInputError(f"{self.name('layers')}: name at least one layer (e.g. conv1), got {self.layers!r}")
+        if isinstance(self.layers, str) or not isinstance(self.layers, Sequence) or not self.layers \
+                or not all(isinstance(x, str) for x in self.layers):
+            raise UserInputError(f"{self.name('layers')}: a list of at least one layer name (e.g. ['conv1']), "
+                                 f"got {self.layers!r}")
+        check_path(self.name("out_dir"), self.out_dir)
         check_int(self.name("top"), self.top, 1)
         check_int(self.name("batch_size"), self.batch_size, 1)
         check_int(self.name("workers"), self.workers, 0, 256)
         check_int(self.name("state_every"), self.state_every, 1)
         if self.limit is not None:
             check_int(self.name("limit"), self.limit, 1)
-        if not isinstance(self.state_seconds, (int, float)) or self.state_seconds <= 0:
-            raise UserInputError(f"{self.name('state_seconds')} must be a positive number, got {self.state_seconds!r}")
+        check_number(self.name("state_seconds"), self.state_seconds, 0, above=True)
+        self._validate_channels()
+        if self.aliases is not None and not (isinstance(self.aliases, dict)
+                                             and all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in self.aliases.items())):
+            raise InputTypeError(f"aliases must be a dict of layer names (alias -> layer), got {self.aliases!r}")
         for flag in ("progress", "restart", "overwrite", "figures", "probe"):
             if not isinstance(getattr(self, flag), bool):
                 raise UserInputError(f"{self.name(flag)} must be true or false, got {getattr(self, flag)!r}")
+
+
+    def _validate_channels(self) -> None:
+        """The kind of ``channels`` (their range is checked against each layer later)."""
+        c = self.channels
+        if c is None or isinstance(c, dict) and all(isinstance(k, str) for k in c):
+            per_layer = list(c.values()) if isinstance(c, dict) else []
+        elif isinstance(c, (list, tuple, range)):
+            per_layer = [c]
+        else:
+            raise InputTypeError(f"{self.name('channels')} must be a list of channel numbers or (first, last) ranges, "
+                                 f"or a dict layer -> list, got {c!r}")
+        for chans in per_layer:
+            if not isinstance(chans, (list, tuple, range)):
+                raise InputTypeError(f"{self.name('channels')}: each layer's channels must be a list, got {chans!r}")
 
 
 @dataclasses.dataclass
@@ -223,15 +248,17 @@ class _Progress:
     images: int
     batches: int
     done: bool = False
+    pages: dict[str, list[list[list[int]]]] = dataclasses.field(default_factory=dict)  # pass 2: page -> boxes
 
     def to_state(self, fingerprint: str) -> dict[str, Any]:
         return {"version": STATE_VERSION, "fingerprint": fingerprint, "batches": self.batches,
-                "images": self.images, "skipped": list(self.skipped), "topk": self.tops, "done": self.done}
+                "images": self.images, "skipped": list(self.skipped), "topk": self.tops, "done": self.done,
+                "pages": self.pages}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], layers: Sequence[str]) -> _Progress:
         return cls({layer: dict(state["topk"][layer]) for layer in layers}, tuple(state["skipped"]),
-                   int(state["images"]), int(state["batches"]), bool(state.get("done")))
+                   int(state["images"]), int(state["batches"]), bool(state.get("done")), dict(state.get("pages") or {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +296,7 @@ class _Run:
     resume: _Progress | None = None
     taps: _Taps | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    projecting: float = 0.0  # pass 2's seconds spent projecting (the rest is drawing)
 
     @property
     def show(self) -> bool:
@@ -302,9 +330,10 @@ class _Files(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return self.indices[i], self.preprocess(load_image(resolve(self.root, self.files[i]))), ""
-        except (OSError, ValueError) as err:
-            return self.indices[i], None, str(err).splitlines()[0] if str(err) else type(err).__name__
+            image = load_image(resolve(self.root, self.files[i]))
+        except (OSError, UserInputError) as err:  # an unreadable file: skipped and listed
+            return self.indices[i], None, first_line(err)
+        return self.indices[i], self.preprocess(image), ""
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
@@ -350,11 +379,6 @@ class _Taps:
 # --------------------------------------------------------------------------- the caller's model
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
@@ -370,6 +394,9 @@ def _placed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     training flag are as before (also when the run fails)."""
     flags = [(m, m.training) for m in model.modules()]
     homes = {t.device for t in [*model.parameters(), *model.buffers()]}
+    if any(h.type == "meta" for h in homes):
+        raise UserInputError("the model's parameters are on the meta device (they hold no values); load its "
+                             "weights first (Module.to_empty() and load_state_dict())")
     if len(homes) > 1:
         raise UserInputError(f"the model's parameters lie on several devices ({sorted(map(str, homes))}); "
                              "put it on one device first")
@@ -390,23 +417,14 @@ def _placed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 # --------------------------------------------------------------------------- phase 1: plan
 
 
-def _resolve(dn: Deconvnet, layer: str) -> str:
-    try:
-        return dn.resolve(layer)
-    except UserInputError:
-        raise
-    except ValueError as err:  # the engine's name lookup: the name came from the person
-        raise UserInputError(str(err)) from None
-
-
 def _plan(model: nn.Module, preprocess: Preprocess, dataset: str | os.PathLike[str], s: MineSettings,
           ranks: Ranks) -> _Run:
     """Checks everything that can be checked without writing: layers, data set, the first
     readable image, layer shapes, channels, memory. Returns the run's shared state."""
-    device = torch.device(s.device)
+    device = check_device(s.device, s.name("device"))
     dn = Deconvnet(model, aliases=s.aliases, rule=s.rule)
     layers = list(dict.fromkeys(s.layers))
-    modules = {layer: _resolve(dn, layer) for layer in layers}
+    modules = {layer: dn.resolve(layer) for layer in layers}
     if isinstance(s.channels, dict) and set(s.channels) - set(layers):
         raise UserInputError(f"channels given for layers not mined: {', '.join(sorted(set(s.channels) - set(layers)))}")
     root = Path(dataset)
@@ -438,32 +456,24 @@ def _first_readable(root: Path, rels: Sequence[str], preprocess: Preprocess) -> 
     errors = []
     for rel in rels:
         try:
-            return preprocess(load_image(resolve(root, rel)))
-        except (OSError, ValueError) as err:
-            errors.append(f"{rel}: {_first_line(err)}")
+            image = load_image(resolve(root, rel))
+        except (OSError, UserInputError) as err:
+            errors.append(f"{rel}: {first_line(err)}")
+            continue
+        x = preprocess(image)
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+            raise InputTypeError(f"preprocess must return a float (C, H, W) tensor, got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        return x
     raise UserInputError(f"data set '{root}': none of the first {len(rels)} files is a readable image ({errors[0]})")
 
 
-def _physical_memory(device: torch.device) -> int | None:
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        return None
-
-
 def _check_memory(run: _Run) -> None:
-    """Refuses a batch whose input and layer outputs alone exceed the machine's memory."""
+    """Refuses a batch whose input and layer outputs alone exceed the free memory."""
     per_image = math.prod(run.probe_image.shape) + sum(math.prod(lay.shape) for lay in run.layers.values())
     need = 3 * run.s.batch_size * per_image * torch.finfo(run.dtype).bits // 8
-    have = _physical_memory(run.device)
-    if have is not None and need > have:
-        raise UserInputError(
-            f"a batch of {run.s.batch_size} images of {tuple(run.probe_image.shape)} needs about {need / 2**30:.1f} GiB "
-            f"for its activations, more than the {have / 2**30:.1f} GiB of {run.device}; lower "
-            f"{run.s.name('batch_size')} (or the input size)"
-        )
+    check_memory(need, run.device, f"a batch of {run.s.batch_size} images of {tuple(run.probe_image.shape)}",
+                 f"{run.s.name('batch_size')} (or the input size)")
 
 
 def _model_signature(model: nn.Module) -> str:
@@ -533,25 +543,6 @@ def _draw_page(title: str, entries: list[Any], path: Path) -> None:
     render.mining_figure(title, entries, path, columns=min(4, len(entries)), cell_inches=0.6)
 
 
-@contextlib.contextmanager
-def _bar(total: int, desc: str, show: bool, initial: int = 0, unit: str = "img") -> Iterator[Any]:
-    """A tqdm bar on stderr (``None`` when not shown); cleared, not left, on failure."""
-    if not show:
-        yield None
-        return
-    from tqdm.auto import tqdm
-
-    # shown after a second: an error in the first moments is then the only line on stderr
-    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, delay=1.0)
-    try:
-        yield bar
-    except BaseException:
-        bar.leave = False
-        raise
-    finally:
-        bar.close()
-
-
 # --------------------------------------------------------------------------- phase 2: probe
 
 
@@ -584,7 +575,7 @@ def _claim(run: _Run) -> Iterator[None]:
     """Rank 0 claims the output folder (:func:`zfvis.run_folder.claim`); every rank then
     loads its saved progress, if any."""
     request = FolderRequest(run.out, run.fingerprint, run.settings, run.s.record, run.s.restart, run.s.overwrite,
-                            run.s.flag)
+                            run.s.flag, reads=run.root)
     with claim(request, lead=run.ranks.rank == 0, sync=run.ranks.check):
         run.resume = _load_resume(run)
         yield
@@ -640,6 +631,19 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def _resumable(run: _Run) -> Iterator[None]:
+    """An interruption between the phases says, as one inside them does, how to resume."""
+    try:
+        yield
+    except MiningInterrupted:
+        raise
+    except KeyboardInterrupt:
+        saved = f"what is done is saved in '{run.out}'" if run.state_path.exists() else "nothing was saved"
+        raise MiningInterrupted(f"stopped between the phases of the run; {saved}: run the same command again to "
+                                "resume") from None
+
+
 def _update(run: _Run, prog: _Progress, idx: torch.Tensor, batch: torch.Tensor | None,
             bad: list[tuple[int, str]]) -> _Progress:
     """The progress after one more batch (a new object: the old one stays consistent)."""
@@ -673,15 +677,14 @@ def _pass1(run: _Run) -> tuple[_Progress, float, int]:
     todo = shard[start:]
     batches = iter(_loader(_Files(run.root, [run.files[i] for i in todo], todo, run.preprocess), bs, run.s.workers))
     saver, ran, t1 = _Saver(run, first), 0, time.perf_counter()
-    with _sigterm_as_interrupt(), _bar(len(shard), "pass 1", run.show, initial=start) as bar:
+    with progress(len(shard), "pass 1", "img", run.show, initial=start) as bar:
         try:
             for step in range(steps):
                 if first <= step < own_steps:
                     idx, batch, bad = next(batches)
                     prog = _update(run, prog, idx, batch, bad)
                     ran += 1
-                    if bar is not None:
-                        bar.update(len(idx) + len(bad))
+                    bar.update(len(idx) + len(bad))
                     saver.maybe(prog)
                     if run.s.stop_after_batches is not None and ran >= run.s.stop_after_batches:
                         raise KeyboardInterrupt(f"stopped after {ran} batches (stop_after_batches)")
@@ -756,79 +759,146 @@ def _topk(run: _Run, prog: _Progress) -> dict[str, Any]:
 _Crops = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[int]]]
 
 
-def _project_page(run: _Run, layer: _Layer, page: range, winners: list[_Winner], bar: Any) -> _Crops:
+@dataclasses.dataclass(frozen=True)
+class _Page:
+    """One figure page of pass 2: up to :data:`PAGE_CHANNELS` channels of one layer.
+
+    Attributes:
+        layer: The layer.
+        number: The page's number within the layer (from 0).
+        count: The layer's number of pages.
+        slots: The channels' positions in the layer's ``channel_ids``.
+    """
+
+    layer: _Layer
+    number: int
+    count: int
+    slots: range
+
+    @property
+    def key(self) -> str:
+        """Its entry in the saved state's ``pages``."""
+        return f"{self.layer.name}#{self.number}"
+
+    @property
+    def figure(self) -> str:
+        stem = safe_name(self.layer.name)
+        return f"{stem}.png" if self.count == 1 else f"{stem}_p{self.number + 1}.png"
+
+
+def _pages(run: _Run) -> list[_Page]:
+    out = []
+    for layer in run.layers.values():
+        n = len(layer.channels)
+        starts = range(0, n, PAGE_CHANNELS)
+        out += [_Page(layer, k, len(starts), range(s, min(n, s + PAGE_CHANNELS))) for k, s in enumerate(starts)]
+    return out
+
+
+def _stem(channel: int, rank: int) -> str:
+    return f"c{channel:04d}_r{rank + 1}"
+
+
+def _tile_names(channel: int, count: int) -> list[tuple[str, str]]:
+    return [(f"{_stem(channel, r)}_proj.png", f"{_stem(channel, r)}_patch.png") for r in range(count)]
+
+
+def _project_page(run: _Run, page: _Page, winners: list[_Winner], bar: Any) -> _Crops:
     """Projects a page's winners, a batch of their images at a time: (slot, rank) ->
     (projection, patch, box), the images as uint8."""
     crops: _Crops = {}
+    t0 = time.perf_counter()
     needed = sorted({w.index for w in winners})
     for s in range(0, len(needed), run.s.batch_size):
         chunk = needed[s : s + run.s.batch_size]
         where = {i: j for j, i in enumerate(chunk)}
         batch = torch.stack([run.preprocess(load_image(resolve(run.root, run.files[i]))) for i in chunk])
         sel = [w for w in winners if w.index in where]
-        seeds = make_seeds([(where[w.index], layer.channels[page[w.slot]], w.y, w.x, w.value) for w in sel], run.device)
-        for w, (proj, patch, box) in zip(sel, crop_winners(run.dn, run.batch(batch), layer.name, seeds)):
+        rows = [(where[w.index], page.layer.channels[page.slots[w.slot]], w.y, w.x, w.value) for w in sel]
+        for w, (proj, patch, box) in zip(sel, crop_winners(run.dn, run.batch(batch), page.layer.name,
+                                                           make_seeds(rows, run.device))):
             pu8, iu8 = _tile(run, proj, patch)
             crops[(w.slot, w.rank)] = (pu8, iu8, list(box))
-        if bar is not None:
-            bar.update(len(sel))
+        bar.update(len(sel))
+    run.projecting += time.perf_counter() - t0
     return crops
 
 
-def _pass2(run: _Run, topk: dict[str, Any]) -> list[Path]:
+def _draw(run: _Run, page: _Page, info: dict[str, Any], bar: Any) -> list[list[list[int]]]:
+    """Projects, tiles and draws one page; returns its boxes (per channel, per rank)."""
+    ids: list[int] = info["channel_ids"]
+    winners = [_Winner(k, r, e["index"], *(e["position"] or [-1, -1]), e["value"])
+               for k, c in enumerate(page.slots) for r, e in enumerate(info["channels"][c])]
+    crops = _project_page(run, page, winners, bar)
+    tile_dir = run.out / "tiles" / safe_name(page.layer.name)
+    tile_dir.mkdir(parents=True, exist_ok=True)
+    entries, boxes = [], []
+    for k, c in enumerate(page.slots):
+        ranked = info["channels"][c]
+        names = _tile_names(ids[c], len(ranked))
+        shown = [crops[(k, r)] for r in range(len(ranked))]
+        for (pu8, iu8, _), (proj_name, patch_name) in zip(shown, names):
+            render.save_image(pu8, tile_dir / proj_name)
+            render.save_image(iu8, tile_dir / patch_name)
+        boxes.append([box for _, _, box in shown])
+        n = FIGURE_TOP  # the figure's 3x3 grid; tiles and gallery keep all
+        # a [0,1] image minus 0.5 re-normalises to itself in mining_figure
+        entries.append((ids[c], [_from_u8(p) - 0.5 for p, _, _ in shown[:n]], [_from_u8(i) for _, i, _ in shown[:n]],
+                        [e["value"] for e in ranked[:n]]))
+    title = f"{run.s.model_name} / {page.layer.name}: top-{run.s.top} activations per channel ({run.s.rule})"
+    if page.count > 1:
+        title += f" (channels {ids[page.slots[0]]}-{ids[page.slots[-1]]}, page {page.number + 1} of {page.count})"
+    _draw_page(title, entries, run.out / page.figure)
+    return boxes
+
+
+def _page_done(run: _Run, page: _Page, info: dict[str, Any], prog: _Progress) -> bool:
+    """Whether an earlier call finished ``page``: its boxes are saved and its files exist."""
+    if page.key not in prog.pages or not (run.out / page.figure).is_file():
+        return False
+    tile_dir = run.out / "tiles" / safe_name(page.layer.name)
+    ids = info["channel_ids"]
+    return all((tile_dir / name).is_file() for c in page.slots
+               for pair in _tile_names(ids[c], len(info["channels"][c])) for name in pair)
+
+
+def _pass2(run: _Run, topk: dict[str, Any], prog: _Progress) -> list[Path]:
     """Tiles, one Fig. 2 figure per page of channels, and the gallery site; the seconds
-    spent projecting and drawing go into ``topk["timings"]``."""
-    outputs: list[Path] = []
-    timings = topk.setdefault("timings", {})
-    projecting = 0.0
+    spent go into ``topk["timings"]``. After each page its boxes are saved in the state,
+    so an interrupted pass 2 resumes at the page it was on."""
+    pages = _pages(run)
+    done = [p for p in pages if _page_done(run, p, topk["layers"][p.layer.name], prog)]
+    if done and run.show:
+        print(f"resuming pass 2 from '{run.state_path}': {len(done)} of {len(pages)} figure pages already done",
+              file=sys.stderr)
+    todo = [p for p in pages if p not in done]
+    total = sum(len(topk["layers"][p.layer.name]["channels"][c]) for p in todo for c in p.slots)
+    gallery: dict[str, list[dict[str, Any]]] = {name: [] for name in run.layers}
     t_start = time.perf_counter()
-    gallery: dict[str, list[dict[str, Any]]] = {}
-    top = topk["top"]
-    total = sum(len(e) for name in run.layers for e in topk["layers"][name]["channels"])
-    with _bar(total, "pass 2", run.show, unit="proj") as bar:
-        for layer in run.layers.values():
-            info = topk["layers"][layer.name]
-            ids: list[int] = info["channel_ids"]
-            tile_dir = run.out / "tiles" / safe_name(layer.name)
-            tile_dir.mkdir(parents=True, exist_ok=True)
-            pages = [range(s, min(len(ids), s + PAGE_CHANNELS)) for s in range(0, len(ids), PAGE_CHANNELS)]
-            gallery[layer.name] = []
-            for p, page in enumerate(pages):
-                winners = [_Winner(k, r, e["index"], *(e["position"] or [-1, -1]), e["value"])
-                           for k, c in enumerate(page) for r, e in enumerate(info["channels"][c])]
-                t = time.perf_counter()
-                crops = _project_page(run, layer, page, winners, bar)
-                projecting += time.perf_counter() - t
-                entries = []
-                for k, c in enumerate(page):
-                    ch = ids[c]
-                    projs, pats, vals, tiles = [], [], [], []
-                    for r, e in enumerate(info["channels"][c]):
-                        pu8, iu8, box = crops[(k, r)]
-                        e["box"] = box
-                        stem = f"c{ch:04d}_r{r + 1}"
-                        render.save_image(pu8, tile_dir / f"{stem}_proj.png")
-                        render.save_image(iu8, tile_dir / f"{stem}_patch.png")
-                        tiles.append((f"{stem}_proj.png", f"{stem}_patch.png"))
-                        # a [0,1] image minus 0.5 re-normalises to itself in mining_figure
-                        projs.append(_from_u8(pu8) - 0.5)
-                        pats.append(_from_u8(iu8))
-                        vals.append(e["value"])
-                    n = FIGURE_TOP  # the figure's 3x3 grid; tiles and gallery keep all
-                    entries.append((ch, projs[:n], pats[:n], vals[:n]))
-                    gallery[layer.name].append({"channel": ch, "tiles": tiles, "entries": info["channels"][c]})
-                name = f"{safe_name(layer.name)}.png" if len(pages) == 1 else f"{safe_name(layer.name)}_p{p + 1}.png"
-                first, last = ids[page[0]], ids[page[-1]]
-                title = f"{run.s.model_name} / {layer.name}: top-{top} activations per channel ({run.s.rule})"
-                if len(pages) > 1:
-                    title += f" (channels {first}-{last}, page {p + 1} of {len(pages)})"
-                _draw_page(title, entries, run.out / name)
-                outputs.append(run.out / name)
-                for g in gallery[layer.name][-len(page) :]:
-                    g["figure"] = name
+    with progress(total, "pass 2", "proj", run.show) as bar:
+        for n, page in enumerate(pages):
+            info = topk["layers"][page.layer.name]
+            try:
+                boxes = prog.pages[page.key] if page in done else _draw(run, page, info, bar)
+            except KeyboardInterrupt:
+                raise MiningInterrupted(
+                    f"pass 2 stopped at figure page {n + 1} of {len(pages)}; pass 1 and the pages before are saved "
+                    f"in '{run.state_path}': run the same command again to resume") from None
+            if page not in done:
+                prog = dataclasses.replace(prog, pages={**prog.pages, page.key: boxes})
+                atomic_torch_save(prog.to_state(run.fingerprint), run.state_path)
+            for c, channel_boxes in zip(page.slots, boxes):
+                ranked = info["channels"][c]
+                for e, box in zip(ranked, channel_boxes):
+                    e["box"] = list(box)
+                gallery[page.layer.name].append({"channel": info["channel_ids"][c], "figure": page.figure,
+                                                 "tiles": _tile_names(info["channel_ids"][c], len(ranked)),
+                                                 "entries": ranked})
+    outputs = [run.out / p.figure for p in pages]
     outputs += write_site(run.out, topk, gallery, layer_info=_layer_info(run))
-    timings["project"] = round(projecting, 3)
-    timings["render"] = round(time.perf_counter() - t_start - projecting, 3)
+    timings = topk.setdefault("timings", {})
+    timings["project"] = round(run.projecting, 3)
+    timings["render"] = round(time.perf_counter() - t_start - run.projecting, 3)
     return outputs
 
 
@@ -873,21 +943,30 @@ def _settings(layers: Sequence[str] | None, settings: MineSettings | None, optio
     if settings is not None:
         if layers is not None or options:
             raise UserInputError("give either settings=MineSettings(...) or layers and keyword arguments, not both")
+        if not isinstance(settings, MineSettings):
+            raise InputTypeError(f"settings must be a zfvis.mining.MineSettings, got {type(settings).__name__}")
         return settings
+    if isinstance(layers, str):
+        raise InputTypeError(f"layers must be a list of layer names, e.g. ['{layers}'], not a str")
     if "out_dir" not in options:
         raise UserInputError("out_dir is required: the folder for topk.json, figures and the gallery")
     fields = {f.name for f in dataclasses.fields(MineSettings)}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise UserInputError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    if layers is not None and not isinstance(layers, Sequence):
+        raise InputTypeError(f"layers must be a list of layer names, got {type(layers).__name__}")
     return MineSettings(layers=list(layers) if layers is not None else [], **options)
 
 
-def _device(device: str | torch.device, s: MineSettings) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserInputError(f"{s.name('device')}: unknown device {device!r}; use cpu, cuda or cuda:N") from None
+def _check_inputs(model: object, preprocess: object, dataset: object) -> Path:
+    """The kinds of :func:`mine`'s positional arguments; returns the data set's path."""
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(preprocess) or not callable(getattr(preprocess, "denormalize", None)):
+        raise InputTypeError(f"preprocess must be a callable from a PIL image to a (C, H, W) tensor with a "
+                             f"denormalize method (a zfvis.zoo.Preprocess), got {type(preprocess).__name__}")
+    return check_path("dataset", dataset)
 
 
 def mine(
@@ -923,14 +1002,17 @@ def mine(
             not write, a run with other settings (use ``restart``/``overwrite``), or
             another run is writing to it.
         FileNotFoundError: The data set does not exist.
-        MiningInterrupted: (a ``KeyboardInterrupt``) Ctrl-C or SIGTERM in pass 1; the
-            progress is saved and the same call resumes it.
+        InputTypeError: (a ``UserInputError`` and ``TypeError``) An argument of the wrong
+            kind (a model that is no ``nn.Module``, a layer list given as one str, ...).
+        MiningInterrupted: (a ``KeyboardInterrupt``) Ctrl-C or SIGTERM in pass 1 or 2; the
+            progress is saved (pass 2: page by page) and the same call resumes it.
         RankFailedError: Under torchrun, another rank failed.
     """
     s = _settings(layers, settings, options)
     s.validate()
+    dataset = _check_inputs(model, preprocess, dataset)
     t0 = time.perf_counter()
-    device = _device(s.device, s)
+    device = check_device(s.device, s.name("device"))
     ranks = Ranks.setup(device)
     try:
         with _placed(model, device):
@@ -939,7 +1021,7 @@ def mine(
             if s.probe:
                 _probe(run)
             ranks.check()
-            with _claim(run):
+            with _claim(run), _sigterm_as_interrupt(), _resumable(run):
                 prog, seconds, resumed = _pass1(run)
                 prog = _merge(run, prog)
                 if ranks.rank != 0:
@@ -947,7 +1029,7 @@ def mine(
                                         [], resumed, seconds)
                 topk = _topk(run, prog)
                 topk["timings"] = {"pass1": round(seconds, 3)}
-                outputs = _finish(run, topk, _pass2(run, topk) if s.figures else [])
+                outputs = _finish(run, topk, _pass2(run, topk, prog) if s.figures else [])
         return MiningResult(topk, run.out, prog.images, list(prog.skipped), time.perf_counter() - t0, outputs,
                             resumed, seconds)
     except BaseException as err:

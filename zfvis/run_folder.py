@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ._io import FolderLock, atomic_write_text
-from .errors import OutputFolderError, UserInputError
+from .errors import OutputFolderError, UserInputError, first_line
 
 __all__ = ["STATE_VERSION", "FolderRequest", "claim", "load_state", "safe_name"]
 
@@ -35,11 +35,6 @@ STATE_VERSION = 1
 def safe_name(layer: str) -> str:
     """A layer name as a file name (``features.3`` -> ``features_3``)."""
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in layer)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_state(path: Path) -> dict[str, Any] | None:
@@ -54,7 +49,7 @@ def load_state(path: Path) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a damaged state file
-        raise UserInputError(f"cannot read the saved state '{path}' ({_first_line(err)}); delete it to start again") from None
+        raise UserInputError(f"cannot read the saved state '{path}' ({first_line(err)}); delete it to start again") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise OutputFolderError(f"'{path}' is not a zfvis mining state; use another output folder")
     return state
@@ -72,6 +67,8 @@ class FolderRequest:
         restart: Replace a zfvis run, whatever its settings.
         overwrite: Write into a folder that holds other files too.
         flag: How the person turns a flag on, for messages (``--restart``).
+        reads: The data set folder the run reads: the output may not be it or lie in
+            it, ``overwrite`` or not (its figures and tiles would join the data set).
     """
 
     out: Path
@@ -81,6 +78,7 @@ class FolderRequest:
     restart: bool = False
     overwrite: bool = False
     flag: Callable[[str], str] = lambda name: f"{name}=True"
+    reads: Path | None = None
 
 
 def _run_marker(out: Path) -> dict[str, Any] | None:
@@ -100,6 +98,17 @@ def _run_marker(out: Path) -> dict[str, Any] | None:
     except UserInputError:
         return None
     return {"fingerprint": state["fingerprint"], "run": None} if state else None
+
+
+def _refuse_data_set(req: FolderRequest) -> None:
+    """Refuses an output folder that is the data set's folder or lies inside it."""
+    if req.reads is None or not req.reads.is_dir():
+        return
+    out, data = req.out.resolve(), req.reads.resolve()
+    if out == data or data in out.parents:
+        raise OutputFolderError(f"output folder '{req.out}' is {'the' if out == data else 'inside the'} data set "
+                                f"'{req.reads}' that the run reads; its figures and tiles would join the data set: "
+                                "choose an output folder outside it")
 
 
 def _make_folder(out: Path) -> list[Path]:
@@ -209,6 +218,7 @@ def claim(req: FolderRequest, *, lead: bool = True, sync: Callable[[], None] = l
     fresh = False
     try:
         if lead:
+            _refuse_data_set(req)
             created = _make_folder(req.out)
             lock = FolderLock(req.out, busy=OutputFolderError)
             lock.acquire()

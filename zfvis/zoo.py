@@ -25,6 +25,7 @@ from torchvision.transforms import functional as TF
 
 from .aliases import layer_aliases, register_aliases
 from .checkpoints import apply_state_dict, read_checkpoint
+from .checks import check_device, check_input_size, check_int
 from .data import to_rgb
 from .errors import InputTypeError, UserInputError
 
@@ -71,6 +72,8 @@ class Preprocess:
     std: tuple[float, float, float]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            raise InputTypeError(f"preprocess takes a PIL image (zfvis.load_image(path)), got {type(image).__name__}")
         image = to_rgb(image)
         if self.resize is not None:
             image = TF.resize(image, self.resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
@@ -81,8 +84,7 @@ class Preprocess:
 
     def with_size(self, size: int) -> Preprocess:
         """Returns the same preprocessing for square inputs of side ``size``."""
-        if size < 1:
-            raise UserInputError(f"input size must be a positive number of pixels, got {size}")
+        check_input_size(size, "input size")
         return dataclasses.replace(self, resize=size, crop=size)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,6 +377,8 @@ def load_model(
         WeightsDownloadError: Weights cannot be downloaded (no network).
     """
     spec = get_spec(name)
+    device = check_device(device)
+    check_int("seed", seed, 0, 2**63 - 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.build()

@@ -18,7 +18,9 @@ from . import correspond, evolution, filters, invariance, layers, mine, occlude,
 from ._common import (  # noqa: F401
     ArgumentParser,
     CLIError,
+    _parse,
     apply_config,
+    invoked,
     parse_command_line,
     report_error,
 )
@@ -62,8 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = get_args_parser()
     with warnings.catch_warnings(record=True) as caught:  # no warning printed before an error line
         try:
-            args = parse_command_line(parser, argv)
-            status = int(args.func(args) or 0)
+            args, config, from_config = _parse(parser, argv)
+            with invoked(args, config, from_config):
+                try:
+                    status = int(args.func(args) or 0)
+                except BrokenPipeError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - reported here, where the config's keys are known
+                    if debug:
+                        traceback.print_exc()
+                    return report_error(err, argv[0] if argv else None)
         except SystemExit as exit_:
             return int(exit_.code) if isinstance(exit_.code, int) else 2
         except BrokenPipeError:  # the reader went away (`zfvis layers | head`): stop quietly

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
+import dataclasses
 import difflib
 import errno
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,9 +22,10 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_text
+from .._progress import progress
 from ..checkpoints import check_checkpoint_file
-from ..checks import check_channels, check_input_size, parse_channel_spec
-from ..errors import UserInputError, ZfvisError
+from ..checks import check_channels, check_device, check_input_size, check_memory, parse_channel_spec
+from ..errors import UserInputError, ZfvisError, first_line
 from ..zoo import get_spec, list_models, load_model
 
 __all__ = [
@@ -42,6 +46,10 @@ __all__ = [
     "fit_input_size",
     "progress",
     "report_error",
+    "is_out_of_memory",
+    "shapes_only",
+    "Invocation",
+    "invocation",
     "REPORT_TO",
 ]
 
@@ -51,6 +59,82 @@ REPORT_TO = "the zfvis maintainers, with the command you ran"
 
 class CLIError(UserInputError):
     """Bad command-line input: printed as one line, exit status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+    """What the command line being run was given, for checks that span options.
+
+    Attributes:
+        inputs: Every existing file an option or the config file names (resolved), with
+            the option's name: no output may replace one, ``--overwrite`` or not.
+        config: The config file, if any.
+        from_config: Option (dest) -> the config key that set it, for messages.
+        datasets: The data sets the options name (``dataset``): no output may lie in such
+            a folder or be an image such a list file names.
+    """
+
+    inputs: dict[Path, str] = dataclasses.field(default_factory=dict)
+    config: str | None = None
+    from_config: dict[str, str] = dataclasses.field(default_factory=dict)
+    datasets: tuple[Path, ...] = ()
+
+    def reads(self, path: Path) -> str | None:
+        """What writing ``path`` would replace or add to among what the command reads
+        (``None``: nothing)."""
+        with contextlib.suppress(OSError):
+            target = path.resolve()
+            if target in self.inputs:
+                return f"the input file '{path}' ({self.inputs[target]})"
+            for data in self.datasets:
+                if data.is_dir() and data.resolve() in target.parents:
+                    return f"a file inside the data set '{data}'"
+                if data.is_file() and target in _listed(data):
+                    return f"the image '{path}' of the data set '{data}'"
+        return None
+
+
+def _listed(list_file: Path) -> set[Path]:
+    """The images a data-set list file names, resolved (empty if it is not a list)."""
+    from ..data import list_images, resolve
+
+    try:
+        return {resolve(list_file, rel).resolve() for rel in list_images(list_file)}
+    except (OSError, UserInputError):
+        return set()
+
+
+_INVOCATION: contextvars.ContextVar[Invocation] = contextvars.ContextVar("zfvis_invocation", default=Invocation())
+
+
+def invocation() -> Invocation:
+    """The :class:`Invocation` of the command line being run (empty outside one)."""
+    return _INVOCATION.get()
+
+
+@contextlib.contextmanager
+def invoked(args: argparse.Namespace, config: str | None, from_config: dict[str, str]) -> Iterator[Invocation]:
+    """Makes ``args`` the current :class:`Invocation` for the block."""
+    datasets = tuple(Path(v) for v in [getattr(args, "dataset", None)] if isinstance(v, str) and v)
+    token = _INVOCATION.set(Invocation(_input_files(args, config), config, dict(from_config), datasets))
+    try:
+        yield _INVOCATION.get()
+    finally:
+        _INVOCATION.reset(token)
+
+
+def _input_files(args: argparse.Namespace, config: str | None) -> dict[Path, str]:
+    named: list[tuple[str, Any]] = [("config file", config)] if config else []
+    for dest, value in vars(args).items():
+        if dest != "output":
+            named += [(dest.replace("_", "-"), v) for v in (value if isinstance(value, list) else [value])]
+    found: dict[Path, str] = {}
+    for label, v in named:
+        if isinstance(v, (str, os.PathLike)) and str(v):
+            with contextlib.suppress(OSError, ValueError):
+                if Path(v).is_file():
+                    found.setdefault(Path(v).resolve(), label)
+    return found
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -118,14 +202,18 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
+    """The ``--config`` file of a sub-command's arguments (refused when given twice)."""
+    paths = []
     for i, token in enumerate(argv):
         if token == "--":
             break
         if token == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if token.startswith("--config="):
-            return token.split("=", 1)[1]
-    return None
+            paths.append(argv[i + 1])
+        elif token.startswith("--config="):
+            paths.append(token.split("=", 1)[1])
+    if len(paths) > 1:
+        raise CLIError(f"--config is given {len(paths)} times ({', '.join(paths)}); give one config file")
+    return paths[0] if paths else None
 
 
 def _config_table(data: dict[str, Any], command: str, commands: Sequence[str], path: str) -> dict[str, Any]:
@@ -199,28 +287,63 @@ def _explicit(sub: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     return {d for d in dests if given(d)}
 
 
+def _settable(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in sub._actions if a.dest not in ("help", "config", argparse.SUPPRESS)}
+
+
+def _table_values(table: dict[str, Any], command: str, sub: argparse.ArgumentParser,
+                  path: str) -> tuple[dict[str, Any], dict[str, str]]:  # fmt: skip
+    """A table's settings checked against ``command``'s options: (dest -> value, dest -> key)."""
+    actions = _settable(sub)
+    values: dict[str, Any] = {}
+    keys: dict[str, str] = {}
+    for key, value in table.items():
+        dest = key.replace("-", "_")
+        if isinstance(value, dict):
+            raise CLIError(f"config file '{path}': [{command}.{key}] is a table; a setting is a single value or a list")
+        if dest not in actions:
+            close = difflib.get_close_matches(dest, list(actions), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0].replace('_', '-')}'?" if close else ""
+            raise CLIError(f"config file '{path}': unknown setting '{key}' for `zfvis {command}`{hint}")
+        if dest in keys:
+            raise CLIError(f"config file '{path}': '{keys[dest]}' and '{key}' set the same option; keep one")
+        values[dest] = _config_value(actions[dest], value, f"config file '{path}': {key}")
+        keys[dest] = key
+    return values, keys
+
+
+def _config_settings(path: str, command: str, commands: dict[str, argparse.ArgumentParser]
+                     ) -> tuple[dict[str, Any], dict[str, str]]:  # fmt: skip
+    """The settings ``path`` gives ``command``. The other commands' tables are checked too,
+    so that a slip in one is found the first time the file is used."""
+    data = _read_toml(path)
+    table = _config_table(data, command, list(commands), path)
+    for other, value in data.items():
+        if other != command and isinstance(value, dict):
+            _table_values(value, other, commands[other], path)
+    return _table_values(table, command, commands[command], path)
+
+
 def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """Parses ``argv``, with defaults from the ``--config`` file where one is given.
 
     Keys sit at the top level or in a table named after the command; the command line
-    wins. Every value is checked against the option it sets.
+    wins. Every value is checked against the option it sets, and every table's keys
+    against its command's options. What the config set is recorded in the current
+    :class:`Invocation` (``from_config``) when the caller holds one (:func:`main`).
     """
+    args, _, _ = _parse(parser, argv)
+    return args
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, str | None, dict[str, str]]:
+    """:func:`parse_command_line`, also returning the config file and what it set."""
     commands = _commands(parser)
     path = _config_path(argv[1:]) if argv and argv[0] in commands else None
     if path is None:
-        return parser.parse_args(list(argv))
+        return parser.parse_args(list(argv)), None, {}
     sub = commands[argv[0]]
-    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config", argparse.SUPPRESS)}
-    values: dict[str, Any] = {}
-    for key, value in _config_table(_read_toml(path), argv[0], list(commands), path).items():
-        dest = key.replace("-", "_")
-        if isinstance(value, dict):
-            raise CLIError(f"config file '{path}': [{argv[0]}.{key}] is a table; a setting is a single value or a list")
-        if dest not in actions:
-            close = difflib.get_close_matches(dest, list(actions), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0].replace('_', '-')}'?" if close else ""
-            raise CLIError(f"config file '{path}': unknown setting '{key}' for `zfvis {argv[0]}`{hint}")
-        values[dest] = _config_value(actions[dest], value, f"config file '{path}': {key}")
+    values, keys = _config_settings(path, argv[0], commands)
     for action in sub._actions:  # what the config gives need not be on the command line
         if action.dest in values and not action.option_strings:
             action.nargs = "*" if action.nargs in ("+", "*") else "?"
@@ -236,7 +359,7 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     for dest, value in values.items():
         if dest not in explicit:
             setattr(args, dest, value)
-    return args
+    return args, path, {d: keys[d] for d in values if d not in explicit}
 
 
 def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
@@ -248,19 +371,8 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
 
 
 def resolve_device(name: str) -> torch.device:
-    """A torch device, checked to exist."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CLIError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError("CUDA was asked for (--device cuda) but no CUDA GPU is available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type not in ("cpu", "mps"):
-        raise CLIError(f"unsupported device '{name}'; use cpu, cuda or cuda:N")
-    return device
+    """A torch device, checked to exist (:func:`zfvis.checks.check_device`)."""
+    return check_device(name, "--device")
 
 
 def _looks_like_path(weights: str) -> bool:
@@ -285,7 +397,7 @@ def check_weights(model: str, weights: str | None, what: str = "--weights") -> N
     spec = get_spec(model)
     names = ["random"] + (["packaged"] if spec.packaged else [])
     if spec.weights_enum is not None:
-        names += ["DEFAULT", *spec.weights_enum.__members__]
+        names += list(dict.fromkeys(["DEFAULT", *spec.weights_enum.__members__]))
     if weights not in names:
         close = difflib.get_close_matches(weights, names, n=2, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -302,13 +414,12 @@ def load_zoo_model(name: str, weights: str | None, device: torch.device) -> tupl
 
 
 def resolve_layer(dn: Any, layer: str) -> str:
-    """The engine's name for a layer the person named (unknown: the closest names)."""
-    try:
-        return dn.resolve(layer)
-    except UserInputError:
-        raise
-    except (ValueError, TypeError) as err:  # the engine's name lookup: the name came from the person
-        raise CLIError(str(err).splitlines()[0]) from None
+    """The engine's name for a layer the person named.
+
+    Raises:
+        UserInputError: An unknown name (the engine's message names the closest ones).
+    """
+    return dn.resolve(layer)
 
 
 def layer_modules(dn: Any) -> list[tuple[str, nn.Module | None]]:
@@ -323,33 +434,115 @@ def _model_place(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
-def fit_input_size(dn: Any, model: nn.Module, layer: str, size: int, default: int, model_name: str) -> None:
-    """Checks that square inputs of ``size`` reach ``layer``; the model's own ``default``
-    size is the reference: only when it works and ``size`` does not is the size at fault.
+class _Tally:
+    """Counts the bytes of the tensors the operations inside create (views excluded)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tally = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                out = func(*args, **(kwargs or {}))
+                if not getattr(func, "is_view", False):
+                    seen = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+                    tally.bytes += sum(t.numel() * t.element_size() for t in tree_leaves(out)
+                                       if isinstance(t, torch.Tensor) and id(t) not in seen)
+                return out
+
+        self.bytes = 0
+        self.mode = Mode()
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[_Tally]:
+    """Inside, tensors are fake: operations compute shapes and dtypes but allocate nothing.
+    Yields a tally of the bytes those operations would have allocated."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # its report of a failing op is the error we raise, not a log line
+    tally = _Tally()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), tally.mode:
+            yield tally
+    finally:
+        log.setLevel(level)
+
+
+def _is_fake_failure(err: BaseException) -> bool:
+    """Whether a failure in :func:`shapes_only` is the fake tensors' own limit (an op they
+    cannot run without data), not the shapes'."""
+    chain = [err, err.__cause__]
+    return any(e is not None and type(e).__module__.startswith(("torch._subclasses", "torch.fx.experimental"))
+               for e in chain)
+
+
+def _forward(dn: Any, layer: str, size: int, device: torch.device, dtype: torch.dtype) -> None:
+    dn.output(torch.zeros(1, 3, size, size, device=device, dtype=dtype), layer)
+
+
+def _probe_size(dn: Any, layer: str, size: int, device: torch.device, dtype: torch.dtype) -> tuple[BaseException | None, int | None]:
+    """A forward pass at ``size`` without allocating: (its failure or ``None``, the bytes it
+    would allocate; ``None`` when fake tensors cannot run the model)."""
+    try:
+        with shapes_only() as tally:
+            _forward(dn, layer, size, device, dtype)
+    except ImportError:  # a torch without fake tensors (a private API): a real pass instead
+        return None, None
+    except (ValueError, RuntimeError) as err:
+        if _is_fake_failure(err):
+            return None, None
+        return err, tally.bytes
+    return None, tally.bytes
+
+
+def fit_input_size(dn: Any, model: nn.Module, layer: str, size: int, default: int, model_name: str, *,
+                   memory: bool = True) -> None:
+    """Checks that square inputs of ``size`` reach ``layer``, and fit in memory, before any
+    real work: the forward pass runs on fake tensors (shapes only, nothing allocated). The
+    model's own ``default`` size is the reference: only when it works and ``size`` does not
+    is the size at fault.
+
+    Args:
+        dn: The model's deconvnet.
+        model: The model.
+        layer: The deepest layer the command needs.
+        size: The side asked for.
+        default: The model's own side.
+        model_name: For messages.
+        memory: Also refuse a size whose forward pass needs more memory than is free.
 
     Raises:
-        CLIError: ``size`` is out of bounds, or does not fit the model up to ``layer``.
+        CLIError: ``size`` is out of bounds, does not fit the model up to ``layer``, or
+            needs more memory than is free.
     """
     check_input_size(size)
-    if size == default:
-        return
     device, dtype = _model_place(model)
-    try:
-        with torch.no_grad():
-            dn.output(torch.zeros(1, 3, size, size, device=device, dtype=dtype), layer)
+    failure, need = _probe_size(dn, layer, size, device, dtype)
+    if need is None:  # fake tensors cannot run this model: a real pass, as small as it gets
+        if size == default:
+            return
+        try:
+            with torch.no_grad():
+                _forward(dn, layer, size, device, dtype)
+            return
+        except (ValueError, RuntimeError) as err:
+            if is_out_of_memory(err):
+                raise
+            failure = err
+    if failure is None:
+        if memory:
+            check_memory(need, device, f"--input-size {size}: a forward pass of {model_name} up to layer {layer}",
+                         "--input-size")
         return
-    except (ValueError, RuntimeError) as err:
-        if is_out_of_memory(err):
-            raise
-        failure = err
-    try:
-        with torch.no_grad():
-            dn.output(torch.zeros(1, 3, default, default, device=device, dtype=dtype), layer)
-    except Exception:  # noqa: BLE001 - the model fails at its own size too: not the size's fault
-        raise failure from None
-    first = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
-    raise CLIError(f"--input-size {size} does not fit {model_name} up to layer {layer} ({first}); "
-                   f"its own input size is {default}")
+    if size != default and _probe_size(dn, layer, default, device, dtype)[0] is None:
+        raise CLIError(f"--input-size {size} does not fit {model_name} up to layer {layer} ({first_line(failure)}); "
+                       f"its own input size is {default}")
+    raise failure  # the model fails at its own size too: not the size's fault
 
 
 def parse_channels(spec: Any, count: int | None = None, layer: str | None = None) -> list[int] | list[tuple[int, int]]:
@@ -382,15 +575,20 @@ def _written_by_zfvis(output: Path) -> bool:
     return isinstance(named, str) and Path(named).name == output.name and ("zfvis" in settings or "command" in settings)
 
 
-def check_output(path: str | os.PathLike[str], *, directory: bool = False, overwrite: bool | None = None) -> Path:
+def check_output(path: str | os.PathLike[str], *, directory: bool = False, overwrite: bool | None = None,
+                 also: Sequence[str] = ()) -> Path:  # fmt: skip
     """Fails early, with a clear message, where an output cannot or should not be written.
+
+    No output ever replaces a file that the command reads (an image, a checkpoint, a part
+    file, the config file: see :class:`Invocation`), ``--overwrite`` or not.
 
     Args:
         path: The output file (or folder, with ``directory``).
         directory: The output is a folder (created here).
         overwrite: ``False``: refuse to replace an existing file (or its ``.json``
-            settings) that zfvis did not write; ``True``: replace it; ``None``: do not
-            check (commands without ``--overwrite``).
+            settings, or a companion) that zfvis did not write; ``True``: replace it;
+            ``None``: do not check (commands without ``--overwrite``).
+        also: Suffixes of further files written beside ``path`` (``(".png",)``).
     """
     path = Path(path)
     folder = path if directory else path.parent
@@ -405,22 +603,36 @@ def check_output(path: str | os.PathLike[str], *, directory: bool = False, overw
         if path.is_dir():
             raise CLIError(f"output '{path}' is a directory; give a file name such as {path / 'out.png'}")
         if not folder.is_dir():
-            raise CLIError(f"cannot write '{path}': folder '{folder}' does not exist")
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise CLIError(f"cannot write '{path}': '{folder}' {what}")
+        written = _written_files(path, also)
+        _refuse_inputs(path, written)
         if overwrite is False:
-            _refuse_foreign(path)
+            _refuse_foreign(path, written)
     if not os.access(folder, os.W_OK):
         raise CLIError(f"cannot write '{path}': folder '{folder}' is not writable")
     return path
 
 
-def _refuse_foreign(path: Path) -> None:
-    sidecar = path.with_suffix(".json")
+def _written_files(path: Path, also: Sequence[str]) -> list[Path]:
+    """The files an output writes: itself, its ``.json`` settings, its companions."""
+    return list(dict.fromkeys([path, path.with_suffix(".json"), *(path.with_suffix(s) for s in also)]))
+
+
+def _refuse_inputs(path: Path, written: Sequence[Path]) -> None:
+    for f in written:
+        what = invocation().reads(f)
+        if what is not None:
+            which = "" if f == path else f", where the {'settings' if f.suffix == '.json' else f.suffix[1:]} of '{path.name}' go"
+            raise CLIError(f"-o {path} would replace {what}{which}; choose another -o")
+
+
+def _refuse_foreign(path: Path, written: Sequence[Path]) -> None:
     ours = _written_by_zfvis(path)
-    if path.exists() and not ours:
-        raise CLIError(f"'{path}' already exists and zfvis did not write it; choose another -o or pass --overwrite")
-    if sidecar.exists() and not ours and sidecar != path:
-        raise CLIError(f"'{sidecar}' (where the settings of '{path.name}' go) already exists and zfvis did not write "
-                       "it; choose another -o or pass --overwrite")
+    for f in written:
+        if f.exists() and not ours:
+            where = "" if f == path else f" (where the {'settings' if f.suffix == '.json' else f.suffix[1:]} of '{path.name}' go)"
+            raise CLIError(f"'{f}'{where} already exists and zfvis did not write it; choose another -o or pass --overwrite")
 
 
 def write_settings(path: str | os.PathLike[str], settings: dict[str, Any]) -> None:
@@ -434,34 +646,55 @@ def write_settings(path: str | os.PathLike[str], settings: dict[str, Any]) -> No
     atomic_write_text(path, json.dumps(clean, indent=2, sort_keys=True, default=str) + "\n")
 
 
-@contextlib.contextmanager
-def progress(total: int, desc: str, unit: str, show: bool = True) -> Iterator[Any]:
-    """A tqdm bar on stderr that is cleared, not left behind, when the work fails."""
-    from tqdm.auto import tqdm
-
-    # shown after a second: an error in the first moments is then the only line on stderr
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not show, dynamic_ncols=True, delay=1.0)
-    try:
-        yield bar
-    except BaseException:
-        bar.leave = False
-        raise
-    finally:
-        bar.close()
-
-
 # --------------------------------------------------------------------------- the error boundary
 
 
 _PATH_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP}
 
+#: What to do about an operating-system error on a path a person gave.
+_OS_FIXES = {
+    errno.ENOENT: "check the path",
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
+    errno.EISDIR: "give a file, not a folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "choose another path",
+    errno.ENOSPC: "free some space, or write elsewhere (-o)",
+    errno.EDQUOT: "free some space, or write elsewhere (-o)",
+    errno.EROFS: "the file system is read-only: write elsewhere (-o)",
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.ELOOP: "the path's symbolic links go round in a circle",
+}
+
+_OOM_TEXT = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the errors it was raised from (``raise ... from``)."""
+    out = [err]
+    while out[-1].__cause__ is not None and len(out) < 8:
+        out.append(out[-1].__cause__)
+    return out
+
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is the CPU or a GPU running out of memory."""
-    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
+    """Whether ``err`` is, or was raised from, the CPU or a GPU running out of memory."""
+    for e in _chain(err):
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT):
+            return True
+    return False
+
+
+def _forward_failure(err: BaseException) -> BaseException | None:
+    """The error of a forward pass that the engine passed on as a :class:`UserInputError`
+    ("does the model expect another input size?"). On the command line the input size is
+    zfvis's own or checked by :func:`fit_input_size` first, so such a failure is ours."""
+    cause = err.__cause__
+    if isinstance(err, UserInputError) and isinstance(cause, RuntimeError) and not isinstance(cause, ZfvisError):
+        return cause
+    return None
 
 
 def _is_user_os_error(err: BaseException) -> bool:
@@ -470,10 +703,24 @@ def _is_user_os_error(err: BaseException) -> bool:
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
     if isinstance(err, OSError) and err.filename and err.strerror:
-        text = f"{err.strerror}: '{err.filename}'"
-    return text.splitlines()[0] if text else type(err).__name__
+        fix = _OS_FIXES.get(err.errno or 0)
+        return f"{err.strerror}: '{err.filename}'" + (f"; {fix}" if fix else "")
+    return first_line(err)
+
+
+def _from_config(line: str) -> str:
+    """``line`` with the config key named where the option at fault came from the config file."""
+    inv = invocation()
+    for dest, key in inv.from_config.items():
+        if f"--{dest.replace('_', '-')}" in line:
+            return f"{line} (set by '{key}' in config file '{inv.config}')"
+    return line
+
+
+def _internal(what: str) -> str:
+    return (f"zfvis: internal error: {what[:300]} — a bug in zfvis; please report it to {REPORT_TO} "
+            "(rerun with --debug for the traceback)")
 
 
 def report_error(err: BaseException, command: str | None) -> int:
@@ -482,21 +729,26 @@ def report_error(err: BaseException, command: str | None) -> int:
     Errors from checking what a person gave (zfvis's :class:`UserInputError`,
     :class:`~zfvis.UnsupportedModelError`, :class:`~zfvis.WeightsDownloadError`, missing or
     unwritable paths) and running out of memory: status 2. zfvis's other deliberate
-    errors: status 1. Anything else is a bug: status 1 and a request to report it.
+    errors: status 1. Anything else is a bug (a forward pass of a zoo model that fails,
+    too): status 1 and a request to report it.
     """
     from .. import UnsupportedModelError, WeightsDownloadError
 
-    if isinstance(err, (UserInputError, UnsupportedModelError, WeightsDownloadError)) or _is_user_os_error(err):
-        print(f"zfvis: error: {_one_line(err)}", file=sys.stderr)
-        return 2
     if is_out_of_memory(err):
-        where = "the GPU" if "cuda" in str(err).lower() or type(err).__name__ == "OutOfMemoryError" else "memory"
-        lower = "--batch-size or --input-size" if command in ("mine", "evolution") else "--input-size"
-        print(f"zfvis: error: out of {where} ({_one_line(err)[:160]}); lower {lower}", file=sys.stderr)
+        text = " ".join(str(e) for e in _chain(err)).lower()
+        where = "GPU memory" if "cuda" in text or "gpu" in text else "memory"
+        lower = "--batch-size or --input-size" if command in ("mine", "evolution", "occlude") else "--input-size"
+        print(f"zfvis: error: out of {where} ({first_line(_chain(err)[-1])[:160]}); lower {lower}", file=sys.stderr)
+        return 2
+    cause = _forward_failure(err)
+    if cause is not None:
+        print(_internal(f"the forward pass failed ({type(cause).__name__}: {first_line(cause)})"), file=sys.stderr)
+        return 1
+    if isinstance(err, (UserInputError, UnsupportedModelError, WeightsDownloadError)) or _is_user_os_error(err):
+        print(f"zfvis: error: {_from_config(_one_line(err))}", file=sys.stderr)
         return 2
     if isinstance(err, ZfvisError):
         print(f"zfvis: error: {_one_line(err)}", file=sys.stderr)
         return 1
-    print(f"zfvis: internal error: {type(err).__name__}: {_one_line(err)[:300]} — a bug in zfvis; please report it "
-          f"to {REPORT_TO} (rerun with --debug for the traceback)", file=sys.stderr)
+    print(_internal(f"{type(err).__name__}: {_one_line(err)}"), file=sys.stderr)
     return 1

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..checks import check_input_size, check_int
-from ..data import IMAGE_EXTENSIONS
+from ..data import check_data_set
 from ..engine import Deconvnet
 from ..mining import MineSettings, mine
 from ..ops import RULES
@@ -71,12 +71,7 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, list[str], Path]:
         raise CLIError("--layers is required, e.g. --layers conv1,conv3")
     if not args.output:
         raise CLIError("-o/--output OUTDIR is required")
-    dataset = Path(args.dataset)
-    if not dataset.exists():
-        raise CLIError(f"data set '{dataset}' does not exist; pass a folder of images or a text file of paths")
-    if dataset.is_file() and dataset.suffix.lower() in IMAGE_EXTENSIONS:
-        raise CLIError(f"'{dataset}' is an image, not a data set: pass a folder of images or a text file with one "
-                       "image path a line (for one image, use `zfvis project IMAGE`)")
+    dataset = check_data_set(args.dataset)
     layers = list(dict.fromkeys(s.strip() for s in str(args.layers).split(",") if s.strip()))
     if not layers:
         raise CLIError("--layers names no layer; e.g. --layers conv1,conv3")

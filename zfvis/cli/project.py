@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(image_path)
     model, preprocess = load_zoo_model(args.model, args.weights, device)
     dn = Deconvnet(model)
-    layer = args.layer or default_layer(dn)
+    layer = default_layer(dn) if args.layer is None else args.layer  # '' is a name to refuse, not the default
     resolve_layer(dn, layer)
     own = preprocess.crop or 224
     size = args.input_size
