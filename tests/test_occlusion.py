@@ -366,7 +366,8 @@ def test_bad_images_and_boxes_are_typed_errors() -> None:
         occlude(torch.zeros(3, 6, 6), [(0, 0, 2, 7)])
 
 
-def test_progress_bar_counts_positions(capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_bar_counts_positions(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("zfvis._progress.DELAY", 0.0)  # shown at once, not after a second
     occlusion(ready(chain_model()), torch.randn(3, 23, 21, dtype=torch.float64), patch=4, stride=2, progress=True)
     err = capsys.readouterr().err
     assert "occlusion" in err and "/90" in err and "pos" in err  # 10 x 9 positions

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from . import _progress
 from .data import load_image
 from .engine import Deconvnet
 from .errors import InputTypeError, UserInputError
@@ -228,14 +229,14 @@ def correspondence(
 def _scores(dn: Deconvnet, images: torch.Tensor, rows: dict[str, list[Box]], layers: list[str],
             fill: float | torch.Tensor, progress: bool) -> dict[str, dict[str, PartScore]]:  # fmt: skip
     """Row label -> layer -> score: one forward pass for the originals, one per row."""
-    from tqdm.auto import tqdm
-
     n = len(images)
     base = {k: v.reshape(n, -1) for k, v in dn.forward_outputs(images, layers).items()}
     scores: dict[str, dict[str, PartScore]] = {}
-    for label, per_image in tqdm(rows.items(), desc="correspondence", unit="part", disable=not progress, leave=False):
-        occluded = dn.forward_outputs(occlude(images, per_image, fill), layers)
-        scores[label] = {layer: _score(base[layer] - occluded[layer].reshape(n, -1)) for layer in layers}
+    with _progress.progress(len(rows), "correspondence", "part", show=progress) as bar:
+        for label, per_image in rows.items():
+            occluded = dn.forward_outputs(occlude(images, per_image, fill), layers)
+            scores[label] = {layer: _score(base[layer] - occluded[layer].reshape(n, -1)) for layer in layers}
+            bar.update(1)
     return scores
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from . import render
+from . import _progress, render
 from .checks import check_channels
 from .data import evenly_spaced, list_images, load_image, resolve
 from .engine import Deconvnet
@@ -119,16 +119,17 @@ def load_images(paths: Sequence[str | os.PathLike[str]], preprocess: Callable[..
     Raises:
         UserInputError: No file is a readable image.
     """
-    from tqdm.auto import tqdm
-
     tensors, kept, skipped = [], [], []
-    for path in tqdm([Path(p) for p in paths], desc="reading images", unit="img", disable=not progress,
-                     delay=1.0):
-        try:
-            tensors.append(preprocess(load_image(path)))
-            kept.append(path)
-        except (ValueError, FileNotFoundError):
-            skipped.append(path)
+    with _progress.progress(len(paths), "reading images", "img", show=progress) as bar:
+        for path in [Path(p) for p in paths]:
+            try:
+                image = load_image(path)
+            except (OSError, UserInputError):  # an unreadable file: skipped and listed
+                skipped.append(path)
+            else:
+                tensors.append(preprocess(image))
+                kept.append(path)
+            bar.update(1)
     if not tensors:
         raise UserInputError(f"none of the {len(paths)} images is readable; check the data set's files")
     return ImageBatch(torch.stack(tensors), kept, skipped)
@@ -185,18 +186,19 @@ def evolution(models: Iterable[nn.Module | Deconvnet], images: torch.Tensor, lay
             layer, or a label count that does not match the models.
         InputTypeError: A model is neither a module nor a Deconvnet.
     """
-    from tqdm.auto import tqdm
-
     wanted = list(channels)
     chosen: list[int] = []
     cells: list[list[EvolutionCell]] = []
-    for model in tqdm(models, desc="checkpoints", unit="ckpt", disable=not progress, delay=1.0):
-        dn = _deconvnet(model)
-        x = images.to(_device(dn))
-        if not chosen:
-            count = dn.output(x[:1], layer).shape[1]
-            chosen = check_channels(wanted, count, layer)
-        cells.append(_cells(dn, x, layer, chosen))
+    total = len(models) if isinstance(models, Sized) else None  # a generator: one model at a time
+    with _progress.progress(total, "checkpoints", "ckpt", show=progress) as bar:
+        for model in models:
+            dn = _deconvnet(model)
+            x = images.to(_device(dn))
+            if not chosen:
+                count = dn.output(x[:1], layer).shape[1]
+                chosen = check_channels(wanted, count, layer)
+            cells.append(_cells(dn, x, layer, chosen))
+            bar.update(1)
     if not cells:
         raise UserInputError("evolution needs at least one model (checkpoint)")
     names = list(labels) if labels is not None else [f"checkpoint {k + 1}" for k in range(len(cells))]

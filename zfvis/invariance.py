@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _progress
 from .engine import Deconvnet
 from .errors import InputTypeError, UserInputError
 from .graph import eval_mode
@@ -244,22 +245,23 @@ class _Job:
 def _measure(job: _Job, images: torch.Tensor, target: torch.Tensor, progress: bool) -> InvarianceResult:
     """Each chunk of transformed images runs in one batch with its original, so the
     identity gives exactly the original's features (batch size changes rounding)."""
-    from tqdm.auto import tqdm
-
     n, a = images.shape[0], len(job.amounts)
     dist = {layer: torch.zeros(n, a, dtype=torch.float64) for layer in job.layers}
     prob = torch.zeros(n, a, dtype=torch.float64)
     base = torch.zeros(n, dtype=torch.float64)
-    for i in tqdm(range(n), desc=job.transform, unit="image", disable=not progress, leave=False):
-        moved = torch.cat([transform_images(images[i : i + 1], job.transform, v, fill=job.fill) for v in job.amounts])
-        for start in range(0, a, job.batch_size):
-            chunk = torch.cat([images[i : i + 1], moved[start : start + job.batch_size]])
-            cols = slice(start, start + len(chunk) - 1)
-            probs = torch.softmax(job.dn.model(chunk), dim=1)[:, int(target[i])].double().cpu()
-            base[i], prob[i, cols] = probs[0], probs[1:]
-            feats = job.dn.forward_outputs(chunk, job.layers)
-            for layer in job.layers:
-                flat = feats[layer].reshape(len(chunk), -1).double()
-                dist[layer][i, cols] = (flat[1:] - flat[:1]).norm(dim=1).cpu()
+    with _progress.progress(n, job.transform, "image", show=progress) as bar:
+        for i in range(n):
+            moved = torch.cat([transform_images(images[i : i + 1], job.transform, v, fill=job.fill)
+                               for v in job.amounts])
+            for start in range(0, a, job.batch_size):
+                chunk = torch.cat([images[i : i + 1], moved[start : start + job.batch_size]])
+                cols = slice(start, start + len(chunk) - 1)
+                probs = torch.softmax(job.dn.model(chunk), dim=1)[:, int(target[i])].double().cpu()
+                base[i], prob[i, cols] = probs[0], probs[1:]
+                feats = job.dn.forward_outputs(chunk, job.layers)
+                for layer in job.layers:
+                    flat = feats[layer].reshape(len(chunk), -1).double()
+                    dist[layer][i, cols] = (flat[1:] - flat[:1]).norm(dim=1).cpu()
+            bar.update(1)
     amounts = torch.tensor(job.amounts, dtype=torch.float64)
     return InvarianceResult(job.transform, amounts, job.layers, dist, prob, target, base)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _progress
 from .engine import Deconvnet
 from .errors import InputTypeError, UserInputError
 from .graph import eval_mode
@@ -408,11 +409,9 @@ def _make_runner(job: _Job) -> _FullRunner | IncrementalOcclusion:
 def _run_all(runner: _FullRunner | IncrementalOcclusion, job: _Job, channel: int | None, progress: bool
              ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Runs every position batch; returns logits (P, K) and activations (P,)."""
-    from tqdm.auto import tqdm
-
     grid = job.grid
     logits, acts = [], []
-    with tqdm(total=len(grid), unit="pos", desc="occlusion", disable=not progress, leave=False) as bar:
+    with _progress.progress(len(grid), "occlusion", "pos", show=progress) as bar:
         for start in range(0, len(grid), job.batch):
             idx = torch.arange(start, min(start + job.batch, len(grid)), device=grid.device)
             out, act = runner.run(idx, channel)
