@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO))
 
 from zfvis import render  # noqa: E402
 
-PAGE = 64  # channels per page, as zfvis.mining.PAGE_CHANNELS
+PAGE = 64  # channels per page, as zfvis.mining_figures.PAGE_CHANNELS
 
 
 def _tile(gen: torch.Generator, h: int, w: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 import zfvis
-from zfvis import gallery, mining, render
+from zfvis import gallery, mining, mining_figures, render
 from zfvis.mining import mine
 
 # VGG16's 13 conv layers: (name, channels, output side at 224x224, receptive field size, jump, offset)
@@ -278,14 +278,16 @@ def _small_vgg() -> tuple[nn.Module, list[str]]:
 @pytest.fixture(scope="module")
 def mined_vgg(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str], nn.Module]:
     root = tmp_path_factory.mktemp("vgg_run")
+    data = root / "data"
+    data.mkdir()
     gen = torch.Generator().manual_seed(3)
     for i in range(12):
         Image.fromarray((torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()).save(
-            root / f"img{i:02d}.png")
+            data / f"img{i:02d}.png")
     model, names = _small_vgg()
     pre = zfvis.Preprocess(None, None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     out = root / "site"
-    res = mine(model, pre, root, names, out_dir=out, top=TOP, batch_size=6, progress=False)
+    res = mine(model, pre, data, names, out_dir=out, top=TOP, batch_size=6, progress=False)
     assert res.topk is not None
     return out, res.topk, names, model
 
@@ -353,7 +355,7 @@ def test_mining_page_is_the_page_mining_wrote(mined_vgg: tuple, tmp_path: Path,
         zfvis.mining_page(out, "conv9")
     with pytest.raises(zfvis.UserInputError, match="topk.json"):
         zfvis.mining_page(tmp_path, "conv1_1")
-    monkeypatch.setattr(mining, "PAGE_CHANNELS", 4)  # conv2_1's 6 channels on two pages
+    monkeypatch.setattr(mining_figures, "PAGE_CHANNELS", 4)  # conv2_1's 6 channels on two pages
     second = zfvis.mining_page(out, "conv2_1", page=2)
     assert [t.split()[1] for t in second._zfvis_layout.labels] == ["4", "5"]  # type: ignore[attr-defined]
     assert "(channels 4-5, page 2 of 2)" in " ".join(second.texts[0].get_text().split())  # the title, wrapped

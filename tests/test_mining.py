@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from zfvis import mining
+from zfvis import mining, mining_figures
 from zfvis.cli import main
 from zfvis.data import list_images, load_image
 from zfvis.engine import Deconvnet
@@ -252,7 +252,7 @@ class _Links(html.parser.HTMLParser):
 
 
 def test_outputs_and_gallery_links(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mining, "PAGE_CHANNELS", 4)  # layer "4" (5 channels) gets two pages
+    monkeypatch.setattr(mining_figures, "PAGE_CHANNELS", 4)  # layer "4" (5 channels) gets two pages
     out = tmp_path / "out"
     res = _run(data, out)
     assert (out / "1.png").is_file() and (out / "4_p1.png").is_file() and (out / "4_p2.png").is_file()

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import render
+from . import mining_figures, render
 from ._io import atomic_torch_save, atomic_write_text
 from ._progress import progress
 from .checks import check_channels, check_device, check_int, check_memory, check_number, check_path
@@ -73,15 +73,7 @@ __all__ = [
     "image_maxima",
     "crop_winners",
     "make_seeds",
-    "PAGE_CHANNELS",
-    "FIGURE_TOP",
 ]
-
-#: Channels per figure page; layers with more are split into ``<layer>_p1.png``, ...
-PAGE_CHANNELS = 64
-#: Activations per channel drawn in the Fig. 2 figures (a 3x3 grid); tiles and the
-#: gallery show all ``top``.
-FIGURE_TOP = 9
 _PROBE_FILES = 50  # files tried for a readable first image
 
 
@@ -528,19 +520,10 @@ def _to_u8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _from_u8(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255.0
-
-
 def _tile(run: _Run, proj: torch.Tensor, patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A projection and its image patch as displayable uint8 images."""
     shown = run.preprocess.denormalize(patch.float())
     return _to_u8(render.normalize_projection(proj.float())), _to_u8(shown)
-
-
-def _draw_page(title: str, entries: list[Any], path: Path) -> None:
-    """One Fig. 2 page: ``(channel, projections, patches, values)`` per channel."""
-    render.mining_figure(title, entries, path, columns=min(4, len(entries)), cell_inches=0.6)
 
 
 # --------------------------------------------------------------------------- phase 2: probe
@@ -560,11 +543,11 @@ def _probe(run: _Run) -> None:
             [(proj, patch, _)] = crop_winners(run.dn, x, layer.name, make_seeds([row], run.device))
             pu8, iu8 = _tile(run, proj, patch)
             if run.s.figures:
-                render.save_image(_from_u8(pu8), Path(tmp) / "tile.png")
-                n = min(run.k, FIGURE_TOP)
-                entry = entry or (layer.channels[0], [_from_u8(pu8) - 0.5] * n, [_from_u8(iu8)] * n, [1.0] * n)
+                render.save_image(pu8, Path(tmp) / "tile.png")
+                n = min(run.k, mining_figures.FIGURE_TOP)
+                entry = entry or (layer.channels[0], [pu8] * n, [iu8] * n, [1.0] * n)
         if entry is not None:
-            _draw_page(f"{run.s.model_name} / probe", [entry], Path(tmp) / "page.png")
+            mining_figures.draw_page(f"{run.s.model_name} / probe", [entry], Path(tmp) / "page.png")
 
 
 # --------------------------------------------------------------------------- phase 3: claim the folder
@@ -761,7 +744,8 @@ _Crops = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[int]]]
 
 @dataclasses.dataclass(frozen=True)
 class _Page:
-    """One figure page of pass 2: up to :data:`PAGE_CHANNELS` channels of one layer.
+    """One figure page of pass 2: up to :data:`zfvis.mining_figures.PAGE_CHANNELS` channels
+    of one layer.
 
     Attributes:
         layer: The layer.
@@ -782,25 +766,22 @@ class _Page:
 
     @property
     def figure(self) -> str:
-        stem = safe_name(self.layer.name)
-        return f"{stem}.png" if self.count == 1 else f"{stem}_p{self.number + 1}.png"
+        """Its file (``conv3.png``, ``conv3_p2.png``)."""
+        return mining_figures.page_file(self.layer.name, self.number + 1, self.count)
 
 
 def _pages(run: _Run) -> list[_Page]:
     out = []
     for layer in run.layers.values():
         n = len(layer.channels)
-        starts = range(0, n, PAGE_CHANNELS)
-        out += [_Page(layer, k, len(starts), range(s, min(n, s + PAGE_CHANNELS))) for k, s in enumerate(starts)]
+        per = mining_figures.PAGE_CHANNELS
+        starts = range(0, n, per)
+        out += [_Page(layer, k, len(starts), range(s, min(n, s + per))) for k, s in enumerate(starts)]
     return out
 
 
-def _stem(channel: int, rank: int) -> str:
-    return f"c{channel:04d}_r{rank + 1}"
-
-
 def _tile_names(channel: int, count: int) -> list[tuple[str, str]]:
-    return [(f"{_stem(channel, r)}_proj.png", f"{_stem(channel, r)}_patch.png") for r in range(count)]
+    return [mining_figures.tile_names(channel, r) for r in range(count)]
 
 
 def _project_page(run: _Run, page: _Page, winners: list[_Winner], bar: Any) -> _Crops:
@@ -841,14 +822,12 @@ def _draw(run: _Run, page: _Page, info: dict[str, Any], bar: Any) -> list[list[l
             render.save_image(pu8, tile_dir / proj_name)
             render.save_image(iu8, tile_dir / patch_name)
         boxes.append([box for _, _, box in shown])
-        n = FIGURE_TOP  # the figure's 3x3 grid; tiles and gallery keep all
-        # a [0,1] image minus 0.5 re-normalises to itself in mining_figure
-        entries.append((ids[c], [_from_u8(p) - 0.5 for p, _, _ in shown[:n]], [_from_u8(i) for _, i, _ in shown[:n]],
+        n = mining_figures.FIGURE_TOP  # the figure's 3x3 grid; tiles and gallery keep all
+        entries.append((ids[c], [p for p, _, _ in shown[:n]], [i for _, i, _ in shown[:n]],
                         [e["value"] for e in ranked[:n]]))
-    title = f"{run.s.model_name} / {page.layer.name}: top-{run.s.top} activations per channel ({run.s.rule})"
-    if page.count > 1:
-        title += f" (channels {ids[page.slots[0]]}-{ids[page.slots[-1]]}, page {page.number + 1} of {page.count})"
-    _draw_page(title, entries, run.out / page.figure)
+    title = mining_figures.page_title(run.s.model_name, page.layer.name, run.s.top, run.s.rule,
+                                      [ids[c] for c in page.slots], page.number + 1, page.count)
+    mining_figures.draw_page(title, entries, run.out / page.figure)
     return boxes
 
 

@@ -23,11 +23,16 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from . import mining, render
+from . import render
 from .errors import UserInputError
 from .run_folder import safe_name
 
-__all__ = ["tile_names", "page_title", "page_file", "draw_page", "mining_page"]
+__all__ = ["PAGE_CHANNELS", "FIGURE_TOP", "tile_names", "page_title", "page_file", "draw_page", "mining_page"]
+
+#: Channels per Fig. 2 page (a layer with more gets several pages).
+PAGE_CHANNELS = 64
+#: Activations per channel drawn on a page (a 3x3 grid); tiles and the gallery show all.
+FIGURE_TOP = 9
 
 
 def tile_names(channel: int, rank: int) -> tuple[str, str]:
@@ -75,7 +80,7 @@ def mining_page(run: str | os.PathLike[str], layer: str, *, page: int = 1,
         run: The output folder of ``zfvis mine`` (or :func:`zfvis.mining.mine`), with
             its ``topk.json`` and ``tiles/``.
         layer: A layer of the run, as it was mined.
-        page: Which page (1-based) of :data:`zfvis.mining.PAGE_CHANNELS` channels.
+        page: Which page (1-based) of :data:`PAGE_CHANNELS` channels.
         path: Where to write the PNG (atomically); ``None`` writes nothing.
 
     Returns:
@@ -92,7 +97,7 @@ def mining_page(run: str | os.PathLike[str], layer: str, *, page: int = 1,
         raise UserInputError(f"layer '{layer}' was not mined in '{folder}'; mined: {', '.join(layers)}")
     info = layers[layer]
     ids: list[int] = info["channel_ids"]
-    per_page = mining.PAGE_CHANNELS
+    per_page = PAGE_CHANNELS
     pages = max(1, math.ceil(len(ids) / per_page))
     if isinstance(page, bool) or not isinstance(page, int) or not 1 <= page <= pages:
         raise UserInputError(f"page must be 1..{pages} for layer '{layer}' ({len(ids)} channels), got {page!r}")
@@ -100,11 +105,11 @@ def mining_page(run: str | os.PathLike[str], layer: str, *, page: int = 1,
     tiles = folder / "tiles" / safe_name(layer)
     entries = []
     for c in range(first, min(len(ids), first + per_page)):
-        ranked = info["channels"][c][: mining.FIGURE_TOP]
+        ranked = info["channels"][c][:FIGURE_TOP]
         names = [tile_names(ids[c], r) for r in range(len(ranked))]
         entries.append((ids[c], [_tile(tiles / p) for p, _ in names], [_tile(tiles / q) for _, q in names],
                         [float(e["value"]) for e in ranked]))
     shown = [e[0] for e in entries]
-    title = page_title(str(topk.get("model", "model")), layer, int(topk.get("top", mining.FIGURE_TOP)),
+    title = page_title(str(topk.get("model", "model")), layer, int(topk.get("top", FIGURE_TOP)),
                        str(topk.get("rule", "deconvnet")), shown, page, pages)
     return draw_page(title, entries, path)
