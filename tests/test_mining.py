@@ -172,6 +172,17 @@ def test_resume_after_interruption_equals_uninterrupted(data: Path, tmp_path: Pa
     assert len(json.loads((out / "topk.json").read_text())["layers"]["1"]["channels"][0]) == 3
 
 
+def test_restart_leaves_none_of_the_old_runs_pages(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _run(data, out, top=2)
+    old = {p.relative_to(out).as_posix() for p in (out / "layers").rglob("*.html")}
+    assert "layers/4/c0004.html" in old and (out / "style.css").is_file()
+    _run(data, out, top=2, channels=[0, 1], restart=True)
+    new = {p.relative_to(out).as_posix() for p in (out / "layers").rglob("*.html")}
+    assert "layers/4/c0004.html" not in new and "layers/4/c0001.html" in new  # no stale channel page
+    assert new < old and (out / "style.css").is_file()
+
+
 def test_corrupt_and_non_image_files_skipped(data: Path, tmp_path: Path) -> None:
     good = (data / "img01.png").read_bytes()
     (data / "broken.png").write_bytes(good[: len(good) // 2])

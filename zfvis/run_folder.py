@@ -168,8 +168,10 @@ def _differences(old: Any, new: dict[str, Any]) -> str:
 
 def _discard_run(out: Path, marker: dict[str, Any]) -> None:
     """Removes the outputs of an earlier zfvis run that is being replaced."""
-    for p in [out / "state.pt", out / "topk.json", out / "index.html", *out.glob("state.rank*-of-*.pt")]:
+    for p in [out / "state.pt", out / "topk.json", out / "index.html", out / "style.css",
+              *out.glob("state.rank*-of-*.pt")]:
         p.unlink(missing_ok=True)
+    shutil.rmtree(out / "layers", ignore_errors=True)  # the gallery's layer and channel pages
     for layer in (marker.get("run") or {}).get("layers") or {}:
         for fig in [out / f"{safe_name(layer)}.png", *out.glob(f"{safe_name(layer)}_p*.png")]:
             fig.unlink(missing_ok=True)
