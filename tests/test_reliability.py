@@ -614,11 +614,20 @@ def test_input_size_checked_on_shapes_alone(tmp_path: Path, capsys, monkeypatch)
     (["project", "--device", "mps", "-o", "P"], "MPS"),  # was: an internal error
     (["project", "--device", "cuda:0", "-o", "P"], "CUDA"),
     (["project", "--model", "alexnet", "--weights", "IMAGENET", "-o", "P"], "Valid: random, DEFAULT, IMAGENET1K_V1,"),
+    # the analysis commands: sizes and numbers checked before any work
+    (["invariance", "--transform", "rotation", "--rotations", "0:1e12:1", "-o", "P"], "1,000,000,000,001 amounts"),
+    (["invariance", "--transform", "rotation", "--rotations", "0:inf:1", "-o", "P"], "must be a finite number"),
+    (["invariance", "--transform", "rotation", "--rotations", "nan", "-o", "P"], "must be a finite number"),
+    (["invariance", "--transform", "rotation", "--rotations", "0:90:0", "-o", "P"], "the step must be non-zero"),
+    (["invariance", "--transform", "scale", "--scales", "1:2", "-o", "P"], "must be START:STOP:STEP"),
+    (["correspond", "--seed", "1" + "0" * 30, "-o", "P.csv"], "--seed must be between 0 and"),
+    (["occlude", "--fill", "nan", "-o", "P"], "--fill must be a finite number"),
+    (["occlude", "--layer", "", "-o", "P"], "layer '' is not a layer"),  # was: silently the default layer
 ])
 def test_more_bad_options(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
     if "mps" in argv and torch.backends.mps.is_available() or "cuda:0" in argv and torch.cuda.is_available():
         pytest.skip("the device exists here")
-    rc, err = run_cli(capsys, *[tmp_path / "p.png" if a == "P" else a for a in argv])
+    rc, err = run_cli(capsys, *[{"P": tmp_path / "p.png", "P.csv": tmp_path / "p.csv"}.get(a, a) for a in argv])
     line = one_line(err)
     assert rc == 2 and message in line and line.count("DEFAULT") <= 1
 

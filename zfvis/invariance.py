@@ -73,8 +73,10 @@ def _check_transform(transform: str) -> str:
 
 
 def _check_amount(transform: str, amount: float) -> float:
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
         raise InputTypeError(f"{transform} amounts must be finite numbers, got {amount!r}")
+    if not math.isfinite(amount):
+        raise UserInputError(f"{transform} amounts must be finite numbers, got {amount!r}")
     if transform == "translation" and amount != int(amount):
         raise UserInputError(f"translation amounts are whole pixels, got {amount}")
     if transform == "scale" and amount <= 0:

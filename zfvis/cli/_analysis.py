@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -30,9 +31,12 @@ def parse_fill(text: str, preprocess: Preprocess) -> float | torch.Tensor:
     if name == "black":
         return -mean / std
     try:
-        return float(name)
+        value = float(name)
     except ValueError:
         raise CLIError(f"--fill must be mean, gray, black or a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise CLIError(f"--fill must be a finite number, got '{text}'")
+    return value
 
 
 def fill_rgb(fill: float | torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
@@ -73,16 +77,6 @@ def parse_target(text: str | None, names: Sequence[str] | None) -> int | None:
     close = difflib.get_close_matches(text.lower(), lower, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(names[lower.index(c)]) for c in close)}?" if close else ""
     raise CLIError(f"unknown class name '{text}'.{hint}")
-
-
-def alias_layers(dn: Deconvnet) -> tuple[list[str], list[str]]:
-    """The conv and fc aliases of a zoo model, else Conv2d and Linear module names."""
-    convs = [a for a in dn.aliases if a.startswith("conv")]
-    fcs = [a for a in dn.aliases if a.startswith("fc")]
-    if not convs:
-        convs = [n for n, m in dn.model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-        fcs = [n for n, m in dn.model.named_modules() if isinstance(m, torch.nn.Linear)]
-    return convs, fcs
 
 
 def parse_layers(text: str | None, default: list[str]) -> list[str]:

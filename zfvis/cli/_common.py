@@ -42,7 +42,7 @@ __all__ = [
     "parse_channels",
     "load_zoo_model",
     "resolve_layer",
-    "layer_modules",
+    "feature_layers",
     "fit_input_size",
     "progress",
     "report_error",
@@ -422,11 +422,18 @@ def resolve_layer(dn: Any, layer: str) -> str:
     return dn.resolve(layer)
 
 
-def layer_modules(dn: Any) -> list[tuple[str, nn.Module | None]]:
-    """The model's layers in execution order, each with its module (``None``: a function
-    node of the graph), from the engine's own list of layer names."""
-    modules = dict(dn.model.named_modules())
-    return [(name, modules.get(name)) for name in dn.layer_names(aliases=False)]
+def feature_layers(dn: Any) -> tuple[list[str], list[str]]:
+    """The layers the commands choose their defaults from, in execution order: the
+    feature-map layers and the vector layers. For a zoo model its paper names (``conv1``..,
+    ``layer1``.., ``inception3a``..; pools left out) and ``fc6``..; for another model its
+    convolutions and linear layers."""
+    maps = [a for a in dn.aliases if not a.startswith(("pool", "fc"))]
+    vectors = [a for a in dn.aliases if a.startswith("fc")]
+    if not maps:
+        nodes = [n for n in dn.graph.nodes if n.carries and n.module_name]
+        maps = [n.module_name for n in nodes if isinstance(n.module, nn.Conv2d)]
+        vectors = [n.module_name for n in nodes if isinstance(n.module, nn.Linear)]
+    return maps, vectors
 
 
 def _model_place(model: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .._io import atomic_write_text
 from ..analysis_figures import correspondence_figure
+from ..checks import check_int
 from ..correspondence import (
     CorrespondenceResult,
     PartImages,
@@ -20,16 +21,16 @@ from ..engine import Deconvnet
 from ..zoo import get_spec
 from ._common import (
     CLIError,
-    _written_by_zfvis,
     add_config_arg,
     add_model_args,
     add_output_args,
     check_output,
+    feature_layers,
     load_zoo_model,
     resolve_device,
     resolve_layer,
 )
-from ._analysis import FILL_HELP, alias_layers, parse_fill, parse_layers, write_results
+from ._analysis import FILL_HELP, parse_fill, parse_layers, write_results
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_layers(dn: Deconvnet) -> list[str]:
-    convs, fcs = alias_layers(dn)
+    convs, fcs = feature_layers(dn)
     if "fc7" in fcs and convs:
         return [convs[-1], "fc7"]
     names = convs + fcs
@@ -67,13 +68,10 @@ def _default_layers(dn: Deconvnet) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    out = check_output(args.output, overwrite=args.overwrite)
-    if out.suffix.lower() != ".csv":
-        raise CLIError(f"-o must name a .csv file (the JSON and PNG go beside it), got '{out}'")
-    figure = out.with_suffix(".png")
-    if figure.exists() and not args.overwrite and not _written_by_zfvis(out):
-        raise CLIError(f"'{figure}' (where the figure of '{out.name}' goes) already exists and zfvis did not write it; "
-                       "choose another -o or pass --overwrite")
+    seed = check_int("--seed", args.seed, 0, 2**63 - 1)
+    if Path(args.output).suffix.lower() != ".csv":
+        raise CLIError(f"-o must name a .csv file (the JSON and PNG go beside it), got '{args.output}'")
+    out = check_output(args.output, overwrite=args.overwrite, also=(".png",))
     boxes = Path(args.boxes) if args.boxes else default_parts_file()
     if not boxes.is_file():
         raise CLIError(f"part file '{boxes}' does not exist")
@@ -84,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         resolve_layer(dn, layer)
     parts = load_parts(boxes, preprocess)
     fill = parse_fill(args.fill, preprocess)
-    result = correspondence(model, parts.images.to(device), parts.boxes, layers, fill=fill, seed=args.seed,
+    result = correspondence(model, parts.images.to(device), parts.boxes, layers, fill=fill,
+                            seed=seed,
                             random_baseline=not args.no_random, progress=not args.no_progress)
     weights = args.weights or get_spec(args.model).default_weights
     print(f"Correspondence: {args.model} ({weights}), {len(parts.names)} images ({', '.join(parts.names)}), "
@@ -95,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     _write_json(out.with_suffix(".json"), args, result, parts, boxes, layers, weights)
     shown = [preprocess.denormalize(img) for img in parts.images]
     title = f"Correspondence: {args.model} ({weights}), occluding each part in {len(parts.names)} images"
-    correspondence_figure(result, shown, parts.names, title=title, path=figure)
+    correspondence_figure(result, shown, parts.names, title=title, path=out.with_suffix(".png"))
     print(f"wrote {out}, {out.with_suffix('.json').name} and {out.with_suffix('.png').name}")
     return 0
 

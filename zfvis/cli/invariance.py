@@ -4,6 +4,7 @@ and rotation (ZF Fig. 5)."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,13 @@ from ._common import (
     add_model_args,
     add_output_args,
     check_output,
+    feature_layers,
     load_zoo_model,
     resolve_device,
     resolve_layer,
 )
 from ._analysis import (
     FILL_HELP,
-    alias_layers,
     class_names,
     parse_fill,
     parse_layers,
@@ -67,20 +68,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+#: The most amounts one transformation may have (each is a forward pass per image).
+MAX_AMOUNTS = 10_000
+
+
 def parse_range(text: str, option: str) -> list[float]:
-    """``START:STOP:STEP`` (stop included) or a comma-separated list of numbers."""
+    """``START:STOP:STEP`` (stop included) or a comma-separated list of finite numbers."""
+    parts = text.split(":") if ":" in text else [v for v in text.split(",") if v.strip()]
     try:
-        if ":" in text:
-            start, stop, step = (float(v) for v in text.split(":"))
-            if step == 0 or (stop - start) / step < 0:
-                raise CLIError(f"{option} '{text}': the step must be non-zero and lead from START to STOP")
-            count = int((stop - start) / step + 1e-9) + 1
-            return [round(start + k * step, 10) for k in range(count)]
-        values = [float(v) for v in text.split(",") if v.strip()]
+        numbers = [float(v) for v in parts]
     except ValueError:
         raise CLIError(f"{option} must be START:STOP:STEP or a comma-separated list of numbers, got '{text}'") from None
+    if not all(math.isfinite(v) for v in numbers):
+        raise CLIError(f"{option} '{text}': every amount must be a finite number")
+    if ":" not in text:
+        values = numbers
+    elif len(numbers) != 3:
+        raise CLIError(f"{option} must be START:STOP:STEP or a comma-separated list of numbers, got '{text}'")
+    else:
+        start, stop, step = numbers
+        if step == 0 or (stop - start) / step < 0:
+            raise CLIError(f"{option} '{text}': the step must be non-zero and lead from START to STOP")
+        count = int((stop - start) / step + 1e-9) + 1
+        if count > MAX_AMOUNTS:
+            raise CLIError(f"{option} '{text}' gives {count:,} amounts, more than {MAX_AMOUNTS:,}; use a larger step")
+        values = [round(start + k * step, 10) for k in range(count)]
     if not values:
         raise CLIError(f"{option} names no amounts")
+    if len(values) > MAX_AMOUNTS:
+        raise CLIError(f"{option} gives {len(values):,} amounts, more than {MAX_AMOUNTS:,}")
     return values
 
 
@@ -102,7 +118,7 @@ def _default_images() -> list[Path]:
 
 
 def _default_layers(dn: Deconvnet) -> list[str]:
-    convs, fcs = alias_layers(dn)
+    convs, fcs = feature_layers(dn)
     if "fc7" in fcs and convs:
         return [convs[0], "fc7"]
     names = convs + fcs

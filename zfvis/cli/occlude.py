@@ -14,13 +14,14 @@ from ..data import load_image
 from ..engine import Deconvnet
 from ..occlusion import OcclusionResult, occlusion
 from ..zoo import get_spec
-from ._analysis import FILL_HELP, alias_layers, class_names, fill_rgb, parse_fill, parse_target, write_results
+from ._analysis import FILL_HELP, class_names, fill_rgb, parse_fill, parse_target, write_results
 from ._common import (
     CLIError,
     add_config_arg,
     add_model_args,
     add_output_args,
     check_output,
+    feature_layers,
     load_zoo_model,
     resolve_device,
     resolve_layer,
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     target = parse_target(args.target, names)
     fill = parse_fill(args.fill, preprocess)
     dn = Deconvnet(model)
-    layer = args.layer or alias_layers(dn)[0][-1]
+    layer = args.layer if args.layer is not None else feature_layers(dn)[0][-1]  # '' is refused, not the default
     resolve_layer(dn, layer)
     x = preprocess(image).to(device)
     patch, stride = _geometry(args, min(x.shape[-2:]))

@@ -11,7 +11,7 @@ from .. import default_image
 from ..checks import check_channels, check_int
 from ..data import load_image
 from ..engine import Deconvnet
-from ..figures import Selection, projection_figure, rules_figure
+from ..figures import Selection, projection_figure, rules_figure, strongest_channels
 from ..ops import RULES
 from ..zoo import get_spec
 from ._common import (
@@ -20,8 +20,8 @@ from ._common import (
     add_model_args,
     add_output_args,
     check_output,
+    feature_layers,
     fit_input_size,
-    layer_modules,
     load_zoo_model,
     resolve_device,
     resolve_layer,
@@ -62,14 +62,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def default_layer(dn: Deconvnet) -> str:
-    """The middle convolutional layer (by alias where the model has them)."""
-    convs = [a for a in dn.aliases if a.startswith("conv")]
-    if convs:
-        return convs[len(convs) // 2]
-    names = [n for n, m in layer_modules(dn) if isinstance(m, torch.nn.Conv2d)]
-    if not names:
+    """The middle feature-map layer (``conv3`` of ZF Net, ``conv3_3`` of VGG16, ``layer2``
+    of a ResNet; a model without paper names: its middle convolution)."""
+    maps, _ = feature_layers(dn)
+    if not maps:
         raise CLIError("the model has no convolution; pass --layer")
-    return names[len(names) // 2]
+    return maps[len(maps) // 2]
 
 
 def _after_flatten(dn: Deconvnet, layer: str, own: int) -> bool:
@@ -104,10 +102,7 @@ def _choose_channels(args: argparse.Namespace, out_map: torch.Tensor, layer: str
     n_channels = out_map.shape[1]
     if args.channel:
         return check_channels(list(dict.fromkeys(args.channel)), n_channels, layer)
-    count = min(args.top_channels or 9, n_channels, MAX_PANELS // args.top_k)
-    strength = out_map[0].reshape(n_channels, -1).amax(dim=1)
-    order = torch.sort(strength, descending=True, stable=True).indices
-    return [int(c) for c in order[:count]]
+    return strongest_channels(out_map, min(args.top_channels or 9, MAX_PANELS // args.top_k))
 
 
 def _check_seeds(out_map: torch.Tensor, layer: str, position: tuple[int, int] | None, top_k: int) -> None:
