@@ -600,6 +600,29 @@ def test_model_unchanged_after_errors() -> None:
     _assert_unchanged(model, snap)
 
 
+class _Fails(nn.Module):
+    """Raises the error it is given when it runs."""
+
+    def __init__(self, err: BaseException) -> None:
+        super().__init__()
+        self.err = err
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise self.err
+
+
+def test_a_failing_forward_pass_is_a_forward_pass_error_but_running_out_of_memory_is_not() -> None:
+    x = torch.randn(1, 3, 8, 8)
+    mismatch = RuntimeError("mat1 and mat2 shapes cannot be multiplied (1x12 and 9x4)")
+    with pytest.raises(zfvis.ForwardPassError, match="forward pass failed") as caught:
+        Deconvnet(nn.Sequential(nn.Conv2d(3, 3, 3), _Fails(mismatch))).output(x, "1")
+    assert caught.value.__cause__ is mismatch and isinstance(caught.value, ValueError)
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried ...")
+    with pytest.raises(RuntimeError) as caught_oom:
+        Deconvnet(nn.Sequential(nn.Conv2d(3, 3, 3), _Fails(oom))).output(x, "1")
+    assert caught_oom.value is oom  # passed on as it is: the machine's limit, not the input's fault
+
+
 def test_model_unchanged_when_a_module_raises_mid_forward() -> None:
     torch.manual_seed(3)
     model = nn.Sequential(

@@ -26,7 +26,7 @@ from .correspondence import (
 from .data import list_images, load_image, to_rgb
 from .deconv import ReverseStack
 from .engine import Deconvnet, Patches, Seeds
-from .errors import InputTypeError, UserInputError, ZfvisError
+from .errors import ForwardPassError, InputTypeError, UserInputError, ZfvisError
 from .evolution import Evolution, EvolutionCell, ImageBatch, evolution, evolution_figure, load_images, sample_images
 from .figures import Selection, filters_figure, projection_figure, rules_figure
 from .gallery import write_site
@@ -46,6 +46,7 @@ __all__ = [
     "Evolution",
     "EvolutionCell",
     "ImageBatch",
+    "ForwardPassError",
     "InputTypeError",
     "InvarianceResult",
     "OcclusionResult",

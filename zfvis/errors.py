@@ -15,16 +15,40 @@ __all__ = [
     "UserInputError",
     "InputTypeError",
     "OutputFolderError",
+    "ForwardPassError",
     "RankFailedError",
     "MiningInterrupted",
     "first_line",
+    "error_chain",
+    "is_out_of_memory",
 ]
+
+_OOM_TEXT = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
 
 
 def first_line(err: BaseException) -> str:
     """The first line of an error's message (its type's name when the message is empty)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def error_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the errors it was raised from (``raise ... from``)."""
+    out = [err]
+    while out[-1].__cause__ is not None and len(out) < 8:
+        out.append(out[-1].__cause__)
+    return out
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is, or was raised from, the CPU or a GPU running out of memory
+    (torch words the CPU's as a ``RuntimeError``)."""
+    for e in error_chain(err):
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT):
+            return True
+    return False
 
 
 class ZfvisError(Exception):
@@ -46,6 +70,13 @@ class InputTypeError(UserInputError, TypeError):
 class OutputFolderError(UserInputError):
     """An output folder that zfvis will not write into (it holds someone else's files, a
     run with other settings, or another run is writing to it)."""
+
+
+class ForwardPassError(UserInputError):
+    """The model's forward pass failed on the images it was given: most often an input
+    size or channel count the model does not take. The original error is its
+    ``__cause__``; where zfvis chose the input (the command line checks ``--input-size``
+    first), such a failure is a bug of zfvis's, not the person's."""
 
 
 class RankFailedError(ZfvisError, RuntimeError):

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import UserInputError
+from .errors import ForwardPassError, ZfvisError, first_line, is_out_of_memory
 from .graph import GraphNode, ModelGraph, eval_mode
 from .ops import SUPPORTED_TYPES, Live, Site, UnsupportedModelError
 from .receptive import ReceptiveField
@@ -225,7 +225,8 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
         (outputs by node name, sites by node name, problems by node name, the images' shape).
 
     Raises:
-        ValueError: The forward pass failed (another input size or channel count?).
+        ForwardPassError: The forward pass failed (another input size or channel count?);
+            a ``ValueError``. Running out of memory is raised as it is.
         UnsupportedModelError: An in-place operation overwrites a value read later.
     """
     device, dtype = _model_device_dtype(graph.model)
@@ -235,11 +236,11 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
     with eval_mode(graph.model), torch.no_grad():
         try:
             p.run(images)
-        except (UnsupportedModelError, torch.OutOfMemoryError):
-            raise
         except RuntimeError as err:
-            raise UserInputError(
-                f"the forward pass failed on input of shape {tuple(images.shape)}: {str(err).splitlines()[0]} "
+            if isinstance(err, ZfvisError) or is_out_of_memory(err):
+                raise
+            raise ForwardPassError(
+                f"the forward pass failed on input of shape {tuple(images.shape)}: {first_line(err)} "
                 "(does the model expect another input size or channel count?)"
             ) from err
     outputs = {t.name: p.outputs[t.fx_node] for t in targets if t.fx_node in p.outputs}

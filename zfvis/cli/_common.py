@@ -25,7 +25,7 @@ from .._io import atomic_write_text
 from .._progress import progress
 from ..checkpoints import check_checkpoint_file
 from ..checks import check_channels, check_device, check_input_size, check_memory, parse_channel_spec
-from ..errors import UserInputError, ZfvisError, first_line
+from ..errors import ForwardPassError, UserInputError, ZfvisError, error_chain, first_line, is_out_of_memory
 from ..zoo import get_spec, list_models, load_model
 
 __all__ = [
@@ -673,35 +673,11 @@ _OS_FIXES = {
     errno.ELOOP: "the path's symbolic links go round in a circle",
 }
 
-_OOM_TEXT = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
-
-
-def _chain(err: BaseException) -> list[BaseException]:
-    """``err`` and the errors it was raised from (``raise ... from``)."""
-    out = [err]
-    while out[-1].__cause__ is not None and len(out) < 8:
-        out.append(out[-1].__cause__)
-    return out
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is, or was raised from, the CPU or a GPU running out of memory."""
-    for e in _chain(err):
-        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-            return True
-        if isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT):
-            return True
-    return False
-
-
 def _forward_failure(err: BaseException) -> BaseException | None:
     """The error of a forward pass that the engine passed on as a :class:`UserInputError`
     ("does the model expect another input size?"). On the command line the input size is
     zfvis's own or checked by :func:`fit_input_size` first, so such a failure is ours."""
-    cause = err.__cause__
-    if isinstance(err, UserInputError) and isinstance(cause, RuntimeError) and not isinstance(cause, ZfvisError):
-        return cause
-    return None
+    return err.__cause__ if isinstance(err, ForwardPassError) else None
 
 
 def _is_user_os_error(err: BaseException) -> bool:
@@ -742,10 +718,10 @@ def report_error(err: BaseException, command: str | None) -> int:
     from .. import UnsupportedModelError, WeightsDownloadError
 
     if is_out_of_memory(err):
-        text = " ".join(str(e) for e in _chain(err)).lower()
+        text = " ".join(str(e) for e in error_chain(err)).lower()
         where = "GPU memory" if "cuda" in text or "gpu" in text else "memory"
         lower = "--batch-size or --input-size" if command in ("mine", "evolution", "occlude") else "--input-size"
-        print(f"zfvis: error: out of {where} ({first_line(_chain(err)[-1])[:160]}); lower {lower}", file=sys.stderr)
+        print(f"zfvis: error: out of {where} ({first_line(error_chain(err)[-1])[:160]}); lower {lower}", file=sys.stderr)
         return 2
     cause = _forward_failure(err)
     if cause is not None:
