@@ -453,11 +453,9 @@ def test_state_saved_by_time_as_well_as_by_batches(tmp_path: Path, monkeypatch) 
 def test_evenly_spaced_subsampling_covers_the_end(tmp_path: Path) -> None:
     idx = evenly_spaced(10_000, 3_000)
     assert len(idx) == 3_000 and idx[0] == 0 and idx[-1] >= 9_000  # CIFAR-10 test: the trucks are 9000..9999
-    from zfvis.cli.evolution import _image_paths
-
     for c in "abcdefghij":
         make_images(tmp_path / "cls" / c, 10, 8)
-    classes = {p.parent.name for p in _image_paths(str(tmp_path / "cls"), 30)}
+    classes = {p.parent.name for p in zfvis.sample_images(tmp_path / "cls", 30)}
     assert classes == set("abcdefghij")
 
 

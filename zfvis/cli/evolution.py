@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from .. import default_image
 from ..checkpoints import check_checkpoint_file
-from ..checks import check_input_size, check_int
+from ..checks import check_input_size, check_int, check_memory
 from ..engine import Deconvnet
 from ..evolution import evolution, evolution_figure, load_images, sample_images
 from ..zoo import Preprocess
@@ -57,17 +56,6 @@ def _image_paths(dataset: str | None, limit: int) -> list[Path]:
     return [default_image()] if dataset is None else sample_images(dataset, limit)
 
 
-def _check_memory(count: int, side: int) -> None:
-    need = count * 3 * side * side * 4
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > have // 2:
-        raise CLIError(f"{count} images of {side}x{side} need {need / 2**30:.1f} GiB in memory, more than half of the "
-                       f"{have / 2**30:.1f} GiB here; lower --limit or --input-size")
-
-
 def _check_args(args: argparse.Namespace) -> list[tuple[int, int]]:
     if not args.checkpoints:
         raise CLIError("no CHECKPOINT given: pass the training checkpoints in training order")
@@ -88,7 +76,9 @@ def _first_model(args: argparse.Namespace, device: torch.device, count: int) -> 
     own = preprocess.crop or 224
     if args.input_size:
         fit_input_size(dn, model, args.layer, args.input_size, own, args.model)
-    _check_memory(count, args.input_size or own)
+    side = args.input_size or own
+    check_memory(count * 3 * side * side * 4, torch.device("cpu"), f"{count} images of {side}x{side}",
+                 "--limit or --input-size")  # the images are held on the CPU
     return model, preprocess.with_size(args.input_size) if args.input_size else preprocess
 
 
