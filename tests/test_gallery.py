@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 import zfvis
-from zfvis import gallery, mining, mining_figures, render
+from zfvis import gallery, mining_figures, render
 from zfvis.mining import mine
 
 # VGG16's 13 conv layers: (name, channels, output side at 224x224, receptive field size, jump, offset)

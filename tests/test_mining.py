@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from zfvis import mining, mining_figures
+from zfvis import mining_figures
 from zfvis.cli import main
 from zfvis.data import list_images, load_image
 from zfvis.engine import Deconvnet

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from .._io import atomic_write_text
-from ..engine import Deconvnet
 from ..zoo import Preprocess, get_spec
 from ._common import CLIError, write_settings
 
