@@ -19,7 +19,10 @@ Phases (median seconds over ``--rounds`` rounds, all measured back to back each 
 - ``draw_u8``: the same from the uint8 tiles mining keeps (no float round trip; the old
   ``mining_figure`` does not take them);
 - ``tiles``: encoding and writing every tile, from float tensors;
-- ``tiles_u8``: the same from the uint8 ``(3, h, w)`` tensors mining writes;
+- ``tiles_u8``: the same from uint8 ``(3, h, w)`` tensors (one file per tile, as mining
+  wrote them before its sheets);
+- ``sheets``: what mining writes now: per channel one sheet and one thumbnail
+  (:mod:`zfvis.sheets`), two files instead of eighteen;
 - ``project`` (with ``--project``): the same number of conv5 projections of the shipped
   model through the public API (``record`` + ``select`` + ``reverse``), for reference.
 
@@ -60,7 +63,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from zfvis import render  # noqa: E402
+from zfvis import render, sheets  # noqa: E402
 
 PAGE = 64  # channels per page, as zfvis.mining_figures.PAGE_CHANNELS
 
@@ -114,6 +117,14 @@ def save_tiles(mod: ModuleType, work: list[Any], out: Path, *, u8: bool = False)
             stem = out / f"c{ch:04d}_r{r + 1}"
             mod.save_image(_u8_chw(a) if u8 else _from_u8(a), stem.with_name(stem.name + "_proj.png"))
             mod.save_image(_u8_chw(b) if u8 else _from_u8(b), stem.with_name(stem.name + "_patch.png"))
+
+
+def save_sheets(mod: ModuleType, work: list[Any], out: Path) -> None:
+    """Writes a sheet and a thumbnail per channel, as mining does."""
+    for ch, projs, pats, _ in work:
+        pairs = [(_u8_chw(a), _u8_chw(b)) for a, b in zip(projs, pats)]
+        mod.save_image(sheets.make_sheet(pairs), out / sheets.sheet_name(ch))
+        mod.save_image(sheets.make_thumb(*pairs[0]), out / sheets.thumb_name(ch))
 
 
 def project_phase(channels: int) -> Callable[[], None] | None:
@@ -185,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     phases["draw_u8"] = lambda m, o: draw_pages(m, work, o, u8=True)
     phases["tiles_u8"] = lambda m, o: save_tiles(m, work, o, u8=True)
+    phases["sheets"] = lambda m, o: save_sheets(m, work, o)
     proj = project_phase(args.channels) if args.project else None
     times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                     times.setdefault(f"mine.{key}", []).append(v)
             for name, mod in mods.items():
                 for phase, fn in phases.items():
-                    if phase.endswith("_u8") and name == "baseline":
+                    if (phase.endswith("_u8") or phase == "sheets") and name == "baseline":
                         continue  # the old functions take float tensors only
                     out = root / f"round{r + 1}" / name / phase  # a fresh folder, as a first mining run has
                     out.mkdir(parents=True)
@@ -213,9 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         after = med["new.draw"] + med.get("new.tiles_u8", med["new.tiles"])
         print(f"  draw + tiles: {before:.2f} s -> {after:.2f} s ({before / after:.1f}x)")
     if "project" in med:
-        total = med["new.draw"] + med["new.tiles_u8"]
-        print(f"  (draw + tiles_u8) / project = {total / med['project']:.2f}   "
-              f"(draw_u8 + tiles_u8) / project = {(med['new.draw_u8'] + med['new.tiles_u8']) / med['project']:.2f}")
+        print(f"  (draw_u8 + tiles_u8) / project = {(med['new.draw_u8'] + med['new.tiles_u8']) / med['project']:.2f}"
+              f"   (draw_u8 + sheets) / project = {(med['new.draw_u8'] + med['new.sheets']) / med['project']:.2f}")
     if "mine.project" in med:
         print(f"  zfvis mine conv5: render / project = {med['mine.render'] / med['mine.project']:.2f}")
     return 0

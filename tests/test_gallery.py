@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 import zfvis
-from zfvis import gallery, mining_figures, render
+from zfvis import gallery, mining_figures, render, sheets
 from zfvis.mining import mine
 
 # VGG16's 13 conv layers: (name, channels, output side at 224x224, receptive field size, jump, offset)
@@ -37,12 +37,14 @@ TOP = 9
 
 
 class _Refs(html.parser.HTMLParser):
-    """Collects every href and src, the ids, and whether the page has a script."""
+    """Collects every href, src and CSS ``url(...)``, the ids, the tiles cut out of sheets
+    (their labels), and whether the page has a script."""
 
     def __init__(self) -> None:
         super().__init__()
         self.refs: list[str] = []
         self.ids: set[str] = set()
+        self.tiles: list[str] = []
         self.scripts = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -51,12 +53,16 @@ class _Refs(html.parser.HTMLParser):
         for key, value in attrs:
             if key in ("href", "src") and value is not None:
                 self.refs.append(value)
+            if key == "style" and value:
+                self.refs += re.findall(r"url\('([^']+)'\)", value)
             if key == "id" and value:
                 self.ids.add(value)
             assert not key.startswith("on"), f"event handler {key} on <{tag}>"
+        if dict(attrs).get("role") == "img":
+            self.tiles.append(dict(attrs).get("aria-label") or "")
 
 
-_REF = re.compile(r'(?:href|src)="([^"]*)"')
+_REF = re.compile(r"""(?:href|src)="([^"]*)"|url\('([^']+)'\)""")
 
 
 @functools.lru_cache(maxsize=64)
@@ -68,7 +74,9 @@ def _parse(path: Path) -> _Refs:
 
 
 def _synthetic_run(out: Path, layers: list[tuple[str, int, int, int, int, int]]) -> tuple[dict, dict, dict]:
-    """topk, gallery and layer_info as mining would produce them, with tiny shared tiles on disk."""
+    """topk, gallery and layer_info as mining would produce them, with a sheet and a thumbnail
+    per channel on disk (hard links to one pair of files per layer, so that building
+    4,224 channels is quick)."""
     rng = np.random.default_rng(0)
     topk: dict[str, Any] = {"model": "vgg16 <random>", "weights": "random", "dataset": "/data/imgs & more",
                             "images": 5000, "skipped": [{"image": "bad.jpg", "error": "truncated"}], "top": TOP,
@@ -78,12 +86,12 @@ def _synthetic_run(out: Path, layers: list[tuple[str, int, int, int, int, int]])
     for p, (layer, count, side, size, jump, offset) in enumerate(layers):
         tiles = out / "tiles" / gallery.safe_name(layer)
         tiles.mkdir(parents=True)
-        names = []
-        for r in range(TOP):  # the same nine tile pairs serve every channel of the layer
-            h = w = min(size, 224)
-            render.save_image(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), tiles / f"t{r}_proj.png")
-            render.save_image(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), tiles / f"t{r}_patch.png")
-            names.append((f"t{r}_proj.png", f"t{r}_patch.png"))
+        h = w = min(size, 224)
+        pairs = [tuple(torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for _ in range(2))
+                 for _ in range(TOP)]
+        sheet, thumb = out / f"sheet_{p}.png", out / f"thumb_{p}.png"  # the same tiles serve every channel
+        render.save_image(sheets.make_sheet(pairs), sheet)
+        render.save_image(sheets.make_thumb(*pairs[0]), thumb)
         figs = [f"{gallery.safe_name(layer)}_p{k + 1}.png" for k in range((count + 63) // 64)]
         for f in figs:
             (out / f).write_bytes(b"png")
@@ -95,8 +103,10 @@ def _synthetic_run(out: Path, layers: list[tuple[str, int, int, int, int, int]])
             if ch == 5:
                 entries = []  # a channel that never fired
             entries_per_channel.append(entries)
-            channels.append({"channel": ch, "tiles": names[: len(entries)], "entries": entries,
-                             "figure": figs[ch // 64]})
+            channels.append({"channel": ch, "entries": entries, "figure": figs[ch // 64]})
+            if entries:
+                os.link(sheet, tiles / sheets.sheet_name(ch))
+                os.link(thumb, tiles / sheets.thumb_name(ch))
         topk["layers"][layer] = {"module": f"features.{2 * p}", "channel_count": count,
                                  "channel_ids": list(range(count)), "channels": entries_per_channel}
         site[layer] = channels
@@ -163,7 +173,7 @@ def test_all_links_resolve_and_pages_are_small(vgg_site: tuple) -> None:
     for k, page in enumerate(pages):
         assert page.stat().st_size < 2_000_000, page
         text = page.read_text(encoding="utf-8")
-        refs = [html.unescape(r) for r in _REF.findall(text)]
+        refs = [html.unescape(a or b) for a, b in _REF.findall(text)]
         assert "<script" not in text.lower()
         _check_links(out, page, refs, files)
         if page.name == "index.html" or k % 64 == 0:  # html.parser on every index and a sample of channels
@@ -196,12 +206,11 @@ def test_channel_page_opens_with_nine_pairs_values_and_paths(vgg_site: tuple) ->
     out, topk, _, _, _ = vgg_site
     text = (out / gallery.channel_page("conv4_2", 17)).read_text(encoding="utf-8")
     body = text[text.index("<main>") :]
-    first_img = body.index("<img")
-    assert body.index("<h1>") < first_img < body.index('class="meta"')  # the tiles come before the details
-    refs = _parse(out / gallery.channel_page("conv4_2", 17)).refs
-    tiles = [r for r in refs if "/tiles/" in r]
-    assert len(tiles) == 2 * TOP
-    assert tiles[:2] == ["../../tiles/conv4_2/t0_proj.png", "../../tiles/conv4_2/t0_patch.png"]
+    first_tile = body.index('role="img"')
+    assert body.index("<h1>") < first_tile < body.index('class="meta"')  # the tiles come before the details
+    parsed = _parse(out / gallery.channel_page("conv4_2", 17))
+    assert parsed.tiles == [f"{kind} {r + 1}" for r in range(TOP) for kind in ("projection", "patch")]
+    assert {r for r in parsed.refs if "/tiles/" in r} == {"../../tiles/conv4_2/c0017.png"}  # its sheet
     for e in topk["layers"]["conv4_2"]["channels"][17]:
         assert f"{e['value']:.4g}" in text
         assert "img &lt;" in text and "&lt;script" not in text  # image paths are escaped
@@ -318,8 +327,8 @@ def test_a_vgg_style_run_over_every_conv_layer_is_a_site(mined_vgg: tuple) -> No
             refs = _parse(page).refs
             assert f"index.html#c{ch:04d}" in refs
             tiles = [r for r in refs if "/tiles/" in r]
-            assert tiles == [f"../../tiles/{gallery.safe_name(name)}/c{ch:04d}_r{r + 1}_{kind}.png"
-                             for r in range(TOP) for kind in ("proj", "patch")]
+            assert tiles == [f"../../tiles/{gallery.safe_name(name)}/c{ch:04d}.png"] * (2 * TOP)
+            assert _parse(page).tiles == [f"{kind} {r + 1}" for r in range(TOP) for kind in ("projection", "patch")]
             text = page.read_text(encoding="utf-8")
             for e in topk["layers"][name]["channels"][i]:
                 assert e["image"] in text and _value_text(e["value"]) in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html.parser
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from zfvis import mining_figures
+from zfvis import mining_figures, sheets
 from zfvis.cli import main
 from zfvis.data import list_images, load_image
 from zfvis.engine import Deconvnet
@@ -252,6 +253,7 @@ class _Links(html.parser.HTMLParser):
         super().__init__()
         self.refs: list[str] = []
         self.ids: set[str] = set()
+        self.tiles: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
@@ -260,6 +262,9 @@ class _Links(html.parser.HTMLParser):
         for key in ("href", "src"):
             if a.get(key):
                 self.refs.append(a[key])
+        self.refs += re.findall(r"url\('([^']+)'\)", a.get("style") or "")  # a tile cut out of its sheet
+        if a.get("role") == "img":
+            self.tiles.append(a.get("aria-label") or "")
 
 
 def test_outputs_and_gallery_links(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,7 +273,8 @@ def test_outputs_and_gallery_links(data: Path, tmp_path: Path, monkeypatch: pyte
     res = _run(data, out)
     assert (out / "1.png").is_file() and (out / "4_p1.png").is_file() and (out / "4_p2.png").is_file()
     assert not (out / "4.png").exists()
-    assert (out / "tiles" / "4" / "c0004_r9_patch.png").is_file()
+    assert (out / "tiles" / "4" / "c0004.png").is_file() and (out / "tiles" / "4" / "c0004_top.png").is_file()
+    assert len(list((out / "tiles").rglob("*.png"))) == 2 * (4 + 5)  # a sheet and a thumbnail per channel
     # the gallery is a site: every page's links resolve, every tile is shown on a channel page
     proj_refs = 0
     pages = sorted(out.rglob("*.html"))
@@ -282,25 +288,27 @@ def test_outputs_and_gallery_links(data: Path, tmp_path: Path, monkeypatch: pyte
             target = ref.split("#")[0]
             if target:
                 assert (page.parent / target).is_file(), (page, ref)
-        proj_refs += sum(1 for r in parser.refs if r.endswith("_proj.png"))
+        proj_refs += sum(1 for t in parser.tiles if t.startswith("projection "))
     n_tiles = sum(len(c) for layer in LAYERS for c in res.topk["layers"][layer]["channels"])
     assert proj_refs >= n_tiles
     assert set(res.topk["timings"]) == {"pass1", "project", "render"}
     entry = res.topk["layers"]["4"]["channels"][0][0]
     t, l, b, r = entry["box"]
-    with Image.open(out / "tiles" / "4" / "c0000_r1_patch.png") as im:
-        assert im.size == (r - l, b - t)
+    tiles = sheets.cut_sheet(sheets.read_png(out / "tiles" / "4" / "c0000.png"),
+                             sheets.SheetLayout.of([e["box"] for e in res.topk["layers"]["4"]["channels"][0]]))
+    assert tuple(tiles[0][1].shape) == (3, b - t, r - l)
     # what a person checks: the box is the activation's receptive field, the projection is not blank
     dn = Deconvnet(tiny_model())
     for layer in LAYERS:
         for c, chan in enumerate(res.topk["layers"][layer]["channels"]):
             e = chan[0]
             assert tuple(e["box"]) == dn.receptive_window(layer, tuple(e["position"]), (3, 16, 16)), (layer, c)
-            with Image.open(out / "tiles" / layer / f"c{c:04d}_r1_proj.png") as im:
-                lo, hi = im.convert("L").getextrema()
-            assert hi - lo > 40, (layer, c)  # a blank projection is uniform grey
-            with Image.open(out / "tiles" / layer / f"c{c:04d}_r1_patch.png") as im:
-                patch = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).reshape(-1, 3)
+            sheet = sheets.read_png(out / "tiles" / layer / f"c{c:04d}.png")
+            proj, patch_u8 = sheets.cut_sheet(sheet, sheets.SheetLayout.of([x["box"] for x in chan]))[0]
+            assert int(proj.float().mean(0).max() - proj.float().mean(0).min()) > 40, (layer, c)  # a blank one is grey
+            thumb = sheets.read_png(out / "tiles" / layer / f"c{c:04d}_top.png")
+            assert torch.equal(thumb, sheets.make_thumb(proj, patch_u8))  # the thumbnail is rank 1's pair
+            patch = patch_u8.permute(1, 2, 0).reshape(-1, 3).float()
             x = PRE(load_image(data / e["image"]))[:, e["box"][0] : e["box"][2], e["box"][1] : e["box"][3]]
             shown = (PRE.denormalize(x).permute(1, 2, 0).reshape(-1, 3) * 255).round()
             assert torch.allclose(patch, shown, atol=1)  # the patch is the image where the box says
@@ -390,5 +398,8 @@ def test_real_cifar10_200_images(cifar_test_slice: Path, tmp_path: Path) -> None
     assert topk["images"] == 200 and topk["skipped"] == []
     assert (out / "conv1.png").is_file() and (out / "conv3.png").is_file() and (out / "index.html").is_file()
     assert len(topk["layers"]["conv3"]["channels"]) == 12 and topk["layers"]["conv3"]["channel_count"] == 128
-    assert (out / "tiles" / "conv3" / "c0011_r9_proj.png").is_file()
+    ranked = topk["layers"]["conv3"]["channels"][11]
+    tiles = sheets.cut_sheet(sheets.read_png(out / "tiles" / "conv3" / "c0011.png"),
+                             sheets.SheetLayout.of([e["box"] for e in ranked]))
+    assert len(tiles) == len(ranked) == 9
     assert len({e["image"].split("/")[0] for c in topk["layers"]["conv3"]["channels"] for e in c}) > 1

@@ -13,7 +13,8 @@ Layout under ``out_dir`` (tiles and figures are mining's; the rest is written he
     style.css
     layers/<layer>/index.html      a thumbnail per channel (page2.html... past 1,024)
     layers/<layer>/c0042.html      one channel
-    tiles/<layer>/...              the projection and patch PNGs (from mining)
+    tiles/<layer>/c0042.png        a channel's projections and patches (its sheet, from mining)
+    tiles/<layer>/c0042_top.png    its strongest activation's pair (its thumbnail, from mining)
     <layer>.png, <layer>_p2.png    the Fig. 2 pages (from mining)
 
 ``<layer>`` is the layer name with every character other than a letter, a digit, ``-``
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from . import sheets
 from ._io import atomic_write_bytes
 from .run_folder import safe_name  # mining's tile folders and figures are named with it
 
@@ -58,7 +60,7 @@ img{image-rendering:pixelated;background:#eee}
 table{border-collapse:collapse;background:#fff;font-size:0.92em}
 th,td{border:1px solid #e2e2e2;padding:0.35em 0.7em;text-align:left;vertical-align:middle}
 th{background:#f0f0f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.strip img{width:32px;height:32px;object-fit:contain;margin-right:2px}
+td.strip img{width:65px;height:32px;object-fit:contain;margin-right:3px}
 .thumbs{display:grid;grid-template-columns:repeat(auto-fill,minmax(112px,1fr));gap:8px}
 .thumbs a{display:block;background:#fff;border:1px solid #ddd;border-radius:4px;padding:4px;
 text-align:center;font-size:12px;color:#333}
@@ -66,8 +68,9 @@ text-align:center;font-size:12px;color:#333}
 .thumbs a:target{outline:3px solid #0557b0}
 .cell{display:inline-flex;align-items:center;justify-content:center;background:#eee;vertical-align:top}
 .cell img{display:block}.cell img.fit{width:100%;height:100%;object-fit:contain}
-.cell img.smooth{image-rendering:auto}
-.thumbs .cell{width:48px;height:48px}
+.cell img.smooth,.tile.smooth{image-rendering:auto}
+.tile{display:block;background-repeat:no-repeat;image-rendering:pixelated}
+.thumbs .cell{width:97px;height:48px}
 .thumbs .v{display:block;color:#777;font-size:11px}
 .pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax(384px,1fr));gap:14px;margin-top:0.8em}
 figure{margin:0;background:#fff;border:1px solid #ddd;border-radius:4px;padding:8px}
@@ -100,10 +103,10 @@ def write_site(
             ``dataset``, ``images``, ``skipped``, ``top`` and ``layers``
             (``{layer: {"module", "channel_count", "channel_ids", "channels"}}``).
         gallery: Per layer, in display order, one dict per mined channel:
-            ``{"channel": int, "tiles": [(projection_png, patch_png), ...],
-            "entries": [{"image", "index", "value", "position", "box"}, ...],
-            "figure": "conv3.png"}``; tile names are relative to
-            ``out_dir/tiles/<layer>/``, the figure to ``out_dir``.
+            ``{"channel": int, "entries": [{"image", "index", "value", "position",
+            "box"}, ...], "figure": "conv3.png"}``, the figure relative to ``out_dir``;
+            a channel with entries has its sheet and thumbnail (:mod:`zfvis.sheets`) in
+            ``out_dir/tiles/<layer>/``, laid out by the entries' boxes.
         layer_info: Optional, per layer: ``{"shape": [C, H, W],
             "receptive_field": {"size": [h, w], "jump": [..], "offset": [..]} or None}``.
         data_file: The raw data the model page links to, relative to ``out_dir``
@@ -268,11 +271,12 @@ def _model_row(
     layer: str, channels: Sequence[Mapping[str, Any]], top: Mapping[str, Any], info: Mapping[str, Any], folder: str
 ) -> str:
     page = _url("layers", folder, "index.html")
-    ranked = sorted((g for g in channels if g["entries"] and g["tiles"]),
+    ranked = sorted((g for g in channels if g["entries"]),
                     key=lambda g: -float(g["entries"][0]["value"]))[:_THUMBS_ON_MODEL_PAGE]
     strip = "".join(
         f'<a href="{_url("layers", folder, _channel_file(g["channel"]))}" title="channel {int(g["channel"])}">'
-        f'<img src="{_url("tiles", safe_name(layer), g["tiles"][0][0])}" alt="channel {int(g["channel"])}"></a>'
+        f'<img src="{_url("tiles", safe_name(layer), sheets.thumb_name(g["channel"]))}" '
+        f'alt="channel {int(g["channel"])}"></a>'
         for g in ranked
     )
     figs = sorted({str(g["figure"]) for g in channels if g.get("figure")})
@@ -365,32 +369,37 @@ class _LayerSite:
 
     def _thumb(self, g: Mapping[str, Any]) -> str:
         ch = int(g["channel"])
-        imgs = ""
-        if g["tiles"] and g["entries"]:
-            box = g["entries"][0].get("box")
-            imgs = "".join(self._img(t, "", box, _THUMB / self.side if self.side else None, _THUMB, lazy=True)
-                           for t in g["tiles"][0])
+        imgs = self._thumb_img(g) if g["entries"] else ""
         value = (f'<span class="v">max {_value(g["entries"][0]["value"])}</span>' if g["entries"]
                  else '<span class="v">never active</span>')
         return f'<a id="c{ch:04d}" href="{_channel_file(ch)}">{imgs}<br>ch {ch}{value}</a>'
 
-    def _img(self, name: str, alt: str, box: Sequence[int] | None, scale: float | None, cell: int, *,
-             lazy: bool = False) -> str:
-        """A tile in a grey cell of ``cell`` CSS pixels, at ``scale`` CSS pixels per tile pixel.
-
-        One scale per layer keeps the tiles of a layer comparable: a patch clipped at
-        the image border looks smaller, not stretched. Without a box or scale the tile
-        is fitted to the cell. ``lazy`` tiles load as they scroll into view (plain HTML).
-        """
-        load = ' loading="lazy"' if lazy else ""
-        if box is None or scale is None:
-            return f'<span class="cell"><img class="fit"{load} src="{self._tile(name)}" alt="{_e(alt)}"></span>'
-        h = max(1, round((int(box[2]) - int(box[0])) * scale))
-        w = max(1, round((int(box[3]) - int(box[1])) * scale))
-        size = f' style="width:{cell}px;height:{cell}px"' if cell != _THUMB else ""
+    def _thumb_img(self, g: Mapping[str, Any]) -> str:
+        """The channel's thumbnail (its strongest pair) in a grey cell, at the layer's scale:
+        a patch clipped at the image border looks smaller, not stretched. It loads as it
+        scrolls into view (plain HTML)."""
+        name = self._tile(sheets.thumb_name(g["channel"]))
+        h, w = sheets.SheetLayout.of([g["entries"][0]["box"]]).sizes[0]
+        scale = _THUMB / (self.side or max(h, w))
+        height, width = max(1, round(h * scale)), max(1, round((2 * w + sheets.THUMB_GAP) * scale))
         smooth = ' class="smooth"' if scale < 1 else ""  # reduced: filtered; enlarged: sharp pixels
-        return (f'<span class="cell"{size}><img{smooth}{load} src="{self._tile(name)}" width="{w}" height="{h}" '
-                f'alt="{_e(alt)}"></span>')
+        return (f'<span class="cell"><img{smooth} loading="lazy" src="{name}" width="{width}" height="{height}" '
+                f'alt=""></span>')
+
+    def _sheet_tile(self, g: Mapping[str, Any], rank: int, patch: bool, alt: str) -> str:
+        """One tile of the channel's sheet, cut out by CSS, in a grey cell of the channel
+        page, at the layer's scale (one scale per layer keeps its tiles comparable)."""
+        layout = sheets.SheetLayout.of([e["box"] for e in g["entries"]])
+        (h, w), (top, left), (sh, sw) = layout.sizes[rank], layout.place(rank, patch), layout.size
+        scale, cell = self.large
+        s = scale if scale is not None else cell / max(h, w)
+        style = (f"width:{max(1, round(w * s))}px;height:{max(1, round(h * s))}px;"
+                 f"background-image:url('{self._tile(sheets.sheet_name(g['channel']))}');"
+                 f"background-position:{-round(left * s)}px {-round(top * s)}px;"
+                 f"background-size:{round(sw * s)}px {round(sh * s)}px")
+        smooth = " smooth" if s < 1 else ""
+        return (f'<span class="cell" style="width:{cell}px;height:{cell}px">'
+                f'<span class="tile{smooth}" role="img" aria-label="{_e(alt)}" style="{style}"></span></span>')
 
     def _large_scale(self) -> tuple[float | None, int]:
         """CSS pixels per tile pixel on channel pages, and the cell size.
@@ -425,8 +434,8 @@ class _LayerSite:
                 '<div class="pairs">']
         if not g["entries"]:
             body.append('<p class="empty">No activations were recorded for this channel.</p>')
-        for r, (entry, (proj, patch)) in enumerate(zip(g["entries"], g["tiles"])):
-            body.append(self._pair(r, entry, proj, patch))
+        for r, entry in enumerate(g["entries"]):
+            body.append(self._pair(g, r, entry))
         body.append("</div>")
         body.append(self.channel_meta)
         if g.get("figure"):
@@ -435,15 +444,14 @@ class _LayerSite:
         crumbs = [(self.model, "../../index.html"), (self.layer, back), (f"channel {ch}", None)]
         return _page(f"{self.layer} channel {ch} — {self.model} — zfvis gallery", crumbs, body, "../../")
 
-    def _pair(self, r: int, entry: Mapping[str, Any], proj: str, patch: str) -> str:
+    def _pair(self, g: Mapping[str, Any], r: int, entry: Mapping[str, Any]) -> str:
         pos = entry.get("position")
         where = f" at ({int(pos[0])}, {int(pos[1])})" if pos else ""
         box = entry.get("box")
         box_txt = (f"<br>patch: rows {int(box[0])}–{int(box[2]) - 1}, columns {int(box[1])}–{int(box[3]) - 1}"
                    if box else "")
-        scale, cell = self.large
-        imgs = (self._img(proj, f"projection {r + 1}", box, scale, cell)
-                + self._img(patch, f"patch {r + 1}", box, scale, cell))
+        imgs = (self._sheet_tile(g, r, False, f"projection {r + 1}")
+                + self._sheet_tile(g, r, True, f"patch {r + 1}"))
         return (f'<figure><div class="imgs">{imgs}</div>'
                 f"<figcaption>#{r + 1} · value <b>{_value(entry['value'])}</b>{_e(where)}<br>"
                 f"{_e(str(entry.get('image', '')))}{box_txt}</figcaption></figure>")

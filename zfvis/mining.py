@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import mining_figures, render
+from . import mining_figures, render, sheets
 from ._io import atomic_torch_save, atomic_write_text
 from ._progress import progress
 from .checks import check_channels, check_device, check_int, check_memory, check_number, check_path
@@ -543,7 +543,8 @@ def _probe(run: _Run) -> None:
             [(proj, patch, _)] = crop_winners(run.dn, x, layer.name, make_seeds([row], run.device))
             pu8, iu8 = _tile(run, proj, patch)
             if run.s.figures:
-                render.save_image(pu8, Path(tmp) / "tile.png")
+                render.save_image(sheets.make_sheet([(pu8, iu8)]), Path(tmp) / "sheet.png")
+                render.save_image(sheets.make_thumb(pu8, iu8), Path(tmp) / "thumb.png")
                 n = min(run.k, mining_figures.FIGURE_TOP)
                 entry = entry or (layer.channels[0], [pu8] * n, [iu8] * n, [1.0] * n)
         if entry is not None:
@@ -780,10 +781,6 @@ def _pages(run: _Run) -> list[_Page]:
     return out
 
 
-def _tile_names(channel: int, count: int) -> list[tuple[str, str]]:
-    return [mining_figures.tile_names(channel, r) for r in range(count)]
-
-
 def _project_page(run: _Run, page: _Page, winners: list[_Winner], bar: Any) -> _Crops:
     """Projects a page's winners, a batch of their images at a time: (slot, rank) ->
     (projection, patch, box), the images as uint8."""
@@ -816,11 +813,10 @@ def _draw(run: _Run, page: _Page, info: dict[str, Any], bar: Any) -> list[list[l
     entries, boxes = [], []
     for k, c in enumerate(page.slots):
         ranked = info["channels"][c]
-        names = _tile_names(ids[c], len(ranked))
         shown = [crops[(k, r)] for r in range(len(ranked))]
-        for (pu8, iu8, _), (proj_name, patch_name) in zip(shown, names):
-            render.save_image(pu8, tile_dir / proj_name)
-            render.save_image(iu8, tile_dir / patch_name)
+        if shown:  # a channel's tiles in two files (zfvis.sheets), not two per activation
+            render.save_image(sheets.make_sheet([(p, i) for p, i, _ in shown]), tile_dir / sheets.sheet_name(ids[c]))
+            render.save_image(sheets.make_thumb(shown[0][0], shown[0][1]), tile_dir / sheets.thumb_name(ids[c]))
         boxes.append([box for _, _, box in shown])
         n = mining_figures.FIGURE_TOP  # the figure's 3x3 grid; tiles and gallery keep all
         entries.append((ids[c], [p for p, _, _ in shown[:n]], [i for _, i, _ in shown[:n]],
@@ -837,8 +833,8 @@ def _page_done(run: _Run, page: _Page, info: dict[str, Any], prog: _Progress) ->
         return False
     tile_dir = run.out / "tiles" / safe_name(page.layer.name)
     ids = info["channel_ids"]
-    return all((tile_dir / name).is_file() for c in page.slots
-               for pair in _tile_names(ids[c], len(info["channels"][c])) for name in pair)
+    return all((tile_dir / name(ids[c])).is_file() for c in page.slots if info["channels"][c]
+               for name in (sheets.sheet_name, sheets.thumb_name))
 
 
 def _pass2(run: _Run, topk: dict[str, Any], prog: _Progress) -> list[Path]:
@@ -871,7 +867,6 @@ def _pass2(run: _Run, topk: dict[str, Any], prog: _Progress) -> list[Path]:
                 for e, box in zip(ranked, channel_boxes):
                     e["box"] = list(box)
                 gallery[page.layer.name].append({"channel": info["channel_ids"][c], "figure": page.figure,
-                                                 "tiles": _tile_names(info["channel_ids"][c], len(ranked)),
                                                  "entries": ranked})
     outputs = [run.out / p.figure for p in pages]
     outputs += write_site(run.out, topk, gallery, layer_info=_layer_info(run))

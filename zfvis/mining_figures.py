@@ -1,10 +1,10 @@
 """The Fig. 2 pages of a mining run, from Python: what ``zfvis mine`` draws, one call away.
 
 :func:`mining_page` draws page ``page`` of a mined layer from the run's folder (its
-``topk.json`` and tiles) and returns the matplotlib ``Figure``; a PNG is written only
-when ``path`` is given. :func:`tile_names`, :func:`page_title` and :func:`draw_page` are
-how mining names its tiles and draws its pages, in one place (:func:`page_file` names
-the page files).
+``topk.json`` and tile sheets, :mod:`zfvis.sheets`) and returns the matplotlib
+``Figure``; a PNG is written only when ``path`` is given. :func:`page_title`,
+:func:`page_file` and :func:`draw_page` are how mining titles, names and draws its
+pages, in one place.
 
 >>> fig = zfvis.mining_page("runs/cifar", "conv5", page=2)
 """
@@ -18,27 +18,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from matplotlib.figure import Figure
-from PIL import Image
 
-from . import render
+from . import render, sheets
 from .errors import UserInputError
 from .run_folder import safe_name
 
-__all__ = ["PAGE_CHANNELS", "FIGURE_TOP", "tile_names", "page_title", "page_file", "draw_page", "mining_page"]
+__all__ = ["PAGE_CHANNELS", "FIGURE_TOP", "page_title", "page_file", "draw_page", "mining_page"]
 
 #: Channels per Fig. 2 page (a layer with more gets several pages).
 PAGE_CHANNELS = 64
 #: Activations per channel drawn on a page (a 3x3 grid); tiles and the gallery show all.
 FIGURE_TOP = 9
-
-
-def tile_names(channel: int, rank: int) -> tuple[str, str]:
-    """The projection and patch tiles of a channel's ``rank``-th entry (0-based), in ``tiles/<layer>/``."""
-    stem = f"c{int(channel):04d}_r{rank + 1}"
-    return f"{stem}_proj.png", f"{stem}_patch.png"
 
 
 def page_title(model: str, layer: str, top: int, rule: str, channels: Sequence[int], page: int, pages: int) -> str:
@@ -56,12 +47,6 @@ def draw_page(title: str, entries: Sequence[render.Channel], path: str | os.Path
     """One Fig. 2 page: ``(channel, projections, patches, values)`` per channel
     (:func:`zfvis.render.mining_figure`, 4 channels a row, 0.6-inch tiles)."""
     return render.mining_figure(title, entries, path, columns=min(4, len(entries)), cell_inches=0.6)
-
-
-def _tile(path: Path) -> torch.Tensor:
-    """A tile PNG as the uint8 (3, h, w) tensor mining wrote."""
-    with Image.open(path) as im:
-        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
 
 
 def _read_topk(run: str | os.PathLike[str]) -> tuple[Path, Mapping[str, Any]]:
@@ -89,7 +74,7 @@ def mining_page(run: str | os.PathLike[str], layer: str, *, page: int = 1,
     Raises:
         UserInputError: No ``topk.json`` there, a layer that was not mined, or a page
             out of range.
-        FileNotFoundError: A tile is missing (the run was mined without figures).
+        FileNotFoundError: A tile sheet is missing (the run was mined without figures).
     """
     folder, topk = _read_topk(run)
     layers = topk.get("layers", {})
@@ -106,8 +91,9 @@ def mining_page(run: str | os.PathLike[str], layer: str, *, page: int = 1,
     entries = []
     for c in range(first, min(len(ids), first + per_page)):
         ranked = info["channels"][c][:FIGURE_TOP]
-        names = [tile_names(ids[c], r) for r in range(len(ranked))]
-        entries.append((ids[c], [_tile(tiles / p) for p, _ in names], [_tile(tiles / q) for _, q in names],
+        layout = sheets.SheetLayout.of([e["box"] for e in info["channels"][c]])
+        pairs = sheets.cut_sheet(sheets.read_png(tiles / sheets.sheet_name(ids[c])), layout)[:FIGURE_TOP] if ranked else []
+        entries.append((ids[c], [p for p, _ in pairs], [q for _, q in pairs],
                         [float(e["value"]) for e in ranked]))
     shown = [e[0] for e in entries]
     title = page_title(str(topk.get("model", "model")), layer, int(topk.get("top", FIGURE_TOP)),
