@@ -15,22 +15,14 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 from torch import nn
 
 import zfvis
 from zfvis import figures, render
 from zfvis.cli import main
 
-
-def _pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _drawn(fig: Figure) -> np.ndarray:
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+from test_render import _drawn  # noqa: E402 - the figure's pixels, as test_render reads them
+from test_render import _png_pixels as _pixels  # noqa: E402
 
 
 def _image_of(ax) -> np.ndarray:  # noqa: ANN001 - a matplotlib Axes
