@@ -25,10 +25,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from zfvis.data import list_images, load_image, resolve  # noqa: E402
-from zfvis.engine import Deconvnet, Seeds  # noqa: E402
-from zfvis.mining import _collate, _Files, _Taps, crop_winners, image_maxima, mine  # noqa: E402
-from zfvis.zoo import load_model  # noqa: E402
+from zfvis.io.images import list_images, load_image, resolve  # noqa: E402
+from zfvis.core.deconvnet import Deconvnet  # noqa: E402
+from zfvis.core.seeds import Seeds  # noqa: E402
+from zfvis.mining.run import collate as _collate, Files as _Files, Taps as _Taps  # noqa: E402
+from zfvis.analysis.topk import crop_winners, image_maxima  # noqa: E402
+from zfvis.mining import mine  # noqa: E402
+from zfvis.models.zoo import load_model  # noqa: E402
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 TAR = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-test.tar.gz"
@@ -37,7 +40,7 @@ _CHILD = """
 import resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from zfvis.mining import mine
-from zfvis.zoo import load_model
+from zfvis.models.zoo import load_model
 import torch
 torch.set_num_threads(int(sys.argv[7]))
 model, pre = load_model("zfnet-cifar10")

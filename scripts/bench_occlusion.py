@@ -35,8 +35,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from zfvis import Deconvnet  # noqa: E402
-from zfvis.incremental import IncrementalOcclusion  # noqa: E402
-from zfvis.occlusion import occluder_positions, occlusion  # noqa: E402
+from zfvis.analysis.incremental import IncrementalOcclusion  # noqa: E402
+from zfvis.analysis.occlusion import occluder_positions, occlusion  # noqa: E402
 
 GOAL = 0.33  # zfvis's time / captum's time
 

@@ -3,8 +3,8 @@
 
 The workload is what ``zfvis mine`` draws for one layer of ``--channels`` channels with
 their top 9 (by default 128 channels: the 1,152 projections of ``zfnet-cifar10``'s
-conv5): pages of 64 channels through :func:`zfvis.render.mining_figure` (written to
-PNG), and two tile PNGs per projection through :func:`zfvis.render.save_image`. The
+conv5): pages of 64 channels through :func:`zfvis.viz.fig2.mining_figure` (written to
+PNG), and two tile PNGs per projection through :func:`zfvis.viz.render.save_image`. The
 tiles are synthetic but shaped like mining's (``(3, h, w)``, ``h, w`` in 20..32, clipped
 at image borders), smooth with some noise, seeded.
 
@@ -22,7 +22,7 @@ Phases (median seconds over ``--rounds`` rounds, all measured back to back each 
 - ``tiles_u8``: the same from uint8 ``(3, h, w)`` tensors (one file per tile, as mining
   wrote them before its sheets);
 - ``sheets``: what mining writes now: per channel one sheet and one thumbnail
-  (:mod:`zfvis.sheets`), two files instead of eighteen;
+  (:mod:`zfvis.viz.sheets`), two files instead of eighteen;
 - ``project`` (with ``--project``): the same number of conv5 projections of the shipped
   model through the public API (``record`` + ``select`` + ``reverse``), for reference.
 
@@ -63,9 +63,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from zfvis import render, sheets  # noqa: E402
+from zfvis.viz import render  # noqa: E402
+from zfvis.viz import sheets  # noqa: E402
 
-PAGE = 64  # channels per page, as zfvis.mining_figures.PAGE_CHANNELS
+PAGE = 64  # channels per page, as zfvis.mining.pages.PAGE_CHANNELS
 
 
 def _tile(gen: torch.Generator, h: int, w: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import zfvis  # noqa: E402
-from zfvis._io import atomic_open  # noqa: E402
+from zfvis.io.atomic import atomic_open  # noqa: E402
 
 CMAP = "coolwarm"
 

@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zfvis._io import atomic_torch_save, atomic_write_text  # noqa: E402
-from zfvis.data import evenly_spaced, load_image  # noqa: E402
-from zfvis.zoo import get_spec, list_models  # noqa: E402
+from zfvis.io.atomic import atomic_torch_save, atomic_write_text  # noqa: E402
+from zfvis.io.images import evenly_spaced, load_image  # noqa: E402
+from zfvis.models.zoo import get_spec, list_models  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

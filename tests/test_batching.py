@@ -1,7 +1,7 @@
 """How seeds are batched for the reverse pass, and the reverse layers' fast paths.
 
 Seeds whose cones differ in size (a seed at a border, one in the middle) are reversed
-in separate batches (:func:`zfvis.receptive.group_seeds`), and the results come back in
+in separate batches (:func:`zfvis.core.cone.group_seeds`), and the results come back in
 the seeds' own order, equal to reversing each seed on its own. The transposed
 convolutions run on channels-last signals with the border rows they would crop off left
 uncomputed, and unpooling scatters into the region its pooling windows cover; the oracle
@@ -17,7 +17,7 @@ from oracle import oracle_projection
 from torch import nn
 
 from zfvis import Deconvnet, Seeds
-from zfvis.receptive import StepCost, Window, group_seeds
+from zfvis.core.cone import StepCost, Window, group_seeds
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,12 +15,7 @@ from torch import nn
 
 import zfvis
 from zfvis.cli import main
-from zfvis.correspondence import (
-    correspondence,
-    default_parts_file,
-    load_parts,
-    sign_change_distances,
-)
+from zfvis.analysis.correspondence import correspondence, default_parts_file, load_parts, sign_change_distances
 
 
 def direct_delta(

@@ -1,4 +1,4 @@
-"""Tests for the deconvnet engine (zfvis.engine, zfvis.deconv, zfvis.receptive, zfvis.recording).
+"""Tests for the deconvnet engine (zfvis.core.deconvnet, zfvis.core.reverse, zfvis.core.cone, zfvis.core.record).
 
 The reference for every projection is ``tests/oracle.py``: the deconvnet written as
 autograd (value * d act / d x with ReLU backward replaced by ReLU of the gradient and
@@ -20,8 +20,8 @@ from torch import nn
 
 import zfvis
 from zfvis import Deconvnet, Seeds, UnsupportedModelError, load_model
-from zfvis.deconv import ReverseConv2d
-from zfvis.recording import SUPPORTED_TYPES
+from zfvis.core.reverse import ReverseConv2d
+from zfvis.core.ops import SUPPORTED_TYPES
 
 RTOL = 1e-6
 

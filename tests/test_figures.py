@@ -1,6 +1,6 @@
-"""Every figure of one model from Python (zfvis.figures): what a person checks on each.
+"""Every figure of one model from Python (zfvis.viz.projection): what a person checks on each.
 
-- ``Deconvnet.figure`` is the figure ``zfvis project`` writes (same pixels, panels, titles);
+- ``projection_figure`` is the figure ``zfvis project`` writes (same pixels, panels, titles);
 - a projection panel is not blank and its box is the activation's receptive field;
 - ``rules_figure`` shows the same activations under each rule;
 - ``filters_figure`` shows the convolution a layer stands for, found through the graph in
@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import zfvis
-from zfvis import figures, render
+from zfvis.viz import projection as figures
+from zfvis.viz import render
 from zfvis.cli import main
 
 from test_render import _drawn  # noqa: E402 - the figure's pixels, as test_render reads them
@@ -44,7 +45,7 @@ def _shipped(size: int = 96) -> tuple[zfvis.Deconvnet, torch.Tensor, zfvis.Prepr
     return zfvis.Deconvnet(model), pre(zfvis.load_image(zfvis.default_image())).unsqueeze(0), pre
 
 
-# --------------------------------------------------------------------------- Deconvnet.figure = zfvis project
+# --------------------------------------------------------------------------- projection_figure = zfvis project
 
 
 @pytest.mark.parametrize("argv, options", [
@@ -56,10 +57,10 @@ def test_deconvnet_figure_is_what_zfvis_project_writes(tmp_path: Path, argv: lis
     assert main(["project", "--layer", "conv3", *argv, "-o", str(out)]) == 0
     dn, x, pre = _shipped()
     title = "zfnet-cifar10 (packaged) / layer conv3 / chelsea.png at 96x96 / deconvnet"
-    fig = dn.figure(x, "conv3", show=pre.denormalize, title=title, **options)
+    fig = figures.projection_figure(dn, x, "conv3", figures.Selection(**options), show=pre.denormalize, title=title)
     assert np.array_equal(_pixels(out), _drawn(fig))  # the same figure, pixel for pixel
     # and without a title, the same panels and row titles (only the figure title is zfvis project's own)
-    plain = dn.figure(x, "conv3", show=pre.denormalize, **options)
+    plain = figures.projection_figure(dn, x, "conv3", figures.Selection(**options), show=pre.denormalize)
     assert [t for t in _labels(plain) if t != plain.texts[0].get_text()] == [t for t in _labels(fig) if t != title]
     assert len(plain.axes) == len(fig.axes)
     for a, b in zip(plain.axes, fig.axes):
@@ -69,7 +70,7 @@ def test_deconvnet_figure_is_what_zfvis_project_writes(tmp_path: Path, argv: lis
 
 def test_projection_panels_are_not_blank_and_boxes_are_receptive_fields() -> None:
     dn, x, pre = _shipped()
-    fig = dn.figure(x, "conv3", top_k=2, top_channels=3, show=pre.denormalize)
+    fig = figures.projection_figure(dn, x, "conv3", figures.Selection(top_k=2, top_channels=3), show=pre.denormalize)
     seeds, channels = figures.choose_seeds(dn, x, "conv3", figures.Selection(None, 2, None, 3))
     assert len(channels) == 3 and len(fig.axes) == 4 * len(seeds) == 24
     rows = [fig.axes[4 * k : 4 * k + 4] for k in range(len(seeds))]
@@ -155,6 +156,7 @@ def test_progress_bars_are_tqdm_auto() -> None:
     imports = {p.relative_to(package).as_posix(): re.findall(r"^\s*(?:from|import) (tqdm\S*)", p.read_text(), re.M)
                for p in package.rglob("*.py")}
     used = {name: found for name, found in imports.items() if found}
-    assert used == {"_progress.py": ["tqdm.auto"]}  # every bar is made in one place, by tqdm.auto
+    assert used == {"io/progress.py": ["tqdm.auto"]}  # every bar is made in one place, by tqdm.auto
     callers = {p.relative_to(package).as_posix() for p in package.rglob("*.py") if "progress(" in p.read_text()}
-    assert {"evolution.py", "mining.py", "occlusion.py", "invariance.py", "correspondence.py"} <= callers
+    assert {"analysis/evolution.py", "mining/pass1.py", "mining/pass2.py", "analysis/occlusion.py", "analysis/invariance.py",
+            "analysis/correspondence.py"} <= callers

@@ -1,4 +1,4 @@
-"""Tests for zfvis.gallery: the mining gallery as a static site (model, layer and channel pages)."""
+"""Tests for zfvis.mining.gallery: the mining gallery as a static site (model, layer and channel pages)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ from PIL import Image
 from torch import nn
 
 import zfvis
-from zfvis import gallery, mining_figures, render, sheets
+from zfvis.mining import gallery
+from zfvis.mining import pages as mining_figures
+from zfvis.viz import render
+from zfvis.viz import sheets
 from zfvis.mining import mine
 
 # VGG16's 13 conv layers: (name, channels, output side at 224x224, receptive field size, jump, offset)

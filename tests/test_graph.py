@@ -763,7 +763,7 @@ def test_model_unchanged_when_a_module_raises_mid_forward() -> None:
 
 
 def test_reverse_convolutions_are_tied_to_resnet18() -> None:
-    from zfvis.deconv import ReverseConv2d
+    from zfvis.core.reverse import ReverseConv2d
 
     model, x = get_model("resnet18"), get_image("resnet18")
     dn = Deconvnet(model)

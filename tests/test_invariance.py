@@ -15,7 +15,7 @@ from torch import nn
 
 import zfvis
 from zfvis.cli import main
-from zfvis.invariance import invariance, transform_images
+from zfvis.analysis.invariance import invariance, transform_images
 
 
 def test_transforms() -> None:
@@ -115,7 +115,7 @@ def test_every_module_keeps_its_own_mode() -> None:
 
 
 def test_figure_legend_names_each_images_class() -> None:
-    from zfvis.analysis_figures import invariance_figure
+    from zfvis.viz.analysis import invariance_figure
 
     x = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
     x[1, 0, 1, 1] = 1.5

@@ -1,4 +1,4 @@
-"""Tests for zfvis.mining and `zfvis mine`: top-k vs brute force, ties, resume,
+"""Tests for zfvis.mining.pipeline and `zfvis mine`: top-k vs brute force, ties, resume,
 two-process gloo, skipped files, the gallery, windowed crops, the CLI."""
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from zfvis import mining_figures, sheets
+from zfvis.mining import pages as mining_figures
+from zfvis.viz import sheets
 from zfvis.cli import main
-from zfvis.data import list_images, load_image
-from zfvis.engine import Deconvnet
-from zfvis.mining import crop_winners, merge_topk, mine
-from zfvis.zoo import Preprocess
+from zfvis.io.images import list_images, load_image
+from zfvis.core.deconvnet import Deconvnet
+from zfvis.analysis.topk import crop_winners, merge_topk
+from zfvis.mining import mine
+from zfvis.models.zoo import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 PRE = Preprocess(None, None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -202,7 +204,7 @@ _WORKER = textwrap.dedent(
     import sys, torch
     from torch import nn
     from zfvis.mining import mine
-    from zfvis.zoo import Preprocess
+    from zfvis.models.zoo import Preprocess
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3), nn.ReLU())
     m.load_state_dict(torch.load(sys.argv[1], weights_only=True))

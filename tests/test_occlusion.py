@@ -17,13 +17,8 @@ from torch.overrides import TorchFunctionMode
 
 import zfvis
 from zfvis.cli import main
-from zfvis.incremental import IncrementalOcclusion
-from zfvis.occlusion import (
-    OcclusionResult,
-    occlude,
-    occluder_positions,
-    occlusion,
-)
+from zfvis.analysis.incremental import IncrementalOcclusion
+from zfvis.analysis.occlusion import OcclusionResult, occlude, occluder_positions, occlusion
 
 # ----------------------------------------------------------------------------- small models
 
@@ -367,7 +362,7 @@ def test_bad_images_and_boxes_are_typed_errors() -> None:
 
 
 def test_progress_bar_counts_positions(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("zfvis._progress.DELAY", 0.0)  # shown at once, not after a second
+    monkeypatch.setattr("zfvis.io.progress.DELAY", 0.0)  # shown at once, not after a second
     occlusion(ready(chain_model()), torch.randn(3, 23, 21, dtype=torch.float64), patch=4, stride=2, progress=True)
     err = capsys.readouterr().err
     assert "occlusion" in err and "/90" in err and "pos" in err  # 10 x 9 positions
@@ -426,7 +421,7 @@ def test_cli_occlude_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_figure_is_returned_and_written_only_with_a_path(tmp_path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from zfvis.analysis_figures import occlusion_figure
+    from zfvis.viz.analysis import occlusion_figure
 
     model = ready(chain_model())
     x = torch.randn(3, 23, 21, dtype=torch.float64)

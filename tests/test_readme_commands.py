@@ -28,7 +28,7 @@ import torch
 
 import zfvis
 from zfvis.cli import get_args_parser, main
-from zfvis.cli._common import parse_command_line
+from zfvis.cli.config import parse_command_line
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

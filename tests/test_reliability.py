@@ -23,14 +23,15 @@ from PIL import Image
 from torch import nn
 
 import zfvis
-from zfvis import mining
-from zfvis._io import FolderLock
-from zfvis.checks import check_channels, parse_channel_spec
+from zfvis.mining import pass1, pass2
+from zfvis.io.atomic import FolderLock
+from zfvis.io.checks import check_channels, parse_channel_spec
 from zfvis.cli import main
-from zfvis.data import evenly_spaced
-from zfvis.errors import UserInputError
-from zfvis.mining import MineSettings, mine
-from zfvis.zoo import Preprocess
+from zfvis.io.images import evenly_spaced
+from zfvis.io.errors import UserInputError
+from zfvis.mining.settings import MineSettings
+from zfvis.mining import mine
+from zfvis.models.zoo import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 PRE = Preprocess(None, None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -115,7 +116,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(data: Path, tmp_path: Pa
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: not enough memory: you tried "
                            "to allocate 98304000000 bytes.")
 
-    monkeypatch.setattr(mining, "_update", oom)
+    monkeypatch.setattr(pass1, "_update", oom)
     rc, err = run_cli(capsys, *MINE, data, "-o", tmp_path / "out")
     line = one_line(err)
     assert rc == 2 and "out of memory" in line and "--batch-size" in line
@@ -124,7 +125,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(data: Path, tmp_path: Pa
     def gpu_oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(zfvis.engine.Deconvnet, "reverse", gpu_oom)
+    monkeypatch.setattr(zfvis.core.deconvnet.Deconvnet, "reverse", gpu_oom)
     rc, err = run_cli(capsys, "project", "--layer", "conv1", "-o", tmp_path / "p.png")
     assert rc == 2 and "--input-size" in one_line(err)
 
@@ -305,7 +306,7 @@ def test_failed_start_leaves_no_folder(data: Path, tmp_path: Path, capsys, monke
     def broken(*args, **kwargs):
         raise UserInputError("images of different sizes in one batch")
 
-    monkeypatch.setattr(mining, "_update", broken)  # fails in pass 1, before any state is saved
+    monkeypatch.setattr(pass1, "_update", broken)  # fails in pass 1, before any state is saved
     rc, err = run_cli(capsys, *MINE, data, "-o", out)
     assert rc == 2 and not (tmp_path / "new").exists()
 
@@ -345,12 +346,12 @@ def test_single_file_outputs_never_replace_a_persons_files(tmp_path: Path, capsy
 
 def test_pipeline_probed_before_pass_1(data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     batches = []
-    monkeypatch.setattr(mining, "_update", lambda *a, **k: batches.append(1))
+    monkeypatch.setattr(pass1, "_update", lambda *a, **k: batches.append(1))
 
     def cannot(*args, **kwargs):
         raise zfvis.UnsupportedModelError("module 'features.3' (Foo) cannot be reversed")
 
-    monkeypatch.setattr(zfvis.engine.Deconvnet, "reverse", cannot)
+    monkeypatch.setattr(zfvis.core.deconvnet.Deconvnet, "reverse", cannot)
     rc, err = run_cli(capsys, *MINE, data, "-o", tmp_path / "out")
     assert rc == 2 and "cannot be reversed" in one_line(err)
     assert batches == [] and not (tmp_path / "out").exists()
@@ -415,7 +416,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_says_where(data: Path, tmp_path
                                                             monkeypatch) -> None:
     out = tmp_path / "out"
     argv = [*MINE[:-1], data, "--batch-size", "4", "-o", out]
-    real = mining._update
+    real = pass1._update
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -424,11 +425,11 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_says_where(data: Path, tmp_path
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mining, "_update", interrupted)
+    monkeypatch.setattr(pass1, "_update", interrupted)
     rc, err = run_cli(capsys, *argv)
     last = err.strip().splitlines()[-1]
     assert rc == 130 and "run the same command again to resume" in last and "4 of 12 images" in last
-    monkeypatch.setattr(mining, "_update", real)
+    monkeypatch.setattr(pass1, "_update", real)
     rc, err = run_cli(capsys, *argv)
     assert rc == 0 and "resuming pass 1 from" in err and "4 of 12 images already done" in err
 
@@ -436,8 +437,8 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_says_where(data: Path, tmp_path
 def test_state_saved_by_time_as_well_as_by_batches(tmp_path: Path, monkeypatch) -> None:
     make_images(tmp_path / "d", 12)
     saves: list[int] = []
-    real = mining.atomic_torch_save
-    monkeypatch.setattr(mining, "atomic_torch_save", lambda obj, path: (saves.append(obj["batches"]), real(obj, path)))
+    real = pass1.atomic_torch_save
+    monkeypatch.setattr(pass1, "atomic_torch_save", lambda obj, path: (saves.append(obj["batches"]), real(obj, path)))
     settings = dict(out_dir=tmp_path / "a", batch_size=2, state_every=1000, progress=False, figures=False)
     mine(tiny_model(), PRE, tmp_path / "d", ["1"], state_seconds=1e-9, **settings)
     assert saves[:6] == [1, 2, 3, 4, 5, 6]  # every batch: the time limit passed each time
@@ -466,9 +467,9 @@ _FAILING_WORKER = textwrap.dedent(
     """
     import os, sys, time, torch
     from torch import nn
-    from zfvis.errors import RankFailedError
+    from zfvis.io.errors import RankFailedError
     from zfvis.mining import mine
-    from zfvis.zoo import Preprocess
+    from zfvis.models.zoo import Preprocess
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3), nn.ReLU())
     rank, calls = int(os.environ["RANK"]), [0]
@@ -562,7 +563,7 @@ def test_bugs_behind_user_looking_errors_are_reported_as_bugs(data: Path, tmp_pa
     def broken(*args, **kwargs):
         raise TypeError("resolve() got an unexpected keyword")
 
-    monkeypatch.setattr(zfvis.engine.Deconvnet, "resolve", broken)  # was turned into a one-line user error
+    monkeypatch.setattr(zfvis.core.deconvnet.Deconvnet, "resolve", broken)  # was turned into a one-line user error
     rc, err = run_cli(capsys, "filters", "-o", tmp_path / "f.png")
     assert rc == 1 and one_line(err).startswith("zfvis: internal error: TypeError")
     monkeypatch.undo()
@@ -570,7 +571,7 @@ def test_bugs_behind_user_looking_errors_are_reported_as_bugs(data: Path, tmp_pa
     def bad_preprocess(self, image):  # noqa: ANN001, ANN202
         raise ValueError("a bug in the preprocessing")
 
-    monkeypatch.setattr(zfvis.zoo.Preprocess, "__call__", bad_preprocess)  # was "no readable image"
+    monkeypatch.setattr(zfvis.models.zoo.Preprocess, "__call__", bad_preprocess)  # was "no readable image"
     rc, err = run_cli(capsys, *MINE, data, "-o", tmp_path / "out")
     line = one_line(err)
     assert rc == 1 and "internal error: ValueError: a bug in the preprocessing" in line and "readable" not in line
@@ -594,7 +595,7 @@ def test_input_size_checked_on_shapes_alone(tmp_path: Path, capsys, monkeypatch)
     rc, err = run_cli(capsys, "layers", "--input-size", "4096")  # every layer but the classifier fits
     assert rc == 2 and "does not fit" in one_line(err)
     assert time.perf_counter() - t0 < 10
-    monkeypatch.setattr(zfvis.checks, "free_memory", lambda device: 2**20)  # 1 MiB free
+    monkeypatch.setattr(zfvis.io.checks, "free_memory", lambda device: 2**20)  # 1 MiB free
     rc, err = run_cli(capsys, "project", "--layer", "conv2", "--input-size", "512", "-o", tmp_path / "p.png")
     line = one_line(err)
     assert rc == 2 and "needs about" in line and "GiB free" in line and "lower --input-size" in line
@@ -690,7 +691,8 @@ def test_correspond_part_file_is_not_replaced_by_its_results(tmp_path: Path, cap
 
 
 def test_companion_outputs_are_checked_like_the_output(tmp_path: Path) -> None:
-    from zfvis.cli._common import CLIError, check_output
+    from zfvis.cli._common import CLIError
+    from zfvis.cli.outputs import check_output
 
     figure = tmp_path / "table.png"
     figure.write_bytes(b"my own figure")
@@ -727,7 +729,7 @@ def test_pass_2_interrupted_resumes_at_its_page(how: str, tmp_path: Path, capsys
 
     data = make_images(tmp_path / "d", 6, 32)
     assert run_cli(capsys, *PAGED, data, "-o", tmp_path / "whole")[0] == 0
-    real, drawn = mining._draw, []
+    real, drawn = pass2._draw, []
 
     def interrupted(run, page, *args):  # noqa: ANN001, ANN202
         if page.number == 1:  # the second of conv3's two pages (64 + 2 channels)
@@ -737,13 +739,13 @@ def test_pass_2_interrupted_resumes_at_its_page(how: str, tmp_path: Path, capsys
         drawn.append(page.number)
         return real(run, page, *args)
 
-    monkeypatch.setattr(mining, "_draw", interrupted)
+    monkeypatch.setattr(pass2, "_draw", interrupted)
     out = tmp_path / "out"
     rc, err = run_cli(capsys, *PAGED[:-1], data, "-o", out)
     last = err.strip().splitlines()[-1]
     assert rc == 130 and "pass 2 stopped at figure page 2 of 2" in last and "run the same command again" in last
     assert drawn == [0] and (out / "conv3_p1.png").is_file() and not (out / "topk.json").exists()
-    monkeypatch.setattr(mining, "_draw", lambda run, page, *a: (drawn.append(page.number), real(run, page, *a))[1])
+    monkeypatch.setattr(pass2, "_draw", lambda run, page, *a: (drawn.append(page.number), real(run, page, *a))[1])
     rc, err = run_cli(capsys, *PAGED[:-1], data, "-o", out)
     assert rc == 0 and "resuming pass 2" in err and "1 of 2 figure pages already done" in err
     assert drawn == [0, 1]  # the first page was not drawn again
@@ -779,11 +781,11 @@ def _api_cases(tmp_path: Path, data: Path) -> list[tuple[str, object]]:
                                                                **kw)),
         ("meta device", lambda: mine(meta, PRE, data, ["1"], **kw)),
         ("image path must be a path", lambda: zfvis.load_image(3)),
-        ("data set must be a path", lambda: zfvis.data.list_images(None)),
+        ("data set must be a path", lambda: zfvis.io.images.list_images(None)),
         ("limit must be at least 1", lambda: evenly_spaced(10, 0)),
         ("unknown device", lambda: zfvis.load_model("zfnet-cifar10", weights="random", device="gpu")),
         ("seed must be a whole number", lambda: zfvis.load_model("zfnet-cifar10", weights="random", seed="x")),
-        ("weights file must be a path", lambda: zfvis.checkpoints.read_checkpoint(3)),
+        ("weights file must be a path", lambda: zfvis.models.checkpoints.read_checkpoint(3)),
         ("preprocess takes a PIL image", lambda: PRE("cat.png")),
         ("input size", lambda: PRE.with_size(10**6)),
     ]
@@ -795,7 +797,7 @@ def test_api_refuses_wrong_kinds_with_typed_errors(tmp_path: Path) -> None:
         with pytest.raises(UserInputError, match=message):
             call()  # type: ignore[operator]
     assert not (tmp_path / "api").exists()
-    from zfvis.errors import InputTypeError
+    from zfvis.io.errors import InputTypeError
 
     with pytest.raises(InputTypeError):  # a TypeError too, as documented
         mine(tiny_model(), PRE, data, "1", out_dir=tmp_path / "api")

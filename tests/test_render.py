@@ -1,4 +1,4 @@
-"""Tests for zfvis.render: display normalisation, figures as objects, PNG output, atomic writes."""
+"""Tests for zfvis.viz.render: display normalisation, figures as objects, PNG output, atomic writes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from zfvis import render
+from zfvis.viz import render
+from zfvis.viz import fig2
+from zfvis.viz import filters
+from zfvis.viz import grids
+from zfvis.viz import layout
 
 
 def _image(h: int = 32, w: int = 32) -> torch.Tensor:
@@ -224,7 +228,7 @@ def _project_args(n: int = 3) -> tuple:
 
 
 def _project(path: Path | None, n: int = 3) -> Figure:
-    return render.project_figure(*_project_args(n), path, note="projections: 0 = grey")
+    return grids.project_figure(*_project_args(n), path, note="projections: 0 = grey")
 
 
 def _mining_channels(n: int = 6, side: int = 7) -> list:
@@ -244,10 +248,10 @@ def _grid_cells() -> list:
 
 _FIGURES = {
     "project": lambda path: _project(path, 3),
-    "grid": lambda path: render.grid_figure(_grid_cells(), path, row_labels=["conv1 ch 0", "conv1 ch 1"],
+    "grid": lambda path: grids.grid_figure(_grid_cells(), path, row_labels=["conv1 ch 0", "conv1 ch 1"],
                                             col_labels=["epoch 1", "epoch 5", "final"], title="evolution"),
-    "mining": lambda path: render.mining_figure("net / conv1 / top-9", _mining_channels(), path, columns=4),
-    "filters": lambda path: render.filter_grid(torch.randn(12, 3, 5, 5, generator=torch.Generator().manual_seed(1)),
+    "mining": lambda path: fig2.mining_figure("net / conv1 / top-9", _mining_channels(), path, columns=4),
+    "filters": lambda path: filters.filter_grid(torch.randn(12, 3, 5, 5, generator=torch.Generator().manual_seed(1)),
                                                path, title="conv1 filters"),
 }
 
@@ -268,10 +272,10 @@ def test_figure_functions_return_figures_and_write_only_when_asked(tmp_path: Pat
 
 def test_positional_path_still_works(tmp_path: Path) -> None:
     """The command line and mining pass ``path`` positionally and ignore the result."""
-    render.project_figure(*_project_args(1), tmp_path / "p.png")
-    render.grid_figure([[_image()]], tmp_path / "g.png")
-    render.mining_figure("t", _mining_channels(1), tmp_path / "m.png")
-    render.filter_grid(torch.randn(4, 3, 3, 3), tmp_path / "f.png")
+    grids.project_figure(*_project_args(1), tmp_path / "p.png")
+    grids.grid_figure([[_image()]], tmp_path / "g.png")
+    fig2.mining_figure("t", _mining_channels(1), tmp_path / "m.png")
+    filters.filter_grid(torch.randn(4, 3, 3, 3), tmp_path / "f.png")
     assert _only(tmp_path) == ["f.png", "g.png", "m.png", "p.png"]
 
 
@@ -292,23 +296,23 @@ def test_project_figure_panels(tmp_path: Path, n: int) -> None:
 
 def test_project_figure_empty_window_and_mismatch(tmp_path: Path) -> None:
     img = _image()
-    render.project_figure(img, [torch.zeros(3, 32, 32)], [(4, 4, 4, 4)], ["empty"], "t", tmp_path / "e.png")
+    grids.project_figure(img, [torch.zeros(3, 32, 32)], [(4, 4, 4, 4)], ["empty"], "t", tmp_path / "e.png")
     assert _png_size(tmp_path / "e.png")[0] > 0
     with pytest.raises(ValueError):
-        render.project_figure(img, [torch.zeros(3, 32, 32)], [], ["x"], "t", tmp_path / "x.png")
+        grids.project_figure(img, [torch.zeros(3, 32, 32)], [], ["x"], "t", tmp_path / "x.png")
     with pytest.raises(ValueError):
-        render.project_figure(img, [torch.zeros(3, 16, 16)], [(0, 0, 1, 1)], ["x"], "t", tmp_path / "x.png")
+        grids.project_figure(img, [torch.zeros(3, 16, 16)], [(0, 0, 1, 1)], ["x"], "t", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_grid_figure(tmp_path: Path) -> None:
-    fig = render.grid_figure(_grid_cells(), tmp_path / "g.png", row_labels=["conv1 ch 0", "conv1 ch 1"],
+    fig = grids.grid_figure(_grid_cells(), tmp_path / "g.png", row_labels=["conv1 ch 0", "conv1 ch 1"],
                              col_labels=["epoch 1", "epoch 5", "final"], title="evolution")
     w, h = _png_size(tmp_path / "g.png")
     assert 300 <= w <= 2000 and 200 <= h <= 2000
     assert len(fig.axes) == 4 and len(_panels(fig)) == 3  # the None cell is a blank axes
     with pytest.raises(ValueError):
-        render.grid_figure(_grid_cells(), tmp_path / "bad.png", row_labels=["only one"])
+        grids.grid_figure(_grid_cells(), tmp_path / "bad.png", row_labels=["only one"])
 
 
 def _tile_box(fig: Figure, k: int, g: int, i: int) -> tuple[int, int, int, int]:
@@ -322,7 +326,7 @@ def _tile_box(fig: Figure, k: int, g: int, i: int) -> tuple[int, int, int, int]:
 
 def test_mining_figure_is_one_image_with_its_labels(tmp_path: Path) -> None:
     channels = _mining_channels(6)
-    fig = render.mining_figure("net / conv1 / top-9", channels, tmp_path / "m.png", columns=4)
+    fig = fig2.mining_figure("net / conv1 / top-9", channels, tmp_path / "m.png", columns=4)
     w, h = _png_size(tmp_path / "m.png")
     assert 800 <= w <= 2000 and 300 <= h <= 2000
     assert len(fig.axes) == 1 and len(fig.axes[0].get_images()) == 1  # one image, not an axes per cell
@@ -359,7 +363,7 @@ def test_mining_figure_tiles_keep_their_pixels() -> None:
     p = torch.zeros(3, 6, 6)
     p[0, 2, 3] = 1.0  # one reddish pixel on grey
     patch = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0))
-    fig = render.mining_figure("t", [(0, [p], [patch], [1.0])], None, cell_inches=0.6)
+    fig = fig2.mining_figure("t", [(0, [p], [patch], [1.0])], None, cell_inches=0.6)
     page = np.asarray(fig.axes[0].get_images()[0].get_array())[..., :3]
     f = 10  # 60 px / 6
     top, left, bottom, right = _tile_box(fig, 0, 1, 0)
@@ -371,7 +375,7 @@ def test_mining_figure_tiles_keep_their_pixels() -> None:
 
 def test_mining_figure_large_tiles_are_reduced(tmp_path: Path) -> None:
     channels = _mining_channels(2, side=212)  # VGG16 conv5_3's receptive field
-    fig = render.mining_figure("vgg", channels, None, cell_inches=0.6)
+    fig = fig2.mining_figure("vgg", channels, None, cell_inches=0.6)
     assert fig._zfvis_layout.cell == 60  # type: ignore[attr-defined]
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=50)  # another dpi: matplotlib resamples the page
@@ -380,27 +384,27 @@ def test_mining_figure_large_tiles_are_reduced(tmp_path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")  # as a notebook shows a figure
     with Image.open(buf) as im:
-        assert im.size[0] > 0.9 * fig.get_size_inches()[0] * render.DPI
+        assert im.size[0] > 0.9 * fig.get_size_inches()[0] * layout.DPI
 
 
 def test_mining_figure_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        render.mining_figure("t", [], tmp_path / "m.png")
+        fig2.mining_figure("t", [], tmp_path / "m.png")
     with pytest.raises(ValueError):
-        render.mining_figure("t", _mining_channels(1), tmp_path / "m.png", columns=0)
+        fig2.mining_figure("t", _mining_channels(1), tmp_path / "m.png", columns=0)
     too_many = [(0, [torch.zeros(3, 4, 4)] * 10, [], [])]
     with pytest.raises(ValueError):
-        render.mining_figure("t", too_many, tmp_path / "m.png")
+        fig2.mining_figure("t", too_many, tmp_path / "m.png")
     assert _only(tmp_path) == []
 
 
 def test_filter_grid_rgb_and_grey(tmp_path: Path) -> None:
-    a = render.filter_grid(torch.randn(12, 3, 5, 5), tmp_path / "rgb.png", title="conv1 filters")
-    b = render.filter_grid(torch.randn(7, 16, 3, 3), tmp_path / "grey.png")
+    a = filters.filter_grid(torch.randn(12, 3, 5, 5), tmp_path / "rgb.png", title="conv1 filters")
+    b = filters.filter_grid(torch.randn(7, 16, 3, 3), tmp_path / "grey.png")
     assert min(_png_size(tmp_path / "rgb.png")) >= 150 and min(_png_size(tmp_path / "grey.png")) >= 150
     assert len(_panels(a)) == 12 and len(_panels(b)) == 7
     with pytest.raises(ValueError):
-        render.filter_grid(torch.randn(3, 5, 5), tmp_path / "bad.png")
+        filters.filter_grid(torch.randn(3, 5, 5), tmp_path / "bad.png")
 
 
 # --------------------------------------------------------------------------- atomic output
@@ -417,7 +421,7 @@ def test_missing_folder_raises_and_writes_nothing(tmp_path: Path) -> None:
 def test_parent_is_a_file_raises_oserror(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError):
-        render.grid_figure([[_image()]], tmp_path / "file" / "g.png")
+        grids.grid_figure([[_image()]], tmp_path / "file" / "g.png")
     with pytest.raises(OSError):
         render.save_image(_image(), tmp_path / "file" / "a.png")
     assert _only(tmp_path) == ["file"]
@@ -430,7 +434,7 @@ def test_unwritable_folder_raises_permission_error(tmp_path: Path) -> None:
     folder.chmod(0o555)
     try:
         with pytest.raises(PermissionError):
-            render.filter_grid(torch.randn(4, 3, 3, 3), folder / "f.png")
+            filters.filter_grid(torch.randn(4, 3, 3, 3), folder / "f.png")
         with pytest.raises(PermissionError):
             render.save_image(_image(), folder / "a.png")
         assert _only(folder) == []
@@ -462,7 +466,7 @@ def test_failure_while_writing_leaves_no_partial_file(
 def test_overwrite_replaces_file(tmp_path: Path) -> None:
     target = tmp_path / "f.png"
     target.write_bytes(b"old")
-    render.filter_grid(torch.randn(4, 3, 3, 3), target)
+    filters.filter_grid(torch.randn(4, 3, 3, 3), target)
     assert _png_size(target)[0] > 0
     render.save_image(_image(), target)
     assert _png_size(target) == (32, 32)
@@ -475,7 +479,7 @@ def test_mining_figure_shows_uint8_tiles_as_they_are() -> None:
     proj = (torch.rand(3, 6, 6, generator=gen) * 255).to(torch.uint8)
     grey = torch.full((3, 6, 6), 128, dtype=torch.uint8)  # a projection that is zero everywhere
     patch = (torch.rand(3, 6, 6, generator=gen) * 255).to(torch.uint8)
-    fig = render.mining_figure("t", [(0, [proj, grey], [patch, patch], [1.0, 0.0])], None, cell_inches=0.6)
+    fig = fig2.mining_figure("t", [(0, [proj, grey], [patch, patch], [1.0, 0.0])], None, cell_inches=0.6)
     page = np.asarray(fig.axes[0].get_images()[0].get_array())[..., :3]
     f = 10
     for g, i, tile in ((0, 0, proj), (0, 1, grey), (1, 0, patch)):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from zfvis import render, sheets
+from zfvis.viz import render
+from zfvis.viz import sheets
 
 
 def _tile(h: int, w: int, seed: int) -> torch.Tensor:

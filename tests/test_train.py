@@ -67,7 +67,7 @@ def test_resume_after_interruption_is_exact(tiny_folder: Path, tmp_path: Path, m
 def test_shipped_model_classifies_real_cifar10(cifar_test_slice: Path) -> None:
     """The packaged weights on 200 real CIFAR-10 test images: far better than chance (10%)."""
     model, pre = zfvis.load_model("zfnet-cifar10")
-    spec = zfvis.zoo.get_spec("zfnet-cifar10")
+    spec = zfvis.models.zoo.get_spec("zfnet-cifar10")
     correct = total = 0
     for label, cls in enumerate(spec.classes or ()):
         files = sorted((cifar_test_slice / cls).glob("*.jpg"))

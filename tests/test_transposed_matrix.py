@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zfvis
-from zfvis import deconv
+from zfvis.core import reverse as deconv
 
 # (in, out, kernel, stride, padding, dilation, groups, input H, W)
 CASES = {
@@ -114,7 +114,7 @@ def test_conv_matrix_rows_are_the_filters() -> None:
 
 
 class _Mutant:
-    """zfvis's own reverse convolution (:meth:`zfvis.deconv.ReverseConv2d.reverse`) with
+    """zfvis's own reverse convolution (:meth:`zfvis.core.reverse.ReverseConv2d.reverse`) with
     one classic mistake, put in its place for one test: the comparison must catch it."""
 
     KINDS = ("kernel flipped", "padding cropped at the wrong side", "bias added", "groups swapped")

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 import zfvis
-from zfvis import zoo
+from zfvis.models import zoo
 
 # A declared contract per zoo model (timm style): alias -> (channels, reduction: the
 # receptive field's jump) for a 224 input (32 for zfnet-cifar10, 64 for the graph models: the reduction does not depend on it), checked against real outputs below.

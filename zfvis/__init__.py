@@ -6,95 +6,105 @@
 >>> x = preprocess(zfvis.load_image(zfvis.default_image())).unsqueeze(0)
 >>> dn.project(x, "conv3", channel=5).shape
 torch.Size([1, 3, 32, 32])
+
+Public names are imported on first use (PEP 562): ``import zfvis`` is quick, and
+``import zfvis.core`` loads no drawing code.
 """
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .aliases import layer_aliases, register_aliases
-from .analysis_figures import correspondence_figure, invariance_figure, occlusion_figure
-from .correspondence import (
-    CorrespondenceResult,
-    PartImages,
-    PartScore,
-    correspondence,
-    default_parts_file,
-    load_parts,
-)
-from .data import list_images, load_image, to_rgb
-from .deconv import ReverseStack
-from .engine import Deconvnet, Patches, Seeds
-from .errors import ForwardPassError, InputTypeError, UserInputError, ZfvisError
-from .evolution import Evolution, EvolutionCell, ImageBatch, evolution, evolution_figure, load_images, sample_images
-from .figures import Selection, filters_figure, projection_figure, rules_figure
-from .gallery import write_site
-from .mining_figures import mining_page
-from .invariance import InvarianceResult, invariance, transform_images
-from .occlusion import OcclusionResult, occlude, occlusion
-from .ops import RULES, UnsupportedModelError
-from .receptive import ReceptiveField
-from .recording import Recording
-from .zoo import Preprocess, WeightsDownloadError, ZFNet, list_models, load_model
+from ._version import __version__
 
-__version__ = "0.1.0"
+#: Each public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "CorrespondenceResult": "zfvis.analysis.correspondence",
+    "PartImages": "zfvis.analysis.correspondence",
+    "PartScore": "zfvis.analysis.correspondence",
+    "correspondence": "zfvis.analysis.correspondence",
+    "default_parts_file": "zfvis.analysis.correspondence",
+    "load_parts": "zfvis.analysis.correspondence",
+    "Evolution": "zfvis.analysis.evolution",
+    "EvolutionCell": "zfvis.analysis.evolution",
+    "ImageBatch": "zfvis.analysis.evolution",
+    "evolution": "zfvis.analysis.evolution",
+    "load_images": "zfvis.analysis.evolution",
+    "sample_images": "zfvis.analysis.evolution",
+    "InvarianceResult": "zfvis.analysis.invariance",
+    "invariance": "zfvis.analysis.invariance",
+    "transform_images": "zfvis.analysis.invariance",
+    "OcclusionResult": "zfvis.analysis.occlusion",
+    "occlude": "zfvis.analysis.occlusion",
+    "occlusion": "zfvis.analysis.occlusion",
+    "layer_aliases": "zfvis.core.aliases",
+    "register_aliases": "zfvis.core.aliases",
+    "ReceptiveField": "zfvis.core.cone",
+    "Deconvnet": "zfvis.core.deconvnet",
+    "Patches": "zfvis.core.deconvnet",
+    "Seeds": "zfvis.core.deconvnet",
+    "RULES": "zfvis.core.ops",
+    "Recording": "zfvis.core.record",
+    "ReverseStack": "zfvis.core.reverse",
+    "ForwardPassError": "zfvis.io.errors",
+    "InputTypeError": "zfvis.io.errors",
+    "UnsupportedModelError": "zfvis.io.errors",
+    "UserInputError": "zfvis.io.errors",
+    "ZfvisError": "zfvis.io.errors",
+    "default_image": "zfvis.io.images",
+    "list_images": "zfvis.io.images",
+    "load_image": "zfvis.io.images",
+    "to_rgb": "zfvis.io.images",
+    "write_site": "zfvis.mining.gallery",
+    "mining_page": "zfvis.mining.pages",
+    "Preprocess": "zfvis.models.zoo",
+    "WeightsDownloadError": "zfvis.models.zoo",
+    "ZFNet": "zfvis.models.zoo",
+    "list_models": "zfvis.models.zoo",
+    "load_model": "zfvis.models.zoo",
+    "correspondence_figure": "zfvis.viz.analysis",
+    "invariance_figure": "zfvis.viz.analysis",
+    "occlusion_figure": "zfvis.viz.analysis",
+    "evolution_figure": "zfvis.viz.evolution",
+    "filters_figure": "zfvis.viz.filters",
+    "Selection": "zfvis.viz.projection",
+    "projection_figure": "zfvis.viz.projection",
+    "rules_figure": "zfvis.viz.projection",
+}
 
-__all__ = [
-    "CorrespondenceResult",
-    "Deconvnet",
-    "Evolution",
-    "EvolutionCell",
-    "ImageBatch",
-    "ForwardPassError",
-    "InputTypeError",
-    "InvarianceResult",
-    "OcclusionResult",
-    "PartImages",
-    "PartScore",
-    "Patches",
-    "Preprocess",
-    "RULES",
-    "ReceptiveField",
-    "Recording",
-    "ReverseStack",
-    "Seeds",
-    "Selection",
-    "UnsupportedModelError",
-    "UserInputError",
-    "WeightsDownloadError",
-    "ZFNet",
-    "ZfvisError",
-    "correspondence",
-    "correspondence_figure",
-    "default_image",
-    "default_parts_file",
-    "evolution",
-    "evolution_figure",
-    "filters_figure",
-    "invariance",
-    "invariance_figure",
-    "layer_aliases",
-    "list_images",
-    "list_models",
-    "load_image",
-    "load_images",
-    "load_model",
-    "load_parts",
-    "mining_page",
-    "occlude",
-    "occlusion",
-    "occlusion_figure",
-    "projection_figure",
-    "register_aliases",
-    "rules_figure",
-    "sample_images",
-    "to_rgb",
-    "transform_images",
-    "write_site",
-]
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .analysis.correspondence import CorrespondenceResult, PartImages, PartScore, correspondence, default_parts_file, load_parts
+    from .analysis.evolution import Evolution, EvolutionCell, ImageBatch, evolution, load_images, sample_images
+    from .analysis.invariance import InvarianceResult, invariance, transform_images
+    from .analysis.occlusion import OcclusionResult, occlude, occlusion
+    from .core.aliases import layer_aliases, register_aliases
+    from .core.cone import ReceptiveField
+    from .core.deconvnet import Deconvnet, Patches, Seeds
+    from .core.ops import RULES
+    from .core.record import Recording
+    from .core.reverse import ReverseStack
+    from .io.errors import ForwardPassError, InputTypeError, UnsupportedModelError, UserInputError, ZfvisError
+    from .io.images import default_image, list_images, load_image, to_rgb
+    from .mining.gallery import write_site
+    from .mining.pages import mining_page
+    from .models.zoo import Preprocess, WeightsDownloadError, ZFNet, list_models, load_model
+    from .viz.analysis import correspondence_figure, invariance_figure, occlusion_figure
+    from .viz.evolution import evolution_figure
+    from .viz.filters import filters_figure
+    from .viz.projection import Selection, projection_figure, rules_figure
 
 
-def default_image() -> Path:
-    """The photograph shipped with zfvis (a tabby cat, CC0; see ``assets/LICENSE.md``)."""
-    return Path(str(resources.files("zfvis") / "assets" / "chelsea.png"))
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zfvis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import _progress
-from .data import load_image
-from .engine import Deconvnet
-from .errors import InputTypeError, UserInputError
+from ..core.deconvnet import Deconvnet
+from ..io import progress as _progress
+from ..io.errors import InputTypeError, UserInputError
+from ..io.images import load_image
 from .occlusion import Box, check_boxes, occlude
 
 __all__ = [

@@ -20,19 +20,16 @@ from collections.abc import Callable, Iterable, Sequence, Sized
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 
-from . import _progress, render
-from .checks import check_channels
-from .data import evenly_spaced, list_images, load_image, resolve
-from .engine import Deconvnet
-from .errors import InputTypeError, UserInputError
-from .mining import crop_winners, make_seeds
-from .topk import strongest
+from ..core.deconvnet import Deconvnet
+from ..io import progress as _progress
+from ..io.checks import check_channels
+from ..io.errors import InputTypeError, UserInputError
+from ..io.images import evenly_spaced, list_images, load_image, resolve
+from .topk import crop_winners, make_seeds, strongest
 
-__all__ = ["EvolutionCell", "Evolution", "ImageBatch", "sample_images", "load_images", "evolution",
-           "evolution_figure"]
+__all__ = ["EvolutionCell", "Evolution", "ImageBatch", "sample_images", "load_images", "evolution"]
 
 Box = tuple[int, int, int, int]
 
@@ -205,32 +202,3 @@ def evolution(models: Iterable[nn.Module | Deconvnet], images: torch.Tensor, lay
     if len(names) != len(cells):
         raise UserInputError(f"got {len(names)} labels for {len(cells)} checkpoints; give one label per checkpoint")
     return Evolution(layer, chosen, names, cells)
-
-
-def evolution_figure(result: Evolution, *, model_name: str | None = None, title: str | None = None,
-                     path: str | os.PathLike[str] | None = None) -> Figure:
-    """Draws an :class:`Evolution`: a row per feature map, a column per checkpoint.
-
-    Each cell is the strongest activation's projection cropped to its receptive field
-    (0 is grey, scaled by its largest absolute value); a feature map never active at a
-    checkpoint is a light-grey blank.
-
-    Args:
-        result: What :func:`evolution` returned.
-        model_name: Named at the start of the default title, e.g. ``"zfnet-cifar10"``.
-        title: The figure title (default: the model name, the layer and what the cells show).
-        path: Where to write the PNG (atomically); ``None`` writes nothing.
-
-    Returns:
-        The figure.
-    """
-    rows: list[list[torch.Tensor | None]] = [
-        [None if col[r].projection is None else render.normalize_projection(col[r].projection)
-         for col in result.cells]
-        for r in range(len(result.channels))
-    ]
-    default = f"{result.layer}: strongest activation per feature map, by checkpoint (blank: never active)"
-    return render.grid_figure(
-        rows, path, row_labels=[f"ch {c}" for c in result.channels], col_labels=list(result.labels),
-        title=title or (f"{model_name} {default}" if model_name else default),
-    )

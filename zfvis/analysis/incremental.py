@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .errors import UserInputError
-from .graph import ModelGraph
+from ..core.graph import ModelGraph
+from ..io.errors import UserInputError
 from .incremental_rules import Pointwise, Rule, is_inplace, is_pointwise, module_rule
 
 __all__ = ["IncrementalOcclusion", "NotIncremental", "map_totals"]

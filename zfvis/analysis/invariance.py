@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _progress
-from .engine import Deconvnet
-from .errors import InputTypeError, UserInputError
-from .graph import eval_mode
+from ..core.deconvnet import Deconvnet
+from ..core.graph import eval_mode
+from ..io import progress as _progress
+from ..io.errors import InputTypeError, UserInputError
 
 __all__ = ["TRANSFORMS", "InvarianceResult", "invariance", "transform_images"]
 

@@ -35,12 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _progress
-from .engine import Deconvnet
-from .errors import InputTypeError, UserInputError
-from .graph import eval_mode
+from ..core.deconvnet import Deconvnet
+from ..core.graph import eval_mode
+from ..io import progress as _progress
+from ..io.errors import InputTypeError, UnsupportedModelError, UserInputError
 from .incremental import IncrementalOcclusion, NotIncremental, map_totals
-from .ops import UnsupportedModelError
 
 __all__ = ["OcclusionResult", "occlusion", "occlude", "occluder_positions", "check_boxes", "METHODS"]
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .engine import Deconvnet, Seeds
+from ..core.deconvnet import Deconvnet
+from ..core.seeds import Seeds
 
-__all__ = ["EMPTY", "empty_topk", "merge_topk", "image_maxima", "strongest"]
+__all__ = ["EMPTY", "empty_topk", "merge_topk", "image_maxima", "strongest", "make_seeds", "crop_winners"]
 
 #: Index of an empty top-k slot (sorts last).
 EMPTY = torch.iinfo(torch.long).max
@@ -78,7 +77,6 @@ def strongest(dn: Deconvnet, images: torch.Tensor, layer: str, channels: Sequenc
     Returns:
         One seed per channel, in the order given; ``image`` indexes ``images``.
     """
-    from .engine import Seeds
 
     sel = torch.tensor(list(channels), device=images.device)
     best = None
@@ -97,3 +95,32 @@ def strongest(dn: Deconvnet, images: torch.Tensor, layer: str, channels: Sequenc
     y = torch.where(pos >= 0, pos // width, -1).to(dev)
     x = torch.where(pos >= 0, pos % width, -1).to(dev)
     return Seeds(best["index"][:, 0].to(dev), sel, y, x, best["values"][:, 0].to(dev))
+
+
+def make_seeds(entries: Sequence[tuple[int, int, int, int, float]], device: torch.device | str) -> Seeds:
+    """Seeds from ``(image, channel, y, x, value)`` rows (y = x = -1: a vector layer's unit).
+
+    The one place where mining and ``zfvis evolution`` build seeds by hand.
+    """
+    cols = list(zip(*entries)) if entries else [(), (), (), (), ()]
+    ints = [torch.tensor(c, dtype=torch.long, device=device) for c in cols[:4]]
+    return Seeds(*ints, torch.tensor(cols[4], dtype=torch.float32, device=device))
+
+
+Box = tuple[int, int, int, int]
+
+
+def crop_winners(dn: Deconvnet, images: torch.Tensor, layer: str, seeds: Seeds) -> list[tuple[torch.Tensor, torch.Tensor, Box]]:
+    """Projects ``seeds`` of ``layer`` (images indexed within ``images``) and crops.
+
+    Returns, per seed, (projection, image patch, box): both (C, h, w) cropped to the
+    seed's receptive field clipped to the image, box = (top, left, bottom, right)
+    (:meth:`~zfvis.engine.Patches.boxes`).
+    """
+    rec = dn.record(images, layer)
+    patches = dn.reverse(rec, seeds)
+    imgs = images.detach().cpu()
+    out = []
+    for j, (proj, (t, l, b, r)) in enumerate(zip(patches.crops(), patches.boxes())):
+        out.append((proj, imgs[int(seeds.image[j]), :, t:b, l:r], (t, l, b, r)))
+    return out

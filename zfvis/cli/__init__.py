@@ -15,15 +15,10 @@ import warnings
 from collections.abc import Sequence
 
 from . import correspond, evolution, filters, invariance, layers, mine, occlude, project
-from ._common import (  # noqa: F401
-    ArgumentParser,
-    CLIError,
-    _parse,
-    apply_config,
-    invoked,
-    parse_command_line,
-    report_error,
-)
+from ._common import ArgumentParser
+from .boundary import report_error
+from .config import _parse
+from .outputs import invoked
 
 __all__ = ["get_args_parser", "main"]
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_text
-from ..zoo import Preprocess, get_spec
-from ._common import CLIError, write_settings
+from ..io.atomic import atomic_write_text
+from ..models.zoo import Preprocess, get_spec
+from ._common import CLIError
+from .outputs import write_settings
 
 FILL_HELP = "occluder colour: mean (the data set's mean colour), gray, black, or a VALUE in model input space (default mean)"
 

@@ -7,30 +7,22 @@ import csv
 import io
 from pathlib import Path
 
-from .._io import atomic_write_text
-from ..analysis_figures import correspondence_figure
-from ..checks import check_int
-from ..correspondence import (
+from ..analysis.correspondence import (
     CorrespondenceResult,
     PartImages,
     correspondence,
     default_parts_file,
     load_parts,
 )
-from ..engine import Deconvnet
-from ..zoo import get_spec
-from ._common import (
-    CLIError,
-    add_config_arg,
-    add_model_args,
-    add_output_args,
-    check_output,
-    feature_layers,
-    load_zoo_model,
-    resolve_device,
-    resolve_layer,
-)
+from ..core.deconvnet import Deconvnet
+from ..io.atomic import atomic_write_text
+from ..io.checks import check_int
+from ..models.zoo import get_spec
+from ..viz.analysis import correspondence_figure
 from ._analysis import FILL_HELP, parse_fill, parse_layers, write_results
+from ._common import CLIError, add_config_arg, add_model_args, add_output_args
+from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
+from .outputs import check_output
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -15,25 +15,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import default_image
-from ..checkpoints import check_checkpoint_file
-from ..checks import check_input_size, check_int, check_memory
-from ..engine import Deconvnet
-from ..evolution import evolution, evolution_figure, load_images, sample_images
-from ..zoo import Preprocess
-from ._common import (
-    CLIError,
-    add_config_arg,
-    add_output_args,
+from ..analysis.evolution import evolution, load_images, sample_images
+from ..viz.evolution import evolution_figure
+from ..core.deconvnet import Deconvnet
+from ..io.checks import check_input_size, check_int, check_memory
+from ..io.images import default_image
+from ..models.checkpoints import check_checkpoint_file
+from ..models.zoo import Preprocess
+from ._common import CLIError, add_config_arg, add_output_args, parse_channels
+from .models import (
     check_model_name,
-    check_output,
     fit_input_size,
     load_zoo_model,
-    parse_channels,
     resolve_device,
     resolve_layer,
-    write_settings,
 )
+from .outputs import check_output, write_settings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

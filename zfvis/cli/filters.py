@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..engine import Deconvnet
-from ..figures import filters_figure
-from ..zoo import get_spec
-from ._common import (
-    add_config_arg,
-    add_model_args,
-    add_output_args,
-    check_output,
-    load_zoo_model,
-    resolve_device,
-    resolve_layer,
-    write_settings,
-)
+from ..core.deconvnet import Deconvnet
+from ..models.zoo import get_spec
+from ..viz.filters import filters_figure
+from ._common import add_config_arg, add_model_args, add_output_args
+from .models import load_zoo_model, resolve_device, resolve_layer
+from .outputs import check_output, write_settings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

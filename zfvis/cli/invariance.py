@@ -10,24 +10,17 @@ from typing import Any
 
 import torch
 
-from .. import default_image
-from ..analysis_figures import invariance_figure
-from ..correspondence import default_parts_file
-from ..data import load_image
-from ..engine import Deconvnet
-from ..invariance import TRANSFORMS, InvarianceResult, invariance, transform_images
-from ..zoo import get_spec
-from ._common import (
-    CLIError,
-    add_config_arg,
-    add_model_args,
-    add_output_args,
-    check_output,
-    feature_layers,
-    load_zoo_model,
-    resolve_device,
-    resolve_layer,
+from ..analysis.correspondence import default_parts_file
+from ..analysis.invariance import (
+    TRANSFORMS,
+    InvarianceResult,
+    invariance,
+    transform_images,
 )
+from ..core.deconvnet import Deconvnet
+from ..io.images import default_image, load_image
+from ..models.zoo import get_spec
+from ..viz.analysis import invariance_figure
 from ._analysis import (
     FILL_HELP,
     class_names,
@@ -36,6 +29,9 @@ from ._analysis import (
     parse_target,
     write_results,
 )
+from ._common import CLIError, add_config_arg, add_model_args, add_output_args
+from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
+from .outputs import check_output
 
 #: Default ranges (start, stop, step; stop included). Translation is a fraction of the side.
 DEFAULT_RANGES = {"translation": (-0.27, 0.27, None), "scale": (1.0, 1.8, 0.05), "rotation": (0.0, 360.0, 15.0)}

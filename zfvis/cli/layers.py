@@ -6,9 +6,10 @@ import argparse
 
 import torch
 
-from ..checks import check_input_size
-from ..engine import Deconvnet
-from ._common import add_config_arg, check_model_name, fit_input_size, load_zoo_model, shapes_only
+from ..core.deconvnet import Deconvnet
+from ..io.checks import check_input_size
+from ._common import add_config_arg
+from .models import check_model_name, fit_input_size, load_zoo_model, shapes_only
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

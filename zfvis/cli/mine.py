@@ -5,22 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..checks import check_input_size, check_int
-from ..data import check_data_set
-from ..engine import Deconvnet
-from ..mining import MineSettings, mine
-from ..ops import RULES
-from ..zoo import get_spec
-from ._common import (
-    CLIError,
-    add_config_arg,
-    add_model_args,
-    fit_input_size,
-    load_zoo_model,
-    parse_channels,
-    resolve_device,
-    resolve_layer,
-)
+from ..core.deconvnet import Deconvnet
+from ..core.ops import RULES
+from ..io.checks import check_input_size, check_int
+from ..io.images import check_data_set
+from ..mining.pipeline import MineSettings, mine
+from ..models.zoo import get_spec
+from ._common import CLIError, add_config_arg, add_model_args, parse_channels
+from .models import fit_input_size, load_zoo_model, resolve_device, resolve_layer
 
 #: Largest --top: each entry is a projection and two tiles per channel.
 MAX_TOP = 1000

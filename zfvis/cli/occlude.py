@@ -8,24 +8,22 @@ from typing import Any
 
 import torch
 
-from .. import default_image
-from ..analysis_figures import occlusion_figure
-from ..data import load_image
-from ..engine import Deconvnet
-from ..occlusion import OcclusionResult, occlusion
-from ..zoo import get_spec
-from ._analysis import FILL_HELP, class_names, fill_rgb, parse_fill, parse_target, write_results
-from ._common import (
-    CLIError,
-    add_config_arg,
-    add_model_args,
-    add_output_args,
-    check_output,
-    feature_layers,
-    load_zoo_model,
-    resolve_device,
-    resolve_layer,
+from ..analysis.occlusion import OcclusionResult, occlusion
+from ..core.deconvnet import Deconvnet
+from ..io.images import default_image, load_image
+from ..models.zoo import get_spec
+from ..viz.analysis import occlusion_figure
+from ._analysis import (
+    FILL_HELP,
+    class_names,
+    fill_rgb,
+    parse_fill,
+    parse_target,
+    write_results,
 )
+from ._common import CLIError, add_config_arg, add_model_args, add_output_args
+from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
+from .outputs import check_output
 
 TOP_K = 4
 

@@ -7,26 +7,26 @@ from pathlib import Path
 
 import torch
 
-from .. import default_image
-from ..checks import check_channels, check_int
-from ..data import load_image
-from ..engine import Deconvnet
-from ..figures import Selection, projection_figure, rules_figure, strongest_channels
-from ..ops import RULES
-from ..zoo import get_spec
-from ._common import (
-    CLIError,
-    add_config_arg,
-    add_model_args,
-    add_output_args,
-    check_output,
+from ..core.deconvnet import Deconvnet
+from ..core.ops import RULES
+from ..io.checks import check_channels, check_int
+from ..io.images import default_image, load_image
+from ..models.zoo import get_spec
+from ..viz.projection import (
+    Selection,
+    projection_figure,
+    rules_figure,
+    strongest_channels,
+)
+from ._common import CLIError, add_config_arg, add_model_args, add_output_args
+from .models import (
     feature_layers,
     fit_input_size,
     load_zoo_model,
     resolve_device,
     resolve_layer,
-    write_settings,
 )
+from .outputs import check_output, write_settings
 
 #: Input side used for a model whose preprocessing is 32x32: large enough that a
 #: middle layer's receptive field covers a part of the photo, not all of it.

@@ -93,14 +93,17 @@ class Window:
         return cls(map_size, z, z, (z, z, h, w), map_size)
 
 
-def _reached(a0: torch.Tensor, b0: torch.Tensor, k: int, s: int, p: int, d: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _reached(a0: torch.Tensor, b0: torch.Tensor, kernel: tuple[int, int, int, int], n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
     """First and one-past-last input index that outputs ``a0 .. b0 - 1`` read (B,).
+
+    ``kernel`` is (size k, stride s, padding p, dilation d) along one dimension.
 
     The kernel taps ``o*s - p + j*d`` that fall inside the map; with dilation the taps
     next to a border can skip its first (or last) rows, so clamping the interval
     ``[a0*s - p, (b0 - 1)*s - p + extent)`` to the map may overshoot. Only outputs near a
     border need looking at; the others are never clipped.
     """
+    k, s, p, d = kernel
     extent = d * (k - 1) + 1
     m = (extent + p) // s + 2
     t = torch.arange(m, device=a0.device)
@@ -129,7 +132,7 @@ def _back(rule: tuple, out: Window, in_size: tuple[int, int]) -> Window:
             a = (out.cone[i] * s[i] - p[i]).clamp(min=0)
             b = ((out.cone[i + 2] - 1) * s[i] - p[i] + extent).clamp(max=in_size[i])
         else:
-            a, b = _reached(out.cone[i], out.cone[i + 2], k[i], s[i], p[i], d[i], in_size[i])
+            a, b = _reached(out.cone[i], out.cone[i + 2], (k[i], s[i], p[i], d[i]), in_size[i])
         # as large as the largest cone: a seed whose cone a border clips computes less
         n = min(in_size[i], max(1, int((b - a).max())))
         size.append(n)

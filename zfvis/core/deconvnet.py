@@ -9,22 +9,20 @@ batched, each seed computing only over its cone of influence.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 
+from ..io.errors import InputTypeError, UnsupportedModelError, UserInputError
 from .aliases import layer_aliases
-from .deconv import ReverseConv2d, ReverseStack, ReverseStep, crop_windows
-from .errors import InputTypeError, UserInputError
+from .cone import ReceptiveField, StepCost, Window, group_seeds, plan, receptive_field
 from .graph import GraphNode, ModelGraph, trace_model
-from .ops import OPS, RULES, UnsupportedModelError
-from .receptive import ReceptiveField, StepCost, Window, group_seeds, plan, receptive_field
-from .recording import Recording, Step, record
+from .layers import LayerNames
+from .ops import OPS, RULES
+from .record import Recording, Step, record
+from .reverse import ReverseConv2d, ReverseStack, ReverseStep
+from .seeds import Patches, Seeds, check_position, select_seeds, widen
 
 __all__ = ["Deconvnet", "Seeds", "Patches"]
 
@@ -40,72 +38,6 @@ _BATCH_ELEMENTS = 8_000_000
 
 #: Ops that may stand between a convolution and the layer name that means it (``conv3``).
 _AFTER_CONV = ("batch_norm", "relu", "relu6")
-
-
-@dataclasses.dataclass
-class Seeds:
-    """Activations to project, one entry each.
-
-    Attributes:
-        image: Index of the image in the recorded batch (B,).
-        channel: Channel (or unit, for a vector layer) (B,).
-        y: Row of the activation (B,); -1 for a whole-map seed or a vector layer.
-        x: Column of the activation (B,); -1 likewise.
-        value: The activation's value (B,); for a whole-map seed, the map's maximum.
-        whole_map: Whether each seed is its channel's whole feature map.
-    """
-
-    image: torch.Tensor
-    channel: torch.Tensor
-    y: torch.Tensor
-    x: torch.Tensor
-    value: torch.Tensor
-    whole_map: bool = False
-
-    def __len__(self) -> int:
-        return int(self.image.shape[0])
-
-    def __getitem__(self, index: slice | torch.Tensor) -> Seeds:
-        return Seeds(
-            self.image[index], self.channel[index], self.y[index], self.x[index], self.value[index], self.whole_map
-        )
-
-
-@dataclasses.dataclass
-class Patches:
-    """Reverse-pass results cropped to each seed's receptive field.
-
-    Attributes:
-        pixels: (B, C, h, w): the projection inside the window of each seed.
-        top: First input row of each window (B,).
-        left: First input column of each window (B,).
-        box: Per seed (top, left, bottom, right) of its receptive field clipped to the
-            image (B, 4); the projection is zero outside it.
-        image_size: (H, W) of the input images.
-    """
-
-    pixels: torch.Tensor
-    top: torch.Tensor
-    left: torch.Tensor
-    box: torch.Tensor
-    image_size: tuple[int, int]
-
-    def boxes(self) -> list[tuple[int, int, int, int]]:
-        """Each seed's (top, left, bottom, right) receptive-field box as ints."""
-        return [tuple(int(v) for v in b) for b in self.box.cpu()]  # type: ignore[misc]
-
-    def crops(self) -> list[torch.Tensor]:
-        """Each seed's projection cropped to its box (C, h, w), on the CPU."""
-        pixels = self.pixels.detach().cpu()
-        out = []
-        for j, (t, l, b, r) in enumerate(self.boxes()):
-            wt, wl = int(self.top[j]), int(self.left[j])
-            out.append(pixels[j, :, t - wt : b - wt, l - wl : r - wl])
-        return out
-
-    def full(self) -> torch.Tensor:
-        """The projections pasted into zero images of the input size, (B, C, H, W)."""
-        return crop_windows(self.pixels, None, -self.top, -self.left, *self.image_size)
 
 
 def _is_int(v: object) -> bool:
@@ -161,21 +93,13 @@ class Deconvnet:
         self.chunk_size = chunk_size
         self.windowed = windowed
         self.graph: ModelGraph = trace_model(model)
-        self._names = _layer_table(self.graph)
-        self.aliases = dict(layer_aliases(model) if aliases is None else aliases)
-        for alias, target in self.aliases.items():
-            if target not in self._names:
-                raise UserInputError(f"alias '{alias}' names '{target}', which is not a layer of the model")
-            if alias in self._names and self._names[alias] is not self._names[target]:
-                raise UserInputError(f"alias '{alias}' would hide the model's own layer '{alias}'; choose another alias")
+        self.layers = LayerNames(self.graph, dict(layer_aliases(model) if aliases is None else aliases))
+        self.aliases = self.layers.aliases
 
     # ----------------------------------------------------------------- layers
     def layer_names(self, *, aliases: bool = True) -> list[str]:
-        """Names accepted as ``layer``: the aliases (if any), then every graph node in
-        execution order (torchvision's node names), then module names that are not node
-        names (containers, modules called several times), then ``<module>_0`` for the
-        first call of a module called several times."""
-        return (list(self.aliases) if aliases else []) + [n for n in self._names if n not in self.aliases]
+        """Names accepted as ``layer`` (:meth:`zfvis.core.layers.LayerNames.names`)."""
+        return self.layers.names(aliases=aliases)
 
     def resolve(self, layer: str) -> str:
         """The graph node name for a layer name or alias.
@@ -186,25 +110,10 @@ class Deconvnet:
         Raises:
             ValueError: Unknown name; the message lists the closest valid names.
         """
-        return self._node(layer).name
+        return self.layers.node(layer).name
 
     def _node(self, layer: str) -> GraphNode:
-        if not isinstance(layer, str):
-            raise InputTypeError(f"layer must be a str, got {type(layer).__name__}")
-        name = self.aliases.get(layer, layer)
-        node = self._names.get(name)
-        if node is not None:
-            return node
-        close = difflib.get_close_matches(layer, self.layer_names(), n=4, cutoff=0.4)
-        hint = f" Closest: {', '.join(close)}." if close else ""
-        holder = next((m for m in self.graph.opaque if name == m or name.startswith(m + ".")), None)
-        if holder is not None:
-            kind = f"inside module '{holder}', which could not be traced ({self.graph.opaque[holder]})"
-        else:
-            kind = "not a layer of the model"
-        raise UserInputError(
-            f"layer '{layer}' is {kind}.{hint} Hint: use Deconvnet.layer_names() (or `zfvis layers`) for the valid names"
-        )
+        return self.layers.node(layer)
 
     def convolution(self, layer: str) -> tuple[str, nn.Conv2d]:
         """The convolution module a layer stands for: the convolution itself, or its
@@ -256,7 +165,7 @@ class Deconvnet:
         out = tuple(rec.output.shape[1:])
         if len(out) != 3:
             return (0, 0, int(input_shape[-2]), int(input_shape[-1]))
-        y, x = self._check_position(position, out)
+        y, x = check_position(position, out)
         top = Window.points(torch.tensor([y]), torch.tensor([x]), (out[1], out[2]))
         wins = self._plan(rec, self.reverse_stack(rec), top, 1, torch.device("cpu"))
         bottom = wins[self.graph.input.name]
@@ -360,20 +269,6 @@ class Deconvnet:
             raise InputTypeError(f"images must be a floating-point tensor, got {images.dtype}")
         return images
 
-    @staticmethod
-    def _check_position(position: object, out_shape: tuple[int, ...]) -> tuple[int, int]:
-        if (
-            not isinstance(position, (tuple, list))
-            or len(position) != 2
-            or not all(_is_int(v) or (isinstance(v, torch.Tensor) and v.numel() == 1) for v in position)
-        ):
-            raise InputTypeError(f"position must be a (y, x) pair of ints, got {position!r}")
-        y, x = (int(v) for v in position)
-        h, w = out_shape[1], out_shape[2]
-        if not (0 <= y < h and 0 <= x < w):
-            raise UserInputError(f"position ({y}, {x}) is outside the {h}x{w} feature map (0..{h - 1}, 0..{w - 1})")
-        return y, x
-
     # -------------------------------------------------------------- selection
     def select(
         self,
@@ -399,67 +294,7 @@ class Deconvnet:
             ValueError: Channel or position out of range, conflicting arguments.
             TypeError: Arguments of the wrong type.
         """
-        out = recording.output
-        n = out.shape[0]
-        channels = self._check_channels(channel, out.shape[1], recording.layer)
-        m = len(channels)
-        dev = out.device
-        ch = torch.tensor(channels, device=dev, dtype=torch.long)
-        if top_k is not None:
-            if not _is_int(top_k) or top_k < 1:
-                raise UserInputError(f"top_k must be a positive int, got {top_k!r}")
-            if position is not None:
-                raise UserInputError("give either position or top_k, not both")
-        vector = out.dim() == 2
-        if vector:
-            if position is not None or (top_k is not None and top_k != 1):
-                raise UserInputError(
-                    f"layer '{recording.layer}' outputs a vector; it has no positions (leave position and top_k unset)"
-                )
-            img = torch.arange(n, device=dev).repeat_interleave(m)
-            chs = ch.repeat(n)
-            minus = torch.full_like(img, -1)
-            return Seeds(img, chs, minus, minus, out[img, chs])
-        h, w = out.shape[2], out.shape[3]
-        maps = out[:, ch].reshape(n, m, h * w)
-        if isinstance(position, str):
-            if position != "all":
-                raise UserInputError(f"position must be (y, x), None or 'all', got {position!r}")
-            img = torch.arange(n, device=dev).repeat_interleave(m)
-            chs = ch.repeat(n)
-            minus = torch.full_like(img, -1)
-            return Seeds(img, chs, minus, minus, maps.amax(dim=2).reshape(-1), whole_map=True)
-        if position is not None:
-            y, x = self._check_position(position, tuple(out.shape[1:]))
-            flat = torch.full((n, m, 1), y * w + x, device=dev, dtype=torch.long)
-        else:
-            k = 1 if top_k is None else top_k
-            if k > h * w:
-                raise UserInputError(f"top_k={k} exceeds the {h}x{w}={h * w} positions of layer '{recording.layer}'")
-            flat = torch.sort(maps, dim=2, descending=True, stable=True).indices[:, :, :k]
-        k = flat.shape[2]
-        values = torch.gather(maps, 2, flat).reshape(-1)
-        img = torch.arange(n, device=dev).view(n, 1, 1).expand(n, m, k).reshape(-1)
-        chs = ch.view(1, m, 1).expand(n, m, k).reshape(-1)
-        flat = flat.reshape(-1)
-        return Seeds(img, chs, flat // w, flat % w, values)
-
-    @staticmethod
-    def _check_channels(channel: int | Sequence[int], count: int, layer: str | None) -> list[int]:
-        if _is_int(channel):
-            channels = [int(channel)]  # type: ignore[arg-type]
-        elif isinstance(channel, (list, tuple, range)) or (isinstance(channel, torch.Tensor) and channel.dim() == 1):
-            channels = [int(c) for c in channel]
-            if not all(_is_int(c) or isinstance(c, torch.Tensor) for c in channel):
-                raise InputTypeError(f"channels must be ints, got {list(channel)!r}")
-            if not channels:
-                raise UserInputError("channel list is empty")
-        else:
-            raise InputTypeError(f"channel must be an int or a sequence of ints, got {type(channel).__name__}")
-        for c in channels:
-            if not 0 <= c < count:
-                raise UserInputError(f"channel {c} is out of range: layer '{layer}' has {count} channels (0..{count - 1})")
-        return channels
+        return select_seeds(recording.output, recording.layer, channel, position, top_k)
 
     # ---------------------------------------------------------------- reverse
     def reverse(self, recording: Recording, seeds: Seeds) -> Patches:
@@ -483,7 +318,7 @@ class Deconvnet:
         # largest (the projection is zero outside each seed's cone), in the seeds' order
         h = max(p.pixels.shape[-2] for p in parts)
         w = max(p.pixels.shape[-1] for p in parts)
-        wide = [_widen(p, h, w) for p in parts]
+        wide = [widen(p, h, w) for p in parts]
         order = torch.argsort(torch.tensor([i for b in batches for i in b])).to(parts[0].pixels.device)
         return Patches(
             torch.cat([p.pixels for p in wide])[order],
@@ -557,44 +392,6 @@ class Deconvnet:
         box = torch.stack(bottom.cone, dim=1)
         return Patches(pixels.contiguous(), bottom.top, bottom.left, box, bottom.map_size)
 
-    def figure(
-        self,
-        images: torch.Tensor,
-        layer: str,
-        channel: int | Sequence[int] | None = None,
-        position: Position | None = None,
-        *,
-        top_k: int = 1,
-        top_channels: int = 9,
-        rule: str | None = None,
-        show: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        title: str | None = None,
-        path: str | os.PathLike[str] | None = None,
-    ) -> Figure:
-        """The figure ``zfvis project`` draws, for the first image: the input, each
-        projection, and both cropped to the activation's receptive field.
-
-        Args:
-            images: A batch (N, C, H, W), preprocessed as the model expects.
-            layer: A layer name or alias.
-            channel: A channel or channels (default: the ``top_channels`` most active).
-            position: A (y, x) position instead of the strongest.
-            top_k: The k strongest positions per channel.
-            top_channels: How many channels when ``channel`` is not given.
-            rule: The ReLU rule (default: the Deconvnet's).
-            show: Maps a model input (C, H, W) to a [0, 1] RGB image for display, e.g.
-                ``preprocess.denormalize``.
-            title: The figure's title.
-            path: Also write the figure there as a PNG (atomically).
-
-        Returns:
-            A matplotlib ``Figure``.
-        """
-        from .figures import Selection, projection_figure
-
-        selection = Selection(channel, top_k, position, top_channels)
-        return projection_figure(self, images, layer, selection, rule=rule, show=show, title=title, path=path)
-
     def project(
         self,
         images: torch.Tensor,
@@ -640,29 +437,3 @@ def _check_rule(rule: object) -> str:
     if rule not in RULES:
         raise UserInputError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
     return str(rule)
-
-
-def _widen(p: Patches, h: int, w: int) -> Patches:
-    """The same patches on windows of size (h, w) (zeros added; windows kept in the image)."""
-    ph, pw = p.pixels.shape[-2:]
-    if (ph, pw) == (h, w):
-        return p
-    top = torch.minimum(p.top, torch.full_like(p.top, p.image_size[0] - h)).clamp(min=0)
-    left = torch.minimum(p.left, torch.full_like(p.left, p.image_size[1] - w)).clamp(min=0)
-    pixels = crop_windows(p.pixels, None, top - p.top, left - p.left, h, w)
-    return Patches(pixels, top, left, p.box, p.image_size)
-
-
-def _layer_table(graph: ModelGraph) -> dict[str, GraphNode]:
-    """Every accepted layer name (node names, module names, ``<module>_0``) -> its node."""
-    names: dict[str, GraphNode] = {}
-    for node in graph.nodes[1:]:
-        if node.carries:
-            names[node.name] = node
-    for module, node in graph.module_output.items():
-        if module and node.carries:
-            names[module] = node  # a module name means its (last) output
-    for module, node in graph.first_call.items():
-        if node.carries:
-            names.setdefault(f"{module}_0", node)
-    return names

@@ -29,8 +29,8 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ..io.errors import UnsupportedModelError
 from . import ops
-from .ops import UnsupportedModelError
 
 __all__ = ["GraphNode", "ModelGraph", "trace_model", "eval_mode"]
 
@@ -295,14 +295,50 @@ def _classify(nodes: list[GraphNode], opaque: dict[str, str]) -> None:
     """Marks which nodes carry the signal and finds each one's op-table entry."""
     nodes[0].carries = True
     for gn in nodes[1:]:
-        if not any(p.carries for p in gn.inputs) or ops.is_shape_query(gn.fx_node):
+        if not any(p.carries for p in gn.inputs) or is_shape_query(gn.fx_node):
             continue
         gn.carries = True
         if gn.module_name in opaque:
             gn.problem = f"module '{gn.module_name}' ({gn.kind}) could not be traced: {opaque[gn.module_name]}"
             continue
-        gn.op, why = ops.lookup(gn)
+        gn.op, why = lookup(gn)
         if why is not None:
             where = f" at {gn.source}" if gn.source else ""
             gn.problem = (f"node '{gn.name}' ({gn.kind}){where}: {why}. Hint: layers before it can still be "
                           "projected; see `zfvis layers` for the supported operations")
+
+
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "type", "get_device", "element_size", "stride"})
+_SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
+
+
+def is_shape_query(fxn: Any) -> bool:
+    """Whether an fx node asks for a tensor's size or type (its value carries no signal)."""
+    if fxn.op == "call_method":
+        return fxn.target in _SHAPE_METHODS
+    if fxn.op == "call_function" and fxn.target is getattr:
+        return len(fxn.args) > 1 and fxn.args[1] in _SHAPE_ATTRS
+    return False
+
+
+
+
+def lookup(node: GraphNode) -> tuple[ops.Op | None, str | None]:
+    """The op of a node that carries the signal, or ``(None, why not)``."""
+    fxn = node.fx_node
+    if node.module is not None:
+        name = ops.MODULE_OPS.get(type(node.module))
+        if name is None:
+            supported = ", ".join(t.__name__ for t in ops.SUPPORTED_TYPES)
+            return None, (f"module '{node.module_name}' of type {type(node.module).__name__} is not supported; "
+                          f"supported module types: {supported}")
+        return ops.OPS[name], None
+    if fxn.op == "call_method":
+        name = ops.METHOD_OPS.get(str(fxn.target))
+    elif fxn.op == "call_function":
+        name = ops.FUNCTION_OPS.get(fxn.target)
+    else:
+        name = None
+    if name is None:
+        return None, f"{node.kind} has no deconvnet rule (see zfvis.ops for the supported operations)"
+    return ops.OPS[name], None

@@ -44,22 +44,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import deconv
-from .errors import UserInputError
+from ..io.errors import UnsupportedModelError
+from . import reverse as deconv
 
 if TYPE_CHECKING:
     from .graph import GraphNode
 
-__all__ = ["UnsupportedModelError", "Op", "Site", "Live", "OPS", "SUPPORTED_TYPES", "LEAF_TYPES", "RULES", "lookup"]
+__all__ = ["Op", "Site", "Live", "OPS", "SUPPORTED_TYPES", "LEAF_TYPES", "RULES", "MODULE_OPS", "METHOD_OPS", "FUNCTION_OPS"]
 
 #: The backward rules for ReLU-family nodes.
 RULES = ("deconvnet", "guided", "gradient")
 
 Pair = tuple[int, int]
 
-
-class UnsupportedModelError(UserInputError):
-    """The model contains an operation or a topology the deconvnet cannot reverse."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +247,7 @@ def _prepare_elementwise(site: Site) -> None:
 
 
 def _prepare_scale(site: Site) -> None:
-    name = _target_name(site.node)
+    name = target_name(site.node)
     lives = [i for i, a in enumerate(site.args[:2]) if isinstance(a, Live)]
     if len(site.live) != 1 or len(lives) != 1:
         raise site.fail("a product or quotient of two input-dependent tensors has no deconvnet rule")
@@ -337,7 +334,7 @@ def _build_linear(site: Site) -> deconv.ReverseLayer:
 
 
 def _build_scale(site: Site) -> deconv.ReverseLayer:
-    name = _target_name(site.node)
+    name = target_name(site.node)
     if name == "neg":
         return deconv.Multiply(-1.0, _source(site))
     k = 0 if isinstance(site.args[0], Live) else 1
@@ -348,7 +345,7 @@ def _build_scale(site: Site) -> deconv.ReverseLayer:
 
 
 def _build_add(site: Site) -> deconv.ReverseLayer:
-    sign = -1.0 if _target_name(site.node) in ("sub", "isub", "rsub") else 1.0
+    sign = -1.0 if target_name(site.node) in ("sub", "isub", "rsub") else 1.0
     alpha = float(site.kwargs.get("alpha", 1.0))
     coef = [0.0] * len(site.live)
     for pos, a in enumerate(site.args[:2]):
@@ -494,40 +491,8 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = tuple(MODULE_OPS)
 #: Module types the deconvnet can reverse, with what it does with each.
 SUPPORTED_TYPES: dict[type[nn.Module], str] = {t: OPS[name].summary for t, name in MODULE_OPS.items()}
 
-_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "type", "get_device", "element_size", "stride"})
-_SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 
-
-def is_shape_query(fxn: Any) -> bool:
-    """Whether an fx node asks for a tensor's size or type (its value carries no signal)."""
-    if fxn.op == "call_method":
-        return fxn.target in _SHAPE_METHODS
-    if fxn.op == "call_function" and fxn.target is getattr:
-        return len(fxn.args) > 1 and fxn.args[1] in _SHAPE_ATTRS
-    return False
-
-
-def _target_name(node: GraphNode) -> str:
+def target_name(node: GraphNode) -> str:
+    """The name of what a node calls (a function's ``__name__``, a method's name)."""
     target = node.fx_node.target
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-
-
-def lookup(node: GraphNode) -> tuple[Op | None, str | None]:
-    """The op of a node that carries the signal, or ``(None, why not)``."""
-    fxn = node.fx_node
-    if node.module is not None:
-        name = MODULE_OPS.get(type(node.module))
-        if name is None:
-            supported = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
-            return None, (f"module '{node.module_name}' of type {type(node.module).__name__} is not supported; "
-                          f"supported module types: {supported}")
-        return OPS[name], None
-    if fxn.op == "call_method":
-        name = METHOD_OPS.get(str(fxn.target))
-    elif fxn.op == "call_function":
-        name = FUNCTION_OPS.get(fxn.target)
-    else:
-        name = None
-    if name is None:
-        return None, f"{node.kind} has no deconvnet rule (see zfvis.ops for the supported operations)"
-    return OPS[name], None

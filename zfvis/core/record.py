@@ -20,10 +20,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ForwardPassError, ZfvisError, first_line, is_out_of_memory
+from ..io.errors import (
+    ForwardPassError,
+    UnsupportedModelError,
+    ZfvisError,
+    first_line,
+    is_out_of_memory,
+)
+from .cone import ReceptiveField
 from .graph import GraphNode, ModelGraph, eval_mode
-from .ops import SUPPORTED_TYPES, Live, Site, UnsupportedModelError
-from .receptive import ReceptiveField
+from .ops import SUPPORTED_TYPES, Live, Site
 
 __all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "SUPPORTED_TYPES", "eval_mode"]
 

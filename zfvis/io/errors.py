@@ -95,3 +95,7 @@ class RankFailedError(ZfvisError, RuntimeError):
 
 class MiningInterrupted(KeyboardInterrupt):
     """Ctrl-C (or a kill) during mining; the message says how to resume."""
+
+
+class UnsupportedModelError(UserInputError):
+    """The model contains an operation or a topology the deconvnet cannot reverse."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from importlib import resources
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -11,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .checks import check_int, check_path
 from .errors import UserInputError
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image", "to_rgb", "check_data_set", "list_images", "evenly_spaced", "resolve"]
+__all__ = ["IMAGE_EXTENSIONS", "default_image", "load_image", "to_rgb", "check_data_set", "list_images", "evenly_spaced", "resolve"]
 
 #: File endings treated as images when a directory is scanned.
 IMAGE_EXTENSIONS = frozenset(
@@ -188,3 +189,8 @@ def resolve(root: str | os.PathLike[str], relative: str) -> Path:
     base = root if root.is_dir() else root.parent
     p = Path(relative)
     return p if p.is_absolute() else base / p
+
+
+def default_image() -> Path:
+    """The photograph shipped with zfvis (a tabby cat, CC0; see ``assets/LICENSE.md``)."""
+    return Path(str(resources.files("zfvis") / "assets" / "chelsea.png"))

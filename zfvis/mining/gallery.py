@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from . import sheets
-from ._io import atomic_write_bytes
+from ..io.atomic import atomic_write_bytes
+from ..viz import sheets
 from .run_folder import safe_name  # mining's tile folders and figures are named with it
 
 __all__ = ["CHANNELS_PER_LAYER_PAGE", "channel_page", "safe_name", "write_site"]
@@ -334,7 +334,7 @@ class _LayerSite:
             written.append(_write(folder / _channel_file(self.channels[i]["channel"]), self.channel_page(i)))
         return written
 
-    def _tile(self, name: str) -> str:
+    def tile(self, name: str) -> str:
         """URL of a tile from a page in ``layers/<folder>/``."""
         return _url(f"../../tiles/{self.tiles}", name)
 

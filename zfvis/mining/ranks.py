@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import RankFailedError, first_line
+from ..io.errors import RankFailedError, first_line
 
 __all__ = ["Ranks"]
 

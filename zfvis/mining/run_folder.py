@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ._io import FolderLock, atomic_write_text
-from .errors import OutputFolderError, UserInputError, first_line
+from ..io.atomic import FolderLock, atomic_write_text
+from ..io.errors import OutputFolderError, UserInputError, first_line
 
 __all__ = ["STATE_VERSION", "FolderRequest", "claim", "load_state", "safe_name"]
 
@@ -179,7 +179,7 @@ def _discard_run(out: Path, marker: dict[str, Any]) -> None:
 
 
 def _write_settings(req: FolderRequest) -> None:
-    from . import __version__
+    from .._version import __version__
 
     marker = {"command": "mine", "version": __version__, "fingerprint": req.fingerprint}
     settings = {**{k: v for k, v in req.record.items() if not callable(v)}, "zfvis": marker, "run": req.run}

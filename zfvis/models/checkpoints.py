@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import check_path
-from .errors import UserInputError
+from ..io.checks import check_path
+from ..io.errors import UserInputError
 
 __all__ = ["EXPECTED", "check_checkpoint_file", "read_checkpoint", "extract_state_dict", "apply_state_dict"]
 

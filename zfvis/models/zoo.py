@@ -23,11 +23,11 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from .aliases import layer_aliases, register_aliases
+from ..core.aliases import layer_aliases, register_aliases
+from ..io.checks import check_device, check_input_size, check_int
+from ..io.errors import InputTypeError, UserInputError
+from ..io.images import to_rgb
 from .checkpoints import apply_state_dict, read_checkpoint
-from .checks import check_device, check_input_size, check_int
-from .data import to_rgb
-from .errors import InputTypeError, UserInputError
 
 __all__ = [
     "ZFNet",
@@ -335,7 +335,7 @@ def load_weights(model: nn.Module, spec: ModelSpec, weights: str | os.PathLike[s
     if weights == "packaged":
         if spec.packaged is None:
             raise UserInputError(f"{spec.name} ships no weights; use random, a torchvision name or a file")
-        ref = resources.files("zfvis") / "weights" / spec.packaged
+        ref = resources.files("zfvis.models") / "weights" / spec.packaged
         with resources.as_file(ref) as path:
             if not path.is_file():
                 raise FileNotFoundError(f"the packaged weights '{path}' are missing; reinstall zfvis")

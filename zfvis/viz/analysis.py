@@ -23,10 +23,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-from ._io import atomic_open
-from .correspondence import CorrespondenceResult
-from .invariance import InvarianceResult
-from .occlusion import OcclusionResult
+from ..analysis.correspondence import CorrespondenceResult
+from ..analysis.invariance import InvarianceResult
+from ..analysis.occlusion import OcclusionResult
+from ..io.atomic import atomic_open
 from .render import normalize_projection
 
 __all__ = ["occlusion_figure", "invariance_figure", "correspondence_figure", "DPI"]

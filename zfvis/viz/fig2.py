@@ -1,101 +1,242 @@
-"""The Fig. 2 pages of a mining run, from Python: what ``zfvis mine`` draws, one call away.
-
-:func:`mining_page` draws page ``page`` of a mined layer from the run's folder (its
-``topk.json`` and tile sheets, :mod:`zfvis.sheets`) and returns the matplotlib
-``Figure``; a PNG is written only when ``path`` is given. :func:`page_title`,
-:func:`page_file` and :func:`draw_page` are how mining titles, names and draws its
-pages, in one place.
-
->>> fig = zfvis.mining_page("runs/cifar", "conv5", page=2)
-"""
+"""The Fig. 2 page of mined channels: for each channel its top projections beside their image
+patches, drawn straight into pixels (Pillow) at the tiles' own size."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
+import numpy as np
+import torch
 from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
 
-from . import render, sheets
-from .errors import UserInputError
-from .run_folder import safe_name
+from .layout import (
+    _FONT_LABEL,
+    _FONT_SMALL,
+    _FONT_TITLE,
+    _MARGIN,
+    DPI,
+    _finish,
+    _label_font,
+    _new_figure,
+    _pixel_image,
+    _text,
+    _text_height,
+    _title_band,
+)
+from .render import _GREY_BLANK, _projection_u8, _u8
 
-__all__ = ["PAGE_CHANNELS", "FIGURE_TOP", "page_title", "page_file", "draw_page", "mining_page"]
-
-#: Channels per Fig. 2 page (a layer with more gets several pages).
-PAGE_CHANNELS = 64
-#: Activations per channel drawn on a page (a 3x3 grid); tiles and the gallery show all.
-FIGURE_TOP = 9
-
-
-def page_title(model: str, layer: str, top: int, rule: str, channels: Sequence[int], page: int, pages: int) -> str:
-    """The title of page ``page`` (1-based) of ``pages`` of a layer, showing ``channels``."""
-    title = f"{model} / {layer}: top-{top} activations per channel ({rule})"
-    return title + (f" (channels {channels[0]}-{channels[-1]}, page {page} of {pages})" if pages > 1 else "")
-
-
-def page_file(layer: str, page: int, pages: int) -> str:
-    """The file of page ``page`` (1-based) of ``pages``: ``conv3.png``, or ``conv3_p2.png`` past one page."""
-    return f"{safe_name(layer)}.png" if pages == 1 else f"{safe_name(layer)}_p{page}.png"
+Channel = tuple[int, Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[float]]
 
 
-def draw_page(title: str, entries: Sequence[render.Channel], path: str | os.PathLike[str] | None = None) -> Figure:
-    """One Fig. 2 page: ``(channel, projections, patches, values)`` per channel
-    (:func:`zfvis.render.mining_figure`, 4 channels a row, 0.6-inch tiles)."""
-    return render.mining_figure(title, entries, path, columns=min(4, len(entries)), cell_inches=0.6)
+def mining_figure(
+    layer_title: str,
+    channels: Sequence[Channel],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    columns: int = 4,
+    cell_inches: float = 0.42,
+) -> Figure:
+    """Draws top activations per channel as in Zeiler & Fergus (2014), Fig. 2.
 
+    For each channel a 3x3 grid of projections (each normalised on its own with
+    :func:`normalize_projection`) stands beside a 3x3 grid of the matching input
+    patches, under a label ``"ch N"`` (with the largest value, if any). Channels are
+    placed ``columns`` per figure row, in the given order. Within one channel all 18
+    cells share one pixel scale: each is centred on a white canvas of the largest
+    height and width among them, so patches clipped at image borders look smaller
+    rather than stretched. Small tiles are enlarged by a whole factor (sharp
+    pixels), large ones reduced with a Lanczos filter. Missing entries (fewer than 9)
+    are light-grey blanks.
 
-def _read_topk(run: str | os.PathLike[str]) -> tuple[Path, Mapping[str, Any]]:
-    folder = Path(run)
-    file = folder / "topk.json"
-    if not file.is_file():
-        raise UserInputError(f"'{folder}' holds no topk.json: pass the output folder of a zfvis mine run")
-    return folder, json.loads(file.read_text(encoding="utf-8"))
-
-
-def mining_page(run: str | os.PathLike[str], layer: str, *, page: int = 1,
-                path: str | os.PathLike[str] | None = None) -> Figure:
-    """Page ``page`` of a mined layer's Fig. 2 figure, drawn from the run's folder.
+    The whole grid, its channel labels included, is composed as one image at the
+    figure's own pixel size and shown by one :class:`~matplotlib.axes.Axes` under the
+    title (figure text): a page of 64 channels draws and writes in a fraction of a
+    second. All channels given are drawn in one figure, whose height grows with their
+    number (64 channels at 4 columns and ``cell_inches=0.6``: 15 to 18 inches wide, 36
+    to 42 tall). To split a large layer into
+    pages, call this once per slice of ``channels`` and put the page in
+    ``layer_title``.
 
     Args:
-        run: The output folder of ``zfvis mine`` (or :func:`zfvis.mining.mine`), with
-            its ``topk.json`` and ``tiles/``.
-        layer: A layer of the run, as it was mined.
-        page: Which page (1-based) of :data:`PAGE_CHANNELS` channels.
-        path: Where to write the PNG (atomically); ``None`` writes nothing.
+        layer_title: Figure title, e.g. ``"zfnet-cifar10 / conv2: top-9 per channel"``.
+        channels: ``(channel_index, projections, patches, values)`` per channel;
+            projections are raw ``(3, h, w)`` (or uint8 tiles already shown, as mining
+            writes them), patches ``(3, h, w)`` in ``[0, 1]`` (or uint8), values the
+            activations (only the largest is printed); up to 9 each.
+        path: Target PNG (its folder must exist), or None to write nothing.
+        columns: Channels per figure row.
+        cell_inches: Side of one thumbnail; at least 0.35 keeps it readable.
 
     Returns:
-        The figure, the same as the run's ``<layer>.png`` (or ``<layer>_p<page>.png``).
+        The figure (written to ``path`` first, when given). Its one axes holds the
+        grid image with the channel labels; ``fig.texts`` hold the title and the legend.
 
     Raises:
-        UserInputError: No ``topk.json`` there, a layer that was not mined, or a page
-            out of range.
-        FileNotFoundError: A tile sheet is missing (the run was mined without figures).
+        ValueError: No channels, ``columns < 1``, more than 9 tiles for a channel, or
+            wrong shapes.
+        OSError: The folder is missing or cannot be written.
     """
-    folder, topk = _read_topk(run)
-    layers = topk.get("layers", {})
-    if layer not in layers:
-        raise UserInputError(f"layer '{layer}' was not mined in '{folder}'; mined: {', '.join(layers)}")
-    info = layers[layer]
-    ids: list[int] = info["channel_ids"]
-    per_page = PAGE_CHANNELS
-    pages = max(1, math.ceil(len(ids) / per_page))
-    if isinstance(page, bool) or not isinstance(page, int) or not 1 <= page <= pages:
-        raise UserInputError(f"page must be 1..{pages} for layer '{layer}' ({len(ids)} channels), got {page!r}")
-    first = (page - 1) * per_page
-    tiles = folder / "tiles" / safe_name(layer)
-    entries = []
-    for c in range(first, min(len(ids), first + per_page)):
-        ranked = info["channels"][c][:FIGURE_TOP]
-        layout = sheets.SheetLayout.of([e["box"] for e in info["channels"][c]])
-        pairs = sheets.cut_sheet(sheets.read_png(tiles / sheets.sheet_name(ids[c])), layout)[:FIGURE_TOP] if ranked else []
-        entries.append((ids[c], [p for p, _ in pairs], [q for _, q in pairs],
-                        [float(e["value"]) for e in ranked]))
-    shown = [e[0] for e in entries]
-    title = page_title(str(topk.get("model", "model")), layer, int(topk.get("top", FIGURE_TOP)),
-                       str(topk.get("rule", "deconvnet")), shown, page, pages)
-    return draw_page(title, entries, path)
+    if not channels:
+        raise ValueError("mining_figure needs at least one channel")
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}")
+    columns = min(columns, len(channels))
+    target = max(1, round(max(0.2, cell_inches) * DPI))
+    blocks = [_channel_cells(index, projections, patches, target) for index, projections, patches, _ in channels]
+    cell = max(b.side for b in blocks)
+    lay = _MiningLayout(cell, columns, math.ceil(len(channels) / columns))
+    page = np.full((lay.height, lay.width, 3), 255, dtype=np.uint8)  # white RGB
+    for k, cells in enumerate(blocks):
+        lay.paste(page, k, cells)
+    lay.labels = [f"ch {index}" + (f"   max {max(float(v) for v in values):.3g}" if len(values) else "")
+                  for index, _, _, values in channels]
+    lay.write_labels(page)
+
+    fig_w = (lay.width + 2 * lay.margin) / DPI
+    sup, sup_h = _title_band(layer_title, fig_w)
+    sub_h = _text_height(1, _FONT_SMALL) + 0.1
+    head_px = math.ceil((sup_h + sub_h) * DPI)
+    fig_h = (lay.margin + head_px + lay.height + lay.margin) / DPI
+    fig = _new_figure(fig_w, fig_h)
+    if sup:
+        _text(fig, fig_w / 2, _MARGIN, sup, ha="center", va="top", fontsize=_FONT_TITLE, fontweight="bold")
+    _text(fig, fig_w / 2, _MARGIN + sup_h, "left: projections (0 = grey, each scaled by its max |value|)"
+          "    right: input patches", ha="center", va="top", fontsize=_FONT_SMALL, color="#505050")
+    _pixel_image(fig, page, lay.margin, lay.margin + head_px)
+    fig._zfvis_layout = lay  # type: ignore[attr-defined]  # where each cell and label is, for tests and tools
+    return _finish(fig, path)
+
+
+@dataclasses.dataclass
+class _Cells:
+    """One channel's 9 + 9 tiles (uint8, before enlarging) on one pixel scale.
+
+    Tile ``i`` of a group sits at ``offsets[g][i]`` (rows, columns, before enlarging) on a
+    white canvas of ``canvas`` pixels, enlarged ``factor`` times (1 when reduced already).
+    """
+
+    groups: tuple[list[np.ndarray], list[np.ndarray]]
+    offsets: tuple[list[tuple[int, int]], list[tuple[int, int]]]
+    canvas: tuple[int, int]
+    factor: int
+
+    @property
+    def side(self) -> int:
+        """The longer side of the enlarged canvas."""
+        return max(self.canvas) * self.factor
+
+
+def _display_u8(p: torch.Tensor, *, projection: bool) -> np.ndarray:
+    """A tile as shown, (h, w, 3) uint8: a raw projection through :func:`normalize_projection`;
+    a uint8 tile (already shown, as mining writes them) or a patch in [0, 1] as it is."""
+    return _projection_u8(p) if projection and p.dtype != torch.uint8 else _u8(p)
+
+
+def _channel_cells(
+    index: int, projections: Sequence[torch.Tensor], patches: Sequence[torch.Tensor], target: int
+) -> _Cells:
+    """One channel's projection and patch tiles on one scale: each centred on a white
+    canvas of the largest height and width among them, the canvas's longer side scaled
+    near ``target`` pixels (enlarged by a whole factor, or reduced with Lanczos)."""
+    if len(projections) > 9 or len(patches) > 9:
+        raise ValueError(f"channel {index}: at most 9 projections and patches, "
+                         f"got {len(projections)} and {len(patches)}")
+    groups = ([_display_u8(p, projection=True) for p in projections],
+              [_display_u8(p, projection=False) for p in patches])
+    h = max([1] + [a.shape[0] for g in groups for a in g])
+    w = max([1] + [a.shape[1] for g in groups for a in g])
+    blank = np.full((h, w, 3), _GREY_BLANK, dtype=np.uint8)
+    full = tuple(g + [blank] * (9 - len(g)) for g in groups)
+    if max(h, w) > target:  # reduce: pad, then resample each canvas
+        size = (max(1, round(w * target / max(h, w))), max(1, round(h * target / max(h, w))))
+        reduced = tuple([np.asarray(Image.fromarray(_pad_u8(a, h, w)).resize(size, Image.LANCZOS)) for a in g]
+                        for g in full)
+        return _Cells(reduced, ([(0, 0)] * 9, [(0, 0)] * 9), (size[1], size[0]), 1)  # type: ignore[arg-type]
+    offsets = tuple([((h - a.shape[0]) // 2, (w - a.shape[1]) // 2) for a in g] for g in full)
+    return _Cells(full, offsets, (h, w), max(1, round(target / max(h, w))))  # type: ignore[arg-type]
+
+
+def _pad_u8(arr: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Centres ``arr`` (H, W, 3) uint8 on a white ``(h, w, 3)`` canvas."""
+    ah, aw = arr.shape[:2]
+    if (ah, aw) == (h, w):
+        return arr
+    out = np.full((h, w, 3), 255, dtype=np.uint8)
+    top, left = (h - ah) // 2, (w - aw) // 2
+    out[top : top + ah, left : left + aw] = arr
+    return out
+
+
+def _put(page: np.ndarray, top: int, left: int, tile: np.ndarray, f: int) -> None:
+    """Writes ``tile`` (h, w, 3) enlarged ``f`` times (sharp pixels) into ``page`` at ``(top, left)``."""
+    h, w = tile.shape[:2]
+    if f == 1:
+        page[top : top + h, left : left + w] = tile
+        return
+    page[top : top + h * f, left : left + w * f].reshape(h, f, w, f, 3)[:] = tile[:, None, :, None]
+
+
+@dataclasses.dataclass
+class _MiningLayout:
+    """Pixel layout of :func:`mining_figure`'s grid: blocks of two 3x3 grids under a label."""
+
+    cell: int
+    columns: int
+    rows: int
+    gap: int = round(0.03 * DPI)
+    mid_gap: int = round(0.15 * DPI)
+    block_gap: int = round(0.3 * DPI)
+    label: int = round((_text_height(1, _FONT_LABEL) + 0.06) * DPI)
+    margin: int = round(_MARGIN * DPI)
+    labels: list[str] = dataclasses.field(default_factory=list)  # block k's label, drawn above its grids
+
+    @property
+    def grid(self) -> int:
+        return 3 * self.cell + 2 * self.gap
+
+    @property
+    def width(self) -> int:
+        block = 2 * self.grid + self.mid_gap
+        return self.columns * block + (self.columns - 1) * self.block_gap
+
+    @property
+    def height(self) -> int:
+        return self.rows * (self.label + self.grid) + (self.rows - 1) * self.block_gap
+
+    def origin(self, k: int) -> tuple[int, int]:
+        """Top-left pixel ``(x, y)`` of block ``k`` (its label's top) in the grid image."""
+        r, c = divmod(k, self.columns)
+        return c * (2 * self.grid + self.mid_gap + self.block_gap), r * (self.label + self.grid + self.block_gap)
+
+    def write_labels(self, page: np.ndarray) -> None:
+        """Writes every block's label in black into its band of ``page`` (H, W, 3), in
+        DejaVu Sans at 10 pt.
+
+        Drawn into the pixels with Pillow (the font matplotlib ships): a matplotlib text
+        per label costs a few milliseconds, 64 of them more than the rest of a page.
+        """
+        font = _label_font(round(_FONT_LABEL * DPI / 72.0))
+        width = 2 * self.grid + self.mid_gap + self.block_gap  # up to the next block
+        for k, text in enumerate(self.labels):
+            x, y = self.origin(k)
+            mask = Image.new("L", (min(width, page.shape[1] - x), self.label))
+            ImageDraw.Draw(mask).text((0, self.label - 4), text, fill=255, font=font, anchor="ld")
+            ink = np.asarray(mask, dtype=np.uint16)[..., None]
+            band = page[y : y + self.label, x : x + mask.width]
+            band[:] = (band * (255 - ink) + 127) // 255  # black text over the band, antialiased
+
+    def paste(self, page: np.ndarray, k: int, cells: _Cells) -> None:
+        """Writes block ``k``'s two groups of 9 tiles into ``page``, each canvas centred in its cell."""
+        x0, y0 = self.origin(k)
+        f = cells.factor
+        ch, cw = cells.canvas[0] * f, cells.canvas[1] * f
+        for g, (tiles, offsets) in enumerate(zip(cells.groups, cells.offsets)):
+            gx, gy = x0 + g * (self.grid + self.mid_gap), y0 + self.label
+            for i, (t, (oy, ox)) in enumerate(zip(tiles, offsets)):
+                top = gy + (i // 3) * (self.cell + self.gap) + (self.cell - ch) // 2 + oy * f
+                left = gx + (i % 3) * (self.cell + self.gap) + (self.cell - cw) // 2 + ox * f
+                _put(page, top, left, t, f)

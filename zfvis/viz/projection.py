@@ -5,7 +5,7 @@ and both cropped to the activation's receptive field); :func:`rules_figure` show
 deconvnet, guided-backpropagation and gradient projections of the same activations side
 by side; :func:`filters_figure` is the figure of ``zfvis filters`` (a convolution's
 filters, ZF Fig. 6). Each returns a matplotlib ``Figure``; a PNG is written only when
-``path`` is given. :meth:`zfvis.Deconvnet.figure` calls :func:`projection_figure`.
+``path`` is given.
 """
 
 from __future__ import annotations
@@ -13,20 +13,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
-from torch import nn
 
-from . import render
-from .errors import InputTypeError
-from .ops import RULES
+from ..core.deconvnet import Deconvnet
+from ..core.ops import RULES
+from ..core.seeds import Seeds
+from . import grids, render
 
-if TYPE_CHECKING:
-    from .engine import Deconvnet, Seeds
-
-__all__ = ["Selection", "choose_seeds", "filters_figure", "projection_figure", "rules_figure", "strongest_channels"]
+__all__ = ["Selection", "choose_seeds", "projection_figure", "rules_figure", "strongest_channels"]
 
 Show = Callable[[torch.Tensor], torch.Tensor]
 
@@ -113,7 +109,7 @@ def projection_figure(dn: Deconvnet, images: torch.Tensor, layer: str, selection
     seeds, _ = choose_seeds(dn, x, layer, selection, rule=rule)
     patches = dn.reverse(dn.record(x, layer, rule=rule), seeds)
     title = title or f"layer {layer} ({rule}) at {x.shape[-2]}x{x.shape[-1]}"
-    return render.project_figure(_shown(x[0], show), [p.float() for p in patches.full().cpu()], patches.boxes(),
+    return grids.project_figure(_shown(x[0], show), [p.float() for p in patches.full().cpu()], patches.boxes(),
                                  _titles(seeds), title, path, note=_NOTE.format(rule=rule))
 
 
@@ -145,45 +141,9 @@ def rules_figure(dn: Deconvnet, images: torch.Tensor, layer: str, selection: Sel
     cells: list[list[torch.Tensor | None]] = []
     for i, (t, l_, b, r) in enumerate(boxes):
         cells.append([shown[:, t:b, l_:r]] + [col[i][:, t:b, l_:r] for col in columns])
-    return render.grid_figure(
+    return grids.grid_figure(
         cells, path, row_labels=[s.replace("\n", ", ") for s in _titles(seeds)],
         col_labels=["input (receptive field)", *RULES],
         title=title or f"layer {layer}: the same activations under each rule (cropped to the receptive field)",
         cell_inches=1.6,
     )
-
-
-def filters_figure(model: nn.Module | Deconvnet, layer: str, *, model_name: str | None = None,
-                   title: str | None = None, path: str | os.PathLike[str] | None = None) -> Figure:
-    """The filters of the convolution a layer stands for, as an image grid (ZF Fig. 6).
-
-    The convolution is found through the model's graph
-    (:meth:`~zfvis.Deconvnet.convolution`): the layer itself, or the convolution whose
-    output it is after batch norm and ReLU (``conv3`` of the zoo's models). With 3 input
-    channels each filter is an RGB image, otherwise the mean over input channels in grey;
-    each is scaled on its own (0 is grey).
-
-    Args:
-        model: The model, or its :class:`~zfvis.Deconvnet`.
-        layer: A layer name or alias.
-        model_name: Named at the start of the default title, e.g. ``"zfnet-cifar10 (packaged)"``.
-        title: The figure title (default: the model name, the layer, the module and the
-            filters' count and size).
-        path: Where to write the PNG (atomically); ``None`` writes nothing.
-
-    Returns:
-        The figure.
-
-    Raises:
-        UserInputError: The layer is unknown or is not a convolution.
-        InputTypeError: ``model`` is neither a module nor a Deconvnet.
-    """
-    from .engine import Deconvnet
-
-    if not isinstance(model, (nn.Module, Deconvnet)):
-        raise InputTypeError(f"expected a torch.nn.Module or a zfvis.Deconvnet, got {type(model).__name__}")
-    dn = model if isinstance(model, Deconvnet) else Deconvnet(model)
-    name, conv = dn.convolution(layer)
-    w = conv.weight.detach().float().cpu()
-    default = f"{layer} = '{name}': {w.shape[0]} filters {w.shape[2]}x{w.shape[3]}"
-    return render.filter_grid(w, path, title=title or (f"{model_name} {default}" if model_name else default))

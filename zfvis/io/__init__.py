@@ -1,0 +1,11 @@
+"""Files, images and checks: the ground floor every other subpackage stands on.
+
+- :mod:`~zfvis.io.errors`: zfvis's exception types;
+- :mod:`~zfvis.io.checks`: checks of the numbers, paths and sizes a person gives;
+- :mod:`~zfvis.io.images`: loading images and listing data sets (Pillow);
+- :mod:`~zfvis.io.atomic`: atomic file output and folder locks;
+- :mod:`~zfvis.io.progress`: progress bars (tqdm).
+
+Importing this package imports none of them: :mod:`zfvis.core` uses the errors and
+checks without loading Pillow.
+"""
