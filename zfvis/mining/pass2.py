@@ -117,7 +117,7 @@ def _draw(run: Run, page: _Page, info: dict[str, Any], bar: Any) -> list[list[li
         entries.append((ids[c], [p for p, _, _ in shown[:n]], [i for _, i, _ in shown[:n]],
                         [e["value"] for e in ranked[:n]]))
     title = mining_figures.page_title(run.s.model_name, page.layer.name, run.s.top, run.s.rule,
-                                      [ids[c] for c in page.slots], page.number + 1, page.count)
+                                      [ids[c] for c in page.slots], page=page.number + 1, pages=page.count)
     mining_figures.draw_page(title, entries, run.out / page.figure)
     return boxes
 
