@@ -17,7 +17,7 @@ Two methods give the same numbers:
   ReLU and other pointwise activations, dropout, identity, local response normalisation,
   elementwise arithmetic (``x + y`` of residual blocks) and channel concatenation have
   incremental rules; any other operation switches the batch to full recomputation from
-  that operation on, so the result stays exact (:mod:`zfvis.incremental`). This is
+  that operation on, so the result stays exact (:mod:`zfvis.analysis.incremental`). This is
   Krypton's incremental inference (Nakandala et al., SIGMOD 2019).
 
 ``"auto"`` (the default) uses the incremental method where the engine can trace the

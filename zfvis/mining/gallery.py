@@ -105,7 +105,7 @@ def write_site(
         gallery: Per layer, in display order, one dict per mined channel:
             ``{"channel": int, "entries": [{"image", "index", "value", "position",
             "box"}, ...], "figure": "conv3.png"}``, the figure relative to ``out_dir``;
-            a channel with entries has its sheet and thumbnail (:mod:`zfvis.sheets`) in
+            a channel with entries has its sheet and thumbnail (:mod:`zfvis.viz.sheets`) in
             ``out_dir/tiles/<layer>/``, laid out by the entries' boxes.
         layer_info: Optional, per layer: ``{"shape": [C, H, W],
             "receptive_field": {"size": [h, w], "jump": [..], "offset": [..]} or None}``.

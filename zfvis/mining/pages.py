@@ -1,7 +1,7 @@
 """The Fig. 2 pages of a mining run, from Python: what ``zfvis mine`` draws, one call away.
 
 :func:`mining_page` draws page ``page`` of a mined layer from the run's folder (its
-``topk.json`` and tile sheets, :mod:`zfvis.sheets`) and returns the matplotlib
+``topk.json`` and tile sheets, :mod:`zfvis.viz.sheets`) and returns the matplotlib
 ``Figure``; a PNG is written only when ``path`` is given. :func:`page_title`,
 :func:`page_file` and :func:`draw_page` are how mining titles, names and draws its
 pages, in one place.

@@ -1,10 +1,10 @@
 """Figures of the analysis experiments: occlusion (ZF Fig. 7), invariance (Fig. 5) and
 correspondence (Fig. 8, Table 1).
 
-Like :mod:`zfvis.render`: drawn on a :class:`~matplotlib.figure.Figure` with an Agg
+Like :mod:`zfvis.viz.render`: drawn on a :class:`~matplotlib.figure.Figure` with an Agg
 canvas (pyplot is never imported), laid out by hand in inches, text 9 to 13 pt at the
 written size (``dpi`` 100). Each function returns the figure and writes a PNG, atomically
-(:func:`zfvis._io.atomic_open`), only when ``path`` is given.
+(:func:`zfvis.io.atomic.atomic_open`), only when ``path`` is given.
 """
 
 from __future__ import annotations
