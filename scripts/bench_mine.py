@@ -25,12 +25,14 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from zfvis.io.images import list_images, load_image, resolve  # noqa: E402
+from zfvis.analysis.topk import crop_winners, image_maxima  # noqa: E402
 from zfvis.core.deconvnet import Deconvnet  # noqa: E402
 from zfvis.core.seeds import Seeds  # noqa: E402
-from zfvis.mining.run import collate as _collate, Files as _Files, Taps as _Taps  # noqa: E402
-from zfvis.analysis.topk import crop_winners, image_maxima  # noqa: E402
+from zfvis.io.images import list_images, load_image, resolve  # noqa: E402
 from zfvis.mining import mine  # noqa: E402
+from zfvis.mining.run import Files as _Files
+from zfvis.mining.run import Taps as _Taps
+from zfvis.mining.run import collate as _collate  # noqa: E402
 from zfvis.models.zoo import load_model  # noqa: E402
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5"]

@@ -31,8 +31,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from zfvis import Deconvnet  # noqa: E402
-from zfvis.core.reverse import ReverseConv2d  # noqa: E402
 from zfvis.core.cone import Window  # noqa: E402
+from zfvis.core.reverse import ReverseConv2d  # noqa: E402
 
 #: per model: the two layers, and the goals (label, ours key, captum key, max ratio)
 SETUPS = {

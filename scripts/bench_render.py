@@ -63,8 +63,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from zfvis.viz import render  # noqa: E402
-from zfvis.viz import sheets  # noqa: E402
+from zfvis.viz import (
+    render,  # noqa: E402
+    sheets,  # noqa: E402
+)
 
 PAGE = 64  # channels per page, as zfvis.mining.pages.PAGE_CHANNELS
 

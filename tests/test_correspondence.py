@@ -14,8 +14,8 @@ from test_occlusion import Residual, chain_model, ready
 from torch import nn
 
 import zfvis
-from zfvis.cli import main
 from zfvis.analysis.correspondence import correspondence, default_parts_file, load_parts, sign_change_distances
+from zfvis.cli import main
 
 
 def direct_delta(

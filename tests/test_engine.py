@@ -20,8 +20,8 @@ from torch import nn
 
 import zfvis
 from zfvis import Deconvnet, Seeds, UnsupportedModelError, load_model
-from zfvis.core.reverse import ReverseConv2d
 from zfvis.core.ops import SUPPORTED_TYPES
+from zfvis.core.reverse import ReverseConv2d
 
 RTOL = 1e-6
 

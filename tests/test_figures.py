@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
+from test_render import _drawn  # noqa: E402 - the figure's pixels, as test_render reads them
+from test_render import _png_pixels as _pixels  # noqa: E402
 from torch import nn
 
 import zfvis
+from zfvis.cli import main
 from zfvis.viz import projection as figures
 from zfvis.viz import render
-from zfvis.cli import main
-
-from test_render import _drawn  # noqa: E402 - the figure's pixels, as test_render reads them
-from test_render import _png_pixels as _pixels  # noqa: E402
 
 
 def _image_of(ax) -> np.ndarray:  # noqa: ANN001 - a matplotlib Axes

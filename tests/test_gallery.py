@@ -22,11 +22,9 @@ from PIL import Image
 from torch import nn
 
 import zfvis
-from zfvis.mining import gallery
+from zfvis.mining import gallery, mine
 from zfvis.mining import pages as mining_figures
-from zfvis.viz import render
-from zfvis.viz import sheets
-from zfvis.mining import mine
+from zfvis.viz import render, sheets
 
 # VGG16's 13 conv layers: (name, channels, output side at 224x224, receptive field size, jump, offset)
 VGG16 = [

@@ -14,8 +14,8 @@ from test_occlusion import Residual, chain_model, ready
 from torch import nn
 
 import zfvis
-from zfvis.cli import main
 from zfvis.analysis.invariance import invariance, transform_images
+from zfvis.cli import main
 
 
 def test_transforms() -> None:

@@ -19,14 +19,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from zfvis.mining import pages as mining_figures
-from zfvis.viz import sheets
-from zfvis.cli import main
-from zfvis.io.images import list_images, load_image
-from zfvis.core.deconvnet import Deconvnet
 from zfvis.analysis.topk import crop_winners, merge_topk
+from zfvis.cli import main
+from zfvis.core.deconvnet import Deconvnet
+from zfvis.io.images import list_images, load_image
 from zfvis.mining import mine
+from zfvis.mining import pages as mining_figures
 from zfvis.models.zoo import Preprocess
+from zfvis.viz import sheets
 
 REPO = Path(__file__).resolve().parents[1]
 PRE = Preprocess(None, None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

@@ -16,9 +16,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import zfvis
-from zfvis.cli import main
 from zfvis.analysis.incremental import IncrementalOcclusion
 from zfvis.analysis.occlusion import OcclusionResult, occlude, occluder_positions, occlusion
+from zfvis.cli import main
 
 # ----------------------------------------------------------------------------- small models
 

@@ -23,14 +23,13 @@ from PIL import Image
 from torch import nn
 
 import zfvis
-from zfvis.mining import pass1, pass2
+from zfvis.cli import main
 from zfvis.io.atomic import FolderLock
 from zfvis.io.checks import check_channels, parse_channel_spec
-from zfvis.cli import main
-from zfvis.io.images import evenly_spaced
 from zfvis.io.errors import UserInputError
+from zfvis.io.images import evenly_spaced
+from zfvis.mining import mine, pass1, pass2
 from zfvis.mining.settings import MineSettings
-from zfvis.mining import mine
 from zfvis.models.zoo import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]

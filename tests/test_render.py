@@ -14,11 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from zfvis.viz import render
-from zfvis.viz import fig2
-from zfvis.viz import filters
-from zfvis.viz import grids
-from zfvis.viz import layout
+from zfvis.viz import fig2, filters, grids, layout, render
 
 
 def _image(h: int = 32, w: int = 32) -> torch.Tensor:

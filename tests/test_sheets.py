@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zfvis.viz import render
-from zfvis.viz import sheets
+from zfvis.viz import render, sheets
 
 
 def _tile(h: int, w: int, seed: int) -> torch.Tensor:

@@ -76,8 +76,22 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .analysis.correspondence import CorrespondenceResult, PartImages, PartScore, correspondence, default_parts_file, load_parts
-    from .analysis.evolution import Evolution, EvolutionCell, ImageBatch, evolution, load_images, sample_images
+    from .analysis.correspondence import (
+        CorrespondenceResult,
+        PartImages,
+        PartScore,
+        correspondence,
+        default_parts_file,
+        load_parts,
+    )
+    from .analysis.evolution import (
+        Evolution,
+        EvolutionCell,
+        ImageBatch,
+        evolution,
+        load_images,
+        sample_images,
+    )
     from .analysis.invariance import InvarianceResult, invariance, transform_images
     from .analysis.occlusion import OcclusionResult, occlude, occlusion
     from .core.aliases import layer_aliases, register_aliases
@@ -86,11 +100,23 @@ if TYPE_CHECKING:
     from .core.ops import RULES
     from .core.record import Recording
     from .core.reverse import ReverseStack
-    from .io.errors import ForwardPassError, InputTypeError, UnsupportedModelError, UserInputError, ZfvisError
+    from .io.errors import (
+        ForwardPassError,
+        InputTypeError,
+        UnsupportedModelError,
+        UserInputError,
+        ZfvisError,
+    )
     from .io.images import default_image, list_images, load_image, to_rgb
     from .mining.gallery import write_site
     from .mining.pages import mining_page
-    from .models.zoo import Preprocess, WeightsDownloadError, ZFNet, list_models, load_model
+    from .models.zoo import (
+        Preprocess,
+        WeightsDownloadError,
+        ZFNet,
+        list_models,
+        load_model,
+    )
     from .viz.analysis import correspondence_figure, invariance_figure, occlusion_figure
     from .viz.evolution import evolution_figure
     from .viz.filters import filters_figure

@@ -17,6 +17,16 @@ from ..models.zoo import Preprocess, get_spec
 from ._common import CLIError
 from .outputs import write_settings
 
+__all__ = [
+    "FILL_HELP",
+    "parse_fill",
+    "fill_rgb",
+    "class_names",
+    "parse_target",
+    "parse_layers",
+    "write_results",
+]
+
 FILL_HELP = "occluder colour: mean (the data set's mean colour), gray, black, or a VALUE in model input space (default mean)"
 
 

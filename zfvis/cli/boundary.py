@@ -16,6 +16,8 @@ from ..io.errors import (
 from ._common import REPORT_TO
 from .outputs import invocation
 
+__all__ = ["report_error"]
+
 # --------------------------------------------------------------------------- the error boundary
 
 

@@ -11,6 +11,8 @@ import tomllib
 
 from ._common import CLIError
 
+__all__ = ["LIST_OPTIONS", "parse_command_line", "apply_config"]
+
 # --------------------------------------------------------------------------- config files
 
 

@@ -24,6 +24,8 @@ from ._common import CLIError, add_config_arg, add_model_args, add_output_args
 from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
 from .outputs import check_output
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(

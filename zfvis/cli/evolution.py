@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from ..analysis.evolution import evolution, load_images, sample_images
-from ..viz.evolution import evolution_figure
 from ..core.deconvnet import Deconvnet
 from ..io.checks import check_input_size, check_int, check_memory
 from ..io.images import default_image
 from ..models.checkpoints import check_checkpoint_file
 from ..models.zoo import Preprocess
+from ..viz.evolution import evolution_figure
 from ._common import CLIError, add_config_arg, add_output_args, parse_channels
 from .models import (
     check_model_name,
@@ -31,6 +31,8 @@ from .models import (
     resolve_layer,
 )
 from .outputs import check_output, write_settings
+
+__all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

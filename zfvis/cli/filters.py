@@ -12,6 +12,8 @@ from ._common import add_config_arg, add_model_args, add_output_args
 from .models import load_zoo_model, resolve_device, resolve_layer
 from .outputs import check_output, write_settings
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("filters", help="show a convolution's filters as an image grid")

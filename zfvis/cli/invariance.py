@@ -33,6 +33,8 @@ from ._common import CLIError, add_config_arg, add_model_args, add_output_args
 from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
 from .outputs import check_output
 
+__all__ = ["DEFAULT_RANGES", "add_parser", "MAX_AMOUNTS", "parse_range", "run"]
+
 #: Default ranges (start, stop, step; stop included). Translation is a fraction of the side.
 DEFAULT_RANGES = {"translation": (-0.27, 0.27, None), "scale": (1.0, 1.8, 0.05), "rotation": (0.0, 360.0, 15.0)}
 

@@ -11,6 +11,8 @@ from ..io.checks import check_input_size
 from ._common import add_config_arg
 from .models import check_model_name, fit_input_size, load_zoo_model, shapes_only
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("layers", help="list a model's layers, output shapes and receptive fields")

@@ -14,6 +14,8 @@ from ..models.zoo import get_spec
 from ._common import CLIError, add_config_arg, add_model_args, parse_channels
 from .models import fit_input_size, load_zoo_model, resolve_device, resolve_layer
 
+__all__ = ["MAX_TOP", "add_parser", "run"]
+
 #: Largest --top: each entry is a projection and two tiles per channel.
 MAX_TOP = 1000
 

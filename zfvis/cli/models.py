@@ -26,6 +26,17 @@ from ..models.checkpoints import check_checkpoint_file
 from ..models.zoo import get_spec, list_models, load_model
 from ._common import CLIError
 
+__all__ = [
+    "resolve_device",
+    "check_model_name",
+    "check_weights",
+    "load_zoo_model",
+    "resolve_layer",
+    "feature_layers",
+    "shapes_only",
+    "fit_input_size",
+]
+
 # --------------------------------------------------------------------------- devices, models, layers
 
 

@@ -25,6 +25,8 @@ from ._common import CLIError, add_config_arg, add_model_args, add_output_args
 from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
 from .outputs import check_output
 
+__all__ = ["TOP_K", "add_parser", "run"]
+
 TOP_K = 4
 
 

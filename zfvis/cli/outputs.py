@@ -18,6 +18,8 @@ from ..io.errors import (
 )
 from ._common import CLIError
 
+__all__ = ["Invocation", "invocation", "invoked", "check_output", "write_settings"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Invocation:

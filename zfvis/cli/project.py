@@ -28,6 +28,8 @@ from .models import (
 )
 from .outputs import check_output, write_settings
 
+__all__ = ["SMALL_MODEL_INPUT", "MAX_PANELS", "add_parser", "default_layer", "run"]
+
 #: Input side used for a model whose preprocessing is 32x32: large enough that a
 #: middle layer's receptive field covers a part of the photo, not all of it.
 SMALL_MODEL_INPUT = 96

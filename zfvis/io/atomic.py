@@ -12,6 +12,8 @@ from typing import IO, Any
 
 import torch
 
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "FolderLock"]
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:

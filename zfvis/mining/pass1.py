@@ -17,6 +17,8 @@ from ..io.errors import MiningInterrupted
 from ..io.progress import progress
 from .run import Files, Progress, Run, loader
 
+__all__ = ["Saver", "pass1", "merge_ranks", "topk_table"]
+
 
 class Saver:
     """Saves pass 1's progress every ``state_every`` batches and at least every

@@ -21,6 +21,8 @@ from .gallery import write_site
 from .run import Layer, Progress, Run, Winner
 from .run_folder import safe_name
 
+__all__ = ["tile", "pass2"]
+
 
 def _to_u8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)

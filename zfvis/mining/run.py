@@ -25,6 +25,8 @@ from .ranks import Ranks
 from .run_folder import STATE_VERSION
 from .settings import MineSettings
 
+__all__ = ["Layer", "Progress", "Winner", "Run", "Files", "collate", "loader", "Taps", "placed", "plan"]
+
 _PROBE_FILES = 50  # files tried for a readable first image
 
 

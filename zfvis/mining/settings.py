@@ -14,6 +14,8 @@ from torch import nn
 from ..io.checks import check_int, check_number, check_path
 from ..io.errors import InputTypeError, UserInputError
 
+__all__ = ["MineSettings", "MiningResult", "resolve_settings", "check_inputs"]
+
 # --------------------------------------------------------------------------- settings and records
 
 

@@ -14,20 +14,22 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from .layout import (
-    _FONT_LABEL,
-    _FONT_SMALL,
-    _FONT_TITLE,
-    _MARGIN,
     DPI,
-    _finish,
-    _label_font,
-    _new_figure,
-    _pixel_image,
-    _text,
-    _text_height,
-    _title_band,
+    FONT_LABEL,
+    FONT_SMALL,
+    FONT_TITLE,
+    MARGIN,
+    finish,
+    label_font,
+    new_figure,
+    pixel_image,
+    text,
+    text_height,
+    title_band,
 )
 from .render import _GREY_BLANK, _projection_u8, _u8
+
+__all__ = ["Channel", "mining_figure"]
 
 Channel = tuple[int, Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[float]]
 
@@ -97,18 +99,18 @@ def mining_figure(
     lay.write_labels(page)
 
     fig_w = (lay.width + 2 * lay.margin) / DPI
-    sup, sup_h = _title_band(layer_title, fig_w)
-    sub_h = _text_height(1, _FONT_SMALL) + 0.1
+    sup, sup_h = title_band(layer_title, fig_w)
+    sub_h = text_height(1, FONT_SMALL) + 0.1
     head_px = math.ceil((sup_h + sub_h) * DPI)
     fig_h = (lay.margin + head_px + lay.height + lay.margin) / DPI
-    fig = _new_figure(fig_w, fig_h)
+    fig = new_figure(fig_w, fig_h)
     if sup:
-        _text(fig, fig_w / 2, _MARGIN, sup, ha="center", va="top", fontsize=_FONT_TITLE, fontweight="bold")
-    _text(fig, fig_w / 2, _MARGIN + sup_h, "left: projections (0 = grey, each scaled by its max |value|)"
-          "    right: input patches", ha="center", va="top", fontsize=_FONT_SMALL, color="#505050")
-    _pixel_image(fig, page, lay.margin, lay.margin + head_px)
+        text(fig, fig_w / 2, MARGIN, sup, ha="center", va="top", fontsize=FONT_TITLE, fontweight="bold")
+    text(fig, fig_w / 2, MARGIN + sup_h, "left: projections (0 = grey, each scaled by its max |value|)"
+          "    right: input patches", ha="center", va="top", fontsize=FONT_SMALL, color="#505050")
+    pixel_image(fig, page, lay.margin, lay.margin + head_px)
     fig._zfvis_layout = lay  # type: ignore[attr-defined]  # where each cell and label is, for tests and tools
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 @dataclasses.dataclass
@@ -190,8 +192,8 @@ class _MiningLayout:
     gap: int = round(0.03 * DPI)
     mid_gap: int = round(0.15 * DPI)
     block_gap: int = round(0.3 * DPI)
-    label: int = round((_text_height(1, _FONT_LABEL) + 0.06) * DPI)
-    margin: int = round(_MARGIN * DPI)
+    label: int = round((text_height(1, FONT_LABEL) + 0.06) * DPI)
+    margin: int = round(MARGIN * DPI)
     labels: list[str] = dataclasses.field(default_factory=list)  # block k's label, drawn above its grids
 
     @property
@@ -219,12 +221,12 @@ class _MiningLayout:
         Drawn into the pixels with Pillow (the font matplotlib ships): a matplotlib text
         per label costs a few milliseconds, 64 of them more than the rest of a page.
         """
-        font = _label_font(round(_FONT_LABEL * DPI / 72.0))
+        font = label_font(round(FONT_LABEL * DPI / 72.0))
         width = 2 * self.grid + self.mid_gap + self.block_gap  # up to the next block
-        for k, text in enumerate(self.labels):
+        for k, label in enumerate(self.labels):
             x, y = self.origin(k)
             mask = Image.new("L", (min(width, page.shape[1] - x), self.label))
-            ImageDraw.Draw(mask).text((0, self.label - 4), text, fill=255, font=font, anchor="ld")
+            ImageDraw.Draw(mask).text((0, self.label - 4), label, fill=255, font=font, anchor="ld")
             ink = np.asarray(mask, dtype=np.uint16)[..., None]
             band = page[y : y + self.label, x : x + mask.width]
             band[:] = (band * (255 - ink) + 127) // 255  # black text over the band, antialiased

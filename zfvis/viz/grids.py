@@ -14,24 +14,26 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .layout import (
-    _FONT_LABEL,
-    _FONT_SMALL,
-    _FONT_TITLE,
-    _MARGIN,
     BOX_COLOR,
-    _axes,
-    _blank_cell,
-    _finish,
-    _n_lines,
-    _new_figure,
-    _show,
-    _text,
-    _text_height,
-    _text_width,
-    _title_band,
-    _wrap,
+    FONT_LABEL,
+    FONT_SMALL,
+    FONT_TITLE,
+    MARGIN,
+    axes,
+    blank_cell,
+    finish,
+    n_lines,
+    new_figure,
+    show,
+    text,
+    text_height,
+    text_width,
+    title_band,
+    wrap,
 )
 from .render import _to_hwc, normalize_projection
+
+__all__ = ["project_figure", "grid_figure"]
 
 
 def project_figure(
@@ -77,38 +79,38 @@ def project_figure(
     rows = math.ceil(n / blocks)
     cell = {1: 2.8, 2: 2.2, 3: 1.8}[blocks]
     gap, row_gap, block_gap = 0.12, 0.22, 0.45
-    label_w = max(_text_width(t, _FONT_LABEL) for t in titles) + 0.2
+    label_w = max(text_width(t, FONT_LABEL) for t in titles) + 0.2
     label_w = min(max(label_w, 0.6), 2.5)
     block_w = label_w + 4 * cell + 3 * gap
-    fig_w = 2 * _MARGIN + blocks * block_w + (blocks - 1) * block_gap
-    header_h = _text_height(1, _FONT_SMALL) + 0.08
-    sup, sup_h = _title_band(suptitle, fig_w)
-    note_txt = _wrap(note, fig_w - 2 * _MARGIN, _FONT_SMALL) if note else None
-    note_h = _text_height(_n_lines(note_txt), _FONT_SMALL) + 0.15 if note_txt else 0.0
-    top0 = _MARGIN + sup_h + header_h
-    fig_h = top0 + rows * cell + (rows - 1) * row_gap + note_h + _MARGIN
-    fig = _new_figure(fig_w, fig_h)
+    fig_w = 2 * MARGIN + blocks * block_w + (blocks - 1) * block_gap
+    header_h = text_height(1, FONT_SMALL) + 0.08
+    sup, sup_h = title_band(suptitle, fig_w)
+    note_txt = wrap(note, fig_w - 2 * MARGIN, FONT_SMALL) if note else None
+    note_h = text_height(n_lines(note_txt), FONT_SMALL) + 0.15 if note_txt else 0.0
+    top0 = MARGIN + sup_h + header_h
+    fig_h = top0 + rows * cell + (rows - 1) * row_gap + note_h + MARGIN
+    fig = new_figure(fig_w, fig_h)
     if sup:
-        _text(fig, fig_w / 2, _MARGIN, sup, ha="center", va="top", fontsize=_FONT_TITLE, fontweight="bold")
+        text(fig, fig_w / 2, MARGIN, sup, ha="center", va="top", fontsize=FONT_TITLE, fontweight="bold")
 
     headers = ("input", "projection", "input crop", "projection crop")
     for k in range(n):
         b, r = divmod(k, rows)
-        x0 = _MARGIN + b * (block_w + block_gap)
+        x0 = MARGIN + b * (block_w + block_gap)
         y0 = top0 + r * (cell + row_gap)
         top, left, bottom, right = _clip_box(boxes[k], height, width)
         label_y = y0 + cell * min(1.0, height / max(width, 1)) / 2  # middle of the input panel
-        _text(fig, x0 + label_w - 0.12, label_y, titles[k], ha="right", va="center", fontsize=_FONT_LABEL,
+        text(fig, x0 + label_w - 0.12, label_y, titles[k], ha="right", va="center", fontsize=FONT_LABEL,
               linespacing=1.25)
         panels = (img, projs[k], img[top:bottom, left:right], projs[k][top:bottom, left:right])
         for c, arr in enumerate(panels):
-            ax = _axes(fig, x0 + label_w + c * (cell + gap), y0, cell, cell)
+            ax = axes(fig, x0 + label_w + c * (cell + gap), y0, cell, cell)
             _panel(ax, arr, cell, header=headers[c] if r == 0 else None,
                    box=(top, left, bottom, right) if c < 2 else None)
     if note_txt:
-        _text(fig, _MARGIN, fig_h - _MARGIN, note_txt, ha="left", va="bottom", fontsize=_FONT_SMALL,
+        text(fig, MARGIN, fig_h - MARGIN, note_txt, ha="left", va="bottom", fontsize=FONT_SMALL,
               color="#505050")
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def _displayed(image: torch.Tensor, projections: Sequence[torch.Tensor], boxes: Sequence[Sequence[int]],
@@ -135,11 +137,11 @@ def _panel(ax: Axes, arr: np.ndarray, cell: float, *, header: str | None, box: t
     """One panel of a row: the array (or a blank for an empty window), its header, the box drawn on it."""
     ax.set_anchor("N")  # non-square panels shrink from below, keeping titles level
     if header is not None:
-        ax.set_title(header, fontsize=_FONT_SMALL, color="#404040", pad=4)
+        ax.set_title(header, fontsize=FONT_SMALL, color="#404040", pad=4)
     if arr.size == 0:
-        _blank_cell(ax, "empty window")
+        blank_cell(ax, "empty window")
         return
-    _show(ax, arr, cell)
+    show(ax, arr, cell)
     if box is not None:
         top, left, bottom, right = box
         ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
@@ -200,32 +202,32 @@ def grid_figure(
     gap = max(0.04, 0.06 * cell_inches)
     label_w = 0.0
     if row_labels:
-        label_w = min(_text_width("\n".join(row_labels), _FONT_SMALL) + 0.15, 2.5)
-    col_txt = [_wrap(s, cell_inches + gap, _FONT_SMALL) for s in col_labels] if col_labels else []
-    col_h = _text_height(max(map(_n_lines, col_txt)), _FONT_SMALL) + 0.08 if col_txt else 0.0
+        label_w = min(text_width("\n".join(row_labels), FONT_SMALL) + 0.15, 2.5)
+    col_txt = [wrap(s, cell_inches + gap, FONT_SMALL) for s in col_labels] if col_labels else []
+    col_h = text_height(max(map(n_lines, col_txt)), FONT_SMALL) + 0.08 if col_txt else 0.0
     grid_w = n_cols * cell_inches + (n_cols - 1) * gap
-    fig_w = 2 * _MARGIN + label_w + grid_w
+    fig_w = 2 * MARGIN + label_w + grid_w
     if title:  # widen a narrow grid for its title, up to 12 inches, rather than wrap it
-        fig_w = max(fig_w, min(_text_width(title, _FONT_TITLE) + 2 * _MARGIN + 0.1, 12.0))
-    sup, sup_h = _title_band(title, fig_w)
+        fig_w = max(fig_w, min(text_width(title, FONT_TITLE) + 2 * MARGIN + 0.1, 12.0))
+    sup, sup_h = title_band(title, fig_w)
     x0 = (fig_w - label_w - grid_w) / 2 + label_w  # centre the grid when the title is wider
-    top0 = _MARGIN + sup_h + col_h
-    fig_h = top0 + n_rows * cell_inches + (n_rows - 1) * gap + _MARGIN
-    fig = _new_figure(fig_w, fig_h)
+    top0 = MARGIN + sup_h + col_h
+    fig_h = top0 + n_rows * cell_inches + (n_rows - 1) * gap + MARGIN
+    fig = new_figure(fig_w, fig_h)
     if sup:
-        _text(fig, fig_w / 2, _MARGIN, sup, ha="center", va="top", fontsize=_FONT_TITLE, fontweight="bold")
+        text(fig, fig_w / 2, MARGIN, sup, ha="center", va="top", fontsize=FONT_TITLE, fontweight="bold")
     for j, txt in enumerate(col_txt):
-        _text(fig, x0 + j * (cell_inches + gap) + cell_inches / 2, top0 - 0.06, txt, ha="center",
-              va="bottom", fontsize=_FONT_SMALL, linespacing=1.2)
+        text(fig, x0 + j * (cell_inches + gap) + cell_inches / 2, top0 - 0.06, txt, ha="center",
+              va="bottom", fontsize=FONT_SMALL, linespacing=1.2)
     for i, row in enumerate(cells):
         y = top0 + i * (cell_inches + gap)
         if row_labels:
-            _text(fig, x0 - 0.1, y + cell_inches / 2, row_labels[i], ha="right", va="center",
-                  fontsize=_FONT_SMALL, linespacing=1.2)
+            text(fig, x0 - 0.1, y + cell_inches / 2, row_labels[i], ha="right", va="center",
+                  fontsize=FONT_SMALL, linespacing=1.2)
         for j, img in enumerate(row):
-            ax = _axes(fig, x0 + j * (cell_inches + gap), y, cell_inches, cell_inches)
+            ax = axes(fig, x0 + j * (cell_inches + gap), y, cell_inches, cell_inches)
             if img is None:
-                _blank_cell(ax)
+                blank_cell(ax)
             else:
-                _show(ax, _to_hwc(img), cell_inches)
-    return _finish(fig, path)
+                show(ax, _to_hwc(img), cell_inches)
+    return finish(fig, path)

@@ -21,19 +21,41 @@ from ..io.atomic import atomic_open
 from . import render
 from .render import PNG_COMPRESS_LEVEL
 
+__all__ = [
+    "DPI",
+    "BOX_COLOR",
+    "FONT_TITLE",
+    "FONT_LABEL",
+    "FONT_SMALL",
+    "MARGIN",
+    "new_figure",
+    "finish",
+    "text_width",
+    "text_height",
+    "wrap",
+    "n_lines",
+    "axes",
+    "text",
+    "show",
+    "blank_cell",
+    "title_band",
+    "label_font",
+    "pixel_image",
+]
+
 #: Resolution of every written figure (pixels per inch); sizes below are in inches.
 DPI = 100
 #: Colour of receptive-field rectangles (cyan shows on photos and on grey projections).
 BOX_COLOR = "#00e5ff"
 
-_FONT_TITLE = 13.0
-_FONT_LABEL = 10.0
-_FONT_SMALL = 9.0
+FONT_TITLE = 13.0
+FONT_LABEL = 10.0
+FONT_SMALL = 9.0
 _CHAR_W = 0.6  # mean DejaVu Sans glyph width in em, used to estimate text extents
 _LINE_H = 1.35  # line height in em
-_MARGIN = 0.25  # outer figure margin, inches
+MARGIN = 0.25  # outer figure margin, inches
 _MAX_PIXELS = 60000  # Agg refuses images with a side of 2**16 pixels or more
-def _new_figure(width_in: float, height_in: float) -> Figure:
+def new_figure(width_in: float, height_in: float) -> Figure:
     """A white figure of the given size in inches, attached to an Agg canvas."""
     fig = Figure(figsize=(width_in, height_in), dpi=DPI, facecolor="white")
     FigureCanvasAgg(fig)
@@ -46,7 +68,7 @@ def _save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     At the figure's own dpi the canvas is drawn once and its RGB pixels are streamed out
     by :func:`_png_chunks` (zlib level :data:`PNG_COMPRESS_LEVEL`): about twice as fast
     as matplotlib's RGBA PNG through Pillow, and smaller. A page image that
-    :func:`_pixel_image` placed (nothing drawn over it) is copied into the drawn
+    :func:`pixel_image` placed (nothing drawn over it) is copied into the drawn
     pixels rather than composited by Agg: the same pixels, without the cost.
     """
     path = Path(path)
@@ -73,7 +95,7 @@ def _save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _finish(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
+def finish(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
     """Writes ``fig`` to ``path`` when one is given; returns ``fig``."""
     if path is not None:
         _save_figure(fig, path)
@@ -83,29 +105,29 @@ def _finish(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
 # --------------------------------------------------------------------------- layout
 
 
-def _text_width(text: str, fontsize: float) -> float:
+def text_width(text: str, fontsize: float) -> float:
     """Estimated width in inches of the longest line of ``text``."""
     longest = max((len(line) for line in text.split("\n")), default=0)
     return longest * fontsize * _CHAR_W / 72.0
 
 
-def _text_height(lines: int, fontsize: float) -> float:
+def text_height(lines: int, fontsize: float) -> float:
     """Height in inches of ``lines`` lines of text."""
     return lines * fontsize * _LINE_H / 72.0
 
 
-def _wrap(text: str, width_in: float, fontsize: float) -> str:
+def wrap(text: str, width_in: float, fontsize: float) -> str:
     """Wraps each line of ``text`` so it fits ``width_in`` inches."""
     chars = max(8, int(width_in * 72.0 / (fontsize * _CHAR_W)))
     return "\n".join(textwrap.fill(line, chars) if line else "" for line in text.split("\n"))
 
 
-def _n_lines(text: str | None) -> int:
+def n_lines(text: str | None) -> int:
     """Number of lines in ``text`` (0 for None or empty)."""
     return 0 if not text else text.count("\n") + 1
 
 
-def _axes(fig: Figure, left: float, top: float, width: float, height: float) -> Axes:
+def axes(fig: Figure, left: float, top: float, width: float, height: float) -> Axes:
     """Adds axes placed in inches from the figure's top-left corner."""
     fw, fh = fig.get_size_inches()
     ax = fig.add_axes((left / fw, 1.0 - (top + height) / fh, width / fw, height / fh))
@@ -117,38 +139,38 @@ def _axes(fig: Figure, left: float, top: float, width: float, height: float) -> 
     return ax
 
 
-def _text(fig: Figure, x: float, y: float, s: str, **kwargs: Any) -> None:
+def text(fig: Figure, x: float, y: float, s: str, **kwargs: Any) -> None:
     """Places text at ``(x, y)`` inches from the figure's top-left corner."""
     fw, fh = fig.get_size_inches()
     fig.text(x / fw, 1.0 - y / fh, s, **kwargs)
 
 
-def _show(ax: Axes, arr: np.ndarray, cell_in: float) -> None:
+def show(ax: Axes, arr: np.ndarray, cell_in: float) -> None:
     """Draws an ``(H, W, 3)`` array: sharp pixels when enlarged, smoothed when shrunk."""
     h, w = arr.shape[:2]
     enlarged = max(h, w) <= cell_in * DPI
     ax.imshow(arr, interpolation="nearest" if enlarged else "auto", aspect="equal", resample=not enlarged)
 
 
-def _blank_cell(ax: Axes, message: str = "") -> None:
+def blank_cell(ax: Axes, message: str = "") -> None:
     """Turns ``ax`` into an empty cell, optionally with a short grey message."""
     ax.set_facecolor("#f2f2f2")
     if message:
-        ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=_FONT_SMALL, color="#808080",
+        ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=FONT_SMALL, color="#808080",
                 transform=ax.transAxes)
 
 
-def _title_band(title: str | None, width_in: float) -> tuple[str | None, float]:
+def title_band(title: str | None, width_in: float) -> tuple[str | None, float]:
     """Wraps a figure title to the figure width; returns it and the band height in inches."""
     if not title:
         return None, 0.0
-    wrapped = _wrap(title, width_in - 2 * _MARGIN, _FONT_TITLE)
-    return wrapped, _text_height(_n_lines(wrapped), _FONT_TITLE) + 0.15
+    wrapped = wrap(title, width_in - 2 * MARGIN, FONT_TITLE)
+    return wrapped, text_height(n_lines(wrapped), FONT_TITLE) + 0.15
 
 
 # --------------------------------------------------------------------------- figures
 @functools.lru_cache(maxsize=4)
-def _label_font(size_px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def label_font(size_px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """DejaVu Sans (matplotlib's own font) at ``size_px`` pixels per em."""
     from matplotlib import font_manager
 
@@ -163,7 +185,7 @@ class _PixelImage(AxesImage):
 
     Matplotlib resamples every image it draws, which for a page-sized image costs far
     more than the page's text. Where the image's extent on the canvas is exactly its
-    own size at whole-pixel offsets (as :func:`_pixel_image` places it), this hands the
+    own size at whole-pixel offsets (as :func:`pixel_image` places it), this hands the
     pixels to the renderer unchanged; at any other size (another dpi, a resized figure)
     matplotlib's own nearest-neighbour resampling draws it.
     """
@@ -216,7 +238,7 @@ class _PixelImage(AxesImage):
         return rgba, x0, y0, IdentityTransform()
 
 
-def _pixel_image(fig: Figure, arr: np.ndarray, left_px: int, top_px: int) -> Axes:
+def pixel_image(fig: Figure, arr: np.ndarray, left_px: int, top_px: int) -> Axes:
     """Shows ``arr`` (H, W, 3) RGB uint8 pixel for pixel at ``(left_px, top_px)`` from the top-left corner."""
     fw, fh = fig.bbox.width, fig.bbox.height
     h, w = arr.shape[:2]
