@@ -37,6 +37,7 @@ from .ops import RULES, UnsupportedModelError
 from .receptive import ReceptiveField
 from .recording import Recording
 from .zoo import Preprocess, WeightsDownloadError, ZFNet, list_models, load_model
+from .serve import ExplorerServer, serve  # last: its modules use the names above
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "Deconvnet",
     "Evolution",
     "EvolutionCell",
+    "ExplorerServer",
     "ImageBatch",
     "ForwardPassError",
     "InputTypeError",
@@ -89,6 +91,7 @@ __all__ = [
     "register_aliases",
     "rules_figure",
     "sample_images",
+    "serve",
     "to_rgb",
     "transform_images",
     "write_site",
