@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 
 from . import correspond, evolution, filters, invariance, layers, mine, occlude, project
+from . import serve as serve_command
 from ._common import (  # noqa: F401
     ArgumentParser,
     CLIError,
@@ -27,7 +28,7 @@ from ._common import (  # noqa: F401
 
 __all__ = ["get_args_parser", "main"]
 
-_COMMANDS = (project, layers, filters, evolution, mine, occlude, invariance, correspond)
+_COMMANDS = (project, layers, filters, evolution, mine, occlude, invariance, correspond, serve_command)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
