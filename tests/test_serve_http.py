@@ -459,7 +459,8 @@ def test_cli_prints_one_url_and_stops_cleanly_on_ctrl_c(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0 and "stopped" in err and "Traceback" not in err and out == ""
-    with socket.socket() as s:  # the port is free again
+    with socket.socket() as s:  # nothing listens on the port any more (TIME_WAIT connections aside)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
     assert list(tmp_path.iterdir()) == []
 
