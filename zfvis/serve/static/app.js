@@ -175,7 +175,8 @@
     $("unit-title").textContent = `${S.layer}, channel ${S.channel}: ${which} ${where}, projected to pixel space`;
     const [t, lft, b, r] = m.box;
     $("unit-caption").textContent = `value ${fmt(m.value)} · receptive field rows ${t}–${b - 1}, columns ${lft}–${r - 1} of the ${H}×${W} input · ` +
-      (S.rule === "all" ? "three rules side by side" : `rule ${S.rule}`) + " · projections: zero is grey, scaled by the largest absolute value";
+      (S.rule === "all" ? "three rules side by side" : `rule ${S.rule}`) + " · projections: zero is grey, scaled by the largest absolute value" +
+      (m.value === 0 ? " · this activation is zero, so its projection is blank: click a brighter point" : "");
     const F = $("input-frame").clientWidth, box = $("rf-box"), k = F / W, kh = F / H;
     Object.assign(box.style, { left: lft * k + "px", top: t * kh + "px", width: (r - lft) * k + "px", height: (b - t) * kh + "px" });
     box.hidden = false;
@@ -269,12 +270,15 @@
       drawOcclusion(job);
     } catch (err) { status.textContent = ""; showError("occlusion: " + err.message); }
   }
+  const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
   function heat(values, lo, hi) {
     const rows = values.length, cols = values[0].length, c = el("canvas", { width: cols, height: rows });
     const ctx = c.getContext("2d"), im = ctx.createImageData(cols, rows);
     for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) {
-      const t = hi > lo ? (values[i][j] - lo) / (hi - lo) : 0, p = 4 * (i * cols + j);
-      im.data[p] = 255 * Math.min(1, 2 * t); im.data[p + 1] = 255 * Math.max(0, 2 * t - 1) * 0.9 + 30 * (1 - t); im.data[p + 2] = 255 * (1 - t) * 0.6; im.data[p + 3] = 255;
+      const t = hi > lo ? Math.min(1, Math.max(0, (values[i][j] - lo) / (hi - lo))) : 0, p = 4 * (i * cols + j);
+      const k = Math.min(3, Math.floor(t * 4)), f = t * 4 - k, a = VIRIDIS[k], b = VIRIDIS[k + 1];
+      for (let ch = 0; ch < 3; ch++) im.data[p + ch] = a[ch] + (b[ch] - a[ch]) * f;
+      im.data[p + 3] = 255;
     }
     ctx.putImageData(im, 0, 0);
     return c;
@@ -285,9 +289,9 @@
     const name = r.target_name ? `"${r.target_name}"` : `class ${r.target}`;
     const act = flat(r.activation), p = flat(r.class_prob);
     box.appendChild(el("figure", { "data-kind": "activation" }, [heat(r.activation, Math.min(...act), Math.max(...act)),
-      el("figcaption", { text: `total activation of ${job.layer} #${job.channel} with the occluder at each position (blue low, yellow high); unoccluded ${fmt(r.base_activation)}` })]));
+      el("figcaption", { text: `total activation of ${job.layer} #${job.channel} with the occluder at each position (purple low, yellow high); unoccluded ${fmt(r.base_activation)}` })]));
     box.appendChild(el("figure", { "data-kind": "probability" }, [heat(r.class_prob, 0, 1),
-      el("figcaption", { text: `probability of ${name} (0 blue, 1 yellow); unoccluded ${fmt(r.base_prob)}, lowest ${fmt(Math.min(...p))}` })]));
+      el("figcaption", { text: `probability of ${name} (0 purple, 1 yellow); unoccluded ${fmt(r.base_prob)}, lowest ${fmt(Math.min(...p))}` })]));
   }
 
   // ------------------------------------------------------------------ navigation
