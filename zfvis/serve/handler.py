@@ -8,6 +8,7 @@ line, and its traceback on the terminal. No traceback ever reaches the client.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import socket
@@ -123,6 +124,11 @@ class Handler(BaseHTTPRequestHandler):
         if self.app is not None and self.app.verbose:
             super().log_message(format, *args)
 
+    def setup(self) -> None:
+        super().setup()
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (a malformed request line, an unknown method) as JSON."""
         self.close_connection = True
@@ -226,8 +232,9 @@ class Handler(BaseHTTPRequestHandler):
                 headers["Connection"] = "close"
             for k, v in headers.items():
                 self.send_header(k, v)
-            self.end_headers()
-            if not head:
-                self.wfile.write(r.body)
+            # headers and body in one write: two small writes wait on the client's delayed ACK (40 ms)
+            self._headers_buffer.append(b"\r\n")
+            self.wfile.write(b"".join(self._headers_buffer) + (b"" if head else r.body))
+            self._headers_buffer = []
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
