@@ -50,6 +50,7 @@ class Http:
         self.headers = {"X-Zfvis-Token": server.token or ""}
 
     def get(self, path: str) -> bytes:
+        """GET ``path``; its body."""
         self.conn.request("GET", path, headers=self.headers)
         r = self.conn.getresponse()
         body = r.read()
@@ -58,6 +59,7 @@ class Http:
         return body
 
     def post(self, path: str, body: bytes) -> bytes:
+        """POST ``body`` to ``path``; the answer's body."""
         self.conn.request("POST", path, body=body, headers=self.headers)
         r = self.conn.getresponse()
         data = r.read()
@@ -121,6 +123,7 @@ def bench_grids(server: zfvis.ExplorerServer, dn: zfvis.Deconvnet, layers: list[
 
 
 def main() -> int:
+    """Runs both benchmarks and prints the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clicks", type=int, default=50)

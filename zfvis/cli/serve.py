@@ -16,6 +16,7 @@ from ._common import CLIError, add_config_arg, add_model_args, load_zoo_model, r
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``zfvis serve``."""
     p = sub.add_parser(
         "serve",
         help="explore a model live in the browser: click a feature map, see what excited it",
@@ -46,6 +47,7 @@ def _warn(text: str) -> None:
 def _stop_on_sigterm() -> Iterator[None]:
     """SIGTERM stops the server as Ctrl-C does (a clean exit)."""
     def stop(signum: int, frame: Any) -> None:
+        """Raises KeyboardInterrupt in the main thread."""
         raise KeyboardInterrupt
 
     try:
@@ -60,6 +62,7 @@ def _stop_on_sigterm() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Loads the model, prints the URL and serves until Ctrl-C (or SIGTERM); returns 0."""
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be in 0..65535, got {args.port}")
     if args.cache_mb < 16:

@@ -121,10 +121,12 @@ class Handler(BaseHTTPRequestHandler):
     app: Any = None
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Logs a request only with ``--verbose``."""
         if self.app is not None and self.app.verbose:
             super().log_message(format, *args)
 
     def setup(self) -> None:
+        """Sends small responses at once (no Nagle delay)."""
         super().setup()
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -138,18 +140,23 @@ class Handler(BaseHTTPRequestHandler):
         self._send(error_response(code, text))
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        """Answers a GET."""
         self._handle("GET")
 
     def do_HEAD(self) -> None:  # noqa: N802
+        """Answers a HEAD (a GET without the body)."""
         self._handle("HEAD")
 
     def do_POST(self) -> None:  # noqa: N802
+        """Answers a POST."""
         self._handle("POST")
 
     def do_PUT(self) -> None:  # noqa: N802
+        """Refuses a PUT (405)."""
         self._handle("PUT")
 
     def do_DELETE(self) -> None:  # noqa: N802
+        """Refuses a DELETE (405)."""
         self._handle("DELETE")
 
     def _handle(self, method: str) -> None:

@@ -193,7 +193,8 @@ class OcclusionJobs:
             job.done = int(idx[-1]) + 1
         base = runner.base_logits.float().cpu()
         base_act = float(runner.base_layer[0, job.channel].sum())
-        return self._result(job, torch.cat(logits), torch.cat(acts), base, base_act, (len(tops), len(lefts)))
+        return self._result(job, torch.cat(logits), torch.cat(acts), base=base, base_act=base_act,
+                            shape=(len(tops), len(lefts)))
 
     def _full(self, job: OcclusionJob, x: torch.Tensor) -> dict[str, Any]:
         with self.ex.lock:
@@ -201,26 +202,27 @@ class OcclusionJobs:
                                   layer=job.layer.node, channel=job.channel, method="full")
         job.done = job.total
         out = {"method": "full"}
-        out.update(self._maps(job, res.class_prob, res.top_class, res.top_prob, res.activation, res.target))
+        out.update(self._maps(job, res.class_prob, top_class=res.top_class, top_prob=res.top_prob,
+                              activation=res.activation, target=res.target))
         out.update(base_prob=res.base_prob, base_class=res.base_class, base_activation=res.base_activation,
                    tops=res.tops.tolist(), lefts=res.lefts.tolist())
         return out
 
-    def _result(self, job: OcclusionJob, logits: torch.Tensor, acts: torch.Tensor, base: torch.Tensor,
+    def _result(self, job: OcclusionJob, logits: torch.Tensor, acts: torch.Tensor, *, base: torch.Tensor,
                 base_act: float, shape: tuple[int, int]) -> dict[str, Any]:  # fmt: skip
         probs = torch.softmax(logits, dim=1)
         base_probs = torch.softmax(base, dim=1)[0]
         target = int(base_probs.argmax()) if job.target is None else job.target
         top_prob, top_class = probs.max(dim=1)
         out: dict[str, Any] = {"method": "incremental"}
-        out.update(self._maps(job, probs[:, target].reshape(shape), top_class.reshape(shape),
-                              top_prob.reshape(shape), acts.reshape(shape), target))
+        out.update(self._maps(job, probs[:, target].reshape(shape), top_class=top_class.reshape(shape),
+                              top_prob=top_prob.reshape(shape), activation=acts.reshape(shape), target=target))
         tops, lefts = occluder_positions(tuple(self.ex.images.get(job.image).x.shape[-2:]), job.patch, job.stride)
         out.update(base_prob=float(base_probs[target]), base_class=int(base_probs.argmax()),
                    base_activation=base_act, tops=tops.tolist(), lefts=lefts.tolist())
         return out
 
-    def _maps(self, job: OcclusionJob, prob: torch.Tensor, top_class: torch.Tensor, top_prob: torch.Tensor,
+    def _maps(self, job: OcclusionJob, prob: torch.Tensor, *, top_class: torch.Tensor, top_prob: torch.Tensor,
               activation: torch.Tensor | None, target: int) -> dict[str, Any]:  # fmt: skip
         names = self.classes
         return {"target": target, "target_name": names[target] if names and target < len(names) else None,

@@ -43,7 +43,7 @@ import zfvis
 from . import encode
 from .errors import ApiError, BadRequest, NotFound
 from .explorer import RULES, Explorer, check_rule
-from .handler import Request, Response, error_response, json_response
+from .handler import Request, Response, json_response
 from .occlusion_jobs import OcclusionJobs
 from .runs import CONTENT_TYPES, RunSet, resolve_inside
 from .security import Guard

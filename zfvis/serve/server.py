@@ -43,6 +43,7 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 64
 
     def handle_error(self, request: Any, client_address: Any) -> None:
+        """Ignores clients that went away; reports the rest as http.server does."""
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, TimeoutError)):
             return  # a client that went away
