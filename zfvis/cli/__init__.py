@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 
 from . import correspond, evolution, filters, invariance, layers, mine, occlude, project
+from . import serve as serve_command
 from ._common import ArgumentParser
 from .boundary import report_error
 from .config import _parse
@@ -22,7 +23,7 @@ from .outputs import invoked
 
 __all__ = ["get_args_parser", "main"]
 
-_COMMANDS = (project, layers, filters, evolution, mine, occlude, invariance, correspond)
+_COMMANDS = (project, layers, filters, evolution, mine, occlude, invariance, correspond, serve_command)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

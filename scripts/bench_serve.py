@@ -1,0 +1,160 @@
+"""Benchmark: is `zfvis serve` fast enough to feel live? (VGG16, random weights, 224x224, CPU)
+
+In one run, back to back, against an explorer served in this process over HTTP on 127.0.0.1:
+
+* clicks: ``--clicks`` channels of conv5_3, each first projected directly
+  (``Deconvnet.select`` + ``reverse`` + ``full()``, what ``Deconvnet.project`` does after
+  its forward pass, on a recording made once: a warm recording), then clicked on the
+  server (``GET /api/project.png``, from request to the PNG received; the server's
+  recording is warm too). The server's own overhead per click is the click's time minus
+  the direct projection's. p50 and p95.
+  The same clicks again are answered from the cache: the server's own work per request
+  (HTTP, parsing, checks, lookup), without the model.
+* grids: ``--images`` new images (uploaded first, not timed); for each, a layer's map grid
+  (``GET /api/maps`` then ``GET /api/maps.png``, the forward pass included) against a
+  forward pass to that layer plus encoding the same sprite directly.
+
+    python scripts/bench_serve.py [--threads 2] [--clicks 50] [--images 7] [--layers conv5_3,conv3_3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+import zfvis  # noqa: E402
+from zfvis.serve import encode  # noqa: E402
+
+
+def p(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of ``values``."""
+    return float(np.quantile(np.asarray(values), q))
+
+
+class Http:
+    """One keep-alive connection to the explorer, as a browser tab keeps one."""
+
+    def __init__(self, server: zfvis.ExplorerServer) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+        self.headers = {"X-Zfvis-Token": server.token or ""}
+
+    def get(self, path: str) -> bytes:
+        """GET ``path``; its body."""
+        self.conn.request("GET", path, headers=self.headers)
+        r = self.conn.getresponse()
+        body = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{path}: {r.status} {body[:200]!r}")
+        return body
+
+    def post(self, path: str, body: bytes) -> bytes:
+        """POST ``body`` to ``path``; the answer's body."""
+        self.conn.request("POST", path, body=body, headers=self.headers)
+        r = self.conn.getresponse()
+        data = r.read()
+        if r.status >= 300:
+            raise RuntimeError(f"{path}: {r.status} {data[:200]!r}")
+        return data
+
+
+def bench_clicks(server: zfvis.ExplorerServer, dn: zfvis.Deconvnet, x: torch.Tensor, clicks: int) -> dict[str, list[float]]:
+    """Per click: the direct projection on a warm recording, then the same click served."""
+    http = Http(server)
+    layer = "conv5_3"
+    http.get(f"/api/maps?image=chelsea&layer={layer}")  # the page loads the grid first: the server records once
+    rec = dn.record(x, layer)
+    out: dict[str, list[float]] = {"direct": [], "click": [], "overhead": [], "cached": []}
+    for c in range(clicks + 1):
+        t0 = time.perf_counter()
+        seeds = dn.select(rec, c)
+        dn.reverse(rec, seeds).full()
+        t1 = time.perf_counter()
+        png = http.get(f"/api/project.png?image=chelsea&layer={layer}&channel={c}")
+        t2 = time.perf_counter()
+        Image.open(io.BytesIO(png)).verify()
+        if c == 0:
+            continue  # warm-up
+        out["direct"].append(t1 - t0)
+        out["click"].append(t2 - t1)
+        out["overhead"].append((t2 - t1) - (t1 - t0))
+    for c in range(1, clicks + 1):  # the same clicks again: served from the cache, the server's work alone
+        t0 = time.perf_counter()
+        http.get(f"/api/project.png?image=chelsea&layer={layer}&channel={c}")
+        out["cached"].append(time.perf_counter() - t0)
+    return out
+
+
+def bench_grids(server: zfvis.ExplorerServer, dn: zfvis.Deconvnet, layers: list[str], images: int) -> dict[str, list[float]]:
+    """Per new image and layer: the served grid against a forward pass plus encoding."""
+    http = Http(server)
+    rng = np.random.default_rng(0)
+    ids = []
+    for _ in range(images + 1):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((256, 256, 3)) * 255).astype("uint8")).save(buf, format="PNG")
+        ids.append(__import__("json").loads(http.post("/api/images", buf.getvalue()))["id"])
+    out: dict[str, list[float]] = {}
+    for n, image_id in enumerate(ids):
+        x = server.explorer.images.get(image_id).x[None]
+        for layer in layers:
+            t0 = time.perf_counter()
+            maps = dn.output(x, layer)[0]
+            encode.sprite(maps)
+            t1 = time.perf_counter()
+            http.get(f"/api/maps?image={image_id}&layer={layer}")
+            http.get(f"/api/maps.png?image={image_id}&layer={layer}")
+            t2 = time.perf_counter()
+            if n == 0:
+                continue  # warm-up
+            out.setdefault(f"{layer} direct", []).append(t1 - t0)
+            out.setdefault(f"{layer} grid", []).append(t2 - t1)
+    return out
+
+
+def main() -> int:
+    """Runs both benchmarks and prints the table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clicks", type=int, default=50)
+    ap.add_argument("--images", type=int, default=7)
+    ap.add_argument("--layers", default="conv5_3,conv3_3")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, preprocess = zfvis.load_model("vgg16", weights="random")
+    x = preprocess(zfvis.load_image(zfvis.default_image()))[None]
+    dn = zfvis.Deconvnet(model)
+    with zfvis.serve(model, preprocess, images=[zfvis.default_image()], name="vgg16") as server:
+        clicks = bench_clicks(server, dn, x, args.clicks)
+        grids = bench_grids(server, dn, args.layers.split(","), args.images)
+    ms = lambda v: f"{1000 * v:7.1f} ms"  # noqa: E731
+    print(f"VGG16 (random weights), 224x224, CPU, {args.threads} threads, torch {torch.__version__}")
+    print(f"\nclick on a conv5_3 map, {args.clicks} clicks:        p50        p95")
+    for k, label in (("direct", "Deconvnet projection, warm recording"), ("click", "request to PNG received"),
+                     ("overhead", "click minus projection"), ("cached", "the same click again (cached)")):
+        print(f"  {label:38s} {ms(p(clicks[k], 0.5))} {ms(p(clicks[k], 0.95))}")
+    ratio = [c / d for c, d in zip(clicks["click"], clicks["direct"])]
+    print(f"  click / projection: p50 of ratios {statistics.median(ratio):.3f}; "
+          f"p50/p50 {p(clicks['click'], .5) / p(clicks['direct'], .5):.3f}; p95/p95 "
+          f"{p(clicks['click'], .95) / p(clicks['direct'], .95):.3f}   (goal <= 1.15)")
+    print(f"\nmap grid of a new image, {args.images} images:          p50        p95   grid / (forward + encoding)")
+    for layer in args.layers.split(","):
+        d, g = grids[f"{layer} direct"], grids[f"{layer} grid"]
+        r = statistics.median([a / b for a, b in zip(g, d)])
+        print(f"  {layer:8s} forward + encoding         {ms(p(d, .5))} {ms(p(d, .95))}")
+        print(f"  {layer:8s} served grid                {ms(p(g, .5))} {ms(p(g, .95))}   {r:.3f} (goal <= 1.2)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,364 @@
+// zfvis explorer: the page. Plain JavaScript, no build step; it talks only to this server's API.
+"use strict";
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const params = new URLSearchParams(location.search);
+  const TOKEN = params.get("token") || "";
+  const S = { info: null, layers: [], grid: null, image: null, layer: null, channel: null, y: null, x: null,
+              rule: "deconvnet", sort: "channel", seq: 0, urls: [] };
+
+  // ------------------------------------------------------------------ plumbing
+  function api(path, query) {
+    const q = new URLSearchParams(query || {});
+    if (TOKEN) q.set("token", TOKEN);
+    return path + "?" + q.toString();
+  }
+  async function call(path, query, options) {
+    const r = await fetch(api(path, query), Object.assign({ headers: { "X-Zfvis-Token": TOKEN } }, options || {}));
+    if (!r.ok) {
+      let msg = r.status + " " + r.statusText;
+      try { msg = (await r.json()).error || msg; } catch (e) { /* not JSON */ }
+      throw new Error(msg);
+    }
+    return r;
+  }
+  const getJSON = async (path, query) => (await call(path, query)).json();
+  function showError(err) {
+    const box = $("error");
+    if (!err) { box.hidden = true; return; }
+    box.textContent = String(err.message || err);
+    box.hidden = false;
+  }
+  const fmt = (v) => (v === null || v === undefined) ? "" : (Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : v.toPrecision(2));
+  function el(tag, attrs, kids) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "text") e.textContent = v; else if (k === "style") e.style.cssText = v; else e.setAttribute(k, v);
+    }
+    for (const kid of kids || []) e.appendChild(kid);
+    return e;
+  }
+  const layerInfo = (name) => S.layers.find((l) => l.name === name);
+
+  // ------------------------------------------------------------------ the address
+  function writeURL(push) {
+    const q = new URLSearchParams();
+    if (TOKEN) q.set("token", TOKEN);
+    for (const k of ["image", "layer", "channel", "y", "x", "rule", "sort"]) {
+      if (S[k] !== null && S[k] !== undefined && !(k === "sort" && S.sort === "channel")) q.set(k, S[k]);
+    }
+    const url = location.pathname + "?" + q.toString();
+    if (url === location.pathname + location.search) return;
+    if (push) history.pushState(null, "", url); else history.replaceState(null, "", url);
+  }
+  function readURL() {
+    const q = new URLSearchParams(location.search);
+    const int = (k) => (q.get(k) !== null && q.get(k) !== "" && !isNaN(+q.get(k))) ? +q.get(k) : null;
+    const images = S.info.images.map((i) => i.id);
+    S.image = images.includes(q.get("image")) ? q.get("image") : images[0] || null;
+    S.layer = layerInfo(q.get("layer")) ? q.get("layer") : defaultLayer();
+    S.channel = int("channel"); S.y = int("y"); S.x = int("x");
+    S.rule = ["deconvnet", "guided", "gradient", "all"].includes(q.get("rule")) ? q.get("rule") : "deconvnet";
+    S.sort = q.get("sort") === "strongest" ? "strongest" : "channel";
+  }
+  function defaultLayer() {
+    const maps = S.layers.filter((l) => l.shape.length === 3 && l.name !== l.node);
+    const pool = maps.length ? maps : S.layers.filter((l) => l.shape.length === 3);
+    return pool.length ? pool[Math.floor(pool.length / 2)].name : (S.layers[0] || {}).name;
+  }
+
+  // ------------------------------------------------------------------ layers
+  function renderLayers() {
+    const filter = $("layer-filter").value.trim().toLowerCase();
+    const list = $("layers");
+    list.textContent = "";
+    for (const l of S.layers) {
+      const hay = (l.name + " " + l.node + " " + l.kind).toLowerCase();
+      if (filter && !hay.includes(filter)) continue;
+      const rf = l.receptive_field ? l.receptive_field.size[0] + " px" : "all";
+      const li = el("li", { "data-layer": l.name, title: `${l.node} (${l.kind}); receptive field ${rf}` }, [
+        el("span", { class: "nm" }, [el("span", { text: l.name + " " }), el("span", { class: "kind", text: l.name === l.node ? l.kind : l.node })]),
+        el("span", { text: l.shape.join("×") }), el("span", { text: rf })]);
+      if (l.name === S.layer) li.classList.add("on");
+      li.addEventListener("click", () => go({ layer: l.name, channel: null, y: null, x: null }));
+      list.appendChild(li);
+    }
+    const on = list.querySelector("li.on");
+    if (on) on.scrollIntoView({ block: "nearest" });
+  }
+
+  // ------------------------------------------------------------------ images
+  function renderImages() {
+    const box = $("images");
+    box.textContent = "";
+    for (const im of S.info.images) {
+      const d = el("div", { class: "img" + (im.id === S.image ? " on" : ""), "data-image": im.id, title: `${im.name} (${im.width}×${im.height})` },
+        [el("img", { src: api(`/api/images/${im.id}.png`), alt: im.name }), el("span", { text: im.name })]);
+      d.addEventListener("click", () => go({ image: im.id }));
+      box.appendChild(d);
+    }
+    const add = el("div", { class: "add", id: "upload", text: "upload or drop an image (JPEG, PNG, WebP)" });
+    add.addEventListener("click", () => $("upload-input").click());
+    box.appendChild(add);
+  }
+  async function upload(file) {
+    try {
+      const r = await call("/api/images", { name: file.name }, { method: "POST", body: file,
+        headers: { "X-Zfvis-Token": TOKEN, "Content-Type": file.type || "application/octet-stream" } });
+      const entry = await r.json();
+      S.info.images.push(entry);
+      go({ image: entry.id });
+    } catch (err) { showError("upload refused: " + err.message); }
+  }
+
+  // ------------------------------------------------------------------ feature maps
+  async function loadMaps() {
+    const seq = S.seq;
+    const g = await getJSON("/api/maps", { image: S.image, layer: S.layer, rule: S.rule === "all" ? "deconvnet" : S.rule });
+    if (seq !== S.seq) return;
+    g.spriteURL = api("/api/maps.png", { image: S.image, layer: S.layer });
+    S.grid = g;
+    renderMaps();
+  }
+  function order() {
+    const idx = S.grid.max.map((_, i) => i);
+    if (S.sort === "strongest") idx.sort((a, b) => S.grid.max[b] - S.grid.max[a] || a - b);
+    return idx;
+  }
+  function renderMaps() {
+    const g = S.grid, box = $("maps");
+    const [th, tw] = g.sprite.tile, side = g.channels > 256 ? 44 : 64;
+    const scale = g.vector ? side / 2 / Math.max(th, tw) : side / Math.max(th, tw);
+    const w = Math.round(tw * scale), h = Math.round(th * scale);
+    box.style.setProperty("--tile", (w + 10) + "px");
+    const what = g.vector ? `${g.channels} units (a vector)` : `${g.channels} feature maps of ${g.map_size[0]}×${g.map_size[1]}`;
+    $("maps-title").textContent = `${S.layer}: ${what}`;
+    box.textContent = "";
+    const rows = Math.ceil(g.channels / g.sprite.cols);
+    for (const c of order()) {
+      const col = c % g.sprite.cols, row = Math.floor(c / g.sprite.cols);
+      const t = el("div", { class: "t", style: `width:${w}px;height:${h}px;background-image:url("${g.spriteURL}");` +
+        `background-size:${g.sprite.cols * w}px ${rows * h}px;background-position:-${col * w}px -${row * h}px` });
+      const tile = el("div", { class: "tile" + (c === S.channel ? " on" : ""), "data-channel": c, title: `channel ${c}: maximum ${g.max[c]}` },
+        [t, el("div", { class: "c", text: "#" + c }), el("div", { class: "v", text: fmt(g.max[c]) })]);
+      tile.addEventListener("click", () => go({ channel: c, y: null, x: null }));
+      box.appendChild(tile);
+    }
+  }
+
+  // ------------------------------------------------------------------ one unit
+  async function fetchProjection(rule) {
+    const q = { image: S.image, layer: S.layer, channel: S.channel, rule };
+    if (S.y !== null && S.x !== null) { q.y = S.y; q.x = S.x; }
+    const r = await call("/api/project.png", q);
+    const meta = JSON.parse(r.headers.get("X-Zfvis-Meta"));
+    const url = URL.createObjectURL(await r.blob());
+    S.urls.push(url);
+    return { meta, url, npy: api("/api/project.npy", q) };
+  }
+  async function loadUnit() {
+    const seq = S.seq, l = layerInfo(S.layer);
+    for (const u of S.urls.splice(0)) URL.revokeObjectURL(u);
+    if (S.channel === null) {
+      $("unit-title").textContent = "Click a feature map below to project its strongest activation";
+      $("unit-caption").textContent = ""; $("projections").textContent = "";
+      $("rf-box").hidden = true; $("map-figure").hidden = true; $("top9").hidden = true;
+      return;
+    }
+    const rules = S.rule === "all" ? ["deconvnet", "guided", "gradient"] : [S.rule];
+    const shots = [];
+    for (const rule of rules) shots.push(await fetchProjection(rule));
+    if (seq !== S.seq) return;
+    const m = shots[0].meta, [H, W] = m.shape.slice(1);
+    const where = m.position ? `at (${m.position[0]}, ${m.position[1]})` : "";
+    const which = (S.y !== null) ? "the activation" : "its strongest activation";
+    $("unit-title").textContent = `${S.layer}, channel ${S.channel}: ${which} ${where}, projected to pixel space`;
+    const [t, lft, b, r] = m.box;
+    $("unit-caption").textContent = `value ${fmt(m.value)} · receptive field rows ${t}–${b - 1}, columns ${lft}–${r - 1} of the ${H}×${W} input · ` +
+      (S.rule === "all" ? "three rules side by side" : `rule ${S.rule}`) + " · projections: zero is grey, scaled by the largest absolute value" +
+      (m.value === 0 ? " · this activation is zero, so its projection is blank: click a brighter point" : "");
+    const F = $("input-frame").clientWidth, box = $("rf-box"), k = F / W, kh = F / H;
+    Object.assign(box.style, { left: lft * k + "px", top: t * kh + "px", width: (r - lft) * k + "px", height: (b - t) * kh + "px" });
+    box.hidden = false;
+    const proj = $("projections");
+    proj.textContent = "";
+    for (const [i, s] of shots.entries()) {
+      const img = el("img", { src: s.url, alt: `projection (${rules[i]})`, class: "projection", "data-rule": rules[i],
+        "data-npy": s.npy, "data-value": s.meta.value, "data-channel": S.channel, "data-layer": S.layer,
+        "data-position": s.meta.position ? s.meta.position.join(",") : "" });
+      const link = el("a", { href: s.npy, text: ".npy", download: "projection.npy" });
+      const cap = el("figcaption", {}, [document.createTextNode(`projection, ${rules[i]} `), link]);
+      proj.appendChild(el("figure", {}, [el("div", { class: "frame" }, [img]), cap]));
+    }
+    showMap(l, m);
+    loadTop9(seq);
+    $("occlusion-panel").dataset.ready = "1";
+  }
+  function showMap(l, m) {
+    const fig = $("map-figure");
+    if (l.shape.length !== 3) { fig.hidden = true; return; }
+    fig.hidden = false;
+    const img = $("map-image");
+    const src = api("/api/map.png", { image: S.image, layer: S.layer, channel: S.channel });
+    if (img.getAttribute("src") !== src) img.src = src;
+    const [h, w] = [l.shape[1], l.shape[2]], mk = $("map-marker");
+    if (!m.position) { mk.hidden = true; return; }
+    const F = $("map-frame").clientWidth;
+    Object.assign(mk.style, { left: m.position[1] * F / w + "px", top: m.position[0] * F / h + "px", width: F / w + "px", height: F / h + "px" });
+    mk.hidden = false;
+  }
+  function mapClick(ev) {
+    const l = layerInfo(S.layer), rect = $("map-frame").getBoundingClientRect();
+    const y = Math.floor((ev.clientY - rect.top) / rect.height * l.shape[1]);
+    const x = Math.floor((ev.clientX - rect.left) / rect.width * l.shape[2]);
+    go({ y: Math.min(Math.max(y, 0), l.shape[1] - 1), x: Math.min(Math.max(x, 0), l.shape[2] - 1) });
+  }
+
+  // ------------------------------------------------------------------ top 9 from mining runs
+  async function loadTop9(seq) {
+    const box = $("top9");
+    if (!S.info.runs.length) { box.hidden = true; return; }
+    const data = await getJSON("/api/units", { layer: S.layer, channel: S.channel });
+    if (seq !== S.seq) return;
+    box.textContent = "";
+    for (const run of data.runs) {
+      const title = el("h3", { text: `Top ${run.mined ? run.entries.length : 9} of this unit in the data set of mining run '${S.info.runs[run.run].name}' (projection | image patch) ` });
+      box.appendChild(title);
+      if (!run.mined) { box.appendChild(el("p", { class: "muted", text: run.reason })); continue; }
+      title.appendChild(el("a", { href: api(run.page), target: "_blank", text: "gallery page ↗" }));
+      const strip = el("div", { class: "top9" });
+      const k = 64 / Math.max(...run.entries.map((e) => Math.max(...e.size)));
+      for (const e of run.entries) {
+        const cut = (at) => el("div", { style: `width:${e.size[1] * k}px;height:${e.size[0] * k}px;background-image:url("${api(run.sheet)}");` +
+          `background-size:${run.sheet_size[1] * k}px ${run.sheet_size[0] * k}px;background-position:-${at[1] * k}px -${at[0] * k}px` });
+        strip.appendChild(el("div", { class: "pair", title: `${e.image} value ${e.value} at ${e.position}` },
+          [el("div", { class: "tiles" }, [cut(e.projection_at), cut(e.patch_at)]), el("span", { text: `#${e.rank} ${fmt(e.value)}` })]));
+      }
+      box.appendChild(strip);
+    }
+    box.hidden = false;
+  }
+
+  // ------------------------------------------------------------------ occlusion
+  function setupOcclusion() {
+    const side = Math.min(S.info.input[1], S.info.input[2]);
+    $("occ-patch").value = Math.max(1, Math.floor(side / 4));
+    $("occ-stride").value = Math.max(1, Math.floor(side / 16));
+    const sel = $("occ-target");
+    sel.appendChild(el("option", { value: "", text: "the top class" }));
+    (S.info.classes || []).forEach((c, i) => sel.appendChild(el("option", { value: i, text: `${i}: ${c}` })));
+    $("occ-run").addEventListener("click", runOcclusion);
+  }
+  async function runOcclusion() {
+    if (S.channel === null) { showError("choose a feature map first: occlusion maps its total activation"); return; }
+    const body = { image: S.image, layer: S.layer, channel: S.channel, patch: +$("occ-patch").value, stride: +$("occ-stride").value };
+    if ($("occ-target").value !== "") body.target = +$("occ-target").value;
+    const status = $("occ-status"), bar = $("occ-progress");
+    try {
+      let job = await (await call("/api/occlusion", {}, { method: "POST", body: JSON.stringify(body),
+        headers: { "X-Zfvis-Token": TOKEN, "Content-Type": "application/json" } })).json();
+      bar.hidden = false;
+      while (job.state === "running") {
+        bar.max = job.total; bar.value = job.done;
+        status.textContent = `${job.done} of ${job.total} occluder positions`;
+        await new Promise((ok) => setTimeout(ok, 250));
+        job = await getJSON(`/api/occlusion/${job.id}`);
+      }
+      bar.value = job.done;
+      if (job.state !== "done") throw new Error(job.error || job.state);
+      status.textContent = `${job.total} positions in ${job.seconds.toFixed(1)} s (${job.result.method})`;
+      drawOcclusion(job);
+    } catch (err) { status.textContent = ""; showError("occlusion: " + err.message); }
+  }
+  const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+  function heat(values, lo, hi) {
+    const rows = values.length, cols = values[0].length, c = el("canvas", { width: cols, height: rows });
+    const ctx = c.getContext("2d"), im = ctx.createImageData(cols, rows);
+    for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) {
+      const t = hi > lo ? Math.min(1, Math.max(0, (values[i][j] - lo) / (hi - lo))) : 0, p = 4 * (i * cols + j);
+      const k = Math.min(3, Math.floor(t * 4)), f = t * 4 - k, a = VIRIDIS[k], b = VIRIDIS[k + 1];
+      for (let ch = 0; ch < 3; ch++) im.data[p + ch] = a[ch] + (b[ch] - a[ch]) * f;
+      im.data[p + 3] = 255;
+    }
+    ctx.putImageData(im, 0, 0);
+    return c;
+  }
+  function drawOcclusion(job) {
+    const r = job.result, box = $("occ-result"), flat = (m) => m.flat();
+    box.textContent = "";
+    const name = r.target_name ? `"${r.target_name}"` : `class ${r.target}`;
+    const act = flat(r.activation), p = flat(r.class_prob);
+    box.appendChild(el("figure", { "data-kind": "activation" }, [heat(r.activation, Math.min(...act), Math.max(...act)),
+      el("figcaption", { text: `total activation of ${job.layer} #${job.channel} with the occluder at each position (purple low, yellow high); unoccluded ${fmt(r.base_activation)}` })]));
+    box.appendChild(el("figure", { "data-kind": "probability" }, [heat(r.class_prob, 0, 1),
+      el("figcaption", { text: `probability of ${name} (0 purple, 1 yellow); unoccluded ${fmt(r.base_prob)}, lowest ${fmt(Math.min(...p))}` })]));
+  }
+
+  // ------------------------------------------------------------------ navigation
+  async function render(what) {
+    S.seq += 1;
+    showError(null);
+    document.querySelectorAll(".rules button").forEach((b) => b.classList.toggle("on", b.dataset.rule === S.rule));
+    $("sort").value = S.sort;
+    $("input-image").src = api(`/api/images/${S.image}.png`);
+    renderImages();
+    renderLayers();
+    try {
+      if (what.maps) await loadMaps(); else if (S.grid) renderMaps();
+      await loadUnit();
+      document.body.dataset.ready = String(S.seq);
+    } catch (err) { showError(err); document.body.dataset.ready = String(S.seq); }
+  }
+  function go(change, push = true) {
+    const maps = "image" in change || "layer" in change;
+    Object.assign(S, change);
+    writeURL(push && !("sort" in change));
+    render({ maps });
+  }
+  function key(ev) {
+    if (ev.target.closest("input, select, textarea") || !S.grid) return;
+    const ids = order();
+    if (ev.key === "ArrowLeft" || ev.key === "ArrowRight") {
+      const at = S.channel === null ? -1 : ids.indexOf(S.channel);
+      const next = ids[Math.min(Math.max(at + (ev.key === "ArrowRight" ? 1 : -1), 0), ids.length - 1)];
+      go({ channel: next, y: null, x: null }); ev.preventDefault();
+    } else if (ev.key === "ArrowUp" || ev.key === "ArrowDown") {
+      const shown = [...document.querySelectorAll("#layers li")].map((li) => li.dataset.layer);
+      const at = shown.indexOf(S.layer), next = shown[Math.min(Math.max(at + (ev.key === "ArrowDown" ? 1 : -1), 0), shown.length - 1)];
+      if (next && next !== S.layer) go({ layer: next, channel: null, y: null, x: null });
+      ev.preventDefault();
+    }
+  }
+  function setupDrop() {
+    let depth = 0;
+    document.addEventListener("dragenter", (e) => { e.preventDefault(); depth += 1; $("drop").hidden = false; });
+    document.addEventListener("dragleave", () => { depth -= 1; if (depth <= 0) { depth = 0; $("drop").hidden = true; } });
+    document.addEventListener("dragover", (e) => e.preventDefault());
+    document.addEventListener("drop", (e) => {
+      e.preventDefault(); depth = 0; $("drop").hidden = true;
+      if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
+    });
+    $("upload-input").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); e.target.value = ""; });
+  }
+
+  async function start() {
+    try {
+      S.info = await getJSON("/api/info");
+      S.layers = (await getJSON("/api/layers")).layers;
+    } catch (err) { showError(err); return; }
+    $("model-name").textContent = `${S.info.model}, input ${S.info.input.join("×")}`;
+    document.title = `zfvis explorer: ${S.info.model}`;
+    document.querySelectorAll(".rules button").forEach((b) => b.addEventListener("click", () => go({ rule: b.dataset.rule })));
+    $("layer-filter").addEventListener("input", renderLayers);
+    $("sort").addEventListener("change", () => go({ sort: $("sort").value }));
+    $("map-frame").addEventListener("click", mapClick);
+    document.addEventListener("keydown", key);
+    window.addEventListener("popstate", () => { readURL(); render({ maps: true }); });
+    setupDrop();
+    setupOcclusion();
+    readURL();
+    writeURL(false);
+    render({ maps: true });
+  }
+  start();
+})();
