@@ -34,7 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import zfvis  # noqa: E402
-from zfvis.serve import encode  # noqa: E402
+from zfvis.explorer import encode  # noqa: E402
 
 
 def p(values: list[float], q: float) -> float:

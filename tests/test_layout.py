@@ -2,7 +2,7 @@
 
 The subpackages stand in layers, each importing only from its own layer or lower ones
 (the table :data:`LAYERS`): ``io`` < ``core`` < ``models`` < ``analysis`` < ``viz`` <
-``mining`` < ``cli`` < ``serve``. Every module of the package is read as an AST (imports
+``mining`` < ``explorer`` < ``cli``. Every module of the package is read as an AST (imports
 inside functions count too), so a new module is checked without being listed anywhere.
 """
 
@@ -27,8 +27,8 @@ LAYERS = {
     "analysis": 3,
     "viz": 4,
     "mining": 5,
-    "cli": 6,
-    "serve": 7,
+    "explorer": 6,
+    "cli": 7,
     "__init__": 9,
     "__main__": 9,
 }

@@ -21,9 +21,9 @@ from PIL import Image
 from serve_helpers import Client, make_run, png_bytes
 
 import zfvis
-from zfvis.serve.cache import LRUCache
-from zfvis.serve.explorer import Explorer
-from zfvis.serve.security import Guard, host_name, is_loopback
+from zfvis.explorer.cache import LRUCache
+from zfvis.explorer.explorer import Explorer
+from zfvis.explorer.security import Guard, host_name, is_loopback
 
 
 @pytest.fixture(scope="module")

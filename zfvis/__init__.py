@@ -20,6 +20,8 @@ from ._version import __version__
 
 #: Each public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
+    "ExplorerServer": "zfvis.explorer.server",
+    "serve": "zfvis.explorer.server",
     "CorrespondenceResult": "zfvis.analysis.correspondence",
     "PartImages": "zfvis.analysis.correspondence",
     "PartScore": "zfvis.analysis.correspondence",
@@ -100,6 +102,7 @@ if TYPE_CHECKING:
     from .core.ops import RULES
     from .core.record import Recording
     from .core.reverse import ReverseStack
+    from .explorer.server import ExplorerServer, serve
     from .io.errors import (
         ForwardPassError,
         InputTypeError,
@@ -124,7 +127,7 @@ if TYPE_CHECKING:
 
 
 #: The subpackages, imported on first use as attributes too (``zfvis.core.graph``).
-_SUBPACKAGES = frozenset({"io", "core", "models", "analysis", "viz", "mining", "cli"})
+_SUBPACKAGES = frozenset({"io", "core", "models", "analysis", "viz", "mining", "cli", "explorer"})
 
 
 def __getattr__(name: str) -> Any:

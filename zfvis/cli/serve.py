@@ -1,4 +1,4 @@
-"""``zfvis serve``: the live explorer in the browser (see :mod:`zfvis.serve`)."""
+"""``zfvis serve``: the live explorer in the browser (see :mod:`zfvis.explorer`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-import zfvis
-
+from ..explorer.server import serve
 from ._analysis import class_names
-from ._common import CLIError, add_config_arg, add_model_args, load_zoo_model, resolve_device
+from ._common import CLIError, add_config_arg, add_model_args
+from .models import load_zoo_model, resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     model, preprocess = load_zoo_model(args.model, args.weights, device)
     if args.input_size is not None:
         preprocess = preprocess.with_size(args.input_size)
-    server = zfvis.serve(model, preprocess, args.images or None, args.run or (), host=args.host, port=args.port,
+    server = serve(model, preprocess, args.images or None, args.run or (), host=args.host, port=args.port,
                          token=not args.no_token, name=args.model, classes=class_names(args.model, args.weights),
                          cache_mb=args.cache_mb, warn=_warn, start=False)
     server.app.verbose = args.verbose

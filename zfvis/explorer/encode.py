@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ._deps import normalize_projection
+from ..viz.render import normalize_projection
 
 __all__ = ["MAX_TILE", "MapSprite", "png", "npy", "map_png", "projection_png", "sprite"]
 

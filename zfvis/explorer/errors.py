@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import zfvis
+from ..io.errors import UserInputError
 
 __all__ = ["ApiError", "BadRequest", "NotFound"]
 
 
-class ApiError(zfvis.UserInputError):
+class ApiError(UserInputError):
     """A request the explorer refuses: answered with ``status`` and ``{"error": message}``.
 
     Attributes:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-import zfvis
-
+from ..core.deconvnet import Deconvnet
+from ..core.ops import RULES
+from ..io.errors import UserInputError
 from . import encode
 from .cache import LRUCache, nbytes
 from .errors import BadRequest, NotFound
@@ -28,7 +29,7 @@ from .images import ImageStore
 __all__ = ["Explorer", "LayerInfo", "MapGrid", "Projection", "RULES"]
 
 #: The rules a projection may use.
-RULES = tuple(zfvis.RULES)
+RULES = tuple(RULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ class MapGrid:
     Attributes:
         maxima: Each channel's largest activation.
         argmax: Each channel's (y, x) of that activation (``None`` for a vector layer).
-        sprite: The maps as one image (:func:`zfvis.serve.encode.sprite`).
+        sprite: The maps as one image (:func:`zfvis.explorer.encode.sprite`).
         maps: The maps (C, H, W), on the CPU (a vector layer's units are (F, 1, 1)).
     """
 
@@ -125,7 +126,7 @@ class Explorer:
                  images: Sequence[Any] = (), *, cache_bytes: int = 512 << 20,
                  show: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:  # fmt: skip
         self.model = model
-        self.dn = zfvis.Deconvnet(model)
+        self.dn = Deconvnet(model)
         self.lock = threading.RLock()
         self.images = ImageStore(preprocess, show or getattr(preprocess, "denormalize", None))
         self.images.add_files(images)
@@ -166,7 +167,7 @@ class Explorer:
             raise BadRequest("give a layer (GET /api/layers lists them)")
         try:
             node = self.dn.resolve(name)
-        except zfvis.UserInputError as err:
+        except UserInputError as err:
             raise NotFound(str(err).replace("Deconvnet.layer_names() (or `zfvis layers`)", "GET /api/layers")) from None
         found = next((layer for layer in self.layers() if layer.node == node), None)
         if found is None:

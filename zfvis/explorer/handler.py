@@ -1,7 +1,7 @@
 """The HTTP side: requests in, responses out, errors as JSON.
 
 :class:`Handler` reads a request (the Host header and the token checked first, the body
-bounded), hands it to the routes (:mod:`zfvis.serve.routes`), and writes the response.
+bounded), hands it to the routes (:mod:`zfvis.explorer.routes`), and writes the response.
 Every refusal is a 4xx JSON error naming the problem; a bug of ours is a 500 with one
 line, and its traceback on the terminal. No traceback ever reaches the client.
 """
@@ -20,9 +20,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import zfvis
-
-from ._deps import first_line, is_out_of_memory
+from ..io.errors import UnsupportedModelError, UserInputError, first_line, is_out_of_memory
 from .errors import ApiError
 
 __all__ = ["Request", "Response", "Handler", "json_response", "error_response"]
@@ -100,9 +98,9 @@ def _classify(err: BaseException) -> Response:
         return error_response(err.status, str(err))
     if is_out_of_memory(err):
         return error_response(503, f"out of memory ({first_line(err)[:160]}); try a smaller image or layer")
-    if isinstance(err, zfvis.UnsupportedModelError):
+    if isinstance(err, UnsupportedModelError):
         return error_response(422, first_line(err))
-    if isinstance(err, (zfvis.UserInputError, FileNotFoundError)):
+    if isinstance(err, (UserInputError, FileNotFoundError)):
         return error_response(400, first_line(err))
     print(f"zfvis serve: internal error: {type(err).__name__}: {first_line(err)}", file=sys.stderr)
     traceback.print_exception(err, file=sys.stderr)
@@ -111,7 +109,7 @@ def _classify(err: BaseException) -> Response:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """One connection. The server (:class:`zfvis.serve.server.ExplorerServer`) sets
+    """One connection. The server (:class:`zfvis.explorer.server.ExplorerServer`) sets
     ``app`` on the class it makes from this one."""
 
     protocol_version = "HTTP/1.1"

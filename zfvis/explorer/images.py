@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-import zfvis
-
+from ..io.errors import UserInputError
+from ..io.images import load_image, to_rgb
 from .errors import ApiError, BadRequest, NotFound
 
 __all__ = ["ImageEntry", "ImageStore", "UPLOAD_FORMATS", "decode_upload"]
@@ -85,7 +85,7 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
                     raise ApiError(413, f"the image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,} "
                                    "(downscale it first)")
                 image.load()
-                return zfvis.to_rgb(image)
+                return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ApiError(413, f"the image has more pixels than Pillow decodes safely ({Image.MAX_IMAGE_PIXELS:,}); "
                        "downscale it first") from None
@@ -145,7 +145,7 @@ class ImageStore:
         x = self.preprocess(image)
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise zfvis.UserInputError(f"preprocess must return one image (C, H, W), got {shape}")
+            raise UserInputError(f"preprocess must return one image (C, H, W), got {shape}")
         x = x.detach().cpu()
         return ImageEntry(image_id, name, source, x, _display_png(x, self.show), image.size)
 
@@ -166,9 +166,9 @@ class ImageStore:
         added = []
         for i, item in enumerate(images):
             if isinstance(item, Image.Image):
-                image, name = zfvis.to_rgb(item), f"image {i + 1}"
+                image, name = to_rgb(item), f"image {i + 1}"
             else:
-                image, name = zfvis.load_image(item), Path(item).name
+                image, name = load_image(item), Path(item).name
             with self._lock:
                 entry = self._entry(image, name, "file", self._free_id(_slug(name)))
                 self._entries[entry.id] = entry

@@ -19,16 +19,17 @@ from typing import Any
 
 import torch
 
-import zfvis
-
-from ._deps import IncrementalOcclusion, NotIncremental, eval_mode, first_line, is_out_of_memory, occluder_positions
+from ..analysis.incremental import IncrementalOcclusion, NotIncremental
+from ..analysis.occlusion import occluder_positions, occlusion
+from ..core.graph import eval_mode
+from ..io.errors import UserInputError, first_line, is_out_of_memory
 from .errors import ApiError, BadRequest, NotFound
 from .explorer import Explorer, LayerInfo
 
 __all__ = ["OcclusionJob", "OcclusionJobs", "BATCH"]
 
 BATCH = 16
-_log = logging.getLogger("zfvis.serve")
+_log = logging.getLogger("zfvis.explorer")
 
 
 @dataclasses.dataclass
@@ -118,7 +119,7 @@ class OcclusionJobs:
         stride = _int(params, "stride", max(1, patch // 4))  # type: ignore[operator]
         try:
             tops, lefts = occluder_positions(tuple(image.x.shape[-2:]), patch, stride)
-        except (zfvis.UserInputError, TypeError) as err:
+        except (UserInputError, TypeError) as err:
             raise BadRequest(first_line(err)) from None
         target = _int(params, "target", None)
         n_classes = self._n_classes()
@@ -161,7 +162,7 @@ class OcclusionJobs:
             job.state = "cancelled" if self._stop.is_set() else "done"
         except Exception as err:  # noqa: BLE001 - reported to the page; ours are logged in full
             job.state = "failed"
-            if isinstance(err, zfvis.UserInputError) or is_out_of_memory(err):
+            if isinstance(err, UserInputError) or is_out_of_memory(err):
                 job.error = first_line(err)
             else:
                 _log.exception("occlusion job %s failed", job.id)
@@ -198,7 +199,7 @@ class OcclusionJobs:
 
     def _full(self, job: OcclusionJob, x: torch.Tensor) -> dict[str, Any]:
         with self.ex.lock:
-            res = zfvis.occlusion(self.ex.model, x, patch=job.patch, stride=job.stride, target=job.target,
+            res = occlusion(self.ex.model, x, patch=job.patch, stride=job.stride, target=job.target,
                                   layer=job.layer.node, channel=job.channel, method="full")
         job.done = job.total
         out = {"method": "full"}

@@ -38,8 +38,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
 
-import zfvis
-
+from .._version import __version__
 from . import encode
 from .errors import ApiError, BadRequest, NotFound
 from .explorer import RULES, Explorer, check_rule
@@ -143,7 +142,7 @@ class App:
         """One of the page's own files (nothing else is served from the package)."""
         if name not in STATIC_FILES:
             raise NotFound(f"no such file: /static/{name}")
-        body = (resources.files("zfvis.serve") / "static" / name).read_bytes()
+        body = (resources.files("zfvis.explorer") / "static" / name).read_bytes()
         headers = {"Content-Security-Policy": _PAGE_CSP, "Cache-Control": "no-cache"}
         if name == "index.html" and self.guard.token is not None and r.query.get("token"):
             headers["Set-Cookie"] = f"{self.guard.cookie}={self.guard.token}; Path=/; HttpOnly; SameSite=Strict"
@@ -154,7 +153,7 @@ class App:
         return json_response({"model": self.name, "input": list(self.ex.input_shape()), "rules": list(RULES),
                               "images": [e.info() for e in self.ex.images.all()],
                               "runs": [run.info() for run in self.runs.runs], "classes": self.classes,
-                              "version": zfvis.__version__})
+                              "version": __version__})
 
     def layers(self, r: Request) -> Response:
         """Every layer in graph order."""

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import zfvis
-
-from ._deps import SheetLayout, channel_page, safe_name, sheet_name
+from ..io.errors import UserInputError
+from ..mining.gallery import channel_page
+from ..mining.run_folder import safe_name
+from ..viz.sheets import SheetLayout, sheet_name
 from .errors import BadRequest, NotFound
 
 __all__ = ["MiningRun", "RunSet", "resolve_inside", "CONTENT_TYPES"]
@@ -85,25 +86,25 @@ class MiningRun:
         self.index = index
         self.path = Path(path)
         if not self.path.is_dir():
-            raise zfvis.UserInputError(f"run '{path}' is not a folder; pass a `zfvis mine` output folder (-o)")
+            raise UserInputError(f"run '{path}' is not a folder; pass a `zfvis mine` output folder (-o)")
         self.root = self.path.resolve()
         try:
             topk = json.loads((self.root / "topk.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise zfvis.UserInputError(f"run '{path}' has no topk.json: it is not a `zfvis mine` output folder "
+            raise UserInputError(f"run '{path}' has no topk.json: it is not a `zfvis mine` output folder "
                                        "(or that run has not finished)") from None
         except (OSError, ValueError) as err:
-            raise zfvis.UserInputError(f"cannot read '{self.path / 'topk.json'}': {err}") from None
+            raise UserInputError(f"cannot read '{self.path / 'topk.json'}': {err}") from None
         layers = topk.get("layers") if isinstance(topk, dict) else None
         if not isinstance(layers, dict) or not layers:
-            raise zfvis.UserInputError(f"'{self.path / 'topk.json'}' lists no mined layers")
+            raise UserInputError(f"'{self.path / 'topk.json'}' lists no mined layers")
         self.model = str(topk.get("model", ""))
         self.layers: dict[str, dict[str, Any]] = {}
         for name, data in layers.items():
             node = self._node(node_of, name)
             count = data.get("channel_count") if isinstance(data, dict) else None
             if count is not None and channels_of.get(node) not in (None, count):
-                raise zfvis.UserInputError(
+                raise UserInputError(
                     f"run '{path}' was mined from another model: its layer '{name}' has {count} channels, this "
                     f"model's has {channels_of.get(node)}; pass a run of the same model")
             self.layers[node] = {"name": name, **data}
@@ -111,8 +112,8 @@ class MiningRun:
     def _node(self, node_of: Any, name: str) -> str:
         try:
             return str(node_of(name))
-        except zfvis.UserInputError:
-            raise zfvis.UserInputError(f"run '{self.path}' was mined from another model: it has layer '{name}', "
+        except UserInputError:
+            raise UserInputError(f"run '{self.path}' was mined from another model: it has layer '{name}', "
                                        "which this model does not; pass a run of the same model") from None
 
     def info(self) -> dict[str, Any]:

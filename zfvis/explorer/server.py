@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import zfvis
-
+from ..io.errors import InputTypeError, UserInputError
+from ..io.images import default_image
 from .explorer import Explorer
 from .handler import Handler
 from .occlusion_jobs import OcclusionJobs
@@ -33,8 +33,8 @@ __all__ = ["ExplorerServer", "serve", "default_images"]
 
 def default_images() -> list[Any]:
     """The photos shipped with zfvis: the cat, then the two portraits."""
-    folder = zfvis.default_image().parent
-    return [zfvis.default_image(), folder / "astronaut_face.jpg", folder / "grace_hopper_face.jpg"]
+    folder = default_image().parent
+    return [default_image(), folder / "astronaut_face.jpg", folder / "grace_hopper_face.jpg"]
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -61,7 +61,7 @@ class ExplorerServer:
         host: The address it listens on.
         port: Its port.
         token: The token (``None`` without one).
-        explorer: The model side (:class:`zfvis.serve.explorer.Explorer`).
+        explorer: The model side (:class:`zfvis.explorer.explorer.Explorer`).
     """
 
     def __init__(self, app: App, host: str, port: int) -> None:
@@ -70,9 +70,9 @@ class ExplorerServer:
             self._httpd = _HTTPServer((host, port), handler)
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise zfvis.UserInputError(f"port {port} is in use; choose another port (0 picks a free one)") from None
+                raise UserInputError(f"port {port} is in use; choose another port (0 picks a free one)") from None
             if err.errno in (errno.EADDRNOTAVAIL, errno.EACCES) or isinstance(err, OSError) and "resolve" in str(err):
-                raise zfvis.UserInputError(f"cannot listen on {host}:{port} ({err.strerror or err}); check --host "
+                raise UserInputError(f"cannot listen on {host}:{port} ({err.strerror or err}); check --host "
                                            "and --port") from None
             raise
         self.app = app
@@ -168,7 +168,7 @@ def serve(
     """
     warn = warn or (lambda text: warnings.warn(text, UserWarning, stacklevel=3))
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-        raise zfvis.InputTypeError(f"port must be an int in 0..65535, got {port!r}")
+        raise InputTypeError(f"port must be an int in 0..65535, got {port!r}")
     if not is_loopback(host):
         warn(f"serving on {host or 'every interface'}: anyone who can reach this machine on that address can use "
              "the explorer" + (" with the token" if token is not False else ""))
