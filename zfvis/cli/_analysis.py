@@ -15,7 +15,7 @@ import torch
 from ..io.atomic import atomic_write_text
 from ..models.zoo import Preprocess, get_spec
 from ._common import CLIError
-from .outputs import write_settings
+from .outputs import settings_record, write_json
 
 FILL_HELP = "occluder colour: mean (the data set's mean colour), gray, black, or a VALUE in model input space (default mean)"
 
@@ -88,9 +88,5 @@ def parse_layers(text: str | None, default: list[str]) -> list[str]:
 
 def write_results(path: str | os.PathLike[str], settings: dict[str, Any], **results: Any) -> None:
     """One JSON file (atomically written) with the settings, marked as zfvis's
-    (:func:`~zfvis.cli._common.write_settings`), and the results as further keys."""
-    write_settings(path, settings)
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    data.update(results)
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (:func:`~zfvis.cli.outputs.settings_record`), and the results as further keys."""
+    write_json(path, {**settings_record(settings), **results})
