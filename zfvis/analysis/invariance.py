@@ -36,7 +36,7 @@ from ..io.checks import check_model, forward_failure
 from ..io.errors import InputTypeError, UserInputError, is_out_of_memory
 from ..io.parse import check_fill, check_finite_result, parse_number, representable
 
-__all__ = ["TRANSFORMS", "InvarianceResult", "invariance", "transform_images"]
+__all__ = ["TRANSFORMS", "InvarianceResult", "invariance", "transform_images", "check_amount"]
 
 #: The transformations :func:`invariance` applies.
 TRANSFORMS = ("translation", "scale", "rotation")
@@ -74,8 +74,8 @@ def _check_transform(transform: str) -> str:
     return transform
 
 
-def _check_amount(transform: str, amount: float, dtype: torch.dtype = torch.float32) -> float:
-    """An amount, finite and representable in the images' dtype (a scale's inverse too,
+def check_amount(transform: str, amount: float, dtype: torch.dtype = torch.float32) -> float:
+    """An amount of ``transform``, finite and representable in the images' dtype (a scale's inverse too,
     which the sampling grid holds), so that no output becomes NaN or infinite."""
     if isinstance(amount, bool) or not isinstance(amount, (int, float)):
         raise InputTypeError(f"{transform} amounts must be finite numbers, got {amount!r}")
@@ -131,7 +131,7 @@ def transform_images(
     if isinstance(images, torch.Tensor) and images.dim() == 3:
         return transform_images(images[None], transform, amount, fill=fill)[0]
     images = _check_images(images)
-    amount = _check_amount(transform, amount, images.dtype)
+    amount = check_amount(transform, amount, images.dtype)
     fill = _fill_like(fill, images)
     if amount == _IDENTITY[transform] or (transform == "rotation" and amount % 360 == 0):
         return images.clone()
@@ -226,7 +226,7 @@ def invariance(
     images = _check_images(images)
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else images.dtype
-    amounts = [_check_amount(transform, a, dtype) for a in amounts]
+    amounts = [check_amount(transform, a, dtype) for a in amounts]
     layers = [layers] if isinstance(layers, str) else list(layers)
     if not amounts or not layers:
         raise UserInputError("give at least one amount and one layer")

@@ -123,6 +123,15 @@ def recording() -> Iterator[None]:
         ownership.record(written)
 
 
+def flush_recording() -> None:
+    """Records what the current :func:`recording` has collected so far (at a checkpoint of a
+    long job, so that a kill loses at most what came after it)."""
+    written = _RECORD.get()
+    if written:
+        ownership.record(written)
+        written.clear()
+
+
 def _check_target(path: Path) -> None:
     """Refuses a target that is a folder before a temporary file is made beside it
     (``path='/tmp'`` would otherwise write into ``/``)."""

@@ -128,7 +128,8 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
             text file's folder; blank lines and lines starting with "#" are ignored).
 
     Returns:
-        Sorted, de-duplicated paths. For a directory they are relative to it; for a list
+        Sorted paths, each file once whatever its spelling (a link, ``./a.jpg`` and
+        ``a.jpg``, an absolute path: the first spelling is kept). For a directory they are relative to it; for a list
         file they are as written there.
 
     Raises:
@@ -143,9 +144,30 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
     else:
         lines = _read_list(root)
         found = sorted({ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")})
+    found = _each_file_once(root, found)
     if not found:
         raise UserInputError(f"data set '{root}' holds no images (endings: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return found
+
+
+def _each_file_once(root: Path, paths: list[str]) -> list[str]:
+    """``paths`` (sorted) with each file once, whatever its spelling: ``./a.jpg``, ``a.jpg``,
+    an absolute path, a symbolic or a hard link are one file (the same device and inode);
+    the first spelling is kept. Paths that cannot be read are kept as written (they are
+    skipped, and counted, when they are read)."""
+    seen: set[object] = set()
+    out = []
+    for rel in paths:
+        p = resolve(root, rel)
+        try:
+            st = p.stat()
+            key: object = (st.st_dev, st.st_ino)
+        except OSError:
+            key = os.path.normpath(os.path.abspath(p))
+        if key not in seen:
+            seen.add(key)
+            out.append(rel)
+    return out
 
 
 def _read_list(path: Path) -> list[str]:
