@@ -145,9 +145,10 @@ def sign_change_distances(eps: torch.Tensor) -> torch.Tensor:
     return _hamming(torch.sign(eps.reshape(eps.shape[0], -1)).to(torch.int8))
 
 
-def _hamming(signs: torch.Tensor, block: int = PAIR_BLOCK) -> torch.Tensor:
+def _hamming(signs: torch.Tensor) -> torch.Tensor:
     """:func:`sign_change_distances` of signs (N, D) (int8), counted exactly in blocks of at
-    most ``block`` comparisons (rows of pairs times a slice of the units)."""
+    most :data:`PAIR_BLOCK` comparisons (rows of pairs times a slice of the units)."""
+    block = PAIR_BLOCK
     n, d = signs.shape
     counts = torch.zeros(n, n, dtype=torch.int64)
     rows = max(1, min(n, block // max(1, n)))

@@ -170,7 +170,7 @@ def _refuse_folders(path: Path, written: Sequence[Path]) -> None:
     for f in written:
         if f.is_dir():
             hint = f"; give a file name such as {path / 'out.png'}" if f == path else "; choose another -o"
-            raise CLIError(f"output {show_path(f)}{_role(path, f)} is a folder{hint}")
+            raise CLIError(f"output {show_path(f)}{_role(path, f)} is a directory{hint}")
 
 
 def _refuse_inputs(path: Path, written: Sequence[Path]) -> None:

@@ -228,8 +228,8 @@ def parse_target(value: object, names: Sequence[str] | None, name: str = "--targ
     if text.lower() in lower:
         return lower.index(text.lower())
     close = difflib.get_close_matches(text.lower(), lower, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(names[lower.index(c)]) for c in close)}?" if close else ""
-    raise UserInputError(f"unknown class name '{text}'{hint}")
+    hint = f" Did you mean {', '.join(repr(names[lower.index(c)]) for c in close)}?" if close else ""
+    raise UserInputError(f"unknown class name '{text}'.{hint}")
 
 
 def check_seed(value: object, name: str = "seed") -> int:
