@@ -34,7 +34,7 @@ def _images(n: int = 7) -> torch.Tensor:
 def test_each_cell_is_the_strongest_activation_projected_and_cropped() -> None:
     images = _images()
     models = [_model(0), _model(1, dead=2)]
-    evo = zfvis.analysis.evolution(models, images, LAYER, [(0, 2), 4], labels=["early", "late"])
+    evo = zfvis.evolution(models, images, LAYER, [(0, 2), 4], labels=["early", "late"])
     assert evo.channels == [0, 1, 2, 4] and evo.labels == ["early", "late"] and len(evo.cells) == 2
     for k, model in enumerate(models):
         dn = zfvis.Deconvnet(model)
@@ -65,20 +65,20 @@ def test_models_are_taken_one_at_a_time_and_labels_default() -> None:
             seen.append(seed)
             yield _model(seed)
 
-    evo = zfvis.analysis.evolution(lazily(), _images(), LAYER, range(5))
+    evo = zfvis.evolution(lazily(), _images(), LAYER, range(5))
     assert seen == [0, 1, 2] and evo.labels == ["checkpoint 1", "checkpoint 2", "checkpoint 3"]
     with pytest.raises(zfvis.UserInputError, match="out of range"):
-        zfvis.analysis.evolution([_model(0)], _images(), LAYER, [7])
+        zfvis.evolution([_model(0)], _images(), LAYER, [7])
     with pytest.raises(zfvis.UserInputError, match="one label per checkpoint"):
-        zfvis.analysis.evolution([_model(0)], _images(), LAYER, [0], labels=["a", "b"])
+        zfvis.evolution([_model(0)], _images(), LAYER, [0], labels=["a", "b"])
     with pytest.raises(zfvis.UserInputError, match="at least one model"):
-        zfvis.analysis.evolution([], _images(), LAYER, [0])
+        zfvis.evolution([], _images(), LAYER, [0])
     with pytest.raises(zfvis.InputTypeError):
-        zfvis.analysis.evolution(["model.pt"], _images(), LAYER, [0])  # type: ignore[list-item]
+        zfvis.evolution(["model.pt"], _images(), LAYER, [0])  # type: ignore[list-item]
 
 
 def test_evolution_figure_rows_are_feature_maps_and_columns_checkpoints(tmp_path: Path) -> None:
-    evo = zfvis.analysis.evolution([_model(0), _model(1, dead=2)], _images(), LAYER, [1, 2], labels=["e1", "e9"])
+    evo = zfvis.evolution([_model(0), _model(1, dead=2)], _images(), LAYER, [1, 2], labels=["e1", "e9"])
     fig = zfvis.evolution_figure(evo)
     assert isinstance(fig, Figure) and list(tmp_path.iterdir()) == []
     assert len(fig.axes) == 4  # 2 feature maps x 2 checkpoints

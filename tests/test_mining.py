@@ -1,4 +1,4 @@
-"""Tests for zfvis.mining.pipeline and `zfvis mine`: top-k vs brute force, ties, resume,
+"""Tests for zfvis.mining and `zfvis mine`: top-k vs brute force, ties, resume,
 two-process gloo, skipped files, the gallery, windowed crops, the CLI."""
 
 from __future__ import annotations

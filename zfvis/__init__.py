@@ -97,7 +97,13 @@ if TYPE_CHECKING:
     from .viz.projection import Selection, projection_figure, rules_figure
 
 
+#: The subpackages, imported on first use as attributes too (``zfvis.core.graph``).
+_SUBPACKAGES = frozenset({"io", "core", "models", "analysis", "viz", "mining", "cli"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'zfvis' has no attribute {name!r}")
@@ -107,4 +113,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBPACKAGES)

@@ -91,7 +91,7 @@ def sample_images(dataset: str | os.PathLike[str], limit: int | None = None) -> 
 
     Args:
         dataset: A folder of images (searched recursively) or a text file of paths.
-        limit: How many (:func:`zfvis.data.evenly_spaced`: the first file and, in a
+        limit: How many (:func:`zfvis.io.images.evenly_spaced`: the first file and, in a
             folder of class sub-folders, every class, the last one included); ``None``: all.
 
     Returns:

@@ -2,7 +2,7 @@
 
 An occluder changes only the part of each layer's input inside its forward cone.
 :class:`IncrementalOcclusion` runs the engine's torch.fx graph of the model
-(:class:`zfvis.graph.ModelGraph`) once on the unoccluded image, caching every node's
+(:class:`zfvis.core.graph.ModelGraph`) once on the unoccluded image, caching every node's
 value, and plans for every node how it is computed for each occluder position:
 
 * ``const``: independent of the image (weights, constants): the cached value;
@@ -12,7 +12,7 @@ value, and plans for every node how it is computed for each occluder position:
   with the cached map pasted around each position's changes;
 * ``full``: recomputed whole for the batch of positions, where the window would cover
   the map, or where the operation has no incremental rule
-  (:mod:`zfvis.incremental_rules`): from there on the batch runs as ordinary inference,
+  (:mod:`zfvis.analysis.incremental_rules`): from there on the batch runs as ordinary inference,
   so the result stays exact.
 
 Chains and graphs (residual additions, concatenations, branches) are served alike.

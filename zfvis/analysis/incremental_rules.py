@@ -1,7 +1,7 @@
 """Incremental rules of occlusion inference: which outputs an input change reaches, and how
 one window of an operation's output is computed from windows of its inputs.
 
-A rule serves :class:`zfvis.incremental.IncrementalOcclusion`. Regions and windows are in
+A rule serves :class:`zfvis.analysis.incremental.IncrementalOcclusion`. Regions and windows are in
 the coordinates of each node's own (H, W) map. A region is a (P, 4) long tensor, one row
 per occluder position: rows ``[r0, r1)`` and columns ``[c0, c1)`` that the occluder
 changes (an empty region is ``(BIG, -BIG, BIG, -BIG)``, so that unions with min/max just

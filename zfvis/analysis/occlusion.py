@@ -17,7 +17,7 @@ Two methods give the same numbers:
   ReLU and other pointwise activations, dropout, identity, local response normalisation,
   elementwise arithmetic (``x + y`` of residual blocks) and channel concatenation have
   incremental rules; any other operation switches the batch to full recomputation from
-  that operation on, so the result stays exact (:mod:`zfvis.incremental`). This is
+  that operation on, so the result stays exact (:mod:`zfvis.analysis.incremental`). This is
   Krypton's incremental inference (Nakandala et al., SIGMOD 2019).
 
 ``"auto"`` (the default) uses the incremental method where the engine can trace the
@@ -314,7 +314,7 @@ def occlusion(
             overwrites in place a tensor it reads again.
         TypeError: Arguments of the wrong type.
     """
-    job = _check(model, image, patch, stride, fill, batch_size, method, layer)
+    job = _check(model, image, patch=patch, stride=stride, fill=fill, batch_size=batch_size, method=method, layer=layer)
     with eval_mode(model), torch.no_grad():
         runner = _make_runner(job)
         target = _check_target(target, runner.base_logits)
@@ -323,7 +323,7 @@ def occlusion(
     return _result(runner, job, logits, acts, target, channel)
 
 
-def _check(model: object, image: object, patch: object, stride: object, fill: object, batch_size: object,
+def _check(model: object, image: object, *, patch: object, stride: object, fill: object, batch_size: object,
            method: object, layer: object) -> _Job:  # fmt: skip
     """Checks the arguments of :func:`occlusion` (all but those the unoccluded pass decides)."""
     if not isinstance(model, nn.Module):

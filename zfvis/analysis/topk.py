@@ -115,7 +115,7 @@ def crop_winners(dn: Deconvnet, images: torch.Tensor, layer: str, seeds: Seeds) 
 
     Returns, per seed, (projection, image patch, box): both (C, h, w) cropped to the
     seed's receptive field clipped to the image, box = (top, left, bottom, right)
-    (:meth:`~zfvis.engine.Patches.boxes`).
+    (:meth:`~zfvis.core.deconvnet.Patches.boxes`).
     """
     rec = dn.record(images, layer)
     patches = dn.reverse(rec, seeds)

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["project", *argv]  # `zfvis` alone runs the main job
     if argv and argv[0] == "--version":
-        from .. import __version__
+        from .._version import __version__
 
         print(f"zfvis {__version__}")
         return 0

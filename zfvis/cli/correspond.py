@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
           "change differs in sign; mean ± std over pairs")
     print(result.format_table())
     _write_csv(out, result)
-    _write_json(out.with_suffix(".json"), args, result, parts, boxes, layers, weights)
+    _write_json(out.with_suffix(".json"), args, result, parts, boxes=boxes, layers=layers, weights=weights)
     shown = [preprocess.denormalize(img) for img in parts.images]
     title = f"Correspondence: {args.model} ({weights}), occluding each part in {len(parts.names)} images"
     correspondence_figure(result, shown, parts.names, title=title, path=out.with_suffix(".png"))
@@ -102,7 +102,7 @@ def _write_csv(path: Path, result: CorrespondenceResult) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _write_json(path: Path, args: argparse.Namespace, result: CorrespondenceResult, parts: PartImages,
+def _write_json(path: Path, args: argparse.Namespace, result: CorrespondenceResult, parts: PartImages, *,
                 boxes: Path, layers: list[str], weights: str) -> None:  # fmt: skip
     settings = dict(vars(args))
     settings.update(boxes=str(boxes), layers=layers, weights=weights, output=str(path.with_suffix(".csv")))

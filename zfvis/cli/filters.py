@@ -1,5 +1,5 @@
 """``zfvis filters``: a convolution's filters as an image grid (ZF Fig. 6); the figure is
-:func:`zfvis.figures.filters_figure`."""
+:func:`zfvis.viz.projection.filters_figure`."""
 
 from __future__ import annotations
 

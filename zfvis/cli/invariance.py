@@ -142,13 +142,13 @@ def run(args: argparse.Namespace) -> int:
     weights = args.weights or get_spec(args.model).default_weights
     title = f"Invariance: {args.model} ({weights}), {len(paths)} images at {x.shape[-1]}x{x.shape[-2]}"
     invariance_figure(results, [p.name for p in paths], examples=examples, class_names=names, title=title, path=out)
-    _write_json(out.with_suffix(".json"), args, results, paths, layers, names, weights)
+    _write_json(out.with_suffix(".json"), args, results, paths, layers=layers, names=names, weights=weights)
     print(f"wrote {out} ({', '.join(transforms)}; layers {', '.join(layers)}; data and settings in "
           f"{out.with_suffix('.json').name})")
     return 0
 
 
-def _write_json(path: Path, args: argparse.Namespace, results: list[InvarianceResult], paths: list[Path],
+def _write_json(path: Path, args: argparse.Namespace, results: list[InvarianceResult], paths: list[Path], *,
                 layers: list[str], names: list[str] | None, weights: str) -> None:  # fmt: skip
     settings = dict(vars(args))
     settings.update(images=[str(p) for p in paths], layers=layers, weights=weights, output=str(path.with_suffix(".png")))

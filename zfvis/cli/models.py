@@ -30,7 +30,7 @@ from ._common import CLIError
 
 
 def resolve_device(name: str) -> torch.device:
-    """A torch device, checked to exist (:func:`zfvis.checks.check_device`)."""
+    """A torch device, checked to exist (:func:`zfvis.io.checks.check_device`)."""
     return check_device(name, "--device")
 
 

@@ -112,12 +112,13 @@ def run(args: argparse.Namespace) -> int:
     occlusion_figure(res, shown, projections=pairs, projection_labels=labels, class_names=names,
                      fill_rgb=fill_rgb(fill, preprocess), title=title,
                      note=note + f"; computed with the {res.method} method", path=out)
-    _write_json(out.with_suffix(".json"), args, res, names, image_path, layer, patch, stride, weights)
+    _write_json(out.with_suffix(".json"), args, res, names, image_path=image_path, layer=layer, patch=patch,
+                stride=stride, weights=weights)
     _summary(res, names, out)
     return 0
 
 
-def _write_json(path: Path, args: argparse.Namespace, res: OcclusionResult, names: list[str] | None,
+def _write_json(path: Path, args: argparse.Namespace, res: OcclusionResult, names: list[str] | None, *,
                 image_path: Path, layer: str, patch: int, stride: int, weights: str) -> None:  # fmt: skip
     settings: dict[str, Any] = dict(vars(args))
     settings.update(image=str(image_path), layer=layer, channel=res.channel, patch=patch, stride=stride, weights=weights,

@@ -181,7 +181,7 @@ def plan(steps: Sequence, seed: str, top: Window | None, image_node: str, image_
     """The window of every node's output on a reverse path.
 
     Args:
-        steps: The path's :class:`zfvis.deconv.ReverseStep` list, in reverse execution
+        steps: The path's :class:`zfvis.core.reverse.ReverseStep` list, in reverse execution
             order (each with ``node``, ``inputs``, ``cone``, ``params``, ``in_shapes``).
         seed: The seed node's name.
         top: The seeds' windows at the seed node's output (``None``: a vector).
@@ -224,7 +224,7 @@ def receptive_field(steps: Sequence, image_node: str) -> dict[str, ReceptiveFiel
     vectors, a layer sees its whole input, or branches meet with different strides).
 
     Args:
-        steps: :class:`zfvis.deconv.ReverseStep` list in reverse execution order.
+        steps: :class:`zfvis.core.reverse.ReverseStep` list in reverse execution order.
         image_node: The input node's name.
     """
     fields: dict[str, ReceptiveField | None] = {image_node: ReceptiveField((1, 1), (1, 1), (0, 0))}

@@ -3,7 +3,7 @@
 A :class:`Deconvnet` wraps a model made of supported layers. :meth:`Deconvnet.project`
 records one forward pass (stopping at the requested layer), picks the seed activations
 (the strongest of a channel, the k strongest, a given position, or a whole feature map),
-and runs every seed back to the pixels through the reverse layers of :mod:`zfvis.deconv`,
+and runs every seed back to the pixels through the reverse layers of :mod:`zfvis.core.reverse`,
 batched, each seed computing only over its cone of influence.
 """
 
@@ -29,7 +29,7 @@ __all__ = ["Deconvnet", "Seeds", "Patches"]
 
 Position = tuple[int, int]
 
-#: How seeds are batched for the reverse pass (:func:`zfvis.receptive.group_seeds`), in
+#: How seeds are batched for the reverse pass (:func:`zfvis.core.cone.group_seeds`), in
 #: multiply-adds: what a step costs per element of signal it only reads and writes, the
 #: fixed cost of running one step for a batch, and the largest signal a batch may have
 #: (elements) so that its steps work in the processor's cache.
@@ -48,7 +48,7 @@ def _is_int(v: object) -> bool:
 class Deconvnet:
     """Deconvnet projections for any CNN whose operations the op table knows.
 
-    The model is traced once with torch.fx (:mod:`zfvis.graph`): chains (ZF Net, VGG),
+    The model is traced once with torch.fx (:mod:`zfvis.core.graph`): chains (ZF Net, VGG),
     residual (ResNet), branching (GoogLeNet), concatenating (DenseNet) and depthwise
     (MobileNetV2) models alike, including functional calls in ``forward()``.
 

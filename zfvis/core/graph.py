@@ -340,5 +340,5 @@ def lookup(node: GraphNode) -> tuple[ops.Op | None, str | None]:
     else:
         name = None
     if name is None:
-        return None, f"{node.kind} has no deconvnet rule (see zfvis.ops for the supported operations)"
+        return None, f"{node.kind} has no deconvnet rule (see zfvis.core.ops for the supported operations)"
     return ops.OPS[name], None

@@ -1,6 +1,6 @@
 """What each operation becomes in the deconvnet: the one table.
 
-Every node of a traced model (:mod:`zfvis.graph`) that carries the signal is matched,
+Every node of a traced model (:mod:`zfvis.core.graph`) that carries the signal is matched,
 by module type, function or tensor method, to one :class:`Op` of :data:`OPS`. An op
 says three things:
 
@@ -9,7 +9,7 @@ says three things:
 - **cone**: how a window of its output maps to the windows of its inputs that the
   reverse pass can reach (``"same"``: the same rectangle, ``"spatial"``: through a
   kernel of size k, stride s, padding p, dilation d, ``"full"``: the whole input);
-- **reverse**: the reverse layer (:mod:`zfvis.deconv`) that runs the signal back.
+- **reverse**: the reverse layer (:mod:`zfvis.core.reverse`) that runs the signal back.
 
 =========================  ==========================================================
 op                         reverse

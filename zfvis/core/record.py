@@ -1,9 +1,9 @@
 """Recording a forward pass over a traced model: what the reverse pass will need.
 
-:func:`record` runs the model's graph (:mod:`zfvis.graph`) node by node on the images,
+:func:`record` runs the model's graph (:mod:`zfvis.core.graph`) node by node on the images,
 only as far as the requested layers need (every node they depend on, nothing after),
 calling the model's own modules (so their hooks run) and functions in the model's own
-order. For every node that carries the signal it keeps a :class:`~zfvis.ops.Site`: the
+order. For every node that carries the signal it keeps a :class:`~zfvis.core.ops.Site`: the
 node's constant arguments, its shapes, and what its op records (max-pool switches, ReLU
 masks for the guided and gradient rules). Nothing in the model is changed; every
 module's ``training`` flag is restored, also when the pass raises. In-place operations

@@ -1,6 +1,6 @@
 """The reverse layers, and the reverse pass that runs them over a model's graph.
 
-Each reverse layer mirrors one forward node (the table in :mod:`zfvis.ops` says which
+Each reverse layer mirrors one forward node (the table in :mod:`zfvis.core.ops` says which
 layer a node becomes). A layer takes the signal at its node's output and returns the
 signal at each of the node's inputs that carry it. :class:`ReverseStack` holds the
 layers of one projection's path, in reverse execution order, and runs them: where a
@@ -8,7 +8,7 @@ value fed several nodes, their signals are summed before its producer's layer ru
 (as autograd accumulates gradients).
 
 Every layer works on *windows*: per-seed rectangles of the last two dimensions of its
-maps (see :mod:`zfvis.receptive`), so a reverse pass started at one activation
+maps (see :mod:`zfvis.core.cone`), so a reverse pass started at one activation
 computes only over the region that activation can reach. A window as large as the map
 is the ordinary dense computation; ``None`` means a dense tensor without a map (a
 vector).
@@ -413,7 +413,7 @@ class ReverseStack(nn.Module):
 
         Args:
             signal: The signal at the seed node's output, on its windows.
-            windows: The planned window of every node's output (:func:`zfvis.receptive.plan`).
+            windows: The planned window of every node's output (:func:`zfvis.core.cone.plan`).
             image: Each seed's image index in the recorded batch.
             rule: The ReLU rule.
         """

@@ -105,7 +105,7 @@ def write_site(
         gallery: Per layer, in display order, one dict per mined channel:
             ``{"channel": int, "entries": [{"image", "index", "value", "position",
             "box"}, ...], "figure": "conv3.png"}``, the figure relative to ``out_dir``;
-            a channel with entries has its sheet and thumbnail (:mod:`zfvis.sheets`) in
+            a channel with entries has its sheet and thumbnail (:mod:`zfvis.viz.sheets`) in
             ``out_dir/tiles/<layer>/``, laid out by the entries' boxes.
         layer_info: Optional, per layer: ``{"shape": [C, H, W],
             "receptive_field": {"size": [h, w], "jump": [..], "offset": [..]} or None}``.
@@ -334,7 +334,7 @@ class _LayerSite:
             written.append(_write(folder / _channel_file(self.channels[i]["channel"]), self.channel_page(i)))
         return written
 
-    def tile(self, name: str) -> str:
+    def _tile(self, name: str) -> str:
         """URL of a tile from a page in ``layers/<folder>/``."""
         return _url(f"../../tiles/{self.tiles}", name)
 

@@ -1,7 +1,7 @@
 """The Fig. 2 pages of a mining run, from Python: what ``zfvis mine`` draws, one call away.
 
 :func:`mining_page` draws page ``page`` of a mined layer from the run's folder (its
-``topk.json`` and tile sheets, :mod:`zfvis.sheets`) and returns the matplotlib
+``topk.json`` and tile sheets, :mod:`zfvis.viz.sheets`) and returns the matplotlib
 ``Figure``; a PNG is written only when ``path`` is given. :func:`page_title`,
 :func:`page_file` and :func:`draw_page` are how mining titles, names and draws its
 pages, in one place.
@@ -33,7 +33,7 @@ PAGE_CHANNELS = 64
 FIGURE_TOP = 9
 
 
-def page_title(model: str, layer: str, top: int, rule: str, channels: Sequence[int], page: int, pages: int) -> str:
+def page_title(model: str, layer: str, top: int, rule: str, channels: Sequence[int], *, page: int, pages: int) -> str:
     """The title of page ``page`` (1-based) of ``pages`` of a layer, showing ``channels``."""
     title = f"{model} / {layer}: top-{top} activations per channel ({rule})"
     return title + (f" (channels {channels[0]}-{channels[-1]}, page {page} of {pages})" if pages > 1 else "")
@@ -98,5 +98,5 @@ def mining_page(run: str | os.PathLike[str], layer: str, *, page: int = 1,
                         [float(e["value"]) for e in ranked]))
     shown = [e[0] for e in entries]
     title = page_title(str(topk.get("model", "model")), layer, int(topk.get("top", FIGURE_TOP)),
-                       str(topk.get("rule", "deconvnet")), shown, page, pages)
+                       str(topk.get("rule", "deconvnet")), shown, page=page, pages=pages)
     return draw_page(title, entries, path)

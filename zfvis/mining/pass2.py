@@ -40,7 +40,7 @@ _Crops = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[int]]]
 
 @dataclasses.dataclass(frozen=True)
 class _Page:
-    """One figure page of pass 2: up to :data:`zfvis.mining_figures.PAGE_CHANNELS` channels
+    """One figure page of pass 2: up to :data:`zfvis.mining.pages.PAGE_CHANNELS` channels
     of one layer.
 
     Attributes:
@@ -109,7 +109,7 @@ def _draw(run: Run, page: _Page, info: dict[str, Any], bar: Any) -> list[list[li
     for k, c in enumerate(page.slots):
         ranked = info["channels"][c]
         shown = [crops[(k, r)] for r in range(len(ranked))]
-        if shown:  # a channel's tiles in two files (zfvis.sheets), not two per activation
+        if shown:  # a channel's tiles in two files (zfvis.viz.sheets), not two per activation
             render.save_image(sheets.make_sheet([(p, i) for p, i, _ in shown]), tile_dir / sheets.sheet_name(ids[c]))
             render.save_image(sheets.make_thumb(shown[0][0], shown[0][1]), tile_dir / sheets.thumb_name(ids[c]))
         boxes.append([box for _, _, box in shown])
@@ -117,7 +117,7 @@ def _draw(run: Run, page: _Page, info: dict[str, Any], bar: Any) -> list[list[li
         entries.append((ids[c], [p for p, _, _ in shown[:n]], [i for _, i, _ in shown[:n]],
                         [e["value"] for e in ranked[:n]]))
     title = mining_figures.page_title(run.s.model_name, page.layer.name, run.s.top, run.s.rule,
-                                      [ids[c] for c in page.slots], page.number + 1, page.count)
+                                      [ids[c] for c in page.slots], page=page.number + 1, pages=page.count)
     mining_figures.draw_page(title, entries, run.out / page.figure)
     return boxes
 

@@ -27,7 +27,7 @@ A run goes through named phases, each a function of one :class:`Run`:
 
 Under torchrun every rank checks in with the others at each phase boundary and after
 every batch of pass 1: when one rank fails, the others stop at their next check with a
-:class:`~zfvis.errors.RankFailedError` naming it, instead of waiting for gloo's timeout.
+:class:`~zfvis.io.errors.RankFailedError` naming it, instead of waiting for gloo's timeout.
 The caller's model is left as it was given (device, dtype, training flags).
 """
 
@@ -102,7 +102,7 @@ def _probe(run: Run) -> None:
 
 @contextlib.contextmanager
 def _claim(run: Run) -> Iterator[None]:
-    """Rank 0 claims the output folder (:func:`zfvis.run_folder.claim`); every rank then
+    """Rank 0 claims the output folder (:func:`zfvis.mining.run_folder.claim`); every rank then
     loads its saved progress, if any."""
     request = FolderRequest(run.out, run.fingerprint, run.settings, run.s.record, run.s.restart, run.s.overwrite,
                             run.s.flag, reads=run.root)
@@ -199,9 +199,9 @@ def mine(
     The model is left as it was given: device, dtype and training flags.
 
     Args:
-        model: A network the deconvnet can reverse (see :class:`~zfvis.engine.Deconvnet`).
+        model: A network the deconvnet can reverse (see :class:`~zfvis.core.deconvnet.Deconvnet`).
         preprocess: PIL image -> model input; it must give one size for every image.
-        dataset: A folder of images or a text file of paths (:func:`zfvis.data.list_images`).
+        dataset: A folder of images or a text file of paths (:func:`zfvis.io.images.list_images`).
         layers: Layer names or aliases (``conv1``, ``features.3``).
         settings: All settings at once.
         **options: The other fields of :class:`MineSettings`; ``out_dir`` is required.

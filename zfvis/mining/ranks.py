@@ -4,7 +4,7 @@ Under torchrun every rank calls :meth:`Ranks.check` at the same points: the phas
 boundaries of a run and every step of its main loop. A rank that fails calls
 :meth:`Ranks.fail` instead, which meets the others' next check: an all-reduce of the
 lowest failed rank, then an all-gather of the reasons. The others then raise
-:class:`~zfvis.errors.RankFailedError` naming the failed rank, within one step of the
+:class:`~zfvis.io.errors.RankFailedError` naming the failed rank, within one step of the
 loop, instead of waiting for the backend's timeout (30 minutes for gloo). A single
 process has nothing to exchange; every call is then a no-op.
 """

@@ -5,7 +5,7 @@ settings (which is then resumed or finished). Anything else is refused before a 
 file is written: a person's own files unless ``overwrite``, a zfvis run with other
 settings unless ``restart`` (or ``overwrite``). ``settings.json`` carries a ``zfvis``
 entry with the run's fingerprint: that is how a folder is known to be a zfvis run. The
-folder is locked (:class:`~zfvis._io.FolderLock`) while a run writes to it. A start that
+folder is locked (:class:`~zfvis.io.atomic.FolderLock`) while a run writes to it. A start that
 fails before any result removes what it made: the folders it created and its
 ``settings.json``.
 """

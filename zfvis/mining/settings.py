@@ -33,7 +33,7 @@ class MineSettings:
         workers: DataLoader worker processes for pass 1.
         device: Where the model runs.
         limit: Use only ``limit`` files, evenly spaced over the sorted list
-            (:func:`zfvis.data.evenly_spaced`).
+            (:func:`zfvis.io.images.evenly_spaced`).
         state_every: Save the state at least every this many batches of pass 1...
         state_seconds: ...and at least every this many seconds.
         progress: Show progress bars and print a summary (rank 0).
@@ -177,5 +177,5 @@ def check_inputs(model: object, preprocess: object, dataset: object) -> Path:
         raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(preprocess) or not callable(getattr(preprocess, "denormalize", None)):
         raise InputTypeError(f"preprocess must be a callable from a PIL image to a (C, H, W) tensor with a "
-                             f"denormalize method (a zfvis.zoo.Preprocess), got {type(preprocess).__name__}")
+                             f"denormalize method (a zfvis.models.zoo.Preprocess), got {type(preprocess).__name__}")
     return check_path("dataset", dataset)

@@ -56,7 +56,7 @@ class WeightsDownloadError(OSError):
 class Preprocess:
     """Turns a PIL image into the model-ready (C, H, W) float tensor.
 
-    The image is converted to RGB (:func:`zfvis.data.to_rgb`), its shorter side resized to
+    The image is converted to RGB (:func:`zfvis.io.images.to_rgb`), its shorter side resized to
     ``resize``, centre-cropped to ``crop`` x ``crop`` and normalised with ``mean``/``std``.
 
     Attributes:

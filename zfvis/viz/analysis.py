@@ -1,10 +1,10 @@
 """Figures of the analysis experiments: occlusion (ZF Fig. 7), invariance (Fig. 5) and
 correspondence (Fig. 8, Table 1).
 
-Like :mod:`zfvis.render`: drawn on a :class:`~matplotlib.figure.Figure` with an Agg
+Like :mod:`zfvis.viz.render`: drawn on a :class:`~matplotlib.figure.Figure` with an Agg
 canvas (pyplot is never imported), laid out by hand in inches, text 9 to 13 pt at the
 written size (``dpi`` 100). Each function returns the figure and writes a PNG, atomically
-(:func:`zfvis._io.atomic_open`), only when ``path`` is given.
+(:func:`zfvis.io.atomic.atomic_open`), only when ``path`` is given.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _class_colours(top: torch.Tensor, limit: int = 10) -> tuple[np.ndarray, list
     return index, [(str(c), k) for k, c in enumerate(shown)], ListedColormap(colours)
 
 
-def _projection_panel(fig: Figure, x0: float, y0: float, width: float, height: float,
+def _projection_panel(fig: Figure, x0: float, y0: float, width: float, height: float, *,
                       pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], labels: Sequence[str]) -> None:  # fmt: skip
     """Up to 4 (projection, image patch) pairs, two pairs a row, each labelled under it."""
     gap, pair_gap, label_h = 0.06, 0.2, 0.22
@@ -204,12 +204,12 @@ def occlusion_figure(
     heads = ["(a) input with occluder", *heads]
     for k, head in enumerate(heads):
         _text(fig, x[k], top0 - 0.08, head, ha="left", va="bottom", fontsize=_HEAD)
-    _occluded_panel(fig, x[0], top0, cell, result, image, position, fill_rgb)
+    _occluded_panel(fig, x[0], top0, cell, result, image=image, position=position, fill_rgb=fill_rgb)
     box = lambda k: (x[k], top0, cell, cell)  # noqa: E731
     if layered:
         _heat(fig, _axes(fig, *box(1)), result, result.activation, "viridis", box(1))  # type: ignore[arg-type]
         if projections:
-            _projection_panel(fig, x[2], top0, wide, cell, projections, projection_labels)
+            _projection_panel(fig, x[2], top0, wide, cell, pairs=projections, labels=projection_labels)
         else:
             _text(fig, x[2] + wide / 2, top0 + cell / 2, "no projections given", ha="center", va="center",
                   fontsize=_LABEL, color="#707070")
@@ -221,7 +221,7 @@ def occlusion_figure(
 
 
 def _occluded_panel(
-    fig: Figure, x: float, top: float, cell: float, res: OcclusionResult, image: torch.Tensor,
+    fig: Figure, x: float, top: float, cell: float, res: OcclusionResult, *, image: torch.Tensor,
     position: tuple[int, int] | None, fill_rgb: torch.Tensor | None,
 ) -> None:  # fmt: skip
     if position is None:

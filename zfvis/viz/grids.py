@@ -7,7 +7,9 @@ import math
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -69,21 +71,8 @@ def project_figure(
         ValueError: No projections, lists of unequal length, or wrong shapes.
         OSError: The folder is missing or cannot be written.
     """
-    n = len(projections)
-    if n == 0:
-        raise ValueError("project_figure needs at least one projection")
-    if not (len(boxes) == len(titles) == n):
-        raise ValueError(f"got {n} projections, {len(boxes)} boxes and {len(titles)} titles; they must match")
-    img = _to_hwc(image)
-    height, width = img.shape[:2]
-    projs = []
-    for i, p in enumerate(projections):
-        if p.dim() != 3 or tuple(p.shape[-2:]) != (height, width):
-            raise ValueError(
-                f"projection {i} has shape {tuple(p.shape)}; expected (3, {height}, {width}) like the image"
-            )
-        projs.append(_to_hwc(normalize_projection(p)))
-
+    img, projs = _displayed(image, projections, boxes, titles)
+    n, (height, width) = len(projs), img.shape[:2]
     blocks = 1 if n <= 4 else 2 if n <= 12 else 3
     rows = math.ceil(n / blocks)
     cell = {1: 2.8, 2: 2.2, 3: 1.8}[blocks]
@@ -114,20 +103,47 @@ def project_figure(
         panels = (img, projs[k], img[top:bottom, left:right], projs[k][top:bottom, left:right])
         for c, arr in enumerate(panels):
             ax = _axes(fig, x0 + label_w + c * (cell + gap), y0, cell, cell)
-            ax.set_anchor("N")  # non-square panels shrink from below, keeping titles level
-            if r == 0:
-                ax.set_title(headers[c], fontsize=_FONT_SMALL, color="#404040", pad=4)
-            if arr.size == 0:
-                _blank_cell(ax, "empty window")
-                continue
-            _show(ax, arr, cell)
-            if c < 2:
-                ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
-                                       edgecolor=BOX_COLOR, linewidth=1.8))
+            _panel(ax, arr, cell, header=headers[c] if r == 0 else None,
+                   box=(top, left, bottom, right) if c < 2 else None)
     if note_txt:
         _text(fig, _MARGIN, fig_h - _MARGIN, note_txt, ha="left", va="bottom", fontsize=_FONT_SMALL,
               color="#505050")
     return _finish(fig, path)
+
+
+def _displayed(image: torch.Tensor, projections: Sequence[torch.Tensor], boxes: Sequence[Sequence[int]],
+               titles: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The image and the projections as displayed (H, W, 3) arrays, after checking they match."""
+    n = len(projections)
+    if n == 0:
+        raise ValueError("project_figure needs at least one projection")
+    if not (len(boxes) == len(titles) == n):
+        raise ValueError(f"got {n} projections, {len(boxes)} boxes and {len(titles)} titles; they must match")
+    img = _to_hwc(image)
+    height, width = img.shape[:2]
+    projs = []
+    for i, p in enumerate(projections):
+        if p.dim() != 3 or tuple(p.shape[-2:]) != (height, width):
+            raise ValueError(
+                f"projection {i} has shape {tuple(p.shape)}; expected (3, {height}, {width}) like the image"
+            )
+        projs.append(_to_hwc(normalize_projection(p)))
+    return img, projs
+
+
+def _panel(ax: Axes, arr: np.ndarray, cell: float, *, header: str | None, box: tuple[int, int, int, int] | None) -> None:
+    """One panel of a row: the array (or a blank for an empty window), its header, the box drawn on it."""
+    ax.set_anchor("N")  # non-square panels shrink from below, keeping titles level
+    if header is not None:
+        ax.set_title(header, fontsize=_FONT_SMALL, color="#404040", pad=4)
+    if arr.size == 0:
+        _blank_cell(ax, "empty window")
+        return
+    _show(ax, arr, cell)
+    if box is not None:
+        top, left, bottom, right = box
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                               edgecolor=BOX_COLOR, linewidth=1.8))
 
 
 def _clip_box(box: Sequence[int], height: int, width: int) -> tuple[int, int, int, int]:

@@ -20,7 +20,8 @@ from PIL import ImageFont
 from ..io.atomic import atomic_open
 from ..io.checks import check_path
 from ..io.errors import UserInputError, show_path
-from .render import PNG_COMPRESS_LEVEL, _png_chunks
+from . import render
+from .render import PNG_COMPRESS_LEVEL
 
 #: Resolution of every written figure (pixels per inch); sizes below are in inches.
 DPI = 100
@@ -99,7 +100,7 @@ def _save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
         rgb = np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
         for im in pages:
             im.paste_into(rgb)
-        for chunk in _png_chunks(rgb, compress_level=PNG_COMPRESS_LEVEL):
+        for chunk in render._png_chunks(rgb, compress_level=PNG_COMPRESS_LEVEL):  # one encoder for every PNG
             fh.write(chunk)
     return path
 

@@ -11,7 +11,7 @@ Every PNG is written atomically (a temporary file beside the target, renamed ove
 a missing or unwritable output folder raises the ``OSError`` (``FileNotFoundError``,
 ``PermissionError``, ``NotADirectoryError``) before anything is written, and a failure
 while writing leaves neither the target nor a temporary file behind. Figures are also
-flushed to disk (``fsync``, through :func:`zfvis._io.atomic_open`); the many small
+flushed to disk (``fsync``, through :func:`zfvis.io.atomic.atomic_open`); the many small
 tiles of :func:`save_image` and :func:`save_images` are not unless ``sync=True``, which
 would cost more than encoding them.
 
