@@ -39,7 +39,7 @@ from ..core.deconvnet import Deconvnet
 from ..core.graph import eval_mode
 from ..io import progress as _progress
 from ..io.errors import InputTypeError, UnsupportedModelError, UserInputError
-from ..io.parse import check_fill
+from ..io.parse import check_fill, check_finite_result
 from .incremental import IncrementalOcclusion, NotIncremental, map_totals
 
 __all__ = ["OcclusionResult", "occlusion", "occlude", "occluder_positions", "check_boxes", "METHODS"]
@@ -424,6 +424,10 @@ def _run_all(runner: _FullRunner | IncrementalOcclusion, job: _Job, channel: int
 def _result(runner: _FullRunner | IncrementalOcclusion, job: _Job, logits: torch.Tensor, acts: torch.Tensor | None,
             target: int, channel: int | None) -> OcclusionResult:  # fmt: skip
     rows, cols = len(job.tops), len(job.lefts)
+    cause = "the fill drives the model's values beyond its dtype; use a fill within the image's range"
+    check_finite_result(logits, "the occluded images' class scores", cause)
+    if acts is not None:
+        check_finite_result(acts, "the feature map's totals", cause)
     probs = torch.softmax(logits, dim=1)
     top_prob, top_class = probs.max(dim=1)
     base_probs = torch.softmax(runner.base_logits, dim=1)[0]

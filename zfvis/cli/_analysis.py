@@ -29,7 +29,7 @@ def parse_fill(text: str, preprocess: Preprocess, dtype: torch.dtype = torch.flo
         return (0.5 - mean) / std
     if name == "black":
         return -mean / std
-    if not name or not (name[0].isdigit() or name[0] in "+-."):
+    if not name or not (name[0].isdigit() or name[0] in "+-." or name in ("nan", "inf", "infinity")):
         raise CLIError(f"--fill must be mean, gray, black or a number, got '{text}'")
     return parse_number(text, "--fill", dtype=dtype)
 

@@ -58,7 +58,7 @@ def whole(text: str) -> int:
     try:
         return parse_int(text, "value")
     except UserInputError:
-        raise argparse.ArgumentTypeError(f"invalid whole number: {text!r} (write it in ASCII digits, like 3)") from None
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (a whole number in ASCII digits, like 3)") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -200,6 +200,8 @@ def _parse_part(part: str, name: str) -> tuple[int, int]:
     a_text, sep, b_text = part.partition("-")
     if not a_text.strip() and sep:
         raise UserInputError(f"{name}: channel numbers start at 0, got '{part}'")
+    if not a_text.strip().isascii() or not b_text.strip().isascii():  # int() would read '٣' as 3
+        raise UserInputError(f"{name}: '{part}' is not a channel number or range like 0-15 (ASCII digits)")
     try:
         a = int(a_text)
         b = int(b_text) if sep else a

@@ -127,7 +127,7 @@ def parse_int(value: object, name: str, low: int | None = None, high: int | None
         text = value.strip()
         if not _INT.match(text):
             raise UserInputError(f"{name} must be a whole number in ASCII digits (like 3 or -2), got {value!r}")
-        if len(text.lstrip("+-")) > 30:
+        if len(text.lstrip("+-")) > 4000:  # beyond Python's int-from-text limit
             raise UserInputError(f"{name} {text[:20]}... is far too large")
         number = int(text)
     elif isinstance(value, int) and not isinstance(value, bool):
@@ -167,7 +167,8 @@ def parse_range(text: object, name: str, *, dtype: torch.dtype = torch.float32,
             raise UserInputError(f"{name} {text!r}: the step must be non-zero and lead from START to STOP")
         span = (stop - start) / step
         if not math.isfinite(span) or span + 1 > max_count:
-            raise UserInputError(f"{name} {text!r} gives more than {max_count:,} values; use a larger step")
+            count = f"{int(span + 1e-9) + 1:,}" if math.isfinite(span) else "infinitely many"
+            raise UserInputError(f"{name} {text!r} gives {count} values, more than {max_count:,}; use a larger step")
         values = [round(start + k * step, 10) for k in range(int(span + 1e-9) + 1)]
     else:
         values = [_range_number(p, name, dtype, usage) for p in text.split(",") if p.strip()]
