@@ -40,8 +40,9 @@ if _ON_MAIN_THREAD:
 
 __all__ = ["get_args_parser", "main"]
 
-#: Commands whose outputs are written as they go (a mining run's folder), not all together at the end.
-_STREAMING = frozenset({"mine"})
+#: Commands whose outputs appear all together at the end (:func:`zfvis.io.atomic.output_group`);
+#: the others write as they go (``mine``'s run folder is resumable, page by page).
+_GROUPED = frozenset({"project", "layers", "filters", "evolution", "occlude", "invariance", "correspond"})
 
 _COMMANDS = (project, layers, filters, evolution, mine, occlude, invariance, correspond)
 
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Runs the command; its outputs appear together at the end, or none does (a full disk,
     an error or Ctrl-C part-way leaves every earlier file as it was)."""
-    if args.command in _STREAMING:
+    if args.command not in _GROUPED:
         return int(args.func(args) or 0)
     with output_group() as group:
         status = int(args.func(args) or 0)
