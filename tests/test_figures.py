@@ -106,7 +106,7 @@ def test_rules_figure_shows_each_rule_of_the_same_activations(tmp_path: Path) ->
     guided = render.normalize_projection(patches.full()[1].float())[:, t:b, l:r].permute(1, 2, 0).numpy()
     assert np.allclose(_image_of(fig.axes[4 + 2]), guided, atol=1e-6)  # row 2, column "guided"
     figures.rules_figure(dn, x, "conv3", figures.Selection(3), path=tmp_path / "r.png")
-    assert [p.name for p in tmp_path.iterdir()] == ["r.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".zfvis-written.json", "r.png"]  # and its ledger entry
 
 
 # --------------------------------------------------------------------------- filters_figure

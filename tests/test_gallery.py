@@ -358,7 +358,7 @@ def test_mining_page_is_the_page_mining_wrote(mined_vgg: tuple, tmp_path: Path,
         lay = fig._zfvis_layout  # type: ignore[attr-defined]
         assert lay.labels[0].startswith("ch 0   max ") and len(lay.labels) == len(topk["layers"][name]["channel_ids"])
     zfvis.mining_page(out, "conv1_1", page=1, path=tmp_path / "p.png")
-    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".zfvis-written.json", "p.png"]  # and its ledger entry
     with pytest.raises(zfvis.UserInputError, match="page must be 1..1"):
         zfvis.mining_page(out, "conv1_1", page=2)
     with pytest.raises(zfvis.UserInputError, match="not mined"):

@@ -81,7 +81,7 @@ def test_identity_gives_zero_distance(model_fn: type) -> None:
         (("scale", [0.0], ["0"]), ValueError, "positive"),
         (("rotation", [], ["0"]), ValueError, "at least one"),
         (("rotation", [10.0], ["nope"]), ValueError, "nope"),
-        (("rotation", [float("nan")], ["0"]), zfvis.UserInputError, "finite numbers"),
+        (("rotation", [float("nan")], ["0"]), zfvis.UserInputError, "finite number"),
     ],
 )
 def test_bad_input(args: tuple, error: type, match: str) -> None:

@@ -613,7 +613,7 @@ def test_input_size_checked_on_shapes_alone(tmp_path: Path, capsys, monkeypatch)
     (["project", "--device", "cuda:0", "-o", "P"], "CUDA"),
     (["project", "--model", "alexnet", "--weights", "IMAGENET", "-o", "P"], "Valid: random, DEFAULT, IMAGENET1K_V1,"),
     # the analysis commands: sizes and numbers checked before any work
-    (["invariance", "--transform", "rotation", "--rotations", "0:1e12:1", "-o", "P"], "1,000,000,000,001 amounts"),
+    (["invariance", "--transform", "rotation", "--rotations", "0:1e12:1", "-o", "P"], "1,000,000,000,001 values"),
     (["invariance", "--transform", "rotation", "--rotations", "0:inf:1", "-o", "P"], "must be a finite number"),
     (["invariance", "--transform", "rotation", "--rotations", "nan", "-o", "P"], "must be a finite number"),
     (["invariance", "--transform", "rotation", "--rotations", "0:90:0", "-o", "P"], "the step must be non-zero"),

@@ -32,7 +32,8 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def _only(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    """The folder's files, less zfvis's ledger of what it wrote (``zfvis.io.ownership``)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".zfvis-written.json")
 
 
 def _png_pixels(path: Path) -> np.ndarray:

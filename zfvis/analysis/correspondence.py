@@ -25,7 +25,6 @@ frontal faces (a cat and two portraits) with their eyes, nose and mouth
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
@@ -38,8 +37,11 @@ from torch import nn
 
 from ..core.deconvnet import Deconvnet
 from ..io import progress as _progress
-from ..io.errors import InputTypeError, UserInputError
+from ..io.atomic import note_read
+from ..io.checks import check_int, check_model
+from ..io.errors import InputTypeError, UserInputError, show_path
 from ..io.images import load_image
+from ..io.parse import check_fill, check_finite_result, check_seed, read_json
 from .occlusion import Box, check_boxes, occlude
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "correspondence",
     "sign_change_distances",
     "load_parts",
+    "read_parts",
     "default_parts_file",
 ]
 
@@ -108,7 +111,7 @@ class CorrespondenceResult:
         for label, scores in self.rows.items():
             for layer in self.layers:
                 s = scores[layer]
-                kind = "random" if label.startswith("random (") else "part"
+                kind = "random" if _is_generated(label) else "part"
                 out.append({"part": label, "kind": kind, "layer": layer, "delta": s.delta, "mean": s.mean,
                             "std": s.std, "pairs": len(s.pairs)})
         return out
@@ -124,6 +127,11 @@ class CorrespondenceResult:
         return "\n".join([fmt.format(*head), rule, *(fmt.format(*r) for r in lines)])
 
 
+#: The most elements one block of sign comparisons holds (16 Mi bools): pairs and units
+#: are compared block by block, so memory does not grow with the number of images.
+PAIR_BLOCK = 1 << 24
+
+
 def sign_change_distances(eps: torch.Tensor) -> torch.Tensor:
     """Normalised Hamming distances between the signs of feature changes.
 
@@ -134,13 +142,26 @@ def sign_change_distances(eps: torch.Tensor) -> torch.Tensor:
         (N, N): entry [i, j] is the fraction of the D units where sign(eps_i) and
         sign(eps_j) differ (signs are -1, 0 or +1).
     """
-    signs = torch.sign(eps.reshape(eps.shape[0], -1))
-    differ = signs[:, None, :] != signs[None, :, :]
-    return differ.double().mean(dim=2)
+    return _hamming(torch.sign(eps.reshape(eps.shape[0], -1)).to(torch.int8))
 
 
-def _score(eps: torch.Tensor) -> PartScore:
-    d = sign_change_distances(eps)
+def _hamming(signs: torch.Tensor) -> torch.Tensor:
+    """:func:`sign_change_distances` of signs (N, D) (int8), counted exactly in blocks of at
+    most :data:`PAIR_BLOCK` comparisons (rows of pairs times a slice of the units)."""
+    block = PAIR_BLOCK
+    n, d = signs.shape
+    counts = torch.zeros(n, n, dtype=torch.int64)
+    rows = max(1, min(n, block // max(1, n)))
+    cols = max(1, min(d, block // (rows * n)))
+    for a in range(0, n, rows):
+        for c in range(0, d, cols):
+            part = signs[None, :, c : c + cols]
+            counts[a : a + rows] += (signs[a : a + rows, None, c : c + cols] != part).sum(dim=2)
+    return counts.double() / max(d, 1)
+
+
+def _score(signs: torch.Tensor) -> PartScore:
+    d = _hamming(signs)
     n = d.shape[0]
     i, j = torch.triu_indices(n, n, offset=1)
     pairs = d[i, j]
@@ -148,11 +169,25 @@ def _score(eps: torch.Tensor) -> PartScore:
     return PartScore(float(d.sum()), float(pairs.mean()), std, pairs.cpu())
 
 
+#: How the random baseline of a part is named: zfvis's names; a person's part may not take one.
+RANDOM_LABEL = "random ({})"
+
+
+def _is_generated(name: str) -> bool:
+    prefix, _, suffix = RANDOM_LABEL.partition("{}")
+    return name.startswith(prefix) and name.endswith(suffix)
+
+
 def _check_boxes(boxes: Mapping[str, Sequence[Box]], n: int, h: int, w: int) -> dict[str, list[Box]]:
     if not isinstance(boxes, Mapping) or not boxes:
         raise UserInputError("boxes must be a non-empty mapping: part name -> one box per image")
     out = {}
     for part, given in boxes.items():
+        if not isinstance(part, str) or not part.strip():
+            raise UserInputError(f"part names must be non-empty strings, got {part!r}")
+        if _is_generated(part):
+            raise UserInputError(f"part name '{part}' has the form zfvis gives the random baselines "
+                                 f"('{RANDOM_LABEL.format('eye')}'); rename the part")
         per_image = check_boxes(given)
         if len(per_image) != n:
             raise UserInputError(f"part '{part}' has {len(per_image)} boxes for {n} images; give one per image")
@@ -183,6 +218,7 @@ def correspondence(
     fill: float | torch.Tensor = 0.0,
     seed: int = 0,
     random_baseline: bool = True,
+    batch_size: int = 32,
     progress: bool = False,
 ) -> CorrespondenceResult:
     """Sign-change consistency of occluded parts across images (ZF Table 1).
@@ -195,7 +231,11 @@ def correspondence(
         layers: Layer names or aliases whose feature vectors are compared.
         fill: Occluder colour in model input space (float or (C,) tensor).
         seed: Seed of the random baseline boxes.
-        random_baseline: Add a ``"random (<part>)"`` row per part.
+        random_baseline: Add a ``"random (<part>)"`` row per part (a part may not be named so).
+        batch_size: Images per forward pass. Memory does not grow with the number of images
+            N beyond the signs of the changes (N x D bytes per layer, D the layer's units)
+            and the originals' features (N x D values): the pairs are compared block by
+            block (:data:`PAIR_BLOCK`).
         progress: Show a progress bar over the rows (parts and baselines).
 
     Returns:
@@ -210,9 +250,11 @@ def correspondence(
         raise InputTypeError(f"images must be a floating-point torch.Tensor (N, C, H, W), got {type(images).__name__}")
     if images.dim() != 4:
         raise UserInputError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputTypeError(f"seed must be an int, got {type(seed).__name__}")
-    n, _, h, w = images.shape
+    seed = check_seed(seed)
+    check_model(model)
+    check_int("batch_size", batch_size, 1)
+    n, c, h, w = images.shape
+    fill = check_fill(fill, c, images.dtype)
     if n < 2:
         raise UserInputError(f"correspondence compares images: give at least 2, got {n}")
     layers = [layers] if isinstance(layers, str) else list(layers)
@@ -221,21 +263,49 @@ def correspondence(
     rows = _check_boxes(boxes, n, h, w)
     if random_baseline:
         gen = torch.Generator().manual_seed(seed)
-        rows.update({f"random ({part})": _random_boxes(b, h, w, gen) for part, b in list(rows.items())})
+        rows.update({RANDOM_LABEL.format(part): _random_boxes(b, h, w, gen) for part, b in list(rows.items())})
     dn = Deconvnet(model)
-    return CorrespondenceResult(layers, _scores(dn, images, rows, layers, fill, progress), rows, seed)
+    job = _Job(dn, images, layers, fill, batch_size)
+    return CorrespondenceResult(layers, _scores(job, rows, progress), rows, seed)
 
 
-def _scores(dn: Deconvnet, images: torch.Tensor, rows: dict[str, list[Box]], layers: list[str],
-            fill: float | torch.Tensor, progress: bool) -> dict[str, dict[str, PartScore]]:  # fmt: skip
-    """Row label -> layer -> score: one forward pass for the originals, one per row."""
-    n = len(images)
-    base = {k: v.reshape(n, -1) for k, v in dn.forward_outputs(images, layers).items()}
+@dataclasses.dataclass
+class _Job:
+    """The checked inputs of one :func:`correspondence` call."""
+
+    dn: Deconvnet
+    images: torch.Tensor
+    layers: list[str]
+    fill: float | torch.Tensor
+    batch: int
+
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each layer's feature vectors (B, D) of a batch, on the CPU."""
+        out = self.dn.forward_outputs(images, self.layers)
+        return {k: v.reshape(len(images), -1).cpu() for k, v in out.items()}
+
+
+def _scores(job: _Job, rows: dict[str, list[Box]], progress: bool) -> dict[str, dict[str, PartScore]]:
+    """Row label -> layer -> score: the originals' features once, then each row's occluded
+    images batch by batch, keeping only the signs of the changes (int8)."""
+    n = len(job.images)
+    chunks = [slice(a, min(n, a + job.batch)) for a in range(0, n, job.batch)]
+    parts = [job.features(job.images[s]) for s in chunks]
+    base = {layer: torch.cat([p[layer] for p in parts]) for layer in job.layers}
+    del parts
     scores: dict[str, dict[str, PartScore]] = {}
     with _progress.progress(len(rows), "correspondence", "part", show=progress) as bar:
         for label, per_image in rows.items():
-            occluded = dn.forward_outputs(occlude(images, per_image, fill), layers)
-            scores[label] = {layer: _score(base[layer] - occluded[layer].reshape(n, -1)) for layer in layers}
+            signs = {layer: torch.empty(base[layer].shape, dtype=torch.int8) for layer in job.layers}
+            for s in chunks:
+                occluded = job.features(occlude(job.images[s], per_image[s], job.fill))
+                for layer in job.layers:
+                    change = base[layer][s] - occluded[layer]
+                    check_finite_result(change, f"the feature change at '{layer}'",
+                                        "the fill drives the model's values beyond its dtype; use a fill within "
+                                        "the images' range (0 is the data set's mean colour)")
+                    signs[layer][s] = torch.sign(change).to(torch.int8)
+            scores[label] = {layer: _score(signs[layer]) for layer in job.layers}
             bar.update(1)
     return scores
 
@@ -248,30 +318,37 @@ def default_parts_file() -> Path:
     return Path(str(resources.files("zfvis") / "assets" / "faces.json"))
 
 
-def _read_parts(path: Path) -> dict[str, dict[str, Box]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"part file '{path}' does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserInputError(f"part file '{path}' is not valid JSON: {err}") from None
+def read_parts(path: str | os.PathLike[str]) -> dict[str, dict[str, Box]]:
+    """A part file's boxes, checked: image path (relative to the file) -> part -> box.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        UserInputError: A folder or a pipe, not JSON, nested too deeply, boxes that are not
+            four ints, fewer than two images, or images with different parts.
+    """
+    path = Path(path)
+    data = read_json(path, "part file")
+    note_read(path)
     if not isinstance(data, dict):
-        raise UserInputError(f"part file '{path}' must hold an object: image -> part name -> [top, left, bottom, right]")
+        raise UserInputError(f"part file {show_path(path)} must hold an object: image -> part name -> [top, left, bottom, right]")
     parts: dict[str, dict[str, Box]] = {}
     for image, boxes in data.items():
         if image.startswith("_"):
             continue
         if not isinstance(boxes, dict) or not boxes:
-            raise UserInputError(f"part file '{path}': '{image}' must map part names to boxes")
+            raise UserInputError(f"part file {show_path(path)}: '{image}' must map part names to boxes")
         for part, box in boxes.items():
-            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)):
-                raise UserInputError(f"part file '{path}': box '{part}' of '{image}' must be [top, left, bottom, right] (ints)")
+            if _is_generated(part):
+                raise UserInputError(f"part file {show_path(path)}: part name '{part}' has the form zfvis gives the random "
+                                     f"baselines ('{RANDOM_LABEL.format('eye')}'); rename the part")
+            if not (isinstance(box, list) and len(box) == 4 and all(type(v) is int for v in box)):
+                raise UserInputError(f"part file {show_path(path)}: box '{part}' of '{image}' must be [top, left, bottom, right] (ints)")
         parts[image] = {str(k): tuple(v) for k, v in boxes.items()}  # type: ignore[misc]
     if len(parts) < 2:
-        raise UserInputError(f"part file '{path}' names {len(parts)} image(s); correspondence needs at least 2")
+        raise UserInputError(f"part file {show_path(path)} names {len(parts)} image(s); correspondence needs at least 2")
     names = [set(b) for b in parts.values()]
     if any(s != names[0] for s in names):
-        raise UserInputError(f"part file '{path}': every image needs the same parts (found {sorted(set().union(*names))})")
+        raise UserInputError(f"part file {show_path(path)}: every image needs the same parts (found {sorted(set().union(*names))})")
     return parts
 
 
@@ -308,7 +385,7 @@ def load_parts(path: str | os.PathLike[str], preprocess: Callable[[Image.Image],
         ValueError: Bad JSON, a box outside its image, or one the preprocessing crops away.
     """
     path = Path(path)
-    parts = _read_parts(path)
+    parts = read_parts(path)
     tensors, names = [], []
     boxes: dict[str, list[Box]] = {p: [] for p in next(iter(parts.values()))}
     for image_name, image_boxes in parts.items():

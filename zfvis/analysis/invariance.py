@@ -32,9 +32,11 @@ from torch import nn
 from ..core.deconvnet import Deconvnet
 from ..core.graph import eval_mode
 from ..io import progress as _progress
-from ..io.errors import InputTypeError, UserInputError
+from ..io.checks import check_model, forward_failure
+from ..io.errors import InputTypeError, UserInputError, is_out_of_memory
+from ..io.parse import check_fill, check_finite_result, parse_number, representable
 
-__all__ = ["TRANSFORMS", "InvarianceResult", "invariance", "transform_images"]
+__all__ = ["TRANSFORMS", "InvarianceResult", "invariance", "transform_images", "check_amount"]
 
 #: The transformations :func:`invariance` applies.
 TRANSFORMS = ("translation", "scale", "rotation")
@@ -72,11 +74,15 @@ def _check_transform(transform: str) -> str:
     return transform
 
 
-def _check_amount(transform: str, amount: float) -> float:
+def check_amount(transform: str, amount: float, dtype: torch.dtype = torch.float32) -> float:
+    """An amount of ``transform``, finite and representable in the images' dtype (a scale's inverse too,
+    which the sampling grid holds), so that no output becomes NaN or infinite."""
     if isinstance(amount, bool) or not isinstance(amount, (int, float)):
         raise InputTypeError(f"{transform} amounts must be finite numbers, got {amount!r}")
-    if not math.isfinite(amount):
-        raise UserInputError(f"{transform} amounts must be finite numbers, got {amount!r}")
+    amount = parse_number(amount, f"{transform} amount", dtype=dtype)
+    if transform == "scale" and amount > 0 and not representable(1.0 / amount, dtype):
+        raise UserInputError(f"scale factor {amount!r} is too small: its inverse is beyond the images' "
+                             f"{str(dtype).replace('torch.', '')}")
     if transform == "translation" and amount != int(amount):
         raise UserInputError(f"translation amounts are whole pixels, got {amount}")
     if transform == "scale" and amount <= 0:
@@ -85,12 +91,9 @@ def _check_amount(transform: str, amount: float) -> float:
 
 
 def _fill_like(fill: float | torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """``fill`` (a float or a (C,) tensor) as a (1, C, 1, 1) tensor like ``images``."""
-    if isinstance(fill, bool) or not isinstance(fill, (int, float, torch.Tensor)):
-        raise InputTypeError(f"fill must be a float or a (C,) tensor, got {type(fill).__name__}")
+    """``fill`` (a float or a (C,) tensor, checked) as a (1, C, 1, 1) tensor like ``images``."""
+    fill = check_fill(fill, images.shape[1], images.dtype)
     value = torch.as_tensor(fill, dtype=images.dtype, device=images.device).reshape(-1)
-    if value.numel() not in (1, images.shape[1]):
-        raise UserInputError(f"fill must be a float or a ({images.shape[1]},) tensor, got {value.numel()} values")
     return value.expand(images.shape[1]).reshape(1, -1, 1, 1)
 
 
@@ -110,20 +113,25 @@ def transform_images(
     """Translates, scales or rotates a batch of images, keeping their size.
 
     Args:
-        images: (N, C, H, W), in model input space.
+        images: (N, C, H, W), or one image (C, H, W), floating point, in model input space.
         transform: ``"translation"`` (vertical, pixels, positive down), ``"scale"`` (factor,
             about the centre) or ``"rotation"`` (degrees, counter-clockwise as displayed).
         amount: How much.
         fill: Value of the pixels that come from outside the image: a float or a (C,) tensor.
 
     Returns:
-        The transformed images (a copy; the identity returns an exact copy).
+        The transformed images, shaped as given (a copy; the identity returns an exact copy).
 
     Raises:
-        ValueError: Unknown transform, a fractional shift or a factor that is not positive.
+        ValueError: Unknown transform, a fractional shift, a factor that is not positive,
+            an amount or fill that is not finite or not representable in the images' dtype.
+        TypeError: Images that are not a floating-point tensor.
     """
     _check_transform(transform)
-    amount = _check_amount(transform, amount)
+    if isinstance(images, torch.Tensor) and images.dim() == 3:
+        return transform_images(images[None], transform, amount, fill=fill)[0]
+    images = _check_images(images)
+    amount = check_amount(transform, amount, images.dtype)
     fill = _fill_like(fill, images)
     if amount == _IDENTITY[transform] or (transform == "rotation" and amount % 360 == 0):
         return images.clone()
@@ -144,13 +152,15 @@ def transform_images(
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
-        raise InputTypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}")
+        hint = " (an ImageBatch: pass its .batch)" if hasattr(images, "batch") else ""
+        raise InputTypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}{hint}")
     if images.dim() == 3:
         images = images.unsqueeze(0)
     if images.dim() != 4 or images.shape[0] == 0:
         raise UserInputError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
-        raise InputTypeError(f"images must be a floating-point tensor, got {images.dtype}")
+        raise InputTypeError(f"images must be a floating-point tensor, got {images.dtype} (convert, e.g. "
+                             "images.float() / 255, and preprocess as the model expects)")
     return images
 
 
@@ -212,8 +222,11 @@ def invariance(
         TypeError: Arguments of the wrong type.
     """
     _check_transform(transform)
+    check_model(model)
     images = _check_images(images)
-    amounts = [_check_amount(transform, a) for a in amounts]
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else images.dtype
+    amounts = [check_amount(transform, a, dtype) for a in amounts]
     layers = [layers] if isinstance(layers, str) else list(layers)
     if not amounts or not layers:
         raise UserInputError("give at least one amount and one layer")
@@ -227,7 +240,13 @@ def invariance(
         images = images.to(device=param.device, dtype=param.dtype)
     fill = _fill_like(fill, images)
     with eval_mode(model), torch.no_grad():
-        target = _targets(targets, model(images))
+        try:
+            logits = model(images)
+        except RuntimeError as err:
+            if is_out_of_memory(err):
+                raise
+            raise forward_failure(err, model, images) from err
+        target = _targets(targets, logits)
         job = _Job(dn, transform, amounts, layers, fill, batch_size)
         return _measure(job, images, target, progress)
 
@@ -265,5 +284,9 @@ def _measure(job: _Job, images: torch.Tensor, target: torch.Tensor, progress: bo
                     flat = feats[layer].reshape(len(chunk), -1).double()
                     dist[layer][i, cols] = (flat[1:] - flat[:1]).norm(dim=1).cpu()
             bar.update(1)
+    cause = ("the fill or the amounts drive the model's values beyond its dtype; use a fill within the images' "
+             "range (0 is the data set's mean colour) and moderate amounts")
+    for name, values in [*((f"the distances at '{k}'", v) for k, v in dist.items()), ("the class probability", prob)]:
+        check_finite_result(values, name, cause)
     amounts = torch.tensor(job.amounts, dtype=torch.float64)
     return InvarianceResult(job.transform, amounts, job.layers, dist, prob, target, base)

@@ -39,6 +39,7 @@ from ..core.deconvnet import Deconvnet
 from ..core.graph import eval_mode
 from ..io import progress as _progress
 from ..io.errors import InputTypeError, UnsupportedModelError, UserInputError
+from ..io.parse import check_fill, check_finite_result
 from .incremental import IncrementalOcclusion, NotIncremental, map_totals
 
 __all__ = ["OcclusionResult", "occlusion", "occlude", "occluder_positions", "check_boxes", "METHODS"]
@@ -137,12 +138,9 @@ def _check_image(image: object) -> torch.Tensor:
 def _check_fill(fill: float | torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """The occluder colour as a (C,) tensor like the image."""
     c = image.shape[0]
+    fill = check_fill(fill, c, image.dtype)
     if isinstance(fill, torch.Tensor):
-        if fill.dim() > 1 or fill.numel() not in (1, c):
-            raise UserInputError(f"fill must be a float or a ({c},) tensor, got shape {tuple(fill.shape)}")
         return fill.detach().to(image).reshape(-1).expand(c).clone()
-    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
-        raise InputTypeError(f"fill must be a float or a (C,) tensor, got {type(fill).__name__}")
     return torch.full((c,), float(fill), dtype=image.dtype, device=image.device)
 
 
@@ -208,6 +206,8 @@ def occlude(images: torch.Tensor, boxes: Sequence[Box] | torch.Tensor, fill: flo
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
         raise InputTypeError(f"images must be a floating-point torch.Tensor, got {_kind(images)}")
     boxes = check_boxes(boxes)
+    if not boxes:
+        raise UserInputError("boxes is empty: give at least one box (top, left, bottom, right)")
     if images.dim() == 3:
         images = images.unsqueeze(0).expand(len(boxes), -1, -1, -1)
     if images.dim() != 4 or len(boxes) != images.shape[0]:
@@ -424,6 +424,10 @@ def _run_all(runner: _FullRunner | IncrementalOcclusion, job: _Job, channel: int
 def _result(runner: _FullRunner | IncrementalOcclusion, job: _Job, logits: torch.Tensor, acts: torch.Tensor | None,
             target: int, channel: int | None) -> OcclusionResult:  # fmt: skip
     rows, cols = len(job.tops), len(job.lefts)
+    cause = "the fill drives the model's values beyond its dtype; use a fill within the image's range"
+    check_finite_result(logits, "the occluded images' class scores", cause)
+    if acts is not None:
+        check_finite_result(acts, "the feature map's totals", cause)
     probs = torch.softmax(logits, dim=1)
     top_prob, top_class = probs.max(dim=1)
     base_probs = torch.softmax(runner.base_logits, dim=1)[0]

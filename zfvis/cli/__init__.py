@@ -6,22 +6,44 @@ Every subcommand lives in its own module with ``add_parser(subparsers)`` and
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
+import signal
 import sys
-import traceback
-import warnings
-from collections.abc import Sequence
+import threading
 
-from . import correspond, evolution, filters, invariance, layers, mine, occlude, project
-from . import serve as serve_command
-from ._common import ArgumentParser
-from .boundary import report_error
-from .config import _parse
-from .outputs import invoked
+
+def _interrupted_at_start(signum: int, frame: object) -> None:  # noqa: ARG001 - a signal handler's signature
+    """Ctrl-C while the heavy modules (torch) load: one line and exit 130, no traceback."""
+    os.write(2, b"zfvis: interrupted\n")
+    os._exit(130)
+
+
+_ON_MAIN_THREAD = threading.current_thread() is threading.main_thread()
+if _ON_MAIN_THREAD:  # before the imports below, which take seconds
+    _PREVIOUS_SIGINT = signal.signal(signal.SIGINT, _interrupted_at_start)
+
+import argparse  # noqa: E402 - after the handler, on purpose
+import contextlib  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from ..io.atomic import output_group  # noqa: E402
+from . import correspond, evolution, filters, invariance, layers, mine, occlude, project  # noqa: E402
+from . import serve as serve_command  # noqa: E402
+from ._common import ArgumentParser  # noqa: E402
+from .boundary import report_error  # noqa: E402
+from .config import _parse  # noqa: E402
+from .outputs import invoked  # noqa: E402
+
+if _ON_MAIN_THREAD:
+    signal.signal(signal.SIGINT, _PREVIOUS_SIGINT)
 
 __all__ = ["get_args_parser", "main"]
+
+#: Commands whose outputs appear all together at the end (:func:`zfvis.io.atomic.output_group`);
+#: the others write as they go (``mine``'s run folder is resumable, page by page).
+_GROUPED = frozenset({"project", "layers", "filters", "evolution", "occlude", "invariance", "correspond"})
 
 _COMMANDS = (project, layers, filters, evolution, mine, occlude, invariance, correspond, serve_command)
 
@@ -63,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args, config, from_config = _parse(parser, argv)
             with invoked(args, config, from_config):
                 try:
-                    status = int(args.func(args) or 0)
+                    status = _run(args)
                 except BrokenPipeError:
                     raise
                 except Exception as err:  # noqa: BLE001 - reported here, where the config's keys are known
@@ -87,4 +109,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return report_error(err, argv[0] if argv else None)
     for w in caught:  # the command succeeded: show its warnings after all
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Runs the command; its outputs appear together at the end, or none does (a full disk,
+    an error or Ctrl-C part-way leaves every earlier file as it was)."""
+    if args.command not in _GROUPED:
+        return int(args.func(args) or 0)
+    with output_group() as group:
+        status = int(args.func(args) or 0)
+    if group.replaced:
+        names = ", ".join(p.name for p in group.replaced)
+        print(f"replaced the earlier zfvis output{'s' if len(group.replaced) > 1 else ''} {names} "
+              "(pass another -o to keep both)")
     return status

@@ -3,19 +3,17 @@ occluder colour (``--fill``), class names and ``--target``, default layers."""
 
 from __future__ import annotations
 
-import difflib
-import json
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..io.atomic import atomic_write_text
+from ..io.parse import parse_names, parse_number
+from ..io.parse import parse_target as _parse_target
 from ..models.zoo import Preprocess, get_spec
 from ._common import CLIError
-from .outputs import write_settings
+from .outputs import settings_record, write_json
 
 __all__ = [
     "FILL_HELP",
@@ -30,8 +28,9 @@ __all__ = [
 FILL_HELP = "occluder colour: mean (the data set's mean colour), gray, black, or a VALUE in model input space (default mean)"
 
 
-def parse_fill(text: str, preprocess: Preprocess) -> float | torch.Tensor:
-    """``mean`` -> 0.0 (the mean after normalisation); ``gray``/``black`` -> 0.5/0 normalised; or a number."""
+def parse_fill(text: str, preprocess: Preprocess, dtype: torch.dtype = torch.float32) -> float | torch.Tensor:
+    """``mean`` -> 0.0 (the mean after normalisation); ``gray``/``black`` -> 0.5/0 normalised;
+    or a number, finite and representable in the model's ``dtype``."""
     name = str(text).strip().lower()
     mean, std = torch.tensor(preprocess.mean), torch.tensor(preprocess.std)
     if name == "mean":
@@ -40,13 +39,9 @@ def parse_fill(text: str, preprocess: Preprocess) -> float | torch.Tensor:
         return (0.5 - mean) / std
     if name == "black":
         return -mean / std
-    try:
-        value = float(name)
-    except ValueError:
-        raise CLIError(f"--fill must be mean, gray, black or a number, got '{text}'") from None
-    if not math.isfinite(value):
-        raise CLIError(f"--fill must be a finite number, got '{text}'")
-    return value
+    if not name or not (name[0].isdigit() or name[0] in "+-." or name in ("nan", "inf", "infinity")):
+        raise CLIError(f"--fill must be mean, gray, black or a number, got '{text}'")
+    return parse_number(text, "--fill", dtype=dtype)
 
 
 def fill_rgb(fill: float | torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
@@ -72,35 +67,20 @@ def class_names(model: str, weights: str | None) -> list[str] | None:
     return list(categories) if categories else None
 
 
-def parse_target(text: str | None, names: Sequence[str] | None) -> int | None:
-    """A class index or (case-insensitive) name; ``None`` stays ``None``."""
+def parse_target(text: str | None, names: Sequence[str] | None, *, random_weights: bool = False) -> int | None:
+    """A class number or (case-insensitive) name (:func:`zfvis.io.parse.parse_target`);
+    ``None`` stays ``None``."""
     if text is None:
         return None
-    text = str(text).strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    if names is None:
-        raise CLIError(f"unknown class name '{text}': this model's class names are not known; give a class number")
-    lower = [n.lower() for n in names]
-    if text.lower() in lower:
-        return lower.index(text.lower())
-    close = difflib.get_close_matches(text.lower(), lower, n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(names[lower.index(c)]) for c in close)}?" if close else ""
-    raise CLIError(f"unknown class name '{text}'.{hint}")
+    return _parse_target(text, names, "--target", random_weights=random_weights)
 
 
 def parse_layers(text: str | None, default: list[str]) -> list[str]:
-    layers = [s.strip() for s in str(text).split(",") if s.strip()] if text else default
-    if not layers:
-        raise CLIError("no layers given; pass --layers, e.g. --layers conv5,fc7")
-    return layers
+    """``--layers``: ``None`` (not given) is ``default``; anything given must name a layer."""
+    return list(default) if text is None else parse_names(text, "--layers", example="conv5,fc7")
 
 
 def write_results(path: str | os.PathLike[str], settings: dict[str, Any], **results: Any) -> None:
     """One JSON file (atomically written) with the settings, marked as zfvis's
-    (:func:`~zfvis.cli._common.write_settings`), and the results as further keys."""
-    write_settings(path, settings)
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    data.update(results)
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (:func:`~zfvis.cli.outputs.settings_record`), and the results as further keys."""
+    write_json(path, {**settings_record(settings), **results})

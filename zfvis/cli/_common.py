@@ -14,11 +14,13 @@ from ..io.errors import (
     UserInputError,
     is_out_of_memory,
 )
+from ..io.parse import parse_int
 from ..io.progress import progress
 from ..models.zoo import list_models
 
 __all__ = [
     "CLIError",
+    "whole",
     "ArgumentParser",
     "add_model_args",
     "add_config_arg",
@@ -35,6 +37,15 @@ REPORT_TO = "the zfvis maintainers, with the command you ran"
 
 class CLIError(UserInputError):
     """Bad command-line input: printed as one line, exit status 2."""
+
+
+def whole(text: str) -> int:
+    """The argparse type of whole-number options: ASCII digits with an optional sign
+    (:func:`zfvis.io.parse.parse_int`; Python's ``int`` would also take ``٣``)."""
+    try:
+        return parse_int(text, "value")
+    except UserInputError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (a whole number in ASCII digits, like 3)") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -9,7 +9,7 @@ from typing import Any
 
 import tomllib
 
-from ._common import CLIError
+from ._common import CLIError, whole
 
 __all__ = ["LIST_OPTIONS", "parse_command_line", "apply_config"]
 
@@ -77,7 +77,7 @@ def _scalar(action: argparse.Action, value: Any, where: str) -> Any:
     kind = action.type
     if isinstance(value, dict):
         raise CLIError(f"{where} is a table; it must be a single value")
-    if kind is int:
+    if kind is int or kind is whole:
         if not isinstance(value, int) or isinstance(value, bool):
             raise CLIError(f"{where} must be a whole number (no quotes), got {value!r}")
     elif kind is float:

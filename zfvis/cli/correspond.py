@@ -13,16 +13,17 @@ from ..analysis.correspondence import (
     correspondence,
     default_parts_file,
     load_parts,
+    read_parts,
 )
 from ..core.deconvnet import Deconvnet
 from ..io.atomic import atomic_write_text
-from ..io.checks import check_int
+from ..io.parse import check_seed
 from ..models.zoo import get_spec
 from ..viz.analysis import correspondence_figure
 from ._analysis import FILL_HELP, parse_fill, parse_layers, write_results
-from ._common import CLIError, add_config_arg, add_model_args, add_output_args
+from ._common import CLIError, add_config_arg, add_model_args, add_output_args, whole
 from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
-from .outputs import check_output
+from .outputs import add_inputs, check_output
 
 __all__ = ["add_parser", "run"]
 
@@ -43,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers",
                    help="comma-separated layers (default: the last conv layer and fc7, as the paper's layers 5 and 7)")
     p.add_argument("--fill", default="mean", help=FILL_HELP)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline boxes (default 0)")
+    p.add_argument("--seed", type=whole, default=0, help="seed of the random baseline boxes (default 0)")
     p.add_argument("--no-random", action="store_true", help="leave out the random baseline")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_output_args(p, "zfvis_correspondence.csv",
@@ -62,16 +63,17 @@ def _default_layers(dn: Deconvnet) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    seed = check_int("--seed", args.seed, 0, 2**63 - 1)
+    seed = check_seed(args.seed, "--seed")
     if Path(args.output).suffix.lower() != ".csv":
         raise CLIError(f"-o must name a .csv file (the JSON and PNG go beside it), got '{args.output}'")
-    out = check_output(args.output, overwrite=args.overwrite, also=(".png",))
     boxes = Path(args.boxes) if args.boxes else default_parts_file()
-    if not boxes.is_file():
-        raise CLIError(f"part file '{boxes}' does not exist")
+    images = read_parts(boxes)  # before the outputs are checked: its images are inputs too
+    add_inputs([boxes.parent / name for name in images], f"an image the part file '{boxes}' names")
+    out = check_output(args.output, overwrite=args.overwrite, also=(".png",))
+    layers_given = parse_layers(args.layers, [])
     model, preprocess = load_zoo_model(args.model, args.weights, device)
     dn = Deconvnet(model)
-    layers = parse_layers(args.layers, _default_layers(dn))
+    layers = layers_given or _default_layers(dn)
     for layer in layers:
         resolve_layer(dn, layer)
     parts = load_parts(boxes, preprocess)

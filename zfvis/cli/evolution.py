@@ -22,7 +22,7 @@ from ..io.images import default_image
 from ..models.checkpoints import check_checkpoint_file
 from ..models.zoo import Preprocess
 from ..viz.evolution import evolution_figure
-from ._common import CLIError, add_config_arg, add_output_args, parse_channels
+from ._common import CLIError, add_config_arg, add_output_args, parse_channels, whole
 from .models import (
     check_model_name,
     fit_input_size,
@@ -42,8 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="images to search (directory or list file; default: the shipped photo)")
     p.add_argument("--layer", required=True, help="layer name or alias")
     p.add_argument("--channels", default="0-15", help="feature maps to show, e.g. 0-15,32 (default 0-15)")
-    p.add_argument("--limit", type=int, default=512, help="use at most N images, evenly spread over the data set (default 512)")
-    p.add_argument("--input-size", type=int, help="side of the square input (default: the model's own)")
+    p.add_argument("--limit", type=whole, default=512, help="use at most N images, evenly spread over the data set (default 512)")
+    p.add_argument("--input-size", type=whole, help="side of the square input (default: the model's own)")
     p.add_argument("--device", default="cpu")
     add_output_args(p, "zfvis_evolution.png")
     add_config_arg(p)

@@ -4,7 +4,6 @@ and rotation (ZF Fig. 5)."""
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +13,14 @@ from ..analysis.correspondence import default_parts_file
 from ..analysis.invariance import (
     TRANSFORMS,
     InvarianceResult,
+    check_amount,
     invariance,
     transform_images,
 )
 from ..core.deconvnet import Deconvnet
+from ..io.errors import UserInputError
 from ..io.images import default_image, load_image
+from ..io.parse import parse_names, parse_range
 from ..models.zoo import get_spec
 from ..viz.analysis import invariance_figure
 from ._analysis import (
@@ -33,7 +35,12 @@ from ._common import CLIError, add_config_arg, add_model_args, add_output_args
 from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
 from .outputs import check_output
 
-__all__ = ["DEFAULT_RANGES", "add_parser", "MAX_AMOUNTS", "parse_range", "run"]
+__all__ = [
+    "DEFAULT_RANGES",
+    "add_parser",
+    "parse_range",
+    "run",
+]
 
 #: Default ranges (start, stop, step; stop included). Translation is a fraction of the side.
 DEFAULT_RANGES = {"translation": (-0.27, 0.27, None), "scale": (1.0, 1.8, 0.05), "rotation": (0.0, 360.0, 15.0)}
@@ -66,48 +73,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-#: The most amounts one transformation may have (each is a forward pass per image).
-MAX_AMOUNTS = 10_000
-
-
-def parse_range(text: str, option: str) -> list[float]:
-    """``START:STOP:STEP`` (stop included) or a comma-separated list of finite numbers."""
-    parts = text.split(":") if ":" in text else [v for v in text.split(",") if v.strip()]
-    try:
-        numbers = [float(v) for v in parts]
-    except ValueError:
-        raise CLIError(f"{option} must be START:STOP:STEP or a comma-separated list of numbers, got '{text}'") from None
-    if not all(math.isfinite(v) for v in numbers):
-        raise CLIError(f"{option} '{text}': every amount must be a finite number")
-    if ":" not in text:
-        values = numbers
-    elif len(numbers) != 3:
-        raise CLIError(f"{option} must be START:STOP:STEP or a comma-separated list of numbers, got '{text}'")
-    else:
-        start, stop, step = numbers
-        if step == 0 or (stop - start) / step < 0:
-            raise CLIError(f"{option} '{text}': the step must be non-zero and lead from START to STOP")
-        count = int((stop - start) / step + 1e-9) + 1
-        if count > MAX_AMOUNTS:
-            raise CLIError(f"{option} '{text}' gives {count:,} amounts, more than {MAX_AMOUNTS:,}; use a larger step")
-        values = [round(start + k * step, 10) for k in range(count)]
-    if not values:
-        raise CLIError(f"{option} names no amounts")
-    if len(values) > MAX_AMOUNTS:
-        raise CLIError(f"{option} gives {len(values):,} amounts, more than {MAX_AMOUNTS:,}")
-    return values
-
-
 def _amounts(args: argparse.Namespace, transform: str, side: int) -> list[float]:
     given = {"translation": args.translations, "scale": args.scales, "rotation": args.rotations}[transform]
-    if given:
-        return parse_range(given, f"--{transform}s")
+    if given is not None:
+        return _parse_amounts(given, transform)
     start, stop, step = DEFAULT_RANGES[transform]
     if transform == "translation":
         reach = max(1, round(side * stop))
         step = max(1, round(reach / 8))
         return [float(v) for v in range(-reach, reach + 1, step)]
     return parse_range(f"{start}:{stop}:{step}", transform)
+
+
+def _parse_amounts(text: str, transform: str) -> list[float]:
+    """``--translations``/``--scales``/``--rotations``: a range or list (:func:`zfvis.io.parse.parse_range`),
+    each amount checked as the transformation needs it (whole pixels, positive factors)."""
+    option = f"--{transform}s"
+    values = parse_range(text, option)
+    try:
+        for v in values:
+            check_amount(transform, v)
+    except UserInputError as err:
+        raise CLIError(f"{option} {text!r}: {err}") from None
+    return values
 
 
 def _default_images() -> list[Path]:
@@ -132,13 +120,13 @@ def _examples(x: torch.Tensor, transform: str, amounts: list[float], denorm: Any
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = check_output(args.output, overwrite=args.overwrite)
-    transforms = [t.strip() for t in str(args.transform).split(",") if t.strip()]
+    transforms = parse_names(args.transform, "--transform", example=",".join(TRANSFORMS))
     bad = [t for t in transforms if t not in TRANSFORMS]
-    if bad or not transforms:
-        raise CLIError(f"unknown transform '{bad[0] if bad else args.transform}'; use {', '.join(TRANSFORMS)}")
-    for option, given in (("--translations", args.translations), ("--scales", args.scales), ("--rotations", args.rotations)):
-        if given:
-            parse_range(given, option)  # bad ranges fail before anything loads
+    if bad:
+        raise CLIError(f"unknown transform '{bad[0]}'; use {', '.join(TRANSFORMS)}")
+    for transform, given in (("translation", args.translations), ("scale", args.scales), ("rotation", args.rotations)):
+        if given is not None:
+            _parse_amounts(given, transform)  # bad ranges fail before anything loads
     paths = [Path(p) for p in args.images] or _default_images()
     pictures = [load_image(p) for p in paths]
     model, preprocess = load_zoo_model(args.model, args.weights, device)

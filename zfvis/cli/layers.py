@@ -8,7 +8,7 @@ import torch
 
 from ..core.deconvnet import Deconvnet
 from ..io.checks import check_input_size
-from ._common import add_config_arg
+from ._common import add_config_arg, whole
 from .models import check_model_name, fit_input_size, load_zoo_model, shapes_only
 
 __all__ = ["add_parser", "run"]
@@ -17,7 +17,7 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("layers", help="list a model's layers, output shapes and receptive fields")
     p.add_argument("--model", default="zfnet-cifar10", help="zoo model (default zfnet-cifar10)")
-    p.add_argument("--input-size", type=int, help="side of the square input (default: the model's own)")
+    p.add_argument("--input-size", type=whole, help="side of the square input (default: the model's own)")
     add_config_arg(p)
     p.set_defaults(func=run)
 

@@ -11,7 +11,7 @@ from ..io.checks import check_input_size, check_int
 from ..io.images import check_data_set
 from ..mining.pipeline import MineSettings, mine
 from ..models.zoo import get_spec
-from ._common import CLIError, add_config_arg, add_model_args, parse_channels
+from ._common import CLIError, add_config_arg, add_model_args, parse_channels, whole
 from .models import fit_input_size, load_zoo_model, resolve_device, resolve_layer
 
 __all__ = ["MAX_TOP", "add_parser", "run"]
@@ -32,13 +32,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", nargs="?", metavar="DATASET", help="folder of images (searched recursively) or a text file of paths")
     add_model_args(p)
     p.add_argument("--layers", help="comma-separated layer names or aliases, e.g. conv1,conv3 (required)")
-    p.add_argument("--top", type=int, default=9, help="activations kept per channel (default 9; the figures show 9)")
+    p.add_argument("--top", type=whole, default=9, help="activations kept per channel (default 9; the figures show 9)")
     p.add_argument("--channels", help="channels to mine in every layer, e.g. 0-15,32,40 (default: all)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0)")
-    p.add_argument("--limit", type=int, help="use only N images, evenly spaced over the sorted file list (every class of a class-folder layout)")
-    p.add_argument("--input-size", type=int, help="square input side (default: the model's preprocessing)")
-    p.add_argument("--state-every", type=int, default=20, help="save resumable state every N batches, and at least every minute (default 20)")
+    p.add_argument("--batch-size", type=whole, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=whole, default=0, help="image-loading worker processes (default 0)")
+    p.add_argument("--limit", type=whole, help="use only N images, evenly spaced over the sorted file list (every class of a class-folder layout)")
+    p.add_argument("--input-size", type=whole, help="square input side (default: the model's preprocessing)")
+    p.add_argument("--state-every", type=whole, default=20, help="save resumable state every N batches, and at least every minute (default 20)")
     p.add_argument("--rule", default="deconvnet", choices=list(RULES),
                    help="how ReLUs pass the signal back in the projections: deconvnet (default), guided, gradient")
     p.add_argument("--restart", action="store_true", help="start again: discard a saved state in OUTDIR, also of a run with other settings")

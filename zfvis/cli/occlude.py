@@ -21,7 +21,7 @@ from ._analysis import (
     parse_target,
     write_results,
 )
-from ._common import CLIError, add_config_arg, add_model_args, add_output_args
+from ._common import CLIError, add_config_arg, add_model_args, add_output_args, whole
 from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
 from .outputs import check_output
 
@@ -44,12 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", nargs="?", help="image file (default: the photo shipped with zfvis)")
     add_model_args(p)
     p.add_argument("--layer", help="layer whose feature map is mapped (default: the last conv layer)")
-    p.add_argument("--channel", type=int, help="feature map of --layer (default: the strongest on the image)")
-    p.add_argument("--patch", type=int, help="occluder side in pixels (default: a quarter of the input side)")
-    p.add_argument("--stride", type=int, help="step between positions in pixels (default: a quarter of the patch)")
+    p.add_argument("--channel", type=whole, help="feature map of --layer (default: the strongest on the image)")
+    p.add_argument("--patch", type=whole, help="occluder side in pixels (default: a quarter of the input side)")
+    p.add_argument("--stride", type=whole, help="step between positions in pixels (default: a quarter of the patch)")
     p.add_argument("--fill", default="mean", help=FILL_HELP)
     p.add_argument("--target", help="class number or name whose probability is mapped (default: the top class)")
-    p.add_argument("--batch-size", type=int, default=32, help="positions per batch (default 32)")
+    p.add_argument("--batch-size", type=whole, default=32, help="positions per batch (default 32)")
     p.add_argument("--method", choices=("auto", "incremental", "full"), default="auto",
                    help="incremental (only the occluder's cone is recomputed) or full re-inference (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,4 +1,8 @@
-"""Outputs a command may write: never an input, never a person's file (unless ``--overwrite``), with the settings beside them."""
+"""Outputs a command may write: never an input, never a person's file (unless ``--overwrite``), with the settings beside them.
+
+A file is zfvis's while it is exactly as zfvis wrote it (:mod:`zfvis.io.ownership`); the
+outputs of one command appear together or not at all (:func:`zfvis.io.atomic.output_group`,
+opened around each command by :func:`zfvis.cli.main`)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from typing import Any
 from ..io.atomic import atomic_write_text
 from ..io.errors import (
     UserInputError,
+    show_path,
 )
+from ..io.ownership import is_ours
 from ._common import CLIError
 
 __all__ = ["Invocation", "invocation", "invoked", "check_output", "write_settings"]
@@ -100,60 +106,53 @@ def _input_files(args: argparse.Namespace, config: str | None) -> dict[Path, str
 # --------------------------------------------------------------------------- outputs
 
 
-def _settings_of(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _written_by_zfvis(output: Path) -> bool:
-    """Whether an existing output is zfvis's: its settings file says so."""
-    settings = _settings_of(output.with_suffix(".json"))
-    if settings is None:
-        return False
-    marker = settings.get("zfvis")
-    named = marker.get("output") if isinstance(marker, dict) else settings.get("output")  # older runs: no marker
-    return isinstance(named, str) and Path(named).name == output.name and ("zfvis" in settings or "command" in settings)
+def add_inputs(paths: Sequence[str | os.PathLike[str]], label: str) -> None:
+    """Adds files the command reads through another file (the images a part file names)
+    to the current :class:`Invocation`'s inputs: no output may replace them."""
+    for p in paths:
+        with contextlib.suppress(OSError, ValueError):
+            if Path(p).is_file():
+                invocation().inputs.setdefault(Path(p).resolve(), label)
 
 
 def check_output(path: str | os.PathLike[str], *, directory: bool = False, overwrite: bool | None = None,
                  also: Sequence[str] = ()) -> Path:  # fmt: skip
     """Fails early, with a clear message, where an output cannot or should not be written.
 
-    No output ever replaces a file that the command reads (an image, a checkpoint, a part
-    file, the config file: see :class:`Invocation`), ``--overwrite`` or not.
+    Every file the output writes (``path``, its ``.json`` settings, its companions
+    ``also``) is checked before any work starts: none may be a folder or a file that the
+    command reads (an image, a checkpoint, a part file or an image it names, the config
+    file: see :class:`Invocation`), ``--overwrite`` or not; and none may replace a file
+    that is not exactly as zfvis wrote it (:func:`zfvis.io.ownership.is_ours`) unless
+    ``overwrite``.
 
     Args:
         path: The output file (or folder, with ``directory``).
         directory: The output is a folder (created here).
-        overwrite: ``False``: refuse to replace an existing file (or its ``.json``
-            settings, or a companion) that zfvis did not write; ``True``: replace it;
-            ``None``: do not check (commands without ``--overwrite``).
+        overwrite: ``False``: refuse to replace an existing file that is not zfvis's;
+            ``True``: replace it; ``None``: do not check (commands without ``--overwrite``).
         also: Suffixes of further files written beside ``path`` (``(".png",)``).
     """
     path = Path(path)
     folder = path if directory else path.parent
     if directory:
         if path.exists() and not path.is_dir():
-            raise CLIError(f"output '{path}' exists and is not a directory")
+            raise CLIError(f"output {show_path(path)} exists and is not a directory")
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise CLIError(f"cannot create output directory '{path}': {err.strerror}") from None
+            raise CLIError(f"cannot create output directory {show_path(path)}: {err.strerror}") from None
     else:
-        if path.is_dir():
-            raise CLIError(f"output '{path}' is a directory; give a file name such as {path / 'out.png'}")
         if not folder.is_dir():
             what = "is a file, not a folder" if folder.exists() else "does not exist"
-            raise CLIError(f"cannot write '{path}': '{folder}' {what}")
+            raise CLIError(f"cannot write {show_path(path)}: {show_path(folder)} {what}")
         written = _written_files(path, also)
+        _refuse_folders(path, written)
         _refuse_inputs(path, written)
         if overwrite is False:
             _refuse_foreign(path, written)
     if not os.access(folder, os.W_OK):
-        raise CLIError(f"cannot write '{path}': folder '{folder}' is not writable")
+        raise CLIError(f"cannot write {show_path(path)}: folder {show_path(folder)} is not writable")
     return path
 
 
@@ -162,28 +161,51 @@ def _written_files(path: Path, also: Sequence[str]) -> list[Path]:
     return list(dict.fromkeys([path, path.with_suffix(".json"), *(path.with_suffix(s) for s in also)]))
 
 
+def _role(path: Path, f: Path) -> str:
+    """How ``f`` relates to the output ``path``, for messages."""
+    if f == path:
+        return ""
+    return f" (where the {'settings' if f.suffix == '.json' else f.suffix[1:]} of '{path.name}' go)"
+
+
+def _refuse_folders(path: Path, written: Sequence[Path]) -> None:
+    for f in written:
+        if f.is_dir():
+            hint = f"; give a file name such as {path / 'out.png'}" if f == path else "; choose another -o"
+            raise CLIError(f"output {show_path(f)}{_role(path, f)} is a directory{hint}")
+
+
 def _refuse_inputs(path: Path, written: Sequence[Path]) -> None:
     for f in written:
         what = invocation().reads(f)
         if what is not None:
-            which = "" if f == path else f", where the {'settings' if f.suffix == '.json' else f.suffix[1:]} of '{path.name}' go"
-            raise CLIError(f"-o {path} would replace {what}{which}; choose another -o")
+            raise CLIError(f"-o {path} would replace {what}{_role(path, f)}; choose another -o")
 
 
 def _refuse_foreign(path: Path, written: Sequence[Path]) -> None:
-    ours = _written_by_zfvis(path)
     for f in written:
-        if f.exists() and not ours:
-            where = "" if f == path else f" (where the {'settings' if f.suffix == '.json' else f.suffix[1:]} of '{path.name}' go)"
-            raise CLIError(f"'{f}'{where} already exists and zfvis did not write it; choose another -o or pass --overwrite")
+        if f.exists() and not is_ours(f):
+            raise CLIError(f"{show_path(f)}{_role(path, f)} already exists and is not a file zfvis wrote (or it was "
+                           "changed since); choose another -o or pass --overwrite")
 
 
-def write_settings(path: str | os.PathLike[str], settings: dict[str, Any]) -> None:
-    """Writes the resolved settings as JSON (atomically), marked as zfvis's."""
+def settings_record(settings: dict[str, Any]) -> dict[str, Any]:
+    """The resolved settings as they are written (paths as strings), marked as zfvis's."""
     from .._version import __version__
 
     clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items() if k not in ("func", "debug")}
     output = clean.get("output")
     clean["zfvis"] = {"command": clean.get("command"), "version": __version__,
                       "output": Path(output).name if isinstance(output, str) else None}
-    atomic_write_text(path, json.dumps(clean, indent=2, sort_keys=True, default=str) + "\n")
+    return clean
+
+
+def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    """Writes ``data`` as JSON, atomically and recorded as zfvis's. NaN and infinity are
+    refused (a :class:`ValueError`, a bug): no output holds them unasked."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n", own=True)
+
+
+def write_settings(path: str | os.PathLike[str], settings: dict[str, Any]) -> None:
+    """Writes the resolved settings as JSON (atomically), marked as zfvis's."""
+    write_json(path, settings_record(settings))

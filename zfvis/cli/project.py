@@ -18,7 +18,7 @@ from ..viz.projection import (
     rules_figure,
     strongest_channels,
 )
-from ._common import CLIError, add_config_arg, add_model_args, add_output_args
+from ._common import CLIError, add_config_arg, add_model_args, add_output_args, whole
 from .models import (
     feature_layers,
     fit_input_size,
@@ -48,13 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--layer", help="layer name or alias (see `zfvis layers`; default: the middle conv layer)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--channel", type=int, action="append", help="channel to project (repeatable)")
+    group.add_argument("--channel", type=whole, action="append", help="channel to project (repeatable)")
     group.add_argument(
-        "--top-channels", type=int, default=None, help="project the N channels most active in this image (default 9)"
+        "--top-channels", type=whole, default=None, help="project the N channels most active in this image (default 9)"
     )
-    p.add_argument("--top-k", type=int, default=1, help="strongest positions per channel (default 1)")
+    p.add_argument("--top-k", type=whole, default=1, help="strongest positions per channel (default 1)")
     p.add_argument("--position", help="project the activation at Y,X instead of the strongest")
-    p.add_argument("--input-size", type=int, help="side of the square model input (default: the model's own; 96 for 32x32 models)")
+    p.add_argument("--input-size", type=whole, help="side of the square model input (default: the model's own; 96 for 32x32 models)")
     p.add_argument("--rule", default="deconvnet", choices=[*RULES, "all"],
                    help="how ReLUs pass the signal back: deconvnet (Zeiler & Fergus, the default), guided "
                    "(guided backpropagation), gradient; all: the three side by side")

@@ -14,6 +14,8 @@ from ._analysis import class_names
 from ._common import CLIError, add_config_arg, add_model_args
 from .models import load_zoo_model, resolve_device
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Registers ``zfvis serve``."""

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..io.checks import check_model
 from ..io.errors import InputTypeError, UnsupportedModelError, UserInputError
 from .aliases import layer_aliases
 from .cone import ReceptiveField, StepCost, Window, group_seeds, plan, receptive_field
@@ -84,8 +85,7 @@ class Deconvnet:
         windowed: bool = True,
         rule: str = "deconvnet",
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)
         if not _is_int(chunk_size) or chunk_size < 1:
             raise UserInputError(f"chunk_size must be at least 1, got {chunk_size}")
         self.rule = _check_rule(rule)
@@ -267,6 +267,8 @@ class Deconvnet:
             raise UserInputError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}{hint}")
         if not images.is_floating_point():
             raise InputTypeError(f"images must be a floating-point tensor, got {images.dtype}")
+        if images.shape[0] == 0:
+            raise UserInputError("images is an empty batch (N = 0); give at least one image")
         return images
 
     # -------------------------------------------------------------- selection

@@ -20,11 +20,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..io.checks import forward_failure
 from ..io.errors import (
-    ForwardPassError,
     UnsupportedModelError,
     ZfvisError,
-    first_line,
     is_out_of_memory,
 )
 from .cone import ReceptiveField
@@ -245,9 +244,6 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
         except RuntimeError as err:
             if isinstance(err, ZfvisError) or is_out_of_memory(err):
                 raise
-            raise ForwardPassError(
-                f"the forward pass failed on input of shape {tuple(images.shape)}: {first_line(err)} "
-                "(does the model expect another input size or channel count?)"
-            ) from err
+            raise forward_failure(err, graph.model, images) from err
     outputs = {t.name: p.outputs[t.fx_node] for t in targets if t.fx_node in p.outputs}
     return outputs, p.sites, p.problems, tuple(images.shape)

@@ -1,8 +1,13 @@
-"""Atomic file output: a crash never leaves a half-written file behind."""
+"""Atomic file output: a crash never leaves a half-written file behind, the outputs of one
+command appear together or not at all (:func:`output_group`), and what zfvis writes is
+recorded as its own (:mod:`zfvis.io.ownership`)."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
+import errno
 import itertools
 import os
 import tempfile
@@ -12,28 +17,192 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "FolderLock"]
+from . import ownership
+from .errors import UserInputError, show_path
+
+__all__ = [
+    "output_group",
+    "note_read",
+    "recording",
+    "flush_recording",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_torch_save",
+    "FolderLock",
+]
+
+
+#: The all-or-nothing group of outputs being written (:func:`output_group`), if any.
+_STAGE: contextvars.ContextVar[_Stage | None] = contextvars.ContextVar("zfvis_output_group", default=None)
+#: Files read while an :func:`output_group` is open: none of them may become an output.
+_READS: contextvars.ContextVar[set[Path] | None] = contextvars.ContextVar("zfvis_reads", default=None)
+#: Files written while :func:`recording` collects them for the ledgers, if it does.
+_RECORD: contextvars.ContextVar[list[tuple[Path, str]] | None] = contextvars.ContextVar("zfvis_record", default=None)
+
+
+@dataclasses.dataclass
+class _Stage:
+    """Temporary files written in full, waiting to be renamed over their targets together."""
+
+    staged: dict[Path, tuple[Path, str]] = dataclasses.field(default_factory=dict)
+    #: After the commit: the targets that replaced an existing file.
+    replaced: list[Path] = dataclasses.field(default_factory=list)
+
+    def add(self, tmp: Path, path: Path, sha: str) -> None:
+        old = self.staged.pop(path.absolute(), None)
+        if old is not None:  # written twice in one group: the last one counts
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(old[0])
+        self.staged[path.absolute()] = (tmp, sha)
+
+    def discard(self) -> None:
+        for tmp, _ in self.staged.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self.staged.clear()
+
+    def commit(self, reads: set[Path]) -> list[tuple[Path, bool]]:
+        """Renames every staged file over its target; returns each target and whether it
+        replaced an existing file.
+
+        Raises:
+            UserInputError: A target is a file the command read (nothing is renamed then).
+        """
+        for path in self.staged:
+            with contextlib.suppress(OSError):
+                if path.resolve() in reads:
+                    self.discard()
+                    raise UserInputError(f"{show_path(path)} is a file this command read (an input, or one an input "
+                                         "file names); it is never an output: choose another output name")
+        existed = {p: p.exists() for p in self.staged}
+        done = []
+        try:
+            for path, (tmp, sha) in list(self.staged.items()):
+                os.replace(tmp, path)
+                done.append((path, sha))
+                del self.staged[path]
+        finally:
+            self.discard()
+            ownership.record(done)
+        return [(p, existed[p]) for p, _ in done]
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+def output_group() -> Iterator[_Stage]:
+    """All the atomic writes in the block appear together at its end, or none does.
+
+    Each file is written in full (and flushed to disk) to a temporary file beside its
+    target while the block runs; a failure anywhere (a full disk, an error, Ctrl-C)
+    removes them all and leaves every target as it was. At the end they are renamed over
+    their targets one after the other (renames within a folder do not fail for want of
+    space) and recorded as zfvis's (:mod:`zfvis.io.ownership`).
+    """
+    stage = _Stage()
+    reads: set[Path] = set()
+    token, reads_token = _STAGE.set(stage), _READS.set(reads)
+    try:
+        yield stage
+    except BaseException:
+        stage.discard()
+        raise
+    finally:
+        _STAGE.reset(token)
+        _READS.reset(reads_token)
+    stage.replaced = [p for p, existed in stage.commit(reads) if existed]
+
+
+def note_read(path: str | os.PathLike[str]) -> None:
+    """Notes that the command reads ``path`` (an image, a part file, weights): inside an
+    :func:`output_group`, no output may replace it."""
+    reads = _READS.get()
+    if reads is not None:
+        with contextlib.suppress(OSError, RuntimeError):
+            reads.add(Path(path).resolve())
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """Records every file written atomically in the block in its folder's ledger
+    (:mod:`zfvis.io.ownership`), at the block's end however it ends: what a long job such
+    as a mining run wrote, so that a restart deletes exactly that."""
+    written: list[tuple[Path, str]] = []
+    token = _RECORD.set(written)
+    try:
+        yield
+    finally:
+        _RECORD.reset(token)
+        ownership.record(written)
+
+
+def flush_recording() -> None:
+    """Records what the current :func:`recording` has collected so far (at a checkpoint of a
+    long job, so that a kill loses at most what came after it)."""
+    written = _RECORD.get()
+    if written:
+        ownership.record(written)
+        written.clear()
+
+
+def _check_target(path: Path) -> None:
+    """Refuses a target that is a folder before a temporary file is made beside it
+    (``path='/tmp'`` would otherwise write into ``/``)."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory (give a file name)", str(path))
+
+
+def _named(err: OSError, path: Path) -> OSError:
+    """``err`` with the path it concerns (``[Errno 28] No space left on device`` has none)."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(path))
+
+
+def _done(tmp: Path, path: Path, sha: str, own: bool) -> None:
+    """Puts a fully written temporary file in place: staged in the current
+    :func:`output_group`, or renamed now (and recorded when ``own`` or :func:`recording`)."""
+    stage = _STAGE.get()
+    if stage is not None:
+        stage.add(tmp, path, sha)
+        return
+    os.replace(tmp, path)
+    written = _RECORD.get()
+    if written is not None:
+        written.append((path, sha))
+    elif own:
+        ownership.record([(path, sha)])
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb", *, own: bool = False) -> Iterator[IO[Any]]:
     """Opens a temporary file beside ``path`` and renames it over ``path`` on success.
 
+    Inside :func:`output_group` the rename waits for the group's end. With ``own`` (or
+    inside :func:`recording` or a group) the file is recorded as zfvis's.
+
     Raises:
-        PermissionError / FileNotFoundError: The folder cannot be written.
+        OSError: The folder cannot be written, ``path`` is a folder, or the disk is full;
+            the error names ``path``.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _check_target(path)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _named(err, path) from None
+    tmp = Path(name)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        _done(tmp, path, ownership.digest_file(tmp), own)
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _named(err, path) from None
         raise
 
 
@@ -46,38 +215,44 @@ def _umask() -> int:
 _TMP_COUNTER = itertools.count()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, sync: bool = True) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, sync: bool = True, own: bool = False) -> None:
     """Writes ``data`` to ``path`` atomically: a temporary file beside it, then a rename.
 
     With ``sync`` the file is flushed to disk first (as :func:`atomic_open`). Without,
     a crash of the process still never leaves a partial file at ``path`` (many small
-    files, such as tiles, are much faster that way).
+    files, such as tiles, are much faster that way). ``own``: as :func:`atomic_open`.
     """
     path = Path(path)
-    if sync:
-        with atomic_open(path, "wb") as fh:
+    if sync or _STAGE.get() is not None:
+        with atomic_open(path, "wb", own=own) as fh:
             fh.write(data)
         return
+    _check_target(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except FileExistsError:  # a stale file of an earlier process with this pid
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(name)
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:  # a stale file of an earlier process with this pid
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            tmp = Path(name)
+            os.chmod(tmp, 0o666 & ~_umask())
+    except OSError as err:
+        raise _named(err, path) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
+        _done(tmp, path, ownership.digest(data), own)
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _named(err, path) from None
         raise
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Writes ``text`` to ``path`` atomically (UTF-8)."""
-    with atomic_open(path, "w") as fh:
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, own: bool = False) -> None:
+    """Writes ``text`` to ``path`` atomically (UTF-8); ``own``: as :func:`atomic_open`."""
+    with atomic_open(path, "w", own=own) as fh:
         fh.write(text)
 
 

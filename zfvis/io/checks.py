@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputTypeError, UserInputError
+from .errors import ForwardPassError, InputTypeError, UserInputError, first_line
 
 __all__ = [
     "MAX_INPUT_SIZE",
@@ -29,6 +29,8 @@ __all__ = [
     "check_input_size",
     "parse_channel_spec",
     "check_channels",
+    "check_model",
+    "forward_failure",
 ]
 
 #: Largest square input side accepted (pixels). A 4096x4096 VGG16 forward pass already
@@ -198,6 +200,8 @@ def _parse_part(part: str, name: str) -> tuple[int, int]:
     a_text, sep, b_text = part.partition("-")
     if not a_text.strip() and sep:
         raise UserInputError(f"{name}: channel numbers start at 0, got '{part}'")
+    if not a_text.strip().isascii() or not b_text.strip().isascii():  # int() would read '٣' as 3
+        raise UserInputError(f"{name}: '{part}' is not a channel number or range like 0-15 (ASCII digits)")
     try:
         a = int(a_text)
         b = int(b_text) if sep else a
@@ -244,3 +248,47 @@ def _index_pair(c: object) -> tuple[int, int]:
         return operator.index(pair[0]), operator.index(pair[1])
     except (TypeError, IndexError):
         raise UserInputError(f"channels must be whole numbers, got {c!r}") from None
+
+
+def check_model(model: object, name: str = "model") -> torch.nn.Module:
+    """A model zfvis can run: an ``nn.Module`` whose parameters and buffers hold data.
+
+    Raises:
+        InputTypeError: Not an ``nn.Module``.
+        UserInputError: Parameters or buffers on the ``meta`` device (shapes without data:
+            load the weights first, e.g. ``model.to_empty(device="cpu")`` and a state dict).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputTypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    for label, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for tname, t in tensors:
+            if t.is_meta:
+                raise UserInputError(f"{name} has its {label} '{tname}' on the meta device (a shape without data); "
+                                     "materialise it first: model.to_empty(device='cpu'), then load its weights")
+    return model
+
+
+def _first_conv_channels(model: torch.nn.Module) -> int | None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            return int(module.in_channels)
+    return None
+
+
+def forward_failure(err: BaseException, model: torch.nn.Module, images: torch.Tensor) -> ForwardPassError:
+    """The :class:`ForwardPassError` for a forward pass of ``model`` that failed on ``images``,
+    with the likeliest cause: a dtype the device lacks kernels for, a channel count the
+    first convolution does not take, or else the input size."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else images.dtype
+    device = param.device if param is not None else images.device
+    channels = _first_conv_channels(model)
+    if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu":
+        hint = (f"the model is {str(dtype).replace('torch.', '')} on the CPU, where many operations have no "
+                "kernel for it: use model.float(), or run it on CUDA")
+    elif images.dim() == 4 and channels is not None and images.shape[1] != channels:
+        hint = f"the images have {images.shape[1]} channel(s) but the model's first convolution takes {channels}"
+    else:
+        hint = "does the model expect another input size or channel count?"
+    return ForwardPassError(f"the forward pass failed on input of shape {tuple(images.shape)} "
+                            f"({str(dtype).replace('torch.', '')}): {first_line(err)} ({hint})")

@@ -19,11 +19,22 @@ __all__ = [
     "RankFailedError",
     "MiningInterrupted",
     "first_line",
+    "show_path",
     "error_chain",
     "is_out_of_memory",
 ]
 
 _OOM_TEXT = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+
+
+def show_path(path: object) -> str:
+    """A path quoted for a one-line message: ``'a b.png'``; newlines, tabs and other control
+    characters are written as escapes, so that the message stays on one line and shows
+    the path whole."""
+    text = str(path)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        return repr(text)
+    return f"'{text}'"
 
 
 def first_line(err: BaseException) -> str:

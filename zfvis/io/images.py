@@ -9,8 +9,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .atomic import note_read
 from .checks import check_int, check_path
-from .errors import UserInputError
+from .errors import UserInputError, show_path
 
 __all__ = ["IMAGE_EXTENSIONS", "default_image", "load_image", "to_rgb", "check_data_set", "list_images", "evenly_spaced", "resolve"]
 
@@ -71,9 +72,10 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     path = check_path("image path", path)
     if not path.is_file():
         if path.exists() and not path.is_dir():
-            raise UserInputError(f"image '{path}' is not a regular file (a device or a pipe); pass an image file")
+            raise UserInputError(f"image {show_path(path)} is not a regular file (a device or a pipe); pass an image file")
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"image '{path}' {what}; pass the path of an image file")
+        raise FileNotFoundError(f"image {show_path(path)} {what}; pass the path of an image file")
+    note_read(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -126,7 +128,8 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
             text file's folder; blank lines and lines starting with "#" are ignored).
 
     Returns:
-        Sorted, de-duplicated paths. For a directory they are relative to it; for a list
+        Sorted paths, each file once whatever its spelling (a link, ``./a.jpg`` and
+        ``a.jpg``, an absolute path: the first spelling is kept). For a directory they are relative to it; for a list
         file they are as written there.
 
     Raises:
@@ -141,16 +144,38 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
     else:
         lines = _read_list(root)
         found = sorted({ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")})
+    found = _each_file_once(root, found)
     if not found:
         raise UserInputError(f"data set '{root}' holds no images (endings: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return found
 
 
+def _each_file_once(root: Path, paths: list[str]) -> list[str]:
+    """``paths`` (sorted) with each file once, whatever its spelling: ``./a.jpg``, ``a.jpg``,
+    an absolute path, a symbolic or a hard link are one file (the same device and inode);
+    the first spelling is kept. Paths that cannot be read are kept as written (they are
+    skipped, and counted, when they are read)."""
+    seen: set[object] = set()
+    out = []
+    for rel in paths:
+        p = resolve(root, rel)
+        try:
+            st = p.stat()
+            key: object = (st.st_dev, st.st_ino)
+        except OSError:
+            key = os.path.normpath(os.path.abspath(p))
+        if key not in seen:
+            seen.add(key)
+            out.append(rel)
+    return out
+
+
 def _read_list(path: Path) -> list[str]:
     """The lines of a data-set list file, refusing binary files clearly."""
+    note_read(path)
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first path
     except UnicodeDecodeError as err:
         raise UserInputError(
             f"data set '{path}' is neither a folder nor a text file of image paths (byte {err.start} is not "

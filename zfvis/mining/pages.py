@@ -16,13 +16,14 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from ..io.errors import UserInputError
 from ..viz import fig2, sheets
 from .run_folder import safe_name
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["PAGE_CHANNELS", "FIGURE_TOP", "page_title", "page_file", "draw_page", "mining_page"]
 

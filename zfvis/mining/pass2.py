@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..analysis.topk import crop_winners, make_seeds
-from ..io.atomic import atomic_torch_save
+from ..io.atomic import atomic_torch_save, flush_recording
 from ..io.errors import MiningInterrupted
 from ..io.images import load_image, resolve
 from ..io.progress import progress
@@ -159,6 +159,7 @@ def pass2(run: Run, topk: dict[str, Any], prog: Progress) -> list[Path]:
             if page not in done:
                 prog = dataclasses.replace(prog, pages={**prog.pages, page.key: boxes})
                 atomic_torch_save(prog.to_state(run.fingerprint), run.state_path)
+                flush_recording()  # the page's files join the run's manifest
             for c, channel_boxes in zip(page.slots, boxes):
                 ranked = info["channels"][c]
                 for e, box in zip(ranked, channel_boxes):

@@ -48,7 +48,7 @@ from typing import Any
 from torch import nn
 
 from ..analysis.topk import crop_winners, image_maxima, make_seeds, merge_topk
-from ..io.atomic import atomic_write_text
+from ..io.atomic import atomic_write_text, recording
 from ..io.checks import check_device
 from ..io.errors import MiningInterrupted
 from ..models.zoo import Preprocess
@@ -235,7 +235,7 @@ def mine(
             if s.probe:
                 _probe(run)
             ranks.check()
-            with _claim(run), _sigterm_as_interrupt(), _resumable(run):
+            with recording(), _claim(run), _sigterm_as_interrupt(), _resumable(run):
                 prog, seconds, resumed = pass1(run)
                 prog = merge_ranks(run, prog)
                 if ranks.rank != 0:

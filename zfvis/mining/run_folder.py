@@ -16,13 +16,13 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..io import ownership
 from ..io.atomic import FolderLock, atomic_write_text
 from ..io.errors import OutputFolderError, UserInputError, first_line
 
@@ -127,8 +127,8 @@ def _make_folder(out: Path) -> list[Path]:
 
 def _contents(out: Path) -> list[str]:
     """The folder's entries, less the lock and leftover temporary files."""
-    return sorted(p.name for p in out.iterdir()
-                  if p.name != FolderLock.NAME and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    return sorted(p.name for p in out.iterdir() if p.name not in (FolderLock.NAME, ownership.LEDGER)
+                  and not (p.name.startswith(".") and p.name.endswith(".tmp")))
 
 
 def _check_folder(req: FolderRequest) -> None:
@@ -155,7 +155,7 @@ def _check_folder(req: FolderRequest) -> None:
             f"{_differences(marker.get('run'), req.run)}; use another folder, or {req.flag('restart')} to replace "
             "that run"
         )
-    _discard_run(req.out, marker)
+    _discard_run(req.out)
 
 
 def _differences(old: Any, new: dict[str, Any]) -> str:
@@ -166,16 +166,21 @@ def _differences(old: Any, new: dict[str, Any]) -> str:
     return f" (different: {', '.join(keys)})" if keys else " (other image files or other weights)"
 
 
-def _discard_run(out: Path, marker: dict[str, Any]) -> None:
-    """Removes the outputs of an earlier zfvis run that is being replaced."""
-    for p in [out / "state.pt", out / "topk.json", out / "index.html", out / "style.css",
-              *out.glob("state.rank*-of-*.pt")]:
-        p.unlink(missing_ok=True)
-    shutil.rmtree(out / "layers", ignore_errors=True)  # the gallery's layer and channel pages
-    for layer in (marker.get("run") or {}).get("layers") or {}:
-        for fig in [out / f"{safe_name(layer)}.png", *out.glob(f"{safe_name(layer)}_p*.png")]:
-            fig.unlink(missing_ok=True)
-        shutil.rmtree(out / "tiles" / safe_name(layer), ignore_errors=True)
+def _discard_run(out: Path) -> None:
+    """Removes the outputs of an earlier zfvis run that is being replaced: exactly the files
+    its manifest (the ledgers of :mod:`zfvis.io.ownership`) lists and that are still as it
+    wrote them, then the folders that this leaves empty. A person's own files in the run
+    folder (notes, a changed figure) stay, and so do the folders that hold them."""
+    listed = list(ownership.ledgers_under(out))
+    emptied: set[Path] = set()
+    for p in listed:
+        if ownership.is_ours(p):
+            p.unlink(missing_ok=True)
+            emptied.update(f for f in p.parents if out in f.parents)
+    ownership.forget(listed)
+    for folder in sorted(emptied, key=lambda f: len(f.parts), reverse=True):  # the deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if nothing is left in it
 
 
 def _write_settings(req: FolderRequest) -> None:
@@ -197,6 +202,7 @@ def _undo(out: Path, created: list[Path], fresh_settings: bool) -> None:
         return
     if fresh_settings:
         (out / "settings.json").unlink(missing_ok=True)
+        ownership.forget([out / "settings.json"])
     for folder in reversed(created):
         with contextlib.suppress(OSError):
             folder.rmdir()

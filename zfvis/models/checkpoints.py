@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io.atomic import note_read
 from ..io.checks import check_path
 from ..io.errors import UserInputError
 
@@ -96,6 +97,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             than tensors, or it holds no state dict.
     """
     path = check_checkpoint_file(path)
+    note_read(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

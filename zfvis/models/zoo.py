@@ -25,7 +25,7 @@ from torchvision.transforms import functional as TF
 
 from ..core.aliases import layer_aliases, register_aliases
 from ..io.checks import check_device, check_input_size, check_int
-from ..io.errors import InputTypeError, UserInputError
+from ..io.errors import InputTypeError, UserInputError, first_line
 from ..io.images import to_rgb
 from .checkpoints import apply_state_dict, read_checkpoint
 
@@ -295,6 +295,12 @@ def _download(spec: ModelSpec, weights_name: str) -> dict[str, torch.Tensor]:
         names = ["DEFAULT", *enum.__members__]
         raise UserInputError(_unknown(f"weights name for {spec.name}", weights_name, names)) from None
     cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if cache.exists():  # torchvision would hand a damaged cached file to torch.load as it is
+        try:
+            return read_checkpoint(cache)
+        except UserInputError as err:
+            raise UserInputError(f"the cached {spec.name} weights are unusable ({first_line(err)}); delete "
+                                 f"'{cache}' and retry, or pass --weights random") from None
     try:
         return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True, weights_only=True)
     except OSError as err:  # no network (URLError), refused connection, unwritable cache
@@ -305,7 +311,7 @@ def _download(spec: ModelSpec, weights_name: str) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as err:  # bad hash, a corrupt or unsafe file: pickle raises many types
         raise UserInputError(
-            f"the {spec.name} weights file '{cache}' is unusable ({str(err).splitlines()[0]}); delete it and retry"
+            f"the {spec.name} weights file '{cache}' is unusable ({first_line(err)}); delete it and retry"
         ) from None
 
 

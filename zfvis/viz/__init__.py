@@ -9,3 +9,7 @@
 - :mod:`~zfvis.viz.sheets`: a mined channel's tiles in a sheet and a thumbnail;
 - :mod:`~zfvis.viz.fig2`: the Fig. 2 pages of mined channels.
 """
+
+from ..io.environment import prepare_matplotlib
+
+prepare_matplotlib()  # before any module of this package imports matplotlib

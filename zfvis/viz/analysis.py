@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator, ScalarFormatter
 from ..analysis.correspondence import CorrespondenceResult
 from ..analysis.invariance import InvarianceResult
 from ..analysis.occlusion import OcclusionResult
-from ..io.atomic import atomic_open
+from .layout import figure_format, save_with_matplotlib
 from .render import normalize_projection
 
 __all__ = ["occlusion_figure", "invariance_figure", "correspondence_figure", "DPI"]
@@ -65,9 +65,11 @@ def _text(fig: Figure, x: float, y: float, s: str, **kwargs: Any) -> None:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
+    """Writes ``fig`` when ``path`` is given, in the format its ending names (PNG by default),
+    atomically and recorded as zfvis's."""
     if path is not None:
-        with atomic_open(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI, facecolor="white")
+        target, fmt = figure_format(path)
+        save_with_matplotlib(fig, target, fmt, DPI)
     return fig
 
 

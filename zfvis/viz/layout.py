@@ -18,6 +18,8 @@ from matplotlib.transforms import Bbox, IdentityTransform, TransformedBbox
 from PIL import ImageFont
 
 from ..io.atomic import atomic_open
+from ..io.checks import check_path
+from ..io.errors import UserInputError, show_path
 from . import render
 from .render import PNG_COMPRESS_LEVEL
 
@@ -62,8 +64,36 @@ def new_figure(width_in: float, height_in: float) -> Figure:
     return fig
 
 
+#: File endings a figure may be written as -> matplotlib's format name (PNG is the default).
+FIGURE_FORMATS = {"": "png", ".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpeg", ".jpeg": "jpeg",
+                  ".eps": "eps", ".ps": "ps"}  # fmt: skip
+
+
+def figure_format(path: str | os.PathLike[str]) -> tuple[Path, str]:
+    """The path of a figure to write and the format its ending names.
+
+    Raises:
+        InputTypeError: ``path`` is not a path.
+        UserInputError: An ending that names no format zfvis writes.
+    """
+    path = check_path("path", path)
+    fmt = FIGURE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        endings = ", ".join(e for e in FIGURE_FORMATS if e)
+        raise UserInputError(f"path {show_path(path)}: zfvis writes figures as {endings}; end the name with one")
+    return path, fmt
+
+
+def save_with_matplotlib(fig: Figure, path: Path, fmt: str, dpi: float) -> Path:
+    """Writes ``fig`` atomically with matplotlib's own writer for ``fmt``, recorded as zfvis's."""
+    with atomic_open(path, "wb", own=True) as fh:
+        fig.savefig(fh, format=fmt, dpi=dpi, facecolor="white")
+    return path
+
+
 def _save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Writes ``fig`` as a PNG atomically; the dpi is lowered only if Agg's size limit needs it.
+    """Writes ``fig`` atomically, as a PNG unless the name ends otherwise (:func:`figure_format`),
+    recorded as zfvis's; the dpi is lowered only if Agg's size limit needs it.
 
     At the figure's own dpi the canvas is drawn once and its RGB pixels are streamed out
     by :func:`_png_chunks` (zlib level :data:`PNG_COMPRESS_LEVEL`): about twice as fast
@@ -71,10 +101,12 @@ def _save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     :func:`pixel_image` placed (nothing drawn over it) is copied into the drawn
     pixels rather than composited by Agg: the same pixels, without the cost.
     """
-    path = Path(path)
+    path, fmt = figure_format(path)
     w_in, h_in = fig.get_size_inches()
     dpi = min(float(DPI), _MAX_PIXELS / max(w_in, h_in, 1e-6))
-    with atomic_open(path, "wb") as fh:
+    if fmt != "png":
+        return save_with_matplotlib(fig, path, fmt, dpi)
+    with atomic_open(path, "wb", own=True) as fh:
         if dpi != fig.dpi:
             fig.savefig(fh, format="png", dpi=dpi, facecolor="white",
                         pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
