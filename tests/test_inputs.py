@@ -227,18 +227,14 @@ def test_a_broken_matplotlib_environment_stays_quiet(tmp_path: Path) -> None:
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
-def test_an_empty_weights_file_in_the_hub_cache(tmp_path: Path, capsys) -> None:
+def test_an_empty_weights_file_in_the_hub_cache(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     from zfvis.models.zoo import get_spec
 
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path))
-    try:
-        cached = tmp_path / "checkpoints" / Path(get_spec("resnet18").weights_enum.DEFAULT.url).name
-        cached.parent.mkdir()
-        cached.write_bytes(b"")
-        with pytest.raises(zfvis.UserInputError, match="delete"):
-            zfvis.load_model("resnet18")
-        rc, err = run_cli(capsys, "project", "--model", "resnet18", "-o", tmp_path / "x.png")
-        assert rc == 2 and "empty" in one_line(err) and "--weights random" in err
-    finally:
-        torch.hub.set_dir(old)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # torch.hub's cache is TORCH_HOME/hub
+    cached = tmp_path / "hub" / "checkpoints" / Path(get_spec("resnet18").weights_enum.DEFAULT.url).name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    with pytest.raises(zfvis.UserInputError, match="delete"):
+        zfvis.load_model("resnet18")
+    rc, err = run_cli(capsys, "project", "--model", "resnet18", "-o", tmp_path / "x.png")
+    assert rc == 2 and "empty" in one_line(err) and "--weights random" in err
