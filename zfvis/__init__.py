@@ -52,12 +52,15 @@ _EXPORTS: dict[str, str] = {
     "UnsupportedModelError": "zfvis.io.errors",
     "UserInputError": "zfvis.io.errors",
     "ZfvisError": "zfvis.io.errors",
+    "default_dataset": "zfvis.io.images",
     "default_image": "zfvis.io.images",
     "list_images": "zfvis.io.images",
     "load_image": "zfvis.io.images",
     "to_rgb": "zfvis.io.images",
     "write_site": "zfvis.mining.gallery",
     "mining_page": "zfvis.mining.pages",
+    "Snapshots": "zfvis.models.snapshots",
+    "training_snapshots": "zfvis.models.snapshots",
     "Preprocess": "zfvis.models.zoo",
     "WeightsDownloadError": "zfvis.models.zoo",
     "ZFNet": "zfvis.models.zoo",
@@ -87,9 +90,10 @@ if TYPE_CHECKING:
     from .core.record import Recording
     from .core.reverse import ReverseStack
     from .io.errors import ForwardPassError, InputTypeError, UnsupportedModelError, UserInputError, ZfvisError
-    from .io.images import default_image, list_images, load_image, to_rgb
+    from .io.images import default_dataset, default_image, list_images, load_image, to_rgb
     from .mining.gallery import write_site
     from .mining.pages import mining_page
+    from .models.snapshots import Snapshots, training_snapshots
     from .models.zoo import Preprocess, WeightsDownloadError, ZFNet, list_models, load_model
     from .viz.analysis import correspondence_figure, invariance_figure, occlusion_figure
     from .viz.evolution import evolution_figure
@@ -97,7 +101,13 @@ if TYPE_CHECKING:
     from .viz.projection import Selection, projection_figure, rules_figure
 
 
+#: Subpackages reachable as attributes (``zfvis.mining.mine``), imported on first use too.
+_SUBPACKAGES = frozenset({"analysis", "cli", "core", "io", "mining", "models", "viz"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"zfvis.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'zfvis' has no attribute {name!r}")
@@ -107,4 +117,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBPACKAGES)

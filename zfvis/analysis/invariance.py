@@ -33,6 +33,7 @@ from ..core.deconvnet import Deconvnet
 from ..core.graph import eval_mode
 from ..io import progress as _progress
 from ..io.errors import InputTypeError, UserInputError
+from .evolution import ImageBatch
 
 __all__ = ["TRANSFORMS", "InvarianceResult", "invariance", "transform_images"]
 
@@ -105,12 +106,13 @@ def _affine(images: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -> t
 
 
 def transform_images(
-    images: torch.Tensor, transform: str, amount: float, *, fill: float | torch.Tensor = 0.0
+    images: torch.Tensor | ImageBatch, transform: str, amount: float, *, fill: float | torch.Tensor = 0.0
 ) -> torch.Tensor:
     """Translates, scales or rotates a batch of images, keeping their size.
 
     Args:
-        images: (N, C, H, W), in model input space.
+        images: (N, C, H, W), in model input space, or the :class:`ImageBatch` that
+            :func:`zfvis.load_images` returns.
         transform: ``"translation"`` (vertical, pixels, positive down), ``"scale"`` (factor,
             about the centre) or ``"rotation"`` (degrees, counter-clockwise as displayed).
         amount: How much.
@@ -122,6 +124,9 @@ def transform_images(
     Raises:
         ValueError: Unknown transform, a fractional shift or a factor that is not positive.
     """
+    images = _as_batch(images)
+    if not isinstance(images, torch.Tensor):
+        raise InputTypeError(f"images must be a torch.Tensor (N, C, H, W) or a zfvis.ImageBatch, got {type(images).__name__}")
     _check_transform(transform)
     amount = _check_amount(transform, amount)
     fill = _fill_like(fill, images)
@@ -142,7 +147,13 @@ def transform_images(
     return _affine(images, matrix.to(torch.float64), fill)
 
 
-def _check_images(images: torch.Tensor) -> torch.Tensor:
+def _as_batch(images: torch.Tensor | ImageBatch) -> torch.Tensor:
+    """The tensor of images read by :func:`zfvis.load_images` (an :class:`ImageBatch`)."""
+    return images.batch if isinstance(images, ImageBatch) else images
+
+
+def _check_images(images: torch.Tensor | ImageBatch) -> torch.Tensor:
+    images = _as_batch(images)
     if not isinstance(images, torch.Tensor):
         raise InputTypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}")
     if images.dim() == 3:
@@ -178,7 +189,7 @@ def _targets(targets: Sequence[int] | torch.Tensor | None, logits: object) -> to
 
 def invariance(
     model: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | ImageBatch,
     transform: str,
     amounts: Sequence[float],
     layers: Sequence[str],
@@ -192,7 +203,8 @@ def invariance(
 
     Args:
         model: A classifier returning (N, classes) scores; run in eval mode.
-        images: Preprocessed images (N, C, H, W) (or one, (C, H, W)).
+        images: Preprocessed images (N, C, H, W) (or one, (C, H, W)), or the
+            :class:`ImageBatch` that :func:`zfvis.load_images` returns.
         transform: ``"translation"``, ``"scale"`` or ``"rotation"`` (see
             :func:`transform_images`).
         amounts: The amounts to apply (pixels, factors or degrees).

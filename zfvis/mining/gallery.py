@@ -334,7 +334,7 @@ class _LayerSite:
             written.append(_write(folder / _channel_file(self.channels[i]["channel"]), self.channel_page(i)))
         return written
 
-    def tile(self, name: str) -> str:
+    def _tile(self, name: str) -> str:
         """URL of a tile from a page in ``layers/<folder>/``."""
         return _url(f"../../tiles/{self.tiles}", name)
 
