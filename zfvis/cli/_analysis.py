@@ -62,15 +62,24 @@ def class_names(model: str, weights: str | None) -> list[str] | None:
     return list(categories) if categories else None
 
 
-def parse_target(text: str | None, names: Sequence[str] | None) -> int | None:
-    """A class index or (case-insensitive) name; ``None`` stays ``None``."""
+def no_class_names(model: str, weights: str | None) -> str:
+    """Why a zoo model with these weights has no class names, and what to give instead."""
+    if weights == "random":
+        return (f"{model} with --weights random has no class names: untrained, its outputs are not yet classes. "
+                "Give a class number (--target 3), or load trained weights (--weights DEFAULT, or a file)")
+    return f"the class names of {model} with weights '{weights}' are not known; give a class number (--target 3)"
+
+
+def parse_target(text: str | None, names: Sequence[str] | None, *, why: str | None = None) -> int | None:
+    """A class index or (case-insensitive) name; ``None`` stays ``None``. ``why``: why
+    ``names`` is ``None`` (:func:`no_class_names`)."""
     if text is None:
         return None
     text = str(text).strip()
     if text.lstrip("-").isdigit():
         return int(text)
     if names is None:
-        raise CLIError(f"unknown class name '{text}': this model's class names are not known; give a class number")
+        raise CLIError(f"unknown class name '{text}': {why or 'this model has no class names; give a class number'}")
     lower = [n.lower() for n in names]
     if text.lower() in lower:
         return lower.index(text.lower())

@@ -17,6 +17,7 @@ from ._analysis import (
     FILL_HELP,
     class_names,
     fill_rgb,
+    no_class_names,
     parse_fill,
     parse_target,
     write_results,
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(image_path)
     model, preprocess = load_zoo_model(args.model, args.weights, device)
     names = class_names(args.model, args.weights)
-    target = parse_target(args.target, names)
+    target = parse_target(args.target, names, why=no_class_names(args.model, args.weights))
     fill = parse_fill(args.fill, preprocess)
     dn = Deconvnet(model)
     layer = args.layer if args.layer is not None else feature_layers(dn)[0][-1]  # '' is refused, not the default

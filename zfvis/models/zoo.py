@@ -9,9 +9,12 @@ the path of a local state dict or checkpoint, always read with ``weights_only=Tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import io
 import os
+import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -295,13 +298,18 @@ def _download(spec: ModelSpec, weights_name: str) -> dict[str, torch.Tensor]:
         names = ["DEFAULT", *enum.__members__]
         raise UserInputError(_unknown(f"weights name for {spec.name}", weights_name, names)) from None
     cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    said = io.StringIO()  # torch.hub's "Downloading: ..." line: shown once the download worked, not before an error
     try:
-        return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True, weights_only=True)
+        with contextlib.redirect_stdout(said):
+            state = torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True, weights_only=True)
+        sys.stdout.write(said.getvalue())
+        return state
     except OSError as err:  # no network (URLError), refused connection, unwritable cache
         raise WeightsDownloadError(
             f"cannot download {spec.name} weights {weights_name} ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else 'no network'}); without a network, place the "
-            f"file at '{cache}' or pass --weights PATH to a local state dict"
+            f"file at '{cache}', pass --weights PATH to a local state dict, or try zfvis with --weights random "
+            "(weights=\"random\" in Python: untrained, it shows the architecture, not learned features)"
         ) from None
     except Exception as err:  # bad hash, a corrupt or unsafe file: pickle raises many types
         raise UserInputError(
