@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timings of (a) and (b): best of this many")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared CPU)")
     ap.add_argument("--skip-baseline", action="store_true", help="skip (b)'s slow baseline")
+    ap.add_argument("--pass2-layers", default="conv1,conv2,conv3", help="layers timed in (b) (default conv1,conv2,conv3)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {'with JPEG loading':24s}{a['plain']:12.0f}{a['mined']:14.0f}{a['mined'] / a['plain']:8.2f}")
         print(f"    {'compute only':24s}{a['plain_c']:12.0f}{a['mined_c']:14.0f}{a['mined_c'] / a['plain_c']:8.2f}")
         if not args.skip_baseline:
-            rows = bench_pass2(model, pre, root, a["topk"], ["conv1", "conv2", "conv3"], args.batch_size, args.repeats)
+            rows = bench_pass2(model, pre, root, a["topk"], args.pass2_layers.split(","), args.batch_size, args.repeats)
             print("\n(b) pass 2 projections (load + record + reverse + crop)")
             print(f"    {'layer':8s}{'seeds':>7s}{'zfvis s':>10s}{'baseline s':>12s}{'speed-up':>10s}")
             for layer, n, fast, slow in rows:
