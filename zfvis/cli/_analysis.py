@@ -62,6 +62,12 @@ def class_names(model: str, weights: str | None) -> list[str] | None:
     return list(categories) if categories else None
 
 
+def format_probability(p: float) -> str:
+    """A probability with three decimals, or three significant digits under 0.01 (a 1,000-class
+    model with random weights gives about 0.001 to every class: "0.000" would hide it)."""
+    return f"{p:.3f}" if p >= 0.01 else f"{p:.3g}"
+
+
 def no_class_names(model: str, weights: str | None) -> str:
     """Why a zoo model with these weights has no class names, and what to give instead."""
     if weights == "random":

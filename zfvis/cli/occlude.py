@@ -17,6 +17,7 @@ from ._analysis import (
     FILL_HELP,
     class_names,
     fill_rgb,
+    format_probability,
     no_class_names,
     parse_fill,
     parse_target,
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         pairs, labels = _projections(dn, x[None], layer, res.channel, shown)  # type: ignore[arg-type]
         note = (f"(c): deconvnet projections of the {len(pairs)} strongest activations of map {res.channel} on the "
-                "unoccluded image (0 is grey), with their values and positions")
+                "unoccluded image (0 is grey), with their values and positions (row, column) in the feature map")
     except ValueError as err:  # the engine cannot project this model or layer
         pairs, labels, note = [], [], f"(c) not drawn: {str(err).splitlines()[0][:150]}"
     weights = args.weights or get_spec(args.model).default_weights
@@ -135,6 +136,7 @@ def _summary(res: OcclusionResult, names: list[str] | None, out: Path) -> None:
     label = names[res.target] if names else f"class {res.target}"
     i, j = divmod(int(res.class_prob.argmin()), res.shape[1])
     t, l, _, _ = res.box(i, j)
-    print(f"p({label}) = {res.base_prob:.3f} unoccluded; lowest {float(res.class_prob[i, j]):.3f} with the occluder at "
-          f"({t}, {l}); {res.shape[0]}x{res.shape[1]} positions ({res.method})")
+    print(f"p({label}) = {format_probability(res.base_prob)} unoccluded; lowest "
+          f"{format_probability(float(res.class_prob[i, j]))} with the occluder's top left at row {t}, column {l}; "
+          f"{res.shape[0]}x{res.shape[1]} positions ({res.method})")
     print(f"wrote {out} (maps and settings in {out.with_suffix('.json').name})")

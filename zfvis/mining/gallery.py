@@ -262,7 +262,12 @@ def _model_page(
     rows.append("</tbody></table>")
     intro = ('<p class="meta">Each channel\'s strongest activations over the data set, projected back to '
              "pixel space with the deconvnet (Zeiler &amp; Fergus 2014) beside the image patches that caused "
-             "them. Open a layer to see all its channels.</p>")
+             "them. Open a layer to see all its channels. Receptive field: the input pixels one activation "
+             "sees (size), how far apart in the input two neighbouring activations' fields lie (jump), and "
+             "where position (0, 0)'s field begins (offset: input row and column of its top-left corner, "
+             "negative where it starts in the padding). Fig. 2 pages: the layer drawn as in Zeiler &amp; "
+             "Fergus's Fig. 2, 64 channels a page, each channel's nine strongest activations projected "
+             "(left 3x3) beside their image patches (right 3x3).</p>")
     body = [f"<h1>{_e(model)}: what each channel responds to</h1>", f'<p class="meta">{meta}</p>', intro, *rows]
     return _page(f"{model} — zfvis gallery", [(model, None)], body, "")
 
@@ -446,7 +451,7 @@ class _LayerSite:
 
     def _pair(self, g: Mapping[str, Any], r: int, entry: Mapping[str, Any]) -> str:
         pos = entry.get("position")
-        where = f" at ({int(pos[0])}, {int(pos[1])})" if pos else ""
+        where = f" at feature-map row {int(pos[0])}, column {int(pos[1])}" if pos else ""
         box = entry.get("box")
         box_txt = (f"<br>patch: rows {int(box[0])}–{int(box[2]) - 1}, columns {int(box[1])}–{int(box[3]) - 1}"
                    if box else "")
