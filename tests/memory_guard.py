@@ -15,7 +15,7 @@ loaded by ``conftest.py``, does that for every test module, those added later in
   the tests that raised the peak most and the slowest modules; a peak above the budget
   (``ZFVIS_TEST_MAX_RSS_MB``, default 3000 MiB) fails the session, naming those tests.
 
-``ZFVIS_TEST_REPORT=FILE`` also writes one JSON line per test (``scripts/test_report.py``
+``ZFVIS_TEST_REPORT=FILE`` also writes one JSON line per test (``scripts/suite_report.py``
 summarises it). Within one module, bound what a cache holds with :func:`bounded_model_cache`.
 """
 

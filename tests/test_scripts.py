@@ -86,3 +86,16 @@ def test_pack_snapshots_keeps_the_first_layers_only(tmp_path: Path) -> None:
     x = torch.randn(1, 3, 32, 32)
     want = zfvis.Deconvnet(zfvis.load_model("zfnet-cifar10", weights=run / "epoch_002.pt")[0]).output(x, "conv2")
     torch.testing.assert_close(zfvis.Deconvnet(snaps.models[1]).output(x, "conv2"), want, rtol=0, atol=0)
+
+
+def test_suite_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "tests.jsonl"
+    report.write_text("\n".join([
+        '{"test": "tests/test_a.py::test_one", "seconds": 2.0, "rss_mb": 900, "peak_mb": 950, "peak_raise_mb": 400}',
+        '{"test": "tests/test_b.py::test_two", "seconds": 5.0, "rss_mb": 700, "peak_mb": 950, "peak_raise_mb": 0}',
+    ]) + "\n")
+    assert _script("suite_report").main([str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "2 tests, 7 s in tests, peak resident memory 950 MiB" in out
+    assert out.index("+    400 to    950  tests/test_a.py::test_one") < out.index("slowest")
+    assert out.index("tests/test_b.py") < out.index("tests/test_a.py                    ")  # slowest file first
