@@ -106,3 +106,46 @@ def test_transform_images_takes_what_load_images_returns() -> None:
 
 def test_subpackages_are_attributes() -> None:
     assert zfvis.mining.mine is not None and "mining" in dir(zfvis)
+
+
+# ----------------------------------------------------------------------------- what the figures say
+
+
+def test_occlusion_colour_bars_say_what_their_colours_are() -> None:
+    model, preprocess = zfvis.load_model("zfnet-cifar10")
+    x = preprocess(zfvis.load_image(zfvis.default_image()))
+    res = zfvis.occlusion(model, x, patch=16, stride=8, layer="conv5")
+    fig = zfvis.occlusion_figure(res, preprocess.denormalize(x), class_names=["plane", "car", "bird", "cat"] + ["x"] * 6)
+    labels = {ax.get_ylabel() for ax in fig.axes}
+    assert f"sum of map {res.channel}" in labels and "p(cat)" in labels
+    texts = [t.get_text() for ax in fig.axes for t in (ax.xaxis.label,)]
+    assert any("occluder from row" in t for t in texts)
+
+
+def test_small_probabilities_keep_their_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from zfvis.cli._analysis import format_probability
+
+    assert format_probability(0.6701) == "0.670" and format_probability(0.00102) == "0.00102"
+    assert format_probability(2.5e-6) == "2.5e-06"
+    assert main(["occlude", "--model", "alexnet", "--weights", "random", "--patch", "112", "--stride", "112",
+                 "--no-progress", "-o", str(tmp_path / "o.png")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "= 0.000 " not in line and "= 0.00" in line and "row" in line, line  # 1,000 classes: about 0.001 each
+
+
+def test_projection_figure_says_positions_are_rows_and_columns() -> None:
+    model, preprocess = zfvis.load_model("zfnet-cifar10")
+    x = preprocess(zfvis.load_image(zfvis.default_image())).unsqueeze(0)
+    fig = zfvis.projection_figure(zfvis.Deconvnet(model), x, "conv3", show=preprocess.denormalize)
+    assert any("(row, column)" in t.get_text() for t in fig.texts)
+
+
+def test_gallery_pages_explain_offset_and_fig2_pages(tmp_path: Path) -> None:
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(str(p) for p in zfvis.sample_images(zfvis.default_dataset(), 20)) + "\n")
+    out = tmp_path / "run"
+    assert main(["mine", str(data), "--layers", "conv3", "--channels", "0-1", "--no-progress", "-o", str(out)]) == 0
+    for page in (out / "index.html", out / "layers" / "conv3" / "index.html", out / "layers" / "conv3" / "c0001.html"):
+        html = page.read_text(encoding="utf-8")
+        assert "offset: the input row and column" in html and "Fig. 2 pages: the layer drawn" in html, page
+    assert "at feature-map row" in (out / "layers" / "conv3" / "c0001.html").read_text(encoding="utf-8")
