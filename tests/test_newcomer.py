@@ -149,3 +149,27 @@ def test_gallery_pages_explain_offset_and_fig2_pages(tmp_path: Path) -> None:
         html = page.read_text(encoding="utf-8")
         assert "offset: the input row and column" in html and "Fig. 2 pages: the layer drawn" in html, page
     assert "at feature-map row" in (out / "layers" / "conv3" / "c0001.html").read_text(encoding="utf-8")
+
+
+def test_a_plain_install_ships_every_subpackage_and_data_file() -> None:
+    """``pip install .`` (the README's first command) installs what pyproject.toml lists:
+    every package of zfvis, and every file beside the code (weights, photos, images)."""
+    import fnmatch
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((repo / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    listed = tool.get("packages", {})
+    include = listed["find"]["include"] if isinstance(listed, dict) else listed  # find patterns, or a plain list
+    packages = {".".join(p.parent.relative_to(repo).parts) for p in (repo / "zfvis").rglob("__init__.py")}
+    assert {"zfvis.core", "zfvis.models", "zfvis.viz", "zfvis.mining"} <= packages
+    missing = [p for p in packages if not any(fnmatch.fnmatch(p, pat) for pat in include)]
+    assert not missing, f"pyproject.toml does not ship {missing}"
+    data = tool["package-data"]
+    for path in (repo / "zfvis").rglob("*"):
+        if not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
+            continue
+        owners = [pkg for pkg in packages if path.is_relative_to(repo.joinpath(*pkg.split(".")))]
+        owner = max(owners, key=len)
+        rel = path.relative_to(repo.joinpath(*owner.split("."))).as_posix()
+        assert any(fnmatch.fnmatch(rel, pat) for pat in data.get(owner, [])), f"pyproject.toml does not ship {path}"
