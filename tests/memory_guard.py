@@ -6,7 +6,8 @@ loaded by ``conftest.py``, does that for every test module, those added later in
 
 * at the end of each module, every ``functools`` cache in the module's namespace is
   cleared (``cache_clear``) and the garbage collector runs, so the models one module built
-  are freed before the next module starts;
+  are freed before the next module starts; above ``SOFT_SHARE`` of the budget they are
+  cleared after any test (a module that caches model after model is rebuilt, not grown);
 * after a test that left the process more than ``COLLECT_AFTER_MB`` larger, the garbage
   collector runs (models caught in reference cycles, as fx graphs make them, are otherwise
   freed only when Python next collects, however large they are);
@@ -40,6 +41,9 @@ DEFAULT_BUDGET_MB = 3000
 #: A test that leaves the process this much larger is followed by a garbage collection: a
 #: model caught in a reference cycle is otherwise freed only when Python next collects.
 COLLECT_AFTER_MB = 50
+#: Above this share of the budget, a module's caches are cleared after any of its tests (its
+#: models are built again when next used), not only at its end.
+SOFT_SHARE = 0.6
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -102,6 +106,7 @@ class MemoryGuard:
         self.records: list[dict[str, Any]] = []
         self.start = time.monotonic()
         self.peak_at_start = peak_mb()
+        self.floor = 0.0
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):  # noqa: ANN201
@@ -109,6 +114,10 @@ class MemoryGuard:
         yield
         if nextitem is None or nextitem.module is not item.module:  # the module's last test: let go of it
             free_module_caches(item.module)
+            self.floor = 0.0
+        elif rss_mb() > max(self.budget * SOFT_SHARE, self.floor + 500):  # a module caching model after model
+            free_module_caches(item.module)
+            self.floor = rss_mb()  # what the module holds otherwise: clear again only well above it
         elif rss_mb() - rss_before > COLLECT_AFTER_MB:  # a model in a reference cycle (fx graphs make them)
             release_memory()
         rec = {"test": item.nodeid, "seconds": round(time.monotonic() - t0, 3), "rss_mb": round(rss_mb(), 1),
