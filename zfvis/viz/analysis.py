@@ -98,7 +98,7 @@ def _map_extent(res: OcclusionResult) -> tuple[float, float, float, float]:
             float(t[-1]) + ph / 2 + sh / 2, float(t[0]) + ph / 2 - sh / 2)  # fmt: skip
 
 
-def _heat(fig: Figure, ax: Axes, res: OcclusionResult, values: torch.Tensor, cmap: str, box: tuple[float, ...],
+def _heat(fig: Figure, ax: Axes, res: OcclusionResult, values: torch.Tensor, cmap: str, box: tuple[float, ...], *,
           label: str) -> None:
     """A position map in image coordinates, with a colour bar beside it saying what its colours are."""
     h, w = res.image_size
@@ -208,14 +208,14 @@ def occlusion_figure(
     box = lambda k: (x[k], top0, cell, cell)  # noqa: E731
     if layered:
         _heat(fig, _axes(fig, *box(1)), result, result.activation, "viridis", box(1),  # type: ignore[arg-type]
-              f"sum of map {result.channel}")
+              label=f"sum of map {result.channel}")
         if projections:
             _projection_panel(fig, x[2], top0, wide, cell, projections, projection_labels)
         else:
             _text(fig, x[2] + wide / 2, top0 + cell / 2, "no projections given", ha="center", va="center",
                   fontsize=_LABEL, color="#707070")
     _heat(fig, _axes(fig, *box(panels - 2)), result, result.class_prob, "magma", box(panels - 2),
-          f"p({target})")
+          label=f"p({target})")
     _class_panel(fig, box(panels - 1), result, class_names)
     if note:
         _text(fig, _MARGIN, height - _MARGIN, note, ha="left", va="bottom", fontsize=_SMALL, color="#505050")
