@@ -7,6 +7,8 @@
 (c) peak resident memory of pass 1 in a fresh subprocess for 1,000 and 10,000 images.
 
     .venv/bin/python scripts/bench_mine.py [--data DIR] [--limit N] [--batch-size B]
+
+A progress bar counts each phase's runs.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from zfvis.analysis.topk import crop_winners, image_maxima  # noqa: E402
 from zfvis.core.deconvnet import Deconvnet  # noqa: E402
 from zfvis.core.seeds import Seeds  # noqa: E402
 from zfvis.io.images import list_images, load_image, resolve  # noqa: E402
+from zfvis.io.progress import progress  # noqa: E402
 from zfvis.mining import mine  # noqa: E402
 from zfvis.mining.run import Files as _Files
 from zfvis.mining.run import Taps as _Taps
@@ -66,20 +69,23 @@ def bench_pass1(model, pre, root: Path, limit: int, batch_size: int, out: Path, 
     # `repeats`) because the CPU is shared
     plain = mined = 0.0
     res = None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        with torch.no_grad():
-            for _, x, _ in _loader(root, chosen, pre, batch_size):
-                model(x)
-        plain = max(plain, len(chosen) / (time.perf_counter() - t))
-        res = mine(model, pre, root, LAYERS, out_dir=out, limit=limit, batch_size=batch_size,
-                   progress=False, figures=False, restart=True)
-        mined = max(mined, res.images / res.pass1_seconds)  # pass 1's loop (setup excluded)
+    with progress(2 * repeats, "(a) pass 1: plain, mining", "run") as bar:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            with torch.no_grad():
+                for _, x, _ in _loader(root, chosen, pre, batch_size):
+                    model(x)
+            plain = max(plain, len(chosen) / (time.perf_counter() - t))
+            bar.update(1)
+            res = mine(model, pre, root, LAYERS, out_dir=out, limit=limit, batch_size=batch_size,
+                       progress=False, figures=False, restart=True)
+            mined = max(mined, res.images / res.pass1_seconds)  # pass 1's loop (setup excluded)
+            bar.update(1)
     assert res is not None
     # compute only: preloaded tensors
     batches = [x for _, x, _ in _loader(root, chosen[: 4 * batch_size], pre, batch_size)]
     dn = Deconvnet(model)
-    taps = _Taps(model, {layer: dn.resolve(layer) for layer in LAYERS})
+    taps = _Taps(dn, LAYERS)
     n = sum(len(x) for x in batches) * repeats
     with torch.no_grad():
         model(batches[0])
@@ -126,13 +132,16 @@ def bench_pass2(model, pre, root: Path, topk: dict, layers: list[str], batch_siz
                 dense.reverse(rec, seed).full()
 
         fast = slow = float("inf")
-        for _ in range(repeats):  # alternated, best of `repeats` (the CPU is shared)
-            t = time.perf_counter()
-            batched()
-            fast = min(fast, time.perf_counter() - t)
-            t = time.perf_counter()
-            one_by_one()
-            slow = min(slow, time.perf_counter() - t)
+        with progress(2 * repeats, f"(b) pass 2 {layer}: zfvis, baseline", "run") as bar:
+            for _ in range(repeats):  # alternated, best of `repeats` (the CPU is shared)
+                t = time.perf_counter()
+                batched()
+                fast = min(fast, time.perf_counter() - t)
+                bar.update(1)
+                t = time.perf_counter()
+                one_by_one()
+                slow = min(slow, time.perf_counter() - t)
+                bar.update(1)
         rows.append((layer, len(wins), fast, slow))
     return rows
 
@@ -149,7 +158,7 @@ def peak_rss(root: Path, n: int, batch_size: int, out: Path, threads: int) -> tu
     return usage.ru_maxrss / 1024.0, float(fields[1]), float(fields[2]) / 1024.0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", help="CIFAR-10 test folder (default: extract ../shared/data/cifar10/cifar10-test.tar.gz)")
     ap.add_argument("--limit", type=int, default=2000, help="images for (a) and (b) (default 2000)")
@@ -158,7 +167,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timings of (a) and (b): best of this many")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared CPU)")
     ap.add_argument("--skip-baseline", action="store_true", help="skip (b)'s slow baseline")
-    args = ap.parse_args()
+    ap.add_argument("--pass2-layers", default="conv1,conv2,conv3", help="layers timed in (b) (default conv1,conv2,conv3)")
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the memory subprocesses
@@ -182,7 +192,7 @@ def main() -> int:
         print(f"    {'with JPEG loading':24s}{a['plain']:12.0f}{a['mined']:14.0f}{a['mined'] / a['plain']:8.2f}")
         print(f"    {'compute only':24s}{a['plain_c']:12.0f}{a['mined_c']:14.0f}{a['mined_c'] / a['plain_c']:8.2f}")
         if not args.skip_baseline:
-            rows = bench_pass2(model, pre, root, a["topk"], ["conv1", "conv2", "conv3"], args.batch_size, args.repeats)
+            rows = bench_pass2(model, pre, root, a["topk"], args.pass2_layers.split(","), args.batch_size, args.repeats)
             print("\n(b) pass 2 projections (load + record + reverse + crop)")
             print(f"    {'layer':8s}{'seeds':>7s}{'zfvis s':>10s}{'baseline s':>12s}{'speed-up':>10s}")
             for layer, n, fast, slow in rows:
@@ -191,9 +201,12 @@ def main() -> int:
             print(f"    {'total':8s}{sum(r[1] for r in rows):7d}{tot_f:10.2f}{tot_s:12.2f}{tot_s / tot_f:9.1f}x")
         print("\n(c) peak resident memory of pass 1 (fresh process, all 5 layers)")
         print(f"    {'images':>8s}{'max RSS MiB':>13s}{'before pass 1':>15s}{'growth':>8s}{'seconds':>9s}")
-        for n in (int(v) for v in args.memory_sizes.split(",")):
-            rss, sec, base = peak_rss(root, n, args.batch_size, tmp_path / f"mem{n}", args.threads)
-            print(f"    {n:8d}{rss:13.0f}{base:15.0f}{rss - base:8.0f}{sec:9.1f}")
+        sizes = [int(v) for v in args.memory_sizes.split(",")]
+        with progress(len(sizes), "(c) fresh processes", "run") as bar:
+            for n in sizes:
+                rss, sec, base = peak_rss(root, n, args.batch_size, tmp_path / f"mem{n}", args.threads)
+                bar.write(f"    {n:8d}{rss:13.0f}{base:15.0f}{rss - base:8.0f}{sec:9.1f}")
+                bar.update(1)
     return 0
 
 

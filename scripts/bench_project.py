@@ -8,7 +8,9 @@ captum is importable, to captum's NeuronDeconvolution on the same activations (n
 captum calls for nine channels). Also checks that our projection equals the activation's
 value times captum's attribution (captum seeds the gradient with 1).
 
-    python scripts/bench_project.py [--model vgg16|resnet50] [--repeats 5] [--threads 2]
+    python scripts/bench_project.py [--model vgg16|resnet50] [--repeats 5] [--threads 2] [--input-size 224]
+
+A progress bar counts the measurements (the default run takes minutes on a CPU).
 
 captum is a benchmark-only dependency (``pip install captum --no-deps``).
 """
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from zfvis import Deconvnet  # noqa: E402
 from zfvis.core.cone import Window  # noqa: E402
 from zfvis.core.reverse import ReverseConv2d  # noqa: E402
+from zfvis.io.progress import progress  # noqa: E402
 
 #: per model: the two layers, and the goals (label, ours key, captum key, max ratio)
 SETUPS = {
@@ -68,19 +71,20 @@ def windowed_fraction(dn: Deconvnet, x: torch.Tensor, layer: str, channel: int) 
     return windowed / dense
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(SETUPS), default="resnet50")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
-    args = ap.parse_args()
+    ap.add_argument("--input-size", type=int, default=224, help="side of the random input (default 224)")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     model = getattr(torchvision.models, args.model)(weights=None).eval()
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(1, 3, args.input_size, args.input_size)
     dn = Deconvnet(model)
     layers, goals = SETUPS[args.model]
     channels = list(range(9))
@@ -139,14 +143,17 @@ def main() -> None:
                 f"(captum on the inplace model: {inplace_err:.2e})"
             )
 
-    for fn in tasks.values():  # warm-up
-        fn()
     times: dict[str, list[float]] = {k: [] for k in tasks}
-    for _ in range(args.repeats):
-        for key, fn in tasks.items():
-            t0 = time.perf_counter()
+    with progress(len(tasks) * (args.repeats + 1), "measuring (1 warm-up round)", "run") as bar:
+        for fn in tasks.values():  # warm-up
             fn()
-            times[key].append(time.perf_counter() - t0)
+            bar.update(1)
+        for _ in range(args.repeats):
+            for key, fn in tasks.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+                bar.update(1)
     results = {k: statistics.median(v) for k, v in times.items()}
 
     def ratio(a: str, b: str) -> float:
@@ -176,7 +183,8 @@ def main() -> None:
             r = ratio(ours, theirs)
             parts.append(f"{label} {r:.2f} <= {limit}: {'met' if r <= limit else 'missed'}")
         print("goals: " + "; ".join(parts))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

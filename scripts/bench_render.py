@@ -54,7 +54,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -63,8 +63,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from zfvis.viz import (
-    render,  # noqa: E402
+from zfvis.io.progress import progress  # noqa: E402
+from zfvis.viz import (  # noqa: E402
+    fig2,
+    render,
     sheets,  # noqa: E402
 )
 
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = workload(args.channels)
-    mods = {"new": render} | ({"baseline": load_module(args.baseline)} if args.baseline else {})
+    new = SimpleNamespace(save_image=render.save_image, mining_figure=fig2.mining_figure)  # as render.py was
+    mods = {"new": new} | ({"baseline": load_module(args.baseline)} if args.baseline else {})
     phases: dict[str, Callable[[ModuleType, Path], None]] = {
         "draw": lambda m, o: draw_pages(m, work, o),
         "tiles": lambda m, o: save_tiles(m, work, o),
@@ -204,19 +207,21 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
-        for r in range(args.rounds):
-            if proj is not None:
-                times.setdefault("project", []).append(_timed(proj))
-            if args.mine is not None:
-                for key, v in mine_once(args.mine, args.limit, root / f"round{r + 1}" / "mine").items():
-                    times.setdefault(f"mine.{key}", []).append(v)
-            for name, mod in mods.items():
-                for phase, fn in phases.items():
-                    if (phase.endswith("_u8") or phase == "sheets") and name == "baseline":
-                        continue  # the old functions take float tensors only
-                    out = root / f"round{r + 1}" / name / phase  # a fresh folder, as a first mining run has
-                    out.mkdir(parents=True)
-                    times.setdefault(f"{name}.{phase}", []).append(_timed(functools.partial(fn, mod, out)))
+        with progress(args.rounds, "rounds", "round") as bar:
+            for r in range(args.rounds):
+                if proj is not None:
+                    times.setdefault("project", []).append(_timed(proj))
+                if args.mine is not None:
+                    for key, v in mine_once(args.mine, args.limit, root / f"round{r + 1}" / "mine").items():
+                        times.setdefault(f"mine.{key}", []).append(v)
+                for name, mod in mods.items():
+                    for phase, fn in phases.items():
+                        if (phase.endswith("_u8") or phase == "sheets") and name == "baseline":
+                            continue  # the old functions take float tensors only
+                        out = root / f"round{r + 1}" / name / phase  # a fresh folder, as a first mining run has
+                        out.mkdir(parents=True)
+                        times.setdefault(f"{name}.{phase}", []).append(_timed(functools.partial(fn, mod, out)))
+                bar.update(1)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.channels} channels x 9 ({9 * args.channels} projections), median of {args.rounds} rounds:")
     for k, v in med.items():

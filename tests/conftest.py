@@ -8,12 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from memory_guard import MemoryGuard
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 CIFAR_TEST_TAR = SHARED / "cifar10" / "cifar10-test.tar.gz"
 PHOTOS = SHARED / "images"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Frees each test module's cached models when it ends, and reports the suite's memory."""
+    config.pluginmanager.register(MemoryGuard(config), "zfvis-memory-guard")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ Everything runs in float64 so agreement is to ~1e-15; the tolerance is 1e-6 rela
 from __future__ import annotations
 
 import copy
-import functools
 
+import memory_guard
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,13 +151,29 @@ _ZOO = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+def narrow_classifier(model: nn.Module, width: int = 256) -> nn.Module:
+    """The model with its fully connected layers ``width`` wide instead of 4096.
+
+    The ImageNet classifiers hold most of the parameters (VGG11's 133M of 133M less 9M),
+    over 1 GB each in float64. Narrowing them keeps every layer type, the adaptive pool,
+    the flatten, the aliases (fc6..fc8) and the input and output sizes, so the tests
+    through the classifier check the same code.
+    """
+    classifier = getattr(model, "classifier", None)
+    linears = [i for i, m in enumerate(classifier or []) if isinstance(m, nn.Linear)]
+    for k, i in enumerate(linears):
+        old = classifier[i]
+        classifier[i] = nn.Linear(old.in_features if k == 0 else width, old.out_features if k == len(linears) - 1 else width)
+    return model
+
+
+@memory_guard.bounded_model_cache(max_mb=600)
 def get_model(key: str) -> nn.Module:
     """A float64 model in eval mode, shared by tests that do not modify it."""
     if key in _CUSTOM:
         return _CUSTOM[key][0]().double()
     model, _ = load_model(key, weights="random")
-    return _randomize_bn(model).double().eval()
+    return _randomize_bn(narrow_classifier(model)).double().eval()
 
 
 def input_shape(key: str) -> tuple[int, int, int]:
@@ -656,7 +672,7 @@ def test_model_unchanged_when_a_module_raises_mid_forward() -> None:
 @pytest.mark.parametrize("key", ["alexnet", "vgg11"])
 def test_inplace_relu_gives_identical_projections(key: str) -> None:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, key)(weights=None).eval()
+    model = narrow_classifier(getattr(torchvision.models, key)(weights=None)).eval()
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     assert relus and all(m.inplace for m in relus)
     size = 96 if key == "alexnet" else 48

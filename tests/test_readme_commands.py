@@ -132,7 +132,8 @@ class Newcomer:
         if args.command == "evolution":
             missing = [c for c in args.checkpoints if c not in self.checkpoints]
             assert not missing, f"no earlier training command saves {missing}"
-            assert args.dataset in self.datasets, args.dataset
+            shipped = not args.checkpoints and args.dataset is None  # the snapshots and images zfvis ships
+            assert shipped or args.dataset in self.datasets, args.dataset
         if args.output and not placeholder:
             self.written.add(str(args.output))
             if args.command != "mine":

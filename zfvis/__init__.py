@@ -54,12 +54,15 @@ _EXPORTS: dict[str, str] = {
     "UnsupportedModelError": "zfvis.io.errors",
     "UserInputError": "zfvis.io.errors",
     "ZfvisError": "zfvis.io.errors",
+    "default_dataset": "zfvis.io.images",
     "default_image": "zfvis.io.images",
     "list_images": "zfvis.io.images",
     "load_image": "zfvis.io.images",
     "to_rgb": "zfvis.io.images",
     "write_site": "zfvis.mining.gallery",
     "mining_page": "zfvis.mining.pages",
+    "Snapshots": "zfvis.models.snapshots",
+    "training_snapshots": "zfvis.models.snapshots",
     "Preprocess": "zfvis.models.zoo",
     "WeightsDownloadError": "zfvis.models.zoo",
     "ZFNet": "zfvis.models.zoo",
@@ -103,36 +106,25 @@ if TYPE_CHECKING:
     from .core.record import Recording
     from .core.reverse import ReverseStack
     from .explorer.server import ExplorerServer, serve
-    from .io.errors import (
-        ForwardPassError,
-        InputTypeError,
-        UnsupportedModelError,
-        UserInputError,
-        ZfvisError,
-    )
-    from .io.images import default_image, list_images, load_image, to_rgb
+    from .io.errors import ForwardPassError, InputTypeError, UnsupportedModelError, UserInputError, ZfvisError
+    from .io.images import default_dataset, default_image, list_images, load_image, to_rgb
     from .mining.gallery import write_site
     from .mining.pages import mining_page
-    from .models.zoo import (
-        Preprocess,
-        WeightsDownloadError,
-        ZFNet,
-        list_models,
-        load_model,
-    )
+    from .models.snapshots import Snapshots, training_snapshots
+    from .models.zoo import Preprocess, WeightsDownloadError, ZFNet, list_models, load_model
     from .viz.analysis import correspondence_figure, invariance_figure, occlusion_figure
     from .viz.evolution import evolution_figure
     from .viz.filters import filters_figure
     from .viz.projection import Selection, projection_figure, rules_figure
 
 
-#: The subpackages, imported on first use as attributes too (``zfvis.core.graph``).
-_SUBPACKAGES = frozenset({"io", "core", "models", "analysis", "viz", "mining", "cli", "explorer"})
+#: Subpackages reachable as attributes (``zfvis.mining.mine``), imported on first use too.
+_SUBPACKAGES = frozenset({"analysis", "cli", "core", "explorer", "io", "mining", "models", "viz"})
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBPACKAGES:
-        return importlib.import_module(f"{__name__}.{name}")
+        return importlib.import_module(f"zfvis.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'zfvis' has no attribute {name!r}")

@@ -180,7 +180,8 @@ def evolution(models: Iterable[nn.Module | Deconvnet], images: torch.Tensor, lay
 
     Raises:
         UserInputError: No model, no channel or a channel out of range, an unknown
-            layer, or a label count that does not match the models.
+            layer, activations that are not finite (NaN weights), or a label count that
+            does not match the models.
         InputTypeError: A model is neither a module nor a Deconvnet.
     """
     wanted = list(channels)
@@ -191,9 +192,13 @@ def evolution(models: Iterable[nn.Module | Deconvnet], images: torch.Tensor, lay
         for model in models:
             dn = _deconvnet(model)
             x = images.to(_device(dn))
+            probe = dn.output(x[:1], layer)
+            if not torch.isfinite(probe).all():
+                raise UserInputError(f"checkpoint {len(cells) + 1}: the activations of {layer} are not finite (NaN or "
+                                     "infinite); its weights up to that layer are unusable (a shipped training snapshot "
+                                     "holds only the first layers: see zfvis.models.snapshots)")
             if not chosen:
-                count = dn.output(x[:1], layer).shape[1]
-                chosen = check_channels(wanted, count, layer)
+                chosen = check_channels(wanted, probe.shape[1], layer)
             cells.append(_cells(dn, x, layer, chosen))
             bar.update(1)
     if not cells:

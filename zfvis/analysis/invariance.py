@@ -35,6 +35,7 @@ from ..io import progress as _progress
 from ..io.checks import check_model, forward_failure
 from ..io.errors import InputTypeError, UserInputError, is_out_of_memory
 from ..io.parse import check_fill, check_finite_result, parse_number, representable
+from .evolution import ImageBatch
 
 __all__ = ["TRANSFORMS", "InvarianceResult", "invariance", "transform_images", "check_amount"]
 
@@ -108,12 +109,13 @@ def _affine(images: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -> t
 
 
 def transform_images(
-    images: torch.Tensor, transform: str, amount: float, *, fill: float | torch.Tensor = 0.0
+    images: torch.Tensor | ImageBatch, transform: str, amount: float, *, fill: float | torch.Tensor = 0.0
 ) -> torch.Tensor:
     """Translates, scales or rotates a batch of images, keeping their size.
 
     Args:
-        images: (N, C, H, W), or one image (C, H, W), floating point, in model input space.
+        images: (N, C, H, W), or one image (C, H, W), floating point, in model input space, or the
+            :class:`ImageBatch` that :func:`zfvis.load_images` returns.
         transform: ``"translation"`` (vertical, pixels, positive down), ``"scale"`` (factor,
             about the centre) or ``"rotation"`` (degrees, counter-clockwise as displayed).
         amount: How much.
@@ -127,6 +129,9 @@ def transform_images(
             an amount or fill that is not finite or not representable in the images' dtype.
         TypeError: Images that are not a floating-point tensor.
     """
+    images = _as_batch(images)
+    if not isinstance(images, torch.Tensor):
+        raise InputTypeError(f"images must be a torch.Tensor (N, C, H, W) or a zfvis.ImageBatch, got {type(images).__name__}")
     _check_transform(transform)
     if isinstance(images, torch.Tensor) and images.dim() == 3:
         return transform_images(images[None], transform, amount, fill=fill)[0]
@@ -150,7 +155,13 @@ def transform_images(
     return _affine(images, matrix.to(torch.float64), fill)
 
 
-def _check_images(images: torch.Tensor) -> torch.Tensor:
+def _as_batch(images: torch.Tensor | ImageBatch) -> torch.Tensor:
+    """The tensor of images read by :func:`zfvis.load_images` (an :class:`ImageBatch`)."""
+    return images.batch if isinstance(images, ImageBatch) else images
+
+
+def _check_images(images: torch.Tensor | ImageBatch) -> torch.Tensor:
+    images = _as_batch(images)
     if not isinstance(images, torch.Tensor):
         hint = " (an ImageBatch: pass its .batch)" if hasattr(images, "batch") else ""
         raise InputTypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}{hint}")
@@ -188,7 +199,7 @@ def _targets(targets: Sequence[int] | torch.Tensor | None, logits: object) -> to
 
 def invariance(
     model: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | ImageBatch,
     transform: str,
     amounts: Sequence[float],
     layers: Sequence[str],
@@ -202,7 +213,8 @@ def invariance(
 
     Args:
         model: A classifier returning (N, classes) scores; run in eval mode.
-        images: Preprocessed images (N, C, H, W) (or one, (C, H, W)).
+        images: Preprocessed images (N, C, H, W) (or one, (C, H, W)), or the
+            :class:`ImageBatch` that :func:`zfvis.load_images` returns.
         transform: ``"translation"``, ``"scale"`` or ``"rotation"`` (see
             :func:`transform_images`).
         amounts: The amounts to apply (pixels, factors or degrees).

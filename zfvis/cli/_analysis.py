@@ -67,12 +67,26 @@ def class_names(model: str, weights: str | None) -> list[str] | None:
     return list(categories) if categories else None
 
 
-def parse_target(text: str | None, names: Sequence[str] | None, *, random_weights: bool = False) -> int | None:
+def format_probability(p: float) -> str:
+    """A probability with three decimals, or three significant digits under 0.01 (a 1,000-class
+    model with random weights gives about 0.001 to every class: "0.000" would hide it)."""
+    return f"{p:.3f}" if p >= 0.01 else f"{p:.3g}"
+
+
+def no_class_names(model: str, weights: str | None) -> str:
+    """Why a zoo model with these weights has no class names, and what to give instead."""
+    if weights == "random":
+        return (f"{model} with --weights random has no class names: untrained, its outputs are not yet classes. "
+                "Give a class number (--target 3), or load trained weights (--weights DEFAULT, or a file)")
+    return f"the class names of {model} with weights '{weights}' are not known; give a class number (--target 3)"
+
+
+def parse_target(text: str | None, names: Sequence[str] | None, *, why: str | None = None) -> int | None:
     """A class number or (case-insensitive) name (:func:`zfvis.io.parse.parse_target`);
-    ``None`` stays ``None``."""
+    ``None`` stays ``None``. ``why``: why ``names`` is ``None`` (:func:`no_class_names`)."""
     if text is None:
         return None
-    return _parse_target(text, names, "--target", random_weights=random_weights)
+    return _parse_target(text, names, "--target", why=why)
 
 
 def parse_layers(text: str | None, default: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ from ..viz.analysis import invariance_figure
 from ._analysis import (
     FILL_HELP,
     class_names,
+    no_class_names,
     parse_fill,
     parse_layers,
     parse_target,
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     for layer in layers:
         resolve_layer(dn, layer)
     names = class_names(args.model, args.weights)
-    targets = [parse_target(t, names) for t in args.target] if args.target else None
+    targets = [parse_target(t, names, why=no_class_names(args.model, args.weights)) for t in args.target] if args.target else None
     if targets is not None and len(targets) not in (1, len(paths)):
         raise CLIError(f"give --target once for all images or once per image ({len(paths)}), not {len(targets)} times")
     fill = parse_fill(args.fill, preprocess)

@@ -17,6 +17,8 @@ from ._analysis import (
     FILL_HELP,
     class_names,
     fill_rgb,
+    format_probability,
+    no_class_names,
     parse_fill,
     parse_target,
     write_results,
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(image_path)
     model, preprocess = load_zoo_model(args.model, args.weights, device)
     names = class_names(args.model, args.weights)
-    target = parse_target(args.target, names)
+    target = parse_target(args.target, names, why=no_class_names(args.model, args.weights))
     fill = parse_fill(args.fill, preprocess)
     dn = Deconvnet(model)
     layer = args.layer if args.layer is not None else feature_layers(dn)[0][-1]  # '' is refused, not the default
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         pairs, labels = _projections(dn, x[None], layer, res.channel, shown)  # type: ignore[arg-type]
         note = (f"(c): deconvnet projections of the {len(pairs)} strongest activations of map {res.channel} on the "
-                "unoccluded image (0 is grey), with their values and positions")
+                "unoccluded image (0 is grey), with their values and positions (row, column) in the feature map")
     except ValueError as err:  # the engine cannot project this model or layer
         pairs, labels, note = [], [], f"(c) not drawn: {str(err).splitlines()[0][:150]}"
     weights = args.weights or get_spec(args.model).default_weights
@@ -137,6 +139,7 @@ def _summary(res: OcclusionResult, names: list[str] | None, out: Path) -> None:
     label = names[res.target] if names else f"class {res.target}"
     i, j = divmod(int(res.class_prob.argmin()), res.shape[1])
     t, l, _, _ = res.box(i, j)
-    print(f"p({label}) = {res.base_prob:.3f} unoccluded; lowest {float(res.class_prob[i, j]):.3f} with the occluder at "
-          f"({t}, {l}); {res.shape[0]}x{res.shape[1]} positions ({res.method})")
+    print(f"p({label}) = {format_probability(res.base_prob)} unoccluded; lowest "
+          f"{format_probability(float(res.class_prob[i, j]))} with the occluder's top left at row {t}, column {l}; "
+          f"{res.shape[0]}x{res.shape[1]} positions ({res.method})")
     print(f"wrote {out} (maps and settings in {out.with_suffix('.json').name})")

@@ -13,7 +13,7 @@ from .atomic import note_read
 from .checks import check_int, check_path
 from .errors import UserInputError, show_path
 
-__all__ = ["IMAGE_EXTENSIONS", "default_image", "load_image", "to_rgb", "check_data_set", "list_images", "evenly_spaced", "resolve"]
+__all__ = ["IMAGE_EXTENSIONS", "default_image", "default_dataset", "load_image", "to_rgb", "check_data_set", "list_images", "evenly_spaced", "resolve"]
 
 #: File endings treated as images when a directory is scanned.
 IMAGE_EXTENSIONS = frozenset(
@@ -219,3 +219,9 @@ def resolve(root: str | os.PathLike[str], relative: str) -> Path:
 def default_image() -> Path:
     """The photograph shipped with zfvis (a tabby cat, CC0; see ``assets/LICENSE.md``)."""
     return Path(str(resources.files("zfvis") / "assets" / "chelsea.png"))
+
+
+def default_dataset() -> Path:
+    """A small data set shipped with zfvis: 500 CIFAR-10 test images, 50 a class, evenly
+    spaced over each class, as ``<class>/NNNN.jpg`` (see ``assets/LICENSE.md``)."""
+    return Path(str(resources.files("zfvis") / "assets" / "cifar10_sample"))

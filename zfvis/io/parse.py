@@ -200,14 +200,14 @@ def parse_names(text: object, name: str, *, example: str) -> list[str]:
 
 
 def parse_target(value: object, names: Sequence[str] | None, name: str = "--target", *,
-                 random_weights: bool = False) -> int:  # fmt: skip
+                 why: str | None = None) -> int:  # fmt: skip
     """A class: its number (ASCII digits, from 0) or its name (case-insensitive).
 
     Args:
         value: The text, or a class index.
         names: The model's class names (``None``: not known).
         name: The setting, for messages.
-        random_weights: The model's weights are random, so its classes have no names.
+        why: Why ``names`` is ``None`` and what to give instead (say, random weights).
 
     Raises:
         UserInputError: A negative or malformed number, or a name that is not a class
@@ -223,8 +223,8 @@ def parse_target(value: object, names: Sequence[str] | None, name: str = "--targ
     if not text or text.lstrip("+-").isdigit() or text.lstrip("+-").isdecimal():  # Unicode digits, '--5'
         raise UserInputError(f"{name} must be a class number in ASCII digits (0, 1, ...) or a class name, got {value!r}")
     if names is None:
-        why = "random weights have no class names" if random_weights else "this model's class names are not known"
-        raise UserInputError(f"unknown class name '{text}': {why}; give a class number ({name} 0, {name} 1, ...)")
+        why = why or f"this model's class names are not known; give a class number ({name} 0, {name} 1, ...)"
+        raise UserInputError(f"unknown class name '{text}': {why}")
     lower = [n.lower() for n in names]
     if text.lower() in lower:
         return lower.index(text.lower())

@@ -196,6 +196,14 @@ def _receptive(info: Mapping[str, Any], *, long: bool = False) -> str:
     return text + f", offset {_pair(rf.get('offset'))}" if long else text
 
 
+#: What the receptive field's numbers and the Fig. 2 pages are, said on every page that shows them.
+_RF_NOTE = ("Receptive field: the input pixels one activation sees (size), how far apart in the input two "
+            "neighbouring activations' fields lie (jump), and where feature-map position (0, 0)'s field begins "
+            "(offset: the input row and column of its top-left corner, negative where it starts in the padding).")
+_FIG2_NOTE = ("Fig. 2 pages: the layer drawn as in Zeiler &amp; Fergus's Fig. 2, 64 channels a page, each "
+              "channel's nine strongest activations projected (left 3x3) beside their image patches (right 3x3).")
+
+
 def _value(v: Any) -> str:
     return f"{float(v):.4g}"
 
@@ -262,7 +270,7 @@ def _model_page(
     rows.append("</tbody></table>")
     intro = ('<p class="meta">Each channel\'s strongest activations over the data set, projected back to '
              "pixel space with the deconvnet (Zeiler &amp; Fergus 2014) beside the image patches that caused "
-             "them. Open a layer to see all its channels.</p>")
+             f"them. Open a layer to see all its channels. {_RF_NOTE} {_FIG2_NOTE}</p>")
     body = [f"<h1>{_e(model)}: what each channel responds to</h1>", f'<p class="meta">{meta}</p>', intro, *rows]
     return _page(f"{model} — zfvis gallery", [(model, None)], body, "")
 
@@ -345,7 +353,8 @@ class _LayerSite:
         return (f'<p class="meta">module {_e(str(self.top.get("module", "")))} · output '
                 f"{_e(_shape(self.info))} · receptive field {_e(_receptive(self.info, long=True))} · "
                 f"{len(self.channels):,} of {int(count):,} channels mined"
-                + (f" · Fig. 2 pages: {links}" if links else "") + "</p>")
+                + (f" · Fig. 2 pages: {links}" if links else "") + "</p>"
+                + f'<p class="meta">{_RF_NOTE} {_FIG2_NOTE}</p>')
 
     def layer_page(self, page: int) -> str:
         """Thumbnail page ``page`` (0-based) of the layer."""
@@ -446,7 +455,7 @@ class _LayerSite:
 
     def _pair(self, g: Mapping[str, Any], r: int, entry: Mapping[str, Any]) -> str:
         pos = entry.get("position")
-        where = f" at ({int(pos[0])}, {int(pos[1])})" if pos else ""
+        where = f" at feature-map row {int(pos[0])}, column {int(pos[1])}" if pos else ""
         box = entry.get("box")
         box_txt = (f"<br>patch: rows {int(box[0])}–{int(box[2]) - 1}, columns {int(box[1])}–{int(box[3]) - 1}"
                    if box else "")

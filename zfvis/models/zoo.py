@@ -9,9 +9,12 @@ the path of a local state dict or checkpoint, always read with ``weights_only=Tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import io
 import os
+import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -301,17 +304,23 @@ def _download(spec: ModelSpec, weights_name: str) -> dict[str, torch.Tensor]:
         except UserInputError as err:
             raise UserInputError(f"the cached {spec.name} weights are unusable ({first_line(err)}); delete "
                                  f"'{cache}' and retry, or pass --weights random") from None
+    said = io.StringIO()  # torch.hub's "Downloading: ..." line: shown once the download worked, not before an error
     try:
-        return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True, weights_only=True)
+        with contextlib.redirect_stdout(said):
+            state = torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True, weights_only=True)
+        sys.stdout.write(said.getvalue())
+        return state
     except OSError as err:  # no network (URLError), refused connection, unwritable cache
         raise WeightsDownloadError(
             f"cannot download {spec.name} weights {weights_name} ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else 'no network'}); without a network, place the "
-            f"file at '{cache}' or pass --weights PATH to a local state dict"
+            f"file at '{cache}', pass --weights PATH to a local state dict, or try zfvis with --weights random "
+            "(weights=\"random\" in Python: untrained, it shows the architecture, not learned features)"
         ) from None
     except Exception as err:  # bad hash, a corrupt or unsafe file: pickle raises many types
         raise UserInputError(
-            f"the {spec.name} weights file '{cache}' is unusable ({first_line(err)}); delete it and retry"
+            f"the {spec.name} weights file '{cache}' is unusable ({first_line(err)}); delete it and retry, or pass "
+            "--weights random"
         ) from None
 
 

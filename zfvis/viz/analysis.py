@@ -100,8 +100,9 @@ def _map_extent(res: OcclusionResult) -> tuple[float, float, float, float]:
             float(t[-1]) + ph / 2 + sh / 2, float(t[0]) + ph / 2 - sh / 2)  # fmt: skip
 
 
-def _heat(fig: Figure, ax: Axes, res: OcclusionResult, values: torch.Tensor, cmap: str, box: tuple[float, ...]) -> None:
-    """A position map in image coordinates, with a colour bar beside it."""
+def _heat(fig: Figure, ax: Axes, res: OcclusionResult, values: torch.Tensor, cmap: str, box: tuple[float, ...], *,
+          label: str) -> None:
+    """A position map in image coordinates, with a colour bar beside it saying what its colours are."""
     h, w = res.image_size
     im = ax.imshow(values.float().numpy(), cmap=cmap, extent=_map_extent(res), interpolation="nearest")
     ax.set_xlim(0, w)
@@ -116,6 +117,7 @@ def _heat(fig: Figure, ax: Axes, res: OcclusionResult, values: torch.Tensor, cma
     bar.ax.yaxis.set_major_formatter(labels)
     bar.ax.yaxis.get_offset_text().set_fontsize(_SMALL)
     bar.ax.tick_params(labelsize=_SMALL)
+    bar.set_label(label, fontsize=_SMALL)
 
 
 def _class_colours(top: torch.Tensor, limit: int = 10) -> tuple[np.ndarray, list[tuple[str, int]], ListedColormap]:
@@ -184,7 +186,7 @@ def occlusion_figure(
     Returns:
         The figure.
     """
-    cell, gap, wide = 2.4, 0.75, 3.3
+    cell, gap, wide = 2.4, 1.0, 3.3  # the gap holds a colour bar, its ticks and its label
     layered = result.layer is not None
     names = [_class_name(class_names, int(c)) for c in torch.unique(result.top_class)]
     legend_w = max(1.9, 0.45 + 0.075 * max(len(n) for n in names))  # about 0.075 in a character at 9 pt
@@ -207,13 +209,15 @@ def occlusion_figure(
     _occluded_panel(fig, x[0], top0, cell, result, image=image, position=position, fill_rgb=fill_rgb)
     box = lambda k: (x[k], top0, cell, cell)  # noqa: E731
     if layered:
-        _heat(fig, _axes(fig, *box(1)), result, result.activation, "viridis", box(1))  # type: ignore[arg-type]
+        _heat(fig, _axes(fig, *box(1)), result, result.activation, "viridis", box(1),  # type: ignore[arg-type]
+              label=f"sum of map {result.channel}")
         if projections:
             _projection_panel(fig, x[2], top0, wide, cell, pairs=projections, labels=projection_labels)
         else:
             _text(fig, x[2] + wide / 2, top0 + cell / 2, "no projections given", ha="center", va="center",
                   fontsize=_LABEL, color="#707070")
-    _heat(fig, _axes(fig, *box(panels - 2)), result, result.class_prob, "magma", box(panels - 2))
+    _heat(fig, _axes(fig, *box(panels - 2)), result, result.class_prob, "magma", box(panels - 2),
+          label=f"p({target})")
     _class_panel(fig, box(panels - 1), result, class_names)
     if note:
         _text(fig, _MARGIN, height - _MARGIN, note, ha="left", va="bottom", fontsize=_SMALL, color="#505050")
@@ -234,7 +238,7 @@ def _occluded_panel(
     ax = _axes(fig, x, top, cell, cell)
     _show(ax, shown)
     ax.add_patch(Rectangle((l - 0.5, t - 0.5), r - l, b - t, fill=False, edgecolor=_BOX, linewidth=1.5))
-    ax.set_xlabel(f"occluder {r - l}x{b - t} at ({t}, {l})", fontsize=_SMALL)
+    ax.set_xlabel(f"{r - l}x{b - t} occluder from row {t}, column {l}", fontsize=_SMALL)
 
 
 def _class_panel(fig: Figure, box: tuple[float, float, float, float], res: OcclusionResult, names: Sequence[str] | None) -> None:

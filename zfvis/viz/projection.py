@@ -27,7 +27,8 @@ __all__ = ["Selection", "choose_seeds", "projection_figure", "rules_figure", "st
 Show = Callable[[torch.Tensor], torch.Tensor]
 
 _NOTE = ("{rule} projections: zero is grey, scaled by each projection's largest |value|; "
-         "boxes: receptive field of the activation")
+         "boxes: receptive field of the activation; ch C @ (row, column): the activation's channel and its "
+         "position in the layer's feature map")
 
 
 @dataclasses.dataclass
@@ -70,7 +71,7 @@ def choose_seeds(dn: Deconvnet, image: torch.Tensor, layer: str, selection: Sele
 def _titles(seeds: Seeds) -> list[str]:
     out = []
     for i in range(len(seeds)):
-        where = f" @ ({int(seeds.y[i])}, {int(seeds.x[i])})" if int(seeds.y[i]) >= 0 else ""
+        where = f" @ ({int(seeds.y[i])}, {int(seeds.x[i])})" if int(seeds.y[i]) >= 0 else ""  # (row, column)
         out.append(f"ch {int(seeds.channel[i])}{where}\nact {float(seeds.value[i]):.3g}")
     return out
 

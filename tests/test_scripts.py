@@ -1,0 +1,101 @@
+"""Every script in ``scripts/`` runs, at tiny sizes (a smoke test each).
+
+The benchmarks' numbers are not checked here (they are ratios the scripts print, on a
+shared machine); what is checked is that each script runs to its end and prints its
+results. ``scripts/train.py`` has its own tests (``test_train.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import zfvis
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+#: Scripts whose smoke test lives in another file.
+TESTED_ELSEWHERE = {"train.py": "tests/test_train.py"}
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"zfvis_script_{name}", SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_script_has_a_smoke_test() -> None:
+    text = Path(__file__).read_text(encoding="utf-8")
+    for script in sorted(SCRIPTS.glob("*.py")):
+        assert script.name in TESTED_ELSEWHERE or f'_script("{script.stem}")' in text, f"no smoke test runs {script.name}"
+
+
+def test_bench_mine(tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _script("bench_mine").main(["--data", str(tiny_folder), "--limit", "8", "--batch-size", "4",
+                                       "--memory-sizes", "8", "--repeats", "1", "--pass2-layers", "conv1"]) == 0
+    out = capsys.readouterr().out
+    assert "(a) pass 1 over 8 images" in out and "(b) pass 2" in out and "(c) peak resident memory" in out
+
+
+def test_bench_project(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _script("bench_project").main(["--model", "resnet50", "--repeats", "1", "--input-size", "64",
+                                          "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "layer3 x9" in out and "of the dense multiply-adds" in out
+
+
+def test_bench_occlusion(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--rounds", "1", "--full", "--input-size", "64", "--patch", "32", "--stride", "32", "--batch-size", "4",
+            "--threads", "1"]
+    assert _script("bench_occlusion").main(args) == 0
+    out = capsys.readouterr().out
+    assert "round 1: zfvis" in out and "brute force" in out and "max |probability difference|" in out
+
+
+def test_bench_render(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _script("bench_render").main(["--channels", "2", "--rounds", "1"]) == 0
+    assert "2 channels x 9" in capsys.readouterr().out
+
+
+def test_make_why_figure(tmp_path: Path) -> None:
+    assert _script("make_why_figure").main(str(tmp_path)) == 0
+    assert (tmp_path / "why.png").stat().st_size > 10_000 and (tmp_path / "why_matrix.png").stat().st_size > 10_000
+
+
+def test_pack_snapshots_keeps_the_first_layers_only(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for epoch in (1, 2):
+        model, _ = zfvis.load_model("zfnet-cifar10", weights="random", seed=epoch)
+        torch.save(model.state_dict(), run / f"epoch_{epoch:03d}.pt")
+    out = tmp_path / "snaps.pt"
+    assert _script("pack_snapshots").main([str(run), "--epochs", "1,2", "--through", "conv2", "--command", "train",
+                                           "-o", str(out)]) == 0
+    snaps = zfvis.training_snapshots(out)
+    assert snaps.labels == ["epoch 1", "epoch 2"] and snaps.command == "train"
+    full = torch.load(run / "epoch_002.pt", weights_only=True)
+    packed = torch.load(out, weights_only=True)["epochs"][2]
+    assert sorted(packed) == sorted(k for k in full if k.startswith(("features.0.", "features.1.", "features.5.",
+                                                                     "features.6.")))  # conv1, bn1, conv2, bn2
+    x = torch.randn(1, 3, 32, 32)
+    want = zfvis.Deconvnet(zfvis.load_model("zfnet-cifar10", weights=run / "epoch_002.pt")[0]).output(x, "conv2")
+    torch.testing.assert_close(zfvis.Deconvnet(snaps.models[1]).output(x, "conv2"), want, rtol=0, atol=0)
+
+
+def test_suite_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "tests.jsonl"
+    report.write_text("\n".join([
+        '{"test": "tests/test_a.py::test_one", "seconds": 2.0, "rss_mb": 900, "peak_mb": 950, "peak_raise_mb": 400}',
+        '{"test": "tests/test_b.py::test_two", "seconds": 5.0, "rss_mb": 700, "peak_mb": 950, "peak_raise_mb": 0}',
+    ]) + "\n")
+    assert _script("suite_report").main([str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "2 tests, 7 s in tests, peak resident memory 950 MiB" in out
+    assert out.index("+    400 to    950  tests/test_a.py::test_one") < out.index("slowest")
+    assert out.index("tests/test_b.py") < out.index("tests/test_a.py                    ")  # slowest file first
