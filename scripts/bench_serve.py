@@ -15,6 +15,9 @@ In one run, back to back, against an explorer served in this process over HTTP o
   forward pass to that layer plus encoding the same sprite directly.
 
     python scripts/bench_serve.py [--threads 2] [--clicks 50] [--images 7] [--layers conv5_3,conv3_3]
+
+``--model`` and ``--click-layer`` run it on another zoo model (random weights; the smoke test
+uses ``zfnet-cifar10`` at tiny counts).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import zfvis  # noqa: E402
 from zfvis.explorer import encode  # noqa: E402
+from zfvis.io.progress import progress  # noqa: E402
 
 
 def p(values: list[float], q: float) -> float:
@@ -68,14 +72,22 @@ class Http:
         return data
 
 
-def bench_clicks(server: zfvis.ExplorerServer, dn: zfvis.Deconvnet, x: torch.Tensor, clicks: int) -> dict[str, list[float]]:
+def bench_clicks(server: zfvis.ExplorerServer, dn: zfvis.Deconvnet, x: torch.Tensor, clicks: int,
+                 layer: str = "conv5_3") -> dict[str, list[float]]:
     """Per click: the direct projection on a warm recording, then the same click served."""
     http = Http(server)
-    layer = "conv5_3"
     http.get(f"/api/maps?image=chelsea&layer={layer}")  # the page loads the grid first: the server records once
     rec = dn.record(x, layer)
     out: dict[str, list[float]] = {"direct": [], "click": [], "overhead": [], "cached": []}
+    with progress(2 * clicks + 1, f"clicks on {layer}", "click") as bar:
+        _clicks(http, dn, rec, layer, clicks, out, bar)
+    return out
+
+
+def _clicks(http: Http, dn: zfvis.Deconvnet, rec: zfvis.Recording, layer: str, clicks: int,
+            out: dict[str, list[float]], bar: object) -> None:  # fmt: skip
     for c in range(clicks + 1):
+        bar.update()  # type: ignore[attr-defined]
         t0 = time.perf_counter()
         seeds = dn.select(rec, c)
         dn.reverse(rec, seeds).full()
@@ -89,10 +101,10 @@ def bench_clicks(server: zfvis.ExplorerServer, dn: zfvis.Deconvnet, x: torch.Ten
         out["click"].append(t2 - t1)
         out["overhead"].append((t2 - t1) - (t1 - t0))
     for c in range(1, clicks + 1):  # the same clicks again: served from the cache, the server's work alone
+        bar.update()  # type: ignore[attr-defined]
         t0 = time.perf_counter()
         http.get(f"/api/project.png?image=chelsea&layer={layer}&channel={c}")
         out["cached"].append(time.perf_counter() - t0)
-    return out
 
 
 def bench_grids(server: zfvis.ExplorerServer, dn: zfvis.Deconvnet, layers: list[str], images: int) -> dict[str, list[float]]:
@@ -122,24 +134,26 @@ def bench_grids(server: zfvis.ExplorerServer, dn: zfvis.Deconvnet, layers: list[
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Runs both benchmarks and prints the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clicks", type=int, default=50)
     ap.add_argument("--images", type=int, default=7)
     ap.add_argument("--layers", default="conv5_3,conv3_3")
-    args = ap.parse_args()
+    ap.add_argument("--model", default="vgg16")
+    ap.add_argument("--click-layer", default="conv5_3")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, preprocess = zfvis.load_model("vgg16", weights="random")
+    model, preprocess = zfvis.load_model(args.model, weights="random")
     x = preprocess(zfvis.load_image(zfvis.default_image()))[None]
     dn = zfvis.Deconvnet(model)
-    with zfvis.serve(model, preprocess, images=[zfvis.default_image()], name="vgg16") as server:
-        clicks = bench_clicks(server, dn, x, args.clicks)
+    with zfvis.serve(model, preprocess, images=[zfvis.default_image()], name=args.model) as server:
+        clicks = bench_clicks(server, dn, x, args.clicks, args.click_layer)
         grids = bench_grids(server, dn, args.layers.split(","), args.images)
     ms = lambda v: f"{1000 * v:7.1f} ms"  # noqa: E731
-    print(f"VGG16 (random weights), 224x224, CPU, {args.threads} threads, torch {torch.__version__}")
-    print(f"\nclick on a conv5_3 map, {args.clicks} clicks:        p50        p95")
+    print(f"{args.model} (random weights), {tuple(x.shape[1:])}, CPU, {args.threads} threads, torch {torch.__version__}")
+    print(f"\nclick on a {args.click_layer} map, {args.clicks} clicks:        p50        p95")
     for k, label in (("direct", "Deconvnet projection, warm recording"), ("click", "request to PNG received"),
                      ("overhead", "click minus projection"), ("cached", "the same click again (cached)")):
         print(f"  {label:38s} {ms(p(clicks[k], 0.5))} {ms(p(clicks[k], 0.95))}")

@@ -63,6 +63,13 @@ def test_bench_render(capsys: pytest.CaptureFixture[str]) -> None:
     assert "2 channels x 9" in capsys.readouterr().out
 
 
+def test_bench_serve(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _script("bench_serve").main(["--model", "zfnet-cifar10", "--click-layer", "conv3", "--layers", "conv1",
+                                        "--clicks", "2", "--images", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "click / projection" in out and "served grid" in out
+
+
 def test_make_why_figure(tmp_path: Path) -> None:
     assert _script("make_why_figure").main(str(tmp_path)) == 0
     assert (tmp_path / "why.png").stat().st_size > 10_000 and (tmp_path / "why_matrix.png").stat().st_size > 10_000
