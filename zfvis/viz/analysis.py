@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -26,26 +24,29 @@ from matplotlib.ticker import MaxNLocator, ScalarFormatter
 from ..analysis.correspondence import CorrespondenceResult
 from ..analysis.invariance import InvarianceResult
 from ..analysis.occlusion import OcclusionResult
-from .layout import figure_format, save_with_matplotlib
+from .layout import (
+    BOX_COLOR,
+    DPI,
+    FONT_LABEL,
+    FONT_SMALL,
+    FONT_TITLE,
+    figure_format,
+    new_figure,
+    save_with_matplotlib,
+    text,
+)
 from .render import normalize_projection
 
 __all__ = ["occlusion_figure", "invariance_figure", "correspondence_figure", "DPI"]
 
-DPI = 100
-_TITLE, _HEAD, _LABEL, _SMALL = 13.0, 11.0, 10.0, 9.0
+_TITLE, _LABEL, _SMALL = FONT_TITLE, FONT_LABEL, FONT_SMALL
+_HEAD = 11.0  # panel headings, between labels and titles
 _MARGIN = 0.3
-_BOX = "#00e5ff"
 _PALETTE = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
     "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
 ]  # fmt: skip
 _OTHER = "#d9d9d9"
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, facecolor="white")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _axes(fig: Figure, left: float, top: float, width: float, height: float, *, ticks: bool = False) -> Axes:
@@ -57,11 +58,6 @@ def _axes(fig: Figure, left: float, top: float, width: float, height: float, *, 
         ax.set_yticks([])
     ax.tick_params(labelsize=_SMALL)
     return ax
-
-
-def _text(fig: Figure, x: float, y: float, s: str, **kwargs: Any) -> None:
-    fw, fh = fig.get_size_inches()
-    fig.text(x / fw, 1.0 - y / fh, s, **kwargs)
 
 
 def _save(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
@@ -145,7 +141,7 @@ def _projection_panel(fig: Figure, x0: float, y0: float, width: float, height: f
             ax = _axes(fig, left + j * (cell + gap), top, cell, cell)
             ax.imshow(_hwc(img), interpolation="nearest")
         if k < len(labels):
-            _text(fig, left + cell + gap / 2, top + cell + 0.03, labels[k], ha="center", va="top", fontsize=_SMALL)
+            text(fig, left + cell + gap / 2, top + cell + 0.03, labels[k], ha="center", va="top", fontsize=_SMALL)
 
 
 def occlusion_figure(
@@ -194,9 +190,9 @@ def occlusion_figure(
     width = 2 * _MARGIN + (panels - 1) * (cell + gap) + cell + (wide - cell if layered else 0.0) + legend_w
     top0 = _MARGIN + (0.5 if title else 0.0) + 0.5
     height = top0 + cell + (0.55 if note else 0.25) + _MARGIN
-    fig = _figure(width, height)
+    fig = new_figure(width, height)
     if title:
-        _text(fig, width / 2, _MARGIN, title, ha="center", va="top", fontsize=_TITLE, fontweight="bold")
+        text(fig, width / 2, _MARGIN, title, ha="center", va="top", fontsize=_TITLE, fontweight="bold")
     x = [_MARGIN + k * (cell + gap) + (wide - cell if k > 2 else 0.0) for k in range(panels)]
     target = _class_name(class_names, result.target)
     heads = [f"(d) p({target})", "(e) most probable class"]
@@ -205,7 +201,7 @@ def occlusion_figure(
                  f"(c) map {result.channel}: strongest activations,\nprojected | image patch", *heads]
     heads = ["(a) input with occluder", *heads]
     for k, head in enumerate(heads):
-        _text(fig, x[k], top0 - 0.08, head, ha="left", va="bottom", fontsize=_HEAD)
+        text(fig, x[k], top0 - 0.08, head, ha="left", va="bottom", fontsize=_HEAD)
     _occluded_panel(fig, x[0], top0, cell, result, image=image, position=position, fill_rgb=fill_rgb)
     box = lambda k: (x[k], top0, cell, cell)  # noqa: E731
     if layered:
@@ -214,13 +210,13 @@ def occlusion_figure(
         if projections:
             _projection_panel(fig, x[2], top0, wide, cell, pairs=projections, labels=projection_labels)
         else:
-            _text(fig, x[2] + wide / 2, top0 + cell / 2, "no projections given", ha="center", va="center",
+            text(fig, x[2] + wide / 2, top0 + cell / 2, "no projections given", ha="center", va="center",
                   fontsize=_LABEL, color="#707070")
     _heat(fig, _axes(fig, *box(panels - 2)), result, result.class_prob, "magma", box(panels - 2),
           label=f"p({target})")
     _class_panel(fig, box(panels - 1), result, class_names)
     if note:
-        _text(fig, _MARGIN, height - _MARGIN, note, ha="left", va="bottom", fontsize=_SMALL, color="#505050")
+        text(fig, _MARGIN, height - _MARGIN, note, ha="left", va="bottom", fontsize=_SMALL, color="#505050")
     return _save(fig, path)
 
 
@@ -237,7 +233,7 @@ def _occluded_panel(
     shown[:, t:b, l:r] = colour.view(3, 1, 1)
     ax = _axes(fig, x, top, cell, cell)
     _show(ax, shown)
-    ax.add_patch(Rectangle((l - 0.5, t - 0.5), r - l, b - t, fill=False, edgecolor=_BOX, linewidth=1.5))
+    ax.add_patch(Rectangle((l - 0.5, t - 0.5), r - l, b - t, fill=False, edgecolor=BOX_COLOR, linewidth=1.5))
     ax.set_xlabel(f"{r - l}x{b - t} occluder from row {t}, column {l}", fontsize=_SMALL)
 
 
@@ -293,9 +289,9 @@ def invariance_figure(
     width = 2 * _MARGIN + 0.65 + ex_w + 3 * plot_w + 2 * gap_x + (0.4 if examples else 0.0)
     top0 = _MARGIN + (0.5 if title else 0.0) + 0.5 + 0.35
     height = top0 + len(results) * plot_h + (len(results) - 1) * gap_y + 0.55 + _MARGIN
-    fig = _figure(width, height)
+    fig = new_figure(width, height)
     if title:
-        _text(fig, width / 2, _MARGIN, title, ha="center", va="top", fontsize=_TITLE, fontweight="bold")
+        text(fig, width / 2, _MARGIN, title, ha="center", va="top", fontsize=_TITLE, fontweight="bold")
     colours = [_PALETTE[k % len(_PALETTE)] for k in range(len(image_names))]
     targets = results[0].targets.tolist()
     labels = [f"{n} ({_class_name(class_names, t)})" for n, t in zip(image_names, targets)]
@@ -367,9 +363,9 @@ def correspondence_figure(
     top0 = _MARGIN + (0.5 if title else 0.0) + 0.1
     plots_top = top0 + cell + 0.45 + 0.6
     height = plots_top + 2.8 + 0.5 + 0.45 + _MARGIN
-    fig = _figure(width, height)
+    fig = new_figure(width, height)
     if title:
-        _text(fig, width / 2, _MARGIN, title, ha="center", va="top", fontsize=_TITLE, fontweight="bold")
+        text(fig, width / 2, _MARGIN, title, ha="center", va="top", fontsize=_TITLE, fontweight="bold")
     colours = {p: _PALETTE[k % len(_PALETTE)] for k, p in enumerate(parts)}
     for k, (img, name) in enumerate(zip(images, image_names)):
         ax = _axes(fig, _MARGIN + k * (cell + gap), top0, cell, cell)
@@ -389,7 +385,7 @@ def correspondence_figure(
             "coloured: the part occluded in every image")
     if any(p.startswith("random (") for p in result.rows):
         note += f"; grey: a box of the same size at a random place in each image (seed {result.seed})"
-    _text(fig, _MARGIN, height - _MARGIN, note, ha="left", va="bottom", fontsize=_SMALL, color="#505050")
+    text(fig, _MARGIN, height - _MARGIN, note, ha="left", va="bottom", fontsize=_SMALL, color="#505050")
     return _save(fig, path)
 
 
