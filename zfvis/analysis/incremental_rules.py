@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.utils import _pair as as_pair
 
-__all__ = ["Rule", "Pointwise", "Window", "module_rule", "is_pointwise", "is_inplace", "union", "BIG"]
+__all__ = ["Rule", "Pointwise", "Window", "module_rule", "is_pointwise", "union", "BIG"]
 
 BIG = 1 << 40
 
@@ -202,7 +202,6 @@ _POINTWISE_FUNCTIONS: frozenset[Any] = frozenset({
 _POINTWISE_METHODS = frozenset(
     {"add", "add_", "sub", "mul", "mul_", "div", "relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_", "neg"}
 )
-_INPLACE_FUNCTIONS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, F.relu_})
 
 
 def is_pointwise(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
@@ -223,18 +222,3 @@ def is_pointwise(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         return dim in (1, -3)
     return node.target in _POINTWISE_FUNCTIONS
-
-
-def is_inplace(node: fx.Node, modules: Mapping[str, nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether the operation may overwrite its first argument."""
-    if node.op == "call_module":
-        return getattr(modules[node.target], "inplace", False) is True  # type: ignore[index]
-    if node.op == "call_method":
-        return str(node.target).endswith("_") and not str(node.target).startswith("__")
-    if node.op == "call_function":
-        return (
-            node.target in _INPLACE_FUNCTIONS
-            or kwargs.get("inplace") is True
-            or (getattr(node.target, "__module__", "") == "torch.nn.functional" and any(a is True for a in args[1:]))
-        )
-    return False

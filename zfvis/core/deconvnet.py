@@ -190,7 +190,7 @@ class Deconvnet:
             if node.name in recording.problems:
                 raise recording.problems[node.name]
         sites = [recording.sites[n.name] for n in path[1:]]
-        steps = self._steps(sites[::-1])
+        steps = self._steps([s for s in sites[::-1] if s.cone != "bundle"])
         return ReverseStack(steps, seed.name, self.graph.input.name)
 
     @staticmethod
@@ -203,12 +203,10 @@ class Deconvnet:
             node = site.node
             if node.name in folded:
                 continue
-            op = node.op
-            if op is None:  # pragma: no cover - reverse_stack refuses such paths first
-                raise UnsupportedModelError(node.problem or f"node '{node.name}' has no reverse")
+            op = site.op
             producer = site.live[0] if site.live else None
             conv_site = next((s for s in sites if producer is not None and s.node is producer), None)
-            if (fold and op.name == "batch_norm" and conv_site is not None and producer is not None
+            if (fold and op.name == "batch_norm" and node.module is not None and conv_site is not None and producer is not None
                     and producer.op is OPS["conv2d"] and len(producer.users) == 1):
                 layer = conv_site.node.op.build(conv_site)  # type: ignore[union-attr]
                 layer.fold(node.module, node.module_name or node.name)  # type: ignore[operator]
@@ -240,7 +238,11 @@ class Deconvnet:
         for n in self.graph.signal_path(node)[1:]:
             if n.problem is not None:
                 raise UnsupportedModelError(n.problem)
-        return self._record(images, node, _check_rule(self.rule if rule is None else rule))
+        rec = self._record(images, node, _check_rule(self.rule if rule is None else rule))
+        for n in self.graph.signal_path(node)[1:]:
+            if n.name in rec.problems:
+                raise rec.problems[n.name]
+        return rec
 
     def _record(self, images: torch.Tensor, node: GraphNode, rule: str) -> Recording:
         outputs, sites, problems, shape = record(self.graph, images, [node], rule)
