@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..core.graph import ModelGraph
-from ..core.inplace import overwritten, writes_in_place
+from ..core.inplace import overwritten
 from ..io.errors import UserInputError
 from .incremental_rules import Pointwise, Rule, is_pointwise, module_rule
 
@@ -121,6 +121,7 @@ class IncrementalOcclusion:
         self.modules = dict(self.model.named_modules())
         self.nodes = list(graph.input.fx_node.graph.nodes)
         self.names = {gn.fx_node: gn.name for gn in graph.nodes}
+        self.writes = {gn.fx_node for gn in graph.nodes if gn.writes}
         self.output = next(n for n in self.nodes if n.op == "output")
         order = {n: i for i, n in enumerate(self.nodes)}
         self.last_use = {n: max((order[u] for u in n.users), default=-1) for n in self.nodes}
@@ -163,7 +164,7 @@ class IncrementalOcclusion:
             self.base[node] = value
 
     def _in_place(self, node: fx.Node) -> bool:
-        return writes_in_place(node, self.modules[node.target] if node.op == "call_module" else None)  # type: ignore[index]
+        return node in self.writes
 
     def _check_inplace(self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], i: int) -> None:
         """Refuses an in-place operation on memory that a later node reads through another

@@ -66,6 +66,7 @@ class GraphNode:
         problem: Why the node cannot be reversed, for nodes that carry the signal
             without an op-table entry.
         source: ``file:line: code`` of the call in the model's source, where fx knows it.
+        writes: Whether it writes into its first argument (:mod:`zfvis.core.inplace`).
         in_place: Whether it writes into its first argument, which carries the signal.
     """
 
@@ -79,6 +80,7 @@ class GraphNode:
     problem: str | None = None
     source: str | None = None
     in_place: bool = False
+    writes: bool = False
     inputs: list[GraphNode] = dataclasses.field(default_factory=list)
     users: list[GraphNode] = dataclasses.field(default_factory=list)
 
@@ -328,7 +330,8 @@ def _version_in_place(nodes: list[GraphNode], of: dict[fx.Node, GraphNode]) -> N
     for gn in nodes:
         first = gn.fx_node.args[0] if gn.fx_node.args else None
         victim = of.get(first) if isinstance(first, fx.Node) else None
-        if victim is None or not (gn.carries and victim.carries) or not writes_in_place(gn.fx_node, gn.module):
+        gn.writes = writes_in_place(gn.fx_node, gn.module, gn.source)
+        if victim is None or not (gn.carries and victim.carries) or not gn.writes:
             continue
         gn.in_place = True
         for user in [u for u in victim.users if u.index > gn.index]:

@@ -15,7 +15,6 @@ shares (a view) is refused (:mod:`zfvis.core.inplace`).
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ from ..io.errors import (
 )
 from .cone import ReceptiveField
 from .graph import GraphNode, ModelGraph, eval_mode
-from .inplace import overwritten, writes_in_place
+from .inplace import overwritten
 from .ops import GENERIC, OPS, SUPPORTED_TYPES, Live, Site
 from .ops.args import live_call
 from .ops.grad import recorded_inputs
@@ -122,16 +121,10 @@ def _tensors(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value)
 
 
-def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any, bundles: dict[fx.Node, Site]) -> Site:
-    """The node's site; an item of a node that returns a tuple is reversed as the gradient of
-    that node's item, from the node's own live inputs."""
+def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any, parent: Site | None) -> Site:
+    """The node's site. A node whose input is a tuple (``parent``, the site of the node that
+    made it) is reversed as the gradient of the composition, from ``parent``'s live inputs."""
     live = [p for p in node.inputs if p.carries]
-    if len(live) == 1 and live[0].fx_node in bundles and node.fx_node.target is operator.getitem:
-        bundle = bundles[live[0].fx_node]
-        index = node.fx_node.args[1]
-        call = live_call(bundle)
-        return dataclasses.replace(bundle, node=node, out_shape=_shape(node, out), cone="full", entry=OPS[GENERIC],
-                                   fn=lambda *ts: call(*ts)[index], state=None)
     slot = {p.fx_node: k for k, p in enumerate(live)}
 
     def value(n: fx.Node) -> Any:
@@ -139,12 +132,22 @@ def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any, bundles: dict[fx.N
 
     args = fx.node.map_arg(node.fx_node.args, value)
     kwargs = fx.node.map_arg(node.fx_node.kwargs, value)
+    cone = "bundle" if _tensors(out) else None
+    if parent is not None:
+        if len(live) != 1:
+            raise UnsupportedModelError(f"node '{node.name}' ({node.kind}) combines a tuple of tensors with other "
+                                        "tensors; zfvis cannot reverse it")
+        inner = parent.fn or live_call(parent)
+        outer = live_call(Site(node, tuple(args), dict(kwargs), live, [], ()))
+        return dataclasses.replace(parent, node=node, out_shape=() if cone else _shape(node, out),
+                                   cone=cone or "full", entry=OPS[GENERIC], fn=lambda *ts: outer(inner(*ts)),
+                                   state=None)
     tensors = [env[p.fx_node] for p in live]
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         raise UnsupportedModelError(f"node '{node.name}' ({node.kind}) does not take tensors; zfvis cannot reverse it")
     shapes = [tuple(t.shape[1:]) for t in tensors]
-    if _tensors(out):
-        return Site(node, tuple(args), dict(kwargs), live, shapes, (), cone="bundle", entry=OPS[GENERIC])
+    if cone:
+        return Site(node, tuple(args), dict(kwargs), live, shapes, (), cone=cone, entry=OPS[GENERIC])
     return Site(node, tuple(args), dict(kwargs), live, shapes, _shape(node, out),
                 cone=node.op.cone if node.op is not None else "same")
 
@@ -193,7 +196,7 @@ class _Pass:
                 args = fx.node.map_arg(fxn.args, lambda n: env[n])
                 kwargs = fx.node.map_arg(fxn.kwargs, lambda n: env[n])
                 inputs = [env[p.fx_node] for p in node.inputs if p.carries] if node.carries else []
-                if writes_in_place(fxn, node.module):
+                if node.writes:
                     self._check_inplace(node, args, env, i)
                     inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]  # as they were
                 out = _run(node, model, args, kwargs)
@@ -220,10 +223,13 @@ class _Pass:
     def _record(self, node: GraphNode, env: dict[fx.Node, Any], out: Any, inputs: list[Any]) -> None:
         if node.op is None:
             return
+        parent = next((self.bundles[p.fx_node] for p in node.inputs if p.fx_node in self.bundles), None)
         try:
-            site = _site(node, env, out, self.bundles)
+            site = _site(node, env, out, parent)
+            if parent is not None:  # a function of the tuple's node's inputs
+                inputs = parent.state
             if site.cone == "bundle":
-                site.state = recorded_inputs(inputs)
+                site.state = parent.state if parent is not None else recorded_inputs(inputs)
                 self.bundles[node.fx_node] = site
                 self.sites[node.name] = site
                 return
@@ -231,9 +237,6 @@ class _Pass:
                 raise site.fail(f"its output's first dimension is not the batch of {self.batch} images (it merges "
                                 "or drops the batch dimension), which zfvis cannot reverse per image. Hint: keep "
                                 "the batch first, e.g. torch.flatten(x, 1)")
-            bundle = next((self.bundles[p.fx_node] for p in node.inputs if p.fx_node in self.bundles), None)
-            if bundle is not None and site.fn is not None:  # an item of a tuple: its node's inputs
-                inputs = bundle.state
             op = site.op
             if op.prepare is not None:
                 op.prepare(site)

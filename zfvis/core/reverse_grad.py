@@ -36,18 +36,21 @@ class VectorJacobian(ReverseLayer):
         fn: The node's operation as a function of its live inputs.
         source: The forward module's (or node's) name.
         kind: What the node does (module type or function name).
+        windowed: Whether the operation acts on each position on its own (then it runs on
+            each seed's window of the map).
     """
 
-    def __init__(self, fn: Callable[..., Any], source: str, kind: str) -> None:
+    def __init__(self, fn: Callable[..., Any], source: str, kind: str, *, windowed: bool = False) -> None:
         super().__init__()
-        self.source, self.kind = source, kind
+        self.source, self.kind, self.windowed = source, kind, windowed
         self._fn = fn
 
     def extra_repr(self) -> str:
-        return f"{self.kind} '{self.source}': its gradient at the recorded inputs (vector-Jacobian product)"
+        where = "on windows (pointwise)" if self.windowed else "on whole maps"
+        return f"{self.kind} '{self.source}': its gradient at the recorded inputs (vector-Jacobian product), {where}"
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
-        inputs = [t[frame.image].detach().requires_grad_(True) for t in frame.state]
+        inputs = [_per_seed(t, frame, self.windowed).detach().requires_grad_(True) for t in frame.state]
         with torch.enable_grad():
             # fresh copies: an in-place operation must not write into the leaves
             out = self._fn(*(t.clone() for t in inputs))

@@ -85,7 +85,7 @@ from .checks import (
     _prepare_reshape,
     _prepare_scale,
 )
-from .grad import build_gate, build_rectifier, build_vjp, record_gate, record_rectifier, record_vjp
+from .grad import build_gate, build_rectifier, build_vjp, prepare_vjp, record_gate, record_rectifier, record_vjp
 from .site import RULES, Live, Op, Pair, Site
 
 __all__ = ["Op", "Site", "Live", "OPS", "SUPPORTED_TYPES", "RULES", "MODULE_OPS", "METHOD_OPS", "FUNCTION_OPS",
@@ -134,7 +134,7 @@ OPS: dict[str, Op] = {
            "same", build_rectifier, record=record_rectifier),
         Op("gate", "its derivative: f'(x) signal", "same", build_gate, record=record_gate),
         Op(GENERIC, "its local vector-Jacobian product at the recorded inputs (exact; whole maps)", "full",
-           build_vjp, record=record_vjp),
+           build_vjp, prepare_vjp, record=record_vjp),
     ]
 }
 
