@@ -8,6 +8,7 @@ with plain autograd (the gradient rule) and their recorded activations with forw
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -22,6 +23,10 @@ from zfvis import Deconvnet, UnsupportedModelError
 from zfvis.analysis.occlusion import occlusion
 
 RTOL = 1e-6
+
+#: The slow tests (every torchvision classification model, the whole timm list with every
+#: rule: about 20 minutes on 2 cores) are opt-in.
+slow = pytest.mark.skipif(os.environ.get("ZFVIS_SLOW") != "1", reason="slow (minutes): run with ZFVIS_SLOW=1")
 
 
 def _ready(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -300,8 +305,8 @@ class _Opaque(nn.Module):
     """Shape-dependent control flow fx cannot trace (as timm's VGG head): kept whole."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > -1e9:
-            return torch.tanh(x) * x
+        if x.sum() > -1e9:  # rectifiers inside still follow the rule
+            return F.relu(torch.tanh(x) * x - 0.1) + F.silu(x)
         return x
 
 
@@ -373,3 +378,57 @@ def test_torchvision_families_match_the_oracle(name: str) -> None:
     a = dn.project(x, layer, [0, 3], top_k=k)
     b = Deconvnet(model, windowed=False).project(x, layer, [0, 3], top_k=k)
     assert _rel_err(a, b) < 1e-10
+
+
+# --------------------------------------------------------------------------- timm
+
+TIMM_FAST = {"seresnet18": 32, "res2net50_26w_4s": 32, "hrnet_w18_small": 64}
+TIMM_ALL = {
+    "resnet50d": 64, "seresnet18": 32, "efficientnet_b0": 32, "mobilenetv3_small_100": 32, "regnetx_002": 32,
+    "densenet121": 32, "vgg11": 32, "cspresnet50": 64, "res2net50_26w_4s": 32, "hrnet_w18_small": 64,
+    "convnext_atto": 32, "ghostnet_100": 32, "dla34": 64,
+}
+
+
+def _timm_check(name: str, size: int, rules=RULES) -> None:
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install zfvis[timm])")
+    model = _ready(timm.create_model(name, pretrained=False, num_classes=10))
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)
+    dn = Deconvnet(model)
+    names = [n for n in dn.layer_names(aliases=False) if n in dict(model.named_modules())]
+    mid = next(n for n in names[len(names) // 2:] if dn.output(x, n).abs().max() > 0)
+    for layer in (mid, names[-1]):
+        _assert_exact(model, x, layer, rules, dn=dn)
+
+
+@pytest.mark.parametrize("name", list(TIMM_FAST))
+def test_timm_models_match_the_oracle(name: str) -> None:
+    _timm_check(name, TIMM_FAST[name], rules=("deconvnet", "gradient"))
+
+
+@pytest.mark.slow
+@slow
+@pytest.mark.parametrize("name", list(TIMM_ALL))
+def test_timm_models_match_the_oracle_every_rule(name: str) -> None:
+    _timm_check(name, TIMM_ALL[name])
+
+
+def _classification_models() -> list[str]:
+    return [n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(("vit_", "swin"))]
+
+
+@pytest.mark.slow
+@slow
+@pytest.mark.parametrize("name", _classification_models())
+def test_every_torchvision_classification_model_matches_the_oracle(name: str) -> None:
+    """Random weights, reduced input where the model allows it; a mid and the last layer, each rule."""
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+    model = _ready(getattr(torchvision.models, name)(weights=None, num_classes=10, **kwargs))
+    size = {"inception_v3": 96, "maxvit_t": 64}.get(name, 64)
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)
+    dn = Deconvnet(model)
+    names = [n for n in dn.layer_names(aliases=False) if n in dict(model.named_modules())]
+    mid = next(n for n in names[len(names) // 2:] if dn.output(x, n).abs().max() > 0)
+    for layer in (mid, names[-1]):
+        _assert_exact(model, x, layer, dn=dn)
+    del model, dn

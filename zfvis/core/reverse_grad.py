@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .reverse import Frame, ReverseLayer
+from .rule_mode import RuleMode
 from .windows import crop_windows
 
 __all__ = ["VectorJacobian", "Product"]
@@ -51,7 +52,7 @@ class VectorJacobian(ReverseLayer):
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
         inputs = [_per_seed(t, frame, self.windowed).detach().requires_grad_(True) for t in frame.state]
-        with torch.enable_grad():
+        with torch.enable_grad(), RuleMode(frame.rule):  # rectifiers inside a whole submodule: the rule
             # fresh copies: an in-place operation must not write into the leaves
             out = self._fn(*(t.clone() for t in inputs))
             grads = torch.autograd.grad(out, inputs, signal.to(out.dtype), allow_unused=True)
