@@ -198,7 +198,8 @@ class _Pass:
                 inputs = [env[p.fx_node] for p in node.inputs if p.carries] if node.carries else []
                 if node.writes:
                     self._check_inplace(node, args, env, i)
-                    inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]  # as they were
+                    if node.op is not None and node.op.reads_inputs:  # as they were before the call
+                        inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
                 out = _run(node, model, args, kwargs)
                 if node.carries:
                     self._record(node, env, out, inputs)

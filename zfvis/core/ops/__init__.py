@@ -121,7 +121,7 @@ OPS: dict[str, Op] = {
         Op("sub", "the signal goes to each operand, negated for the subtrahend", "same", _build_add,
            _prepare_elementwise),
         Op("scale", "multiplication by a constant: the same constant; of two input-dependent factors: the "
-           "product rule", "same", _build_scale, _prepare_scale, record=_record_scale),
+           "product rule", "same", _build_scale, _prepare_scale, record=_record_scale, reads_inputs=True),
         Op("cat", "the signal is split between the inputs", "same", _build_cat, _prepare_cat),
         Op("reshape", "reshaped back", "same", lambda site: deconv.Reshape(_source(site)), _prepare_reshape),
         Op("getitem", "the signal goes back to the slice, zero elsewhere", "same", _linear_map("getitem"),
@@ -131,10 +131,10 @@ OPS: dict[str, Op] = {
         Op("batch_norm_function", "its per-channel scale weight / sqrt(running_var + eps)", "same",
            _build_batch_norm_function, _prepare_batch_norm_function, record=_record_batch_norm_function),
         Op("rectifier", "the rule: deconvnet relu(signal), guided f'(x) relu(signal), gradient f'(x) signal",
-           "same", build_rectifier, record=record_rectifier),
-        Op("gate", "its derivative: f'(x) signal", "same", build_gate, record=record_gate),
+           "same", build_rectifier, record=record_rectifier, reads_inputs=True),
+        Op("gate", "its derivative: f'(x) signal", "same", build_gate, record=record_gate, reads_inputs=True),
         Op(GENERIC, "its local vector-Jacobian product at the recorded inputs (exact; whole maps)", "full",
-           build_vjp, prepare_vjp, record=record_vjp),
+           build_vjp, prepare_vjp, record=record_vjp, reads_inputs=True),
     ]
 }
 

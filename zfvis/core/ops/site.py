@@ -96,6 +96,8 @@ class Op:
         record: Computes what the reverse needs from the forward values:
             ``record(site, inputs, output, rule) -> state``.
         params: For ``"spatial"`` ops, (kernel, stride, padding, dilation) pairs.
+        reads_inputs: Whether ``record`` reads the inputs (an in-place call's are copied
+            before it runs).
     """
 
     name: str
@@ -105,3 +107,4 @@ class Op:
     prepare: Callable[[Site], None] | None = None
     record: Callable[[Site, list[torch.Tensor], torch.Tensor, str], Any] | None = None
     params: Callable[[Site], tuple[Pair, Pair, Pair, Pair]] | None = None
+    reads_inputs: bool = False
