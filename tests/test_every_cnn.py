@@ -49,14 +49,16 @@ def _strongest(dn: Deconvnet, x: torch.Tensor, layer: str) -> tuple[int, ...]:
 def _assert_exact(model: nn.Module, x: torch.Tensor, layer: str, rules=RULES, dn: Deconvnet | None = None) -> None:
     dn = dn or Deconvnet(model)
     index = _strongest(dn, x, layer)
+    nonzero = 0
     for rule in rules:
         if len(index) == 3:
             got = dn.project(x, layer, index[0], position=index[1:], rule=rule)[0]
         else:
             got = dn.project(x, layer, index[0], rule=rule)[0]
         ref = oracle_projection(model, x, layer, index, rule)
-        assert ref.abs().max() > 0, (layer, rule)
-        assert _rel_err(got, ref) < RTOL, (layer, rule)
+        nonzero += bool(ref.abs().max() > 0)
+        assert _rel_err(got, ref) < RTOL, (layer, rule)  # exactly zero where the reference is
+    assert nonzero, layer  # (the deconvnet rule may rectify a deep seed's signal away entirely)
 
 
 def _plain_gradient(model: nn.Module, x: torch.Tensor, layer: str, index: tuple[int, ...]) -> torch.Tensor:
@@ -145,6 +147,35 @@ def test_in_place_write_to_shared_memory_is_refused_by_both_engines(how: str) ->
         occlusion(model, x[0], patch=3, stride=3, method="incremental")
     res = occlusion(model, x[0], patch=3, stride=3)  # auto: the full method, exact
     assert res.method == "full"
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        return y, F.relu(y)
+
+
+class _UsesPair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair, self.conv = _Pair(), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.pair(x)
+        return self.conv(a * b)
+
+
+def test_a_layer_returning_a_tuple_names_its_tensors() -> None:
+    model = _ready(_UsesPair())
+    x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    dn = Deconvnet(model)
+    with pytest.raises(UnsupportedModelError, match=r"'pair' does not output one tensor.*tensors: pair.conv, pair.relu"):
+        dn.project(x, "pair", 0)
+    _assert_exact(model, x, "conv", dn=dn)
 
 
 def test_recorded_activations_equal_forward_hooks_on_in_place_models() -> None:
@@ -395,9 +426,7 @@ def _timm_check(name: str, size: int, rules=RULES) -> None:
     model = _ready(timm.create_model(name, pretrained=False, num_classes=10))
     x = torch.randn(1, 3, size, size, dtype=torch.float64)
     dn = Deconvnet(model)
-    names = [n for n in dn.layer_names(aliases=False) if n in dict(model.named_modules())]
-    mid = next(n for n in names[len(names) // 2:] if dn.output(x, n).abs().max() > 0)
-    for layer in (mid, names[-1]):
+    for layer in _mid_and_last(dn, model, x):
         _assert_exact(model, x, layer, rules, dn=dn)
 
 
@@ -413,8 +442,28 @@ def test_timm_models_match_the_oracle_every_rule(name: str) -> None:
     _timm_check(name, TIMM_ALL[name])
 
 
+#: Models too large for float64 on a test machine (over 100M parameters), and input sizes.
+_TOO_LARGE = ("vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf", "vit_b_32")
+_SIZES = {"inception_v3": 96, "maxvit_t": 224}
+_KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": False}, "googlenet": {"aux_logits": False,
+           "init_weights": False}, "vit_b_16": {"image_size": 32}}
+
+
 def _classification_models() -> list[str]:
-    return [n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(("vit_", "swin"))]
+    return [n for n in torchvision.models.list_models(module=torchvision.models) if n not in _TOO_LARGE]
+
+
+def _mid_and_last(dn: Deconvnet, model: nn.Module, x: torch.Tensor) -> list[str]:
+    """A layer from the middle with a non-zero map or vector output, and the last layer."""
+    names = [n for n in dn.layer_names(aliases=False) if n in dict(model.named_modules())]
+    for mid in names[len(names) // 2:]:
+        try:
+            out = dn.output(x, mid)
+        except UnsupportedModelError:  # a module returning a tuple (attention)
+            continue
+        if out.dim() in (2, 4) and out.abs().max() > 0:
+            break
+    return [mid, names[-1]]
 
 
 @pytest.mark.slow
@@ -422,13 +471,12 @@ def _classification_models() -> list[str]:
 @pytest.mark.parametrize("name", _classification_models())
 def test_every_torchvision_classification_model_matches_the_oracle(name: str) -> None:
     """Random weights, reduced input where the model allows it; a mid and the last layer, each rule."""
-    kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
-    model = _ready(getattr(torchvision.models, name)(weights=None, num_classes=10, **kwargs))
-    size = {"inception_v3": 96, "maxvit_t": 64}.get(name, 64)
+    model = _ready(getattr(torchvision.models, name)(weights=None, num_classes=10, **_KWARGS.get(name, {})))
+    if name.startswith("vit_"):  # its head starts at zero: no gradient at all
+        nn.init.normal_(model.heads.head.weight, 0, 0.02)
+    size = _SIZES.get(name, 32 if name.startswith("vit_") else 64)
     x = torch.randn(1, 3, size, size, dtype=torch.float64)
     dn = Deconvnet(model)
-    names = [n for n in dn.layer_names(aliases=False) if n in dict(model.named_modules())]
-    mid = next(n for n in names[len(names) // 2:] if dn.output(x, n).abs().max() > 0)
-    for layer in (mid, names[-1]):
+    for layer in _mid_and_last(dn, model, x):
         _assert_exact(model, x, layer, dn=dn)
     del model, dn

@@ -9,6 +9,8 @@ batched, each seed computing only over its cone of influence.
 
 from __future__ import annotations
 
+import operator
+
 from collections.abc import Sequence
 
 import torch
@@ -246,7 +248,16 @@ class Deconvnet:
 
     def _record(self, images: torch.Tensor, node: GraphNode, rule: str) -> Recording:
         outputs, sites, problems, shape = record(self.graph, images, [node], rule)
-        return Recording(node.name, outputs[node.name], shape, sites, rule, self.graph, problems)
+        return Recording(node.name, self._one_tensor(outputs, node), shape, sites, rule, self.graph, problems)
+
+    @staticmethod
+    def _one_tensor(outputs: dict[str, torch.Tensor], node: GraphNode) -> torch.Tensor:
+        """A layer's output, or a refusal naming the tensors a layer returning a tuple holds."""
+        if node.name in outputs:
+            return outputs[node.name]
+        items = [u.name for u in node.users if u.fx_node.target is operator.getitem]
+        which = f"; choose one of its items: {', '.join(items)}" if items else ""
+        raise UnsupportedModelError(f"layer '{node.name}' does not output one tensor (a tuple or list){which}")
 
     def output(self, images: torch.Tensor, layer: str) -> torch.Tensor:
         """The output of ``layer`` (a forward pass only: the layer need not be projectable)."""
@@ -258,7 +269,7 @@ class Deconvnet:
         images = self._check_images(images)
         nodes = {layer: self._node(layer) for layer in layers}
         outputs, _, _, _ = record(self.graph, images, list(nodes.values()))
-        return {layer: outputs[node.name] for layer, node in nodes.items()}
+        return {layer: self._one_tensor(outputs, node) for layer, node in nodes.items()}
 
     @staticmethod
     def _check_images(images: torch.Tensor) -> torch.Tensor:

@@ -110,6 +110,7 @@ class ModelGraph:
             the node holding its (last) output.
         first_call: For modules called more than once, the node of the first call.
         opaque: Modules kept whole because tracing into them failed, with the reason.
+        tuples: Modules that return a tuple or list, with the names of the nodes of its tensors.
     """
 
     model: nn.Module
@@ -118,6 +119,7 @@ class ModelGraph:
     module_output: dict[str, GraphNode]
     first_call: dict[str, GraphNode]
     opaque: dict[str, str]
+    tuples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def input(self) -> GraphNode:
@@ -165,6 +167,7 @@ class _Tracer(fx.Tracer):
         self.outputs: dict[str, fx.Node] = {}
         self.calls: dict[str, list[fx.Node]] = {}
         self.failed: tuple[str, str] | None = None
+        self.tuples: dict[str, list[fx.Node]] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque or type(m) in ops.MODULE_OPS:
@@ -188,6 +191,8 @@ class _Tracer(fx.Tracer):
             if isinstance(out, fx.Proxy):
                 self.outputs[qualname] = out.node
                 self.calls.setdefault(qualname, []).append(out.node)
+            elif isinstance(out, (tuple, list)) and qualname:
+                self.tuples[qualname] = [p.node for p in out if isinstance(p, fx.Proxy)]
             return out
         finally:
             self.path = outer
@@ -300,7 +305,9 @@ def trace_model(model: nn.Module) -> ModelGraph:
     _version_in_place(nodes, of)
     module_output = {name: of[n] for name, n in tracer.outputs.items() if n in of}
     first_call = {name: of[c[0]] for name, c in tracer.calls.items() if len(c) > 1 and c[0] in of}
-    return ModelGraph(model, nodes, {n.name: n for n in nodes}, module_output, first_call, opaque)
+    tuples = {name: [of[n].name for n in items if n in of] for name, items in tracer.tuples.items()
+              if name not in module_output}
+    return ModelGraph(model, nodes, {n.name: n for n in nodes}, module_output, first_call, opaque, tuples)
 
 
 def _classify(nodes: list[GraphNode], opaque: dict[str, str]) -> None:

@@ -67,7 +67,10 @@ def writes_in_place(fxn: fx.Node, module: nn.Module | None, code: str | None = N
 
 
 def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (fake, functional)
+        return 0
 
 
 def overwritten(target: Any, later: Iterable[tuple[str, Any]]) -> str | None:
@@ -82,6 +85,8 @@ def overwritten(target: Any, later: Iterable[tuple[str, Any]]) -> str | None:
     if not isinstance(target, torch.Tensor):
         return None
     ptr = _storage(target)
+    if ptr == 0:  # no memory of its own (an empty, meta or fake tensor: a shapes-only pass)
+        return None
     for name, value in later:
         if isinstance(value, torch.Tensor) and value is not target and _storage(value) == ptr:
             return name

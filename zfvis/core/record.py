@@ -118,7 +118,9 @@ def _run(node: GraphNode, model: nn.Module, args: tuple[Any, ...], kwargs: dict[
 
 
 def _tensors(value: Any) -> bool:
-    return isinstance(value, (tuple, list)) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value)
+    """Whether a value is a tuple or list of tensors (``None`` allowed: attention without weights)."""
+    return (isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
+            and all(v is None or isinstance(v, torch.Tensor) for v in value))
 
 
 def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any, parent: Site | None) -> Site:
