@@ -8,7 +8,8 @@ captum is importable, to captum's NeuronDeconvolution on the same activations (n
 captum calls for nine channels). Also checks that our projection equals the activation's
 value times captum's attribution (captum seeds the gradient with 1).
 
-    python scripts/bench_project.py [--model vgg16|resnet50] [--repeats 5] [--threads 2] [--input-size 224]
+    python scripts/bench_project.py [--model vgg16|resnet50|efficientnet_b0|convnext_tiny] [--repeats 5] [--threads 2]
+                                    [--input-size 224]
 
 A progress bar counts the measurements (the default run takes minutes on a CPU).
 
@@ -43,6 +44,16 @@ SETUPS = {
         ("conv5_3 x1 vs captum", "conv5_3 x1", "captum conv5_3 x1", 0.8),
         ("conv5_3 x9 vs 9 captum", "conv5_3 x9", "captum conv5_3 x9", 0.35),
         ("conv3_3 x9 vs 9 captum", "conv3_3 x9", "captum conv3_3 x9", 0.2),
+    ]),
+    # SiLU / GELU models: captum passes the plain gradient through them, so deconvnet and
+    # guided times are compared, and values only for the gradient rule (NeuronGradient)
+    "efficientnet_b0": (["features.6", "features.4"], [
+        ("features.6 x1 vs captum", "features.6 x1", "captum features.6 x1", 1.0),
+        ("features.6 x9 vs 9 captum", "features.6 x9", "captum features.6 x9", 0.5),
+    ]),
+    "convnext_tiny": (["features.5", "features.3"], [
+        ("features.5 x1 vs captum", "features.5 x1", "captum features.5 x1", 1.0),
+        ("features.5 x9 vs 9 captum", "features.5 x9", "captum features.5 x9", 0.5),
     ]),
     "resnet50": (["layer3", "layer2"], [
         ("layer3 x1 vs captum", "layer3 x1", "captum layer3 x1", 0.8),
@@ -91,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}, random weights, input {tuple(x.shape)}, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     try:
-        from captum.attr import NeuronDeconvolution
+        from captum.attr import NeuronDeconvolution, NeuronGradient
     except ImportError:
-        NeuronDeconvolution = None  # noqa: N806
+        NeuronDeconvolution = NeuronGradient = None  # noqa: N806
         print("captum is not importable: no comparison (pip install captum --no-deps)")
 
     # every measurement of one round runs back to back, so that on a shared machine the
@@ -129,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             selectors = [(int(c), int(y), int(xx)) for c, y, xx in zip(seeds.channel, seeds.y, seeds.x)]
             tasks[f"captum {layer} x1"] = lambda nd=nd, sel=selectors[0]: nd.attribute(x, neuron_selector=sel)
             tasks[f"captum {layer} x9"] = lambda nd=nd, sels=selectors: [nd.attribute(x, neuron_selector=s) for s in sels]
+            if args.model not in ("vgg16", "resnet50"):  # values: the gradient rule vs NeuronGradient
+                ng = NeuronGradient(captum_model, modules[name])
+                ours = dn.project(x, layer, channel=channels[:1], rule="gradient")[0]
+                ref = seeds.value[0] * ng.attribute(x, neuron_selector=selectors[0])[0]
+                err = ((ours[0] - ref).abs().max() / ref.abs().max()).item()
+                exact_lines.append(f"exactness {layer} (gradient rule vs value*NeuronGradient): {err:.2e}")
+                continue
             # exactness: ours == value * captum
             ours = dn.project(x, layer, channel=channels)[0]
             worst = 0.0

@@ -1,28 +1,32 @@
 """The deconvnet (and its sibling rules) written as autograd, independently of zfvis's engine.
 
-The projection of an activation a equals a * d a / d x when every ReLU-family backward is
-replaced by the rule's and contrast normalisation's backward by the identity; max-pooling's
-ordinary gradient is exactly unpooling with switches (overlaps summed), a convolution's is
-the transposed convolution with its own weights, an addition sends the signal to each
-operand, a concatenation splits it, and a value used twice gets the sum of its consumers'
-signals, as autograd accumulates gradients.
+The projection of an activation a equals a * d a / d x when the backward of every
+*rectifier* is replaced by the rule's and contrast normalisation's backward by the
+identity; every other operation keeps its true backward (max-pooling's gradient is
+unpooling with switches, a convolution's the transposed convolution with its own weights,
+a sigmoid gate's product ``x * sigmoid(...)`` sends the signal into both factors, a
+LayerNorm's is its full Jacobian, ...), and a value used twice gets the sum of its
+consumers' signals, as autograd accumulates gradients.
 
-Rules (``x`` is the forward input of the ReLU, ``g`` the incoming signal):
+Rectifiers: ReLU, ReLU6, LeakyReLU, ELU, SiLU, GELU (both approximations), Hardswish, Mish.
+With ``x`` the rectifier's forward input, ``g`` the incoming signal and ``f'`` the
+activation's own derivative:
 
-=========== ============================== =========================================
-rule        ReLU backward                  ReLU6 backward
-=========== ============================== =========================================
-deconvnet   relu(g)                        relu(g) where x < 6, else 0
-guided      relu(g) * (x > 0)              relu(g) * (0 < x < 6)
-gradient    g * (x > 0)   (plain autograd) g * (0 < x < 6)
-=========== ============================== =========================================
+=========== ============================================================
+rule        backward
+=========== ============================================================
+deconvnet   relu(g)                 (ReLU6: relu(g) where x < 6, else 0)
+guided      f'(x) * relu(g)
+gradient    f'(x) * g               (plain autograd)
+=========== ============================================================
 
 The swap is a ``TorchFunctionMode`` that replaces the functional calls (``F.relu``,
 ``torch.relu``, ``Tensor.relu``, their in-place forms, ``F.relu6``, ``F.hardtanh(x, 0, 6)``,
-``F.local_response_norm``) by custom autograd Functions, so ``nn.ReLU`` / ``nn.ReLU6`` /
-``nn.LocalResponseNorm`` modules and ``F.relu`` calls in ``forward()`` are covered alike.
-In-place calls are computed out of place (a fresh tensor is returned), so that a captured
-activation is never overwritten by a later in-place ReLU.
+``F.leaky_relu``, ``F.elu``, ``F.silu``, ``F.gelu``, ``F.hardswish``, ``F.mish``,
+``F.local_response_norm``) by custom autograd Functions, so modules (which call these) and
+functional calls in ``forward()`` are covered alike. An in-place call stays in place (the
+Function writes its input and marks it dirty), so a model whose ``forward()`` reads a
+tensor after an in-place call on it is run as written.
 
 A layer is a ``named_modules()`` name (a leaf or a container; its output, captured with a
 forward hook; for a module that runs several times, its last call unless ``call`` says
@@ -51,43 +55,45 @@ RULES = ("deconvnet", "guided", "gradient")
 # --------------------------------------------------------------------------- backward rules
 
 
-class _RectifyFn(torch.autograd.Function):
-    """ReLU (``upper is None``) or ReLU6 (``upper == 6``) forward; the rule's backward."""
+def _slope(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """f'(x) of a pointwise function, by autograd on a detached copy."""
+    with torch.enable_grad():
+        leaf = x.detach().clone().requires_grad_(True)
+        (d,) = torch.autograd.grad(fn(leaf), leaf, torch.ones_like(leaf))
+    return d
+
+
+class _RuleFn(torch.autograd.Function):
+    """A rectifier's forward ``fn`` (out of place); the rule's backward. ``cap``: ReLU6's 6."""
 
     @staticmethod
-    def forward(ctx, x, upper, rule):  # type: ignore[override]
-        if upper is None:
-            y = x.clamp(min=0)
-            forward_mask = x > 0
-            below_cap = None
-        else:
-            y = x.clamp(min=0, max=upper)
-            forward_mask = (x > 0) & (x < upper)
-            below_cap = x < upper
+    def forward(ctx, x, fn, rule, cap, inplace):  # type: ignore[override]
+        y = fn(x)
+        slope = _slope(fn, x)
+        below = (x < cap) if cap is not None else None
         ctx.rule = rule
-        ctx.has_cap = below_cap is not None
-        if below_cap is None:
-            ctx.save_for_backward(forward_mask)
-        else:
-            ctx.save_for_backward(forward_mask, below_cap)
+        ctx.save_for_backward(slope, below if below is not None else slope)
+        ctx.has_cap = below is not None
+        if inplace:
+            x.copy_(y)
+            ctx.mark_dirty(x)
+            return x
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        saved = ctx.saved_tensors
-        forward_mask = saved[0]
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        slope, below = ctx.saved_tensors
         if ctx.rule == "deconvnet":
             out = grad.clamp(min=0)
             if ctx.has_cap:
-                out = torch.where(saved[1], out, zero)
+                out = torch.where(below, out, torch.zeros((), dtype=grad.dtype, device=grad.device))
         elif ctx.rule == "guided":
-            out = torch.where(forward_mask, grad.clamp(min=0), zero)
+            out = slope * grad.clamp(min=0)
         elif ctx.rule == "gradient":
-            out = torch.where(forward_mask, grad, zero)
+            out = slope * grad
         else:  # pragma: no cover - checked on entry
             raise AssertionError(ctx.rule)
-        return out, None, None
+        return out, None, None, None, None
 
 
 class _IdentityBackwardLRNFn(torch.autograd.Function):
@@ -109,14 +115,48 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default):
     return kwargs.get(name, default)
 
 
-_RELU = {F.relu, torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_, F.relu_}
-_RELU6 = {F.relu6}
-_HARDTANH = {F.hardtanh, F.hardtanh_}
+_RELU = {F.relu: False, torch.relu: False, torch.Tensor.relu: False, torch.relu_: True, torch.Tensor.relu_: True,
+         F.relu_: True}
+_HARDTANH = {F.hardtanh: False, F.hardtanh_: True}
 _LRN = {F.local_response_norm}
 
 
+def _rectifier(func, args: tuple, kwargs: dict):
+    """(out-of-place function, cap, in place) for a rectifier call, or ``None``."""
+    if func in _RELU:
+        inplace = _RELU[func] or bool(_arg(args, kwargs, 1, "inplace", False))
+        return torch.relu, None, inplace
+    if func is F.relu6:
+        return (lambda t: torch.clamp(t, 0.0, 6.0)), 6.0, bool(_arg(args, kwargs, 1, "inplace", False))
+    if func in _HARDTANH:
+        lo, hi = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+        if float(lo) != 0.0 or float(hi) != 6.0:
+            raise NotImplementedError(f"oracle: hardtanh({lo}, {hi}) is not ReLU6; no rule for it")
+        return (lambda t: torch.clamp(t, 0.0, 6.0)), 6.0, _HARDTANH[func] or bool(_arg(args, kwargs, 3, "inplace", False))
+    if func in (F.leaky_relu, F.leaky_relu_):
+        slope = float(_arg(args, kwargs, 1, "negative_slope", 0.01))
+        inplace = func is F.leaky_relu_ or bool(_arg(args, kwargs, 2, "inplace", False))
+        return (lambda t: torch.where(t > 0, t, t * slope)), None, inplace
+    if func in (F.elu, F.elu_):
+        alpha = float(_arg(args, kwargs, 1, "alpha", 1.0))
+        inplace = func is F.elu_ or bool(_arg(args, kwargs, 2, "inplace", False))
+        return (lambda t: torch.where(t > 0, t, alpha * torch.expm1(t))), None, inplace
+    if func is F.silu:
+        return (lambda t: t * torch.sigmoid(t)), None, bool(_arg(args, kwargs, 1, "inplace", False))
+    if func is F.gelu:
+        if _arg(args, kwargs, 1, "approximate", "none") == "tanh":
+            c = (2.0 / torch.pi) ** 0.5
+            return (lambda t: 0.5 * t * (1 + torch.tanh(c * (t + 0.044715 * t**3)))), None, False
+        return (lambda t: 0.5 * t * (1 + torch.erf(t / 2**0.5))), None, False
+    if func is F.hardswish:
+        return (lambda t: t * torch.clamp(t + 3, 0, 6) / 6), None, bool(_arg(args, kwargs, 1, "inplace", False))
+    if func is F.mish:
+        return (lambda t: t * torch.tanh(F.softplus(t))), None, bool(_arg(args, kwargs, 1, "inplace", False))
+    return None
+
+
 class _RuleMode(TorchFunctionMode):
-    """Replaces the ReLU family and LocalResponseNorm by the oracle's Functions. Counts the
+    """Replaces every rectifier and LocalResponseNorm by the oracle's Functions. Counts the
     swaps so that a test can check that the swap happened at all."""
 
     def __init__(self, rule: str) -> None:
@@ -126,19 +166,11 @@ class _RuleMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _RELU:
+        found = _rectifier(func, args, kwargs)
+        if found is not None:
+            fn, cap, inplace = found
             self.swapped += 1
-            return _RectifyFn.apply(args[0], None, self.rule)
-        if func in _RELU6:
-            self.swapped += 1
-            return _RectifyFn.apply(args[0], 6.0, self.rule)
-        if func in _HARDTANH:
-            lo = _arg(args, kwargs, 1, "min_val", -1.0)
-            hi = _arg(args, kwargs, 2, "max_val", 1.0)
-            if float(lo) != 0.0 or float(hi) != 6.0:
-                raise NotImplementedError(f"oracle: hardtanh({lo}, {hi}) is not ReLU6; no rule for it")
-            self.swapped += 1
-            return _RectifyFn.apply(args[0], 6.0, self.rule)
+            return _RuleFn.apply(args[0], fn, self.rule, cap, inplace)
         if func in _LRN:
             size = _arg(args, kwargs, 1, "size", None)
             alpha = _arg(args, kwargs, 2, "alpha", 1e-4)
@@ -149,9 +181,10 @@ class _RuleMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-# Backward nodes that mean a ReLU-family op escaped the swap (the oracle would then silently
+# Backward nodes that mean a rectifier escaped the swap (the oracle would then silently
 # use the plain gradient there).
-_LEAKED = ("ReluBackward", "HardtanhBackward", "Relu6Backward", "ThresholdBackward")
+_LEAKED = ("ReluBackward", "HardtanhBackward", "Relu6Backward", "ThresholdBackward", "LeakyReluBackward",
+           "EluBackward", "SiluBackward", "GeluBackward", "HardswishBackward", "MishBackward")
 
 
 def _assert_no_leaked_relu(out: torch.Tensor) -> None:

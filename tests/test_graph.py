@@ -630,14 +630,14 @@ def test_reverse_pass_is_windowed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class _WithSigmoid(nn.Module):
-    """An unsupported op (torch.sigmoid on the image) in front of a supported network."""
+    """An unsupported op (rounding the image: no gradient) in front of a supported network."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(torch.sigmoid(x))
+        return self.inner(torch.round(x * 4) / 4)
 
 
 def _mixed_mode(key: str) -> nn.Module:
@@ -847,17 +847,19 @@ class _Product(nn.Module):
 
 
 @pytest.mark.parametrize(("cls", "node"), [(_Sigmoid, "sigmoid"), (_Product, "mul")])
-def test_unsupported_op_names_the_node(cls, node: str) -> None:
+@pytest.mark.parametrize("rule", ORACLE_RULES)
+def test_gate_and_product_keep_their_true_backward(cls, node: str, rule: str) -> None:
+    """A sigmoid passes f'(x) * signal and a product of two input-dependent tensors sends
+    the signal into both factors, under every rule: as the oracle's autograd does."""
     model = cls().double().eval()
     x = torch.randn(1, 3, 10, 10, dtype=torch.float64)
-    with pytest.raises(UnsupportedModelError) as info:
-        Deconvnet(model).project(x, "conv3" if cls is _Product else "conv2", 0)
-    assert isinstance(info.value, ValueError)
-    assert node in str(info.value)
-    assert torch._C._len_torch_function_stack() == 0
-    # a layer before the unsupported op still projects, and matches the oracle
-    p = Deconvnet(model).project(x, "conv1", 1, position=(4, 6))
-    assert _rel_err(p[0], oracle_projection(model, x, "conv1", (1, 4, 6))) < RTOL
+    layer = "conv3" if cls is _Product else "conv2"
+    dn = Deconvnet(model)
+    p = dn.project(x, layer, 1, position=(4, 6), rule=rule)
+    ref = oracle_projection(model, x, layer, (1, 4, 6), rule)
+    assert ref.abs().max() > 0 and _rel_err(p[0], ref) < RTOL
+    stack = str(dn.reverse_stack(dn.record(x, layer)))
+    assert node in stack and "VectorJacobian" not in stack  # an explicit layer, not the generic one
 
 
 def test_batchnorm_without_running_stats_is_refused() -> None:

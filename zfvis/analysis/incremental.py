@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..core.graph import ModelGraph
+from ..core.inplace import overwritten
 from ..io.errors import UserInputError
-from .incremental_rules import Pointwise, Rule, is_inplace, is_pointwise, module_rule
+from .incremental_rules import Pointwise, Rule, is_pointwise, module_rule
 
 __all__ = ["IncrementalOcclusion", "NotIncremental", "map_totals"]
 
@@ -120,6 +121,7 @@ class IncrementalOcclusion:
         self.modules = dict(self.model.named_modules())
         self.nodes = list(graph.input.fx_node.graph.nodes)
         self.names = {gn.fx_node: gn.name for gn in graph.nodes}
+        self.writes = {gn.fx_node for gn in graph.nodes if gn.writes}
         self.output = next(n for n in self.nodes if n.op == "output")
         order = {n: i for i, n in enumerate(self.nodes)}
         self.last_use = {n: max((order[u] for u in n.users), default=-1) for n in self.nodes}
@@ -137,7 +139,7 @@ class IncrementalOcclusion:
     def call(self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], owned: bool = False) -> Any:
         """Runs one node's operation; an in-place one gets a copy of its first argument
         unless the caller ``owned`` it (no one reads it afterwards)."""
-        if not owned and args and isinstance(args[0], torch.Tensor) and is_inplace(node, self.modules, args, kwargs):
+        if not owned and args and isinstance(args[0], torch.Tensor) and self._in_place(node):
             args = (args[0].clone(), *args[1:])
         if node.op == "call_module":
             return self.modules[node.target](*args, **kwargs)  # type: ignore[index]
@@ -161,18 +163,20 @@ class IncrementalOcclusion:
                 value = self.call(node, args, kwargs)  # type: ignore[arg-type]
             self.base[node] = value
 
+    def _in_place(self, node: fx.Node) -> bool:
+        return node in self.writes
+
     def _check_inplace(self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], i: int) -> None:
-        """Refuses an in-place operation on a tensor that a later node reads (itself or a
-        view of it): the engine gives every in-place operation a copy, so it would not see
-        the change the model makes."""
-        if not args or not isinstance(args[0], torch.Tensor) or not is_inplace(node, self.modules, args, kwargs):
+        """Refuses an in-place operation on memory that a later node reads through another
+        value (a view of it, or the tensor it is a view of): the engine gives every in-place
+        operation a copy, so it would not see the change the model makes."""
+        if not args or not self._in_place(node):
             return
-        storage = args[0].untyped_storage().data_ptr()
-        for other, value in self.base.items():
-            later = self.last_use[other] > i
-            if later and isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == storage:
-                raise NotIncremental(f"the model's forward() changes a tensor in place ({self.names[node]}) that "
-                                     f"'{self.names.get(other, other.name)}' still reads afterwards")
+        later = ((self.names.get(n, n.name), v) for n, v in self.base.items() if self.last_use[n] > i)
+        other = overwritten(args[0], later)
+        if other is not None:
+            raise NotIncremental(f"the model's forward() changes a tensor in place ({self.names[node]}) that "
+                                 f"'{other}' still reads afterwards")
 
     # ------------------------------------------------------------------ planning
     def _plan(self, node: fx.Node) -> NodePlan:

@@ -14,7 +14,6 @@ arithmetic, channel concatenation).
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +22,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.utils import _pair as as_pair
 
-__all__ = ["Rule", "Pointwise", "Window", "module_rule", "is_pointwise", "is_inplace", "union", "BIG"]
+from ..core.ops.pointwise import acts_per_position
+
+__all__ = ["Rule", "Pointwise", "Window", "module_rule", "is_pointwise", "union", "BIG"]
 
 BIG = 1 << 40
 
@@ -188,32 +189,15 @@ def module_rule(m: nn.Module, in_hw: tuple[int, int], out_hw: tuple[int, int]) -
     return None
 
 
-#: Modules that act on each (y, x) position on its own (in eval mode).
-_POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Dropout,
-    nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.LocalResponseNorm,
-)  # fmt: skip
-_POINTWISE_FUNCTIONS: frozenset[Any] = frozenset({
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.clamp,
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.hardtanh, F.elu, F.gelu, F.silu, F.hardswish, F.sigmoid, F.tanh,
-})  # fmt: skip
-_POINTWISE_METHODS = frozenset(
-    {"add", "add_", "sub", "mul", "mul_", "div", "relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_", "neg"}
-)
-_INPLACE_FUNCTIONS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, F.relu_})
-
-
 def is_pointwise(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     """Whether the node's operation acts on each (y, x) position on its own (in eval mode)."""
     if node.op == "call_module":
         m = modules[node.target]  # type: ignore[index]
         if isinstance(m, nn.BatchNorm2d):
             return m.running_mean is not None  # batch statistics are not pointwise
-        return isinstance(m, _POINTWISE_MODULES)
+        return acts_per_position(node, m)
     if node.op == "call_method":
-        return node.target in _POINTWISE_METHODS
+        return acts_per_position(node, None)
     if node.op != "call_function":
         return False
     if node.target is F.dropout:  # the identity when not training
@@ -222,19 +206,4 @@ def is_pointwise(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     if node.target is torch.cat:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         return dim in (1, -3)
-    return node.target in _POINTWISE_FUNCTIONS
-
-
-def is_inplace(node: fx.Node, modules: Mapping[str, nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether the operation may overwrite its first argument."""
-    if node.op == "call_module":
-        return getattr(modules[node.target], "inplace", False) is True  # type: ignore[index]
-    if node.op == "call_method":
-        return str(node.target).endswith("_") and not str(node.target).startswith("__")
-    if node.op == "call_function":
-        return (
-            node.target in _INPLACE_FUNCTIONS
-            or kwargs.get("inplace") is True
-            or (getattr(node.target, "__module__", "") == "torch.nn.functional" and any(a is True for a in args[1:]))
-        )
-    return False
+    return acts_per_position(node, None)

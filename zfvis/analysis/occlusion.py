@@ -329,6 +329,7 @@ def _check(model: object, image: object, *, patch: object, stride: object, fill:
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     image = _check_image(image)
+    _check_per_image(model)
     param = next(model.parameters(), None)
     if param is not None:
         image = image.to(device=param.device, dtype=param.dtype)
@@ -344,6 +345,18 @@ def _check(model: object, image: object, *, patch: object, stride: object, fill:
     node = dn.resolve(layer) if dn is not None and layer is not None else None
     return _Job(model, dn, image, tops, lefts, _pair(patch, "patch", 1), _pair(stride, "stride", 1),
                 _check_fill(fill, image), batch, method, layer, node)  # type: ignore[arg-type]
+
+
+def _check_per_image(model: nn.Module) -> None:
+    """Refuses a model whose eval-mode output for one image depends on the rest of its batch
+    (batch norm without running statistics): each position's result would depend on ``batch_size``."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
+            raise UnsupportedModelError(
+                f"module '{name}' ({type(m).__name__}) has no running statistics (track_running_stats=False): it "
+                "normalises with each batch's statistics even in eval mode, so occlusion results would depend on "
+                "batch_size. Hint: use a model whose batch norms track running statistics"
+            )
 
 
 def _engine(model: nn.Module, method: str, layer: str | None) -> Deconvnet | None:

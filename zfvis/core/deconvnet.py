@@ -9,6 +9,7 @@ batched, each seed computing only over its cone of influence.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -190,7 +191,7 @@ class Deconvnet:
             if node.name in recording.problems:
                 raise recording.problems[node.name]
         sites = [recording.sites[n.name] for n in path[1:]]
-        steps = self._steps(sites[::-1])
+        steps = self._steps([s for s in sites[::-1] if s.cone != "bundle"])
         return ReverseStack(steps, seed.name, self.graph.input.name)
 
     @staticmethod
@@ -203,12 +204,10 @@ class Deconvnet:
             node = site.node
             if node.name in folded:
                 continue
-            op = node.op
-            if op is None:  # pragma: no cover - reverse_stack refuses such paths first
-                raise UnsupportedModelError(node.problem or f"node '{node.name}' has no reverse")
+            op = site.op
             producer = site.live[0] if site.live else None
             conv_site = next((s for s in sites if producer is not None and s.node is producer), None)
-            if (fold and op.name == "batch_norm" and conv_site is not None and producer is not None
+            if (fold and op.name == "batch_norm" and node.module is not None and conv_site is not None and producer is not None
                     and producer.op is OPS["conv2d"] and len(producer.users) == 1):
                 layer = conv_site.node.op.build(conv_site)  # type: ignore[union-attr]
                 layer.fold(node.module, node.module_name or node.name)  # type: ignore[operator]
@@ -240,11 +239,24 @@ class Deconvnet:
         for n in self.graph.signal_path(node)[1:]:
             if n.problem is not None:
                 raise UnsupportedModelError(n.problem)
-        return self._record(images, node, _check_rule(self.rule if rule is None else rule))
+        rec = self._record(images, node, _check_rule(self.rule if rule is None else rule))
+        for n in self.graph.signal_path(node)[1:]:
+            if n.name in rec.problems:
+                raise rec.problems[n.name]
+        return rec
 
     def _record(self, images: torch.Tensor, node: GraphNode, rule: str) -> Recording:
         outputs, sites, problems, shape = record(self.graph, images, [node], rule)
-        return Recording(node.name, outputs[node.name], shape, sites, rule, self.graph, problems)
+        return Recording(node.name, self._one_tensor(outputs, node), shape, sites, rule, self.graph, problems)
+
+    @staticmethod
+    def _one_tensor(outputs: dict[str, torch.Tensor], node: GraphNode) -> torch.Tensor:
+        """A layer's output, or a refusal naming the tensors a layer returning a tuple holds."""
+        if node.name in outputs:
+            return outputs[node.name]
+        items = [u.name for u in node.users if u.fx_node.target is operator.getitem]
+        which = f"; choose one of its items: {', '.join(items)}" if items else ""
+        raise UnsupportedModelError(f"layer '{node.name}' does not output one tensor (a tuple or list){which}")
 
     def output(self, images: torch.Tensor, layer: str) -> torch.Tensor:
         """The output of ``layer`` (a forward pass only: the layer need not be projectable)."""
@@ -256,7 +268,7 @@ class Deconvnet:
         images = self._check_images(images)
         nodes = {layer: self._node(layer) for layer in layers}
         outputs, _, _, _ = record(self.graph, images, list(nodes.values()))
-        return {layer: outputs[node.name] for layer, node in nodes.items()}
+        return {layer: self._one_tensor(outputs, node) for layer, node in nodes.items()}
 
     @staticmethod
     def _check_images(images: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,20 @@
 """The model as a graph: torch.fx tracing, node names, and which nodes carry the signal.
 
 :func:`trace_model` traces a model symbolically (in eval mode) with torch.fx, keeping as
-leaves every module type the op table knows (and its subclasses, whose ``forward`` may
-differ), plus torch.nn's own modules. Containers (``nn.Sequential``, a ResNet block,
-an Inception module) are traced through, so functional calls in ``forward()``
-(``F.relu``, ``x + y``, ``torch.cat``, ``torch.flatten``) become nodes too.
+leaves every module type the op table knows (by exact type: a subclass, such as timm's
+``BatchNormAct2d``, is traced into, since its ``forward`` may differ), plus torch.nn's own
+modules. Containers (``nn.Sequential``, a ResNet block, an Inception module) are traced
+through, so functional calls in ``forward()`` (``F.relu``, ``x + y``, ``torch.cat``,
+``torch.flatten``) become nodes too.
 
 Nodes are named as torchvision's ``get_graph_node_names`` names them: a module call by
 its ``named_modules()`` name, a function call by the enclosing module's name and the
 function's (``layer1.0.add``), with ``_1``, ``_2``, ... for repeated names within a
 module (``layer1.0.relu_1``). A custom module that cannot be traced (its ``forward``
-raises, or branches on tensor values) is kept as one opaque node: layers before it
-stay projectable, and a projection that must run back through it is refused with the
-reason.
-"""
+raises, or branches on tensor values) is kept as one opaque node, reversed by its
+gradient at its recorded input. An in-place call is a new version of the tensor it
+writes: every later reader of that tensor reads the call's node
+(:mod:`zfvis.core.inplace`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from ..io.errors import UnsupportedModelError
 from . import ops
+from .inplace import writes_in_place
 
 __all__ = ["GraphNode", "ModelGraph", "trace_model", "eval_mode"]
 
@@ -64,6 +66,8 @@ class GraphNode:
         problem: Why the node cannot be reversed, for nodes that carry the signal
             without an op-table entry.
         source: ``file:line: code`` of the call in the model's source, where fx knows it.
+        writes: Whether it writes into its first argument (:mod:`zfvis.core.inplace`).
+        in_place: Whether it writes into its first argument, which carries the signal.
     """
 
     name: str
@@ -75,6 +79,8 @@ class GraphNode:
     carries: bool = False
     problem: str | None = None
     source: str | None = None
+    in_place: bool = False
+    writes: bool = False
     inputs: list[GraphNode] = dataclasses.field(default_factory=list)
     users: list[GraphNode] = dataclasses.field(default_factory=list)
 
@@ -104,6 +110,7 @@ class ModelGraph:
             the node holding its (last) output.
         first_call: For modules called more than once, the node of the first call.
         opaque: Modules kept whole because tracing into them failed, with the reason.
+        tuples: Modules that return a tuple or list, with the names of the nodes of its tensors.
     """
 
     model: nn.Module
@@ -112,6 +119,7 @@ class ModelGraph:
     module_output: dict[str, GraphNode]
     first_call: dict[str, GraphNode]
     opaque: dict[str, str]
+    tuples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def input(self) -> GraphNode:
@@ -122,10 +130,15 @@ class ModelGraph:
         """Names of the nodes that carry the signal, in execution order (not the input)."""
         return [n.name for n in self.nodes[1:] if n.carries]
 
-    def ancestors(self, targets: list[GraphNode]) -> list[GraphNode]:
-        """Every node the targets depend on (including them), in execution order."""
+    def ancestors(self, targets: list[GraphNode], *, writes: bool = False) -> list[GraphNode]:
+        """Every node the targets depend on (including them), in execution order; with
+        ``writes``, also every in-place call before the last of them (it may write into
+        memory a target reads through a view) and what it depends on."""
         seen: set[int] = set()
         stack = list(targets)
+        if writes and targets:
+            last = max(t.index for t in targets)
+            stack += [n for n in self.nodes if n.in_place and n.index < last]
         while stack:
             n = stack.pop()
             if n.index in seen:
@@ -154,9 +167,10 @@ class _Tracer(fx.Tracer):
         self.outputs: dict[str, fx.Node] = {}
         self.calls: dict[str, list[fx.Node]] = {}
         self.failed: tuple[str, str] | None = None
+        self.tuples: dict[str, list[fx.Node]] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.opaque or isinstance(m, ops.LEAF_TYPES):
+        if qualname in self.opaque or type(m) in ops.MODULE_OPS:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -177,6 +191,8 @@ class _Tracer(fx.Tracer):
             if isinstance(out, fx.Proxy):
                 self.outputs[qualname] = out.node
                 self.calls.setdefault(qualname, []).append(out.node)
+            elif isinstance(out, (tuple, list)) and qualname:
+                self.tuples[qualname] = [p.node for p in out if isinstance(p, fx.Proxy)]
             return out
         finally:
             self.path = outer
@@ -286,9 +302,12 @@ def trace_model(model: nn.Module) -> ModelGraph:
         of[fxn] = gn
         nodes.append(gn)
     _classify(nodes, opaque)
+    _version_in_place(nodes, of)
     module_output = {name: of[n] for name, n in tracer.outputs.items() if n in of}
     first_call = {name: of[c[0]] for name, c in tracer.calls.items() if len(c) > 1 and c[0] in of}
-    return ModelGraph(model, nodes, {n.name: n for n in nodes}, module_output, first_call, opaque)
+    tuples = {name: [of[n].name for n in items if n in of] for name, items in tracer.tuples.items()
+              if name not in module_output}
+    return ModelGraph(model, nodes, {n.name: n for n in nodes}, module_output, first_call, opaque, tuples)
 
 
 def _classify(nodes: list[GraphNode], opaque: dict[str, str]) -> None:
@@ -298,8 +317,8 @@ def _classify(nodes: list[GraphNode], opaque: dict[str, str]) -> None:
         if not any(p.carries for p in gn.inputs) or is_shape_query(gn.fx_node):
             continue
         gn.carries = True
-        if gn.module_name in opaque:
-            gn.problem = f"module '{gn.module_name}' ({gn.kind}) could not be traced: {opaque[gn.module_name]}"
+        if gn.module_name in opaque:  # kept whole: reversed by its gradient
+            gn.op = ops.OPS[ops.GENERIC]
             continue
         gn.op, why = lookup(gn)
         if why is not None:
@@ -312,10 +331,30 @@ _SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "type", "get_dev
 _SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 
 
+def _version_in_place(nodes: list[GraphNode], of: dict[fx.Node, GraphNode]) -> None:
+    """Makes every in-place call that carries the signal a new version of the tensor it
+    writes: the nodes after it that read that tensor read the call's node instead."""
+    for gn in nodes:
+        first = gn.fx_node.args[0] if gn.fx_node.args else None
+        victim = of.get(first) if isinstance(first, fx.Node) else None
+        gn.writes = writes_in_place(gn.fx_node, gn.module, gn.source)
+        if victim is None or not (gn.carries and victim.carries) or not gn.writes:
+            continue
+        gn.in_place = True
+        for user in [u for u in victim.users if u.index > gn.index]:
+            user.fx_node.replace_input_with(victim.fx_node, gn.fx_node)
+            user.inputs = [of[a] for a in user.fx_node.all_input_nodes if a in of]
+            victim.users.remove(user)
+            gn.users.append(user)
+
+
 def is_shape_query(fxn: Any) -> bool:
-    """Whether an fx node asks for a tensor's size or type (its value carries no signal)."""
+    """Whether an fx node asks for a tensor's size or type, or makes a tensor from its
+    shape alone (its value carries no signal)."""
     if fxn.op == "call_method":
-        return fxn.target in _SHAPE_METHODS
+        return fxn.target in _SHAPE_METHODS or fxn.target in ops.SHAPE_ONLY
+    if fxn.op == "call_function" and fxn.target in ops.SHAPE_ONLY:
+        return True
     if fxn.op == "call_function" and fxn.target is getattr:
         return len(fxn.args) > 1 and fxn.args[1] in _SHAPE_ATTRS
     return False
@@ -327,18 +366,15 @@ def lookup(node: GraphNode) -> tuple[ops.Op | None, str | None]:
     """The op of a node that carries the signal, or ``(None, why not)``."""
     fxn = node.fx_node
     if node.module is not None:
-        name = ops.MODULE_OPS.get(type(node.module))
-        if name is None:
-            supported = ", ".join(t.__name__ for t in ops.SUPPORTED_TYPES)
-            return None, (f"module '{node.module_name}' of type {type(node.module).__name__} is not supported; "
-                          f"supported module types: {supported}")
-        return ops.OPS[name], None
-    if fxn.op == "call_method":
-        name = ops.METHOD_OPS.get(str(fxn.target))
-    elif fxn.op == "call_function":
-        name = ops.FUNCTION_OPS.get(fxn.target)
-    else:
-        name = None
-    if name is None:
-        return None, f"{node.kind} has no deconvnet rule (see zfvis.core.ops for the supported operations)"
+        return ops.OPS[ops.MODULE_OPS.get(type(node.module), ops.GENERIC)], None
+    if fxn.op not in ("call_method", "call_function"):
+        return None, f"{node.kind} has no reverse"
+    key: Any = str(fxn.target) if fxn.op == "call_method" else fxn.target
+    table: dict[Any, str] = ops.METHOD_OPS if fxn.op == "call_method" else ops.FUNCTION_OPS  # type: ignore[assignment]
+    try:
+        why, name = ops.REFUSED.get(key), table.get(key, ops.GENERIC)
+    except TypeError:  # an unhashable target
+        why, name = None, ops.GENERIC
+    if why is not None:
+        return None, f"{why}, so nothing can be sent back through it"
     return ops.OPS[name], None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 
-from ..io.errors import InputTypeError, UserInputError
+from ..io.errors import InputTypeError, UnsupportedModelError, UserInputError
 from .graph import GraphNode, ModelGraph
 
 __all__ = ["LayerNames"]
@@ -57,6 +57,10 @@ class LayerNames:
         node = self.table.get(name)
         if node is not None:
             return node
+        if name in self.graph.tuples:
+            items = ", ".join(self.graph.tuples[name]) or "none"
+            raise UnsupportedModelError(f"layer '{layer}' does not output one tensor (it returns a tuple or list); "
+                                        f"choose one of its tensors: {items}")
         close = difflib.get_close_matches(layer, self.names(), n=4, cutoff=0.4)
         hint = f" Closest: {', '.join(close)}." if close else ""
         holder = next((m for m in self.graph.opaque if name == m or name.startswith(m + ".")), None)

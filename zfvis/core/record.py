@@ -7,7 +7,9 @@ order. For every node that carries the signal it keeps a :class:`~zfvis.core.ops
 node's constant arguments, its shapes, and what its op records (max-pool switches, ReLU
 masks for the guided and gradient rules). Nothing in the model is changed; every
 module's ``training`` flag is restored, also when the pass raises. In-place operations
-run as in the model; one that would overwrite a value still needed later is refused.
+run as in the model (each is a new version of the tensor it writes, see
+:mod:`zfvis.core.graph`); one that would overwrite memory another value still to be read
+shares (a view) is refused (:mod:`zfvis.core.inplace`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from ..io.errors import (
 )
 from .cone import ReceptiveField
 from .graph import GraphNode, ModelGraph, eval_mode
-from .ops import SUPPORTED_TYPES, Live, Site
+from .inplace import overwritten
+from .ops import GENERIC, OPS, SUPPORTED_TYPES, Live, Site
+from .ops.args import live_call
+from .ops.grad import recorded_inputs
 
 __all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "SUPPORTED_TYPES", "eval_mode"]
 
@@ -100,21 +105,6 @@ def _fetch_attr(model: nn.Module, target: str) -> Any:
     return obj
 
 
-def _mutated(node: GraphNode, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GraphNode | None:
-    """The input an in-place operation overwrites, or ``None``."""
-    fxn = node.fx_node
-    inplace = (
-        bool(getattr(node.module, "inplace", False))
-        or bool(kwargs.get("inplace", False))
-        or (fxn.op == "call_method" and str(fxn.target).endswith("_"))
-        or (fxn.op == "call_function" and getattr(fxn.target, "__name__", "").endswith("_"))
-    )
-    first = fxn.args[0] if fxn.args else None
-    if not inplace or not isinstance(first, fx.Node):
-        return None
-    return next((p for p in node.inputs if p.fx_node is first), None)
-
-
 def _run(node: GraphNode, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     fxn = node.fx_node
     if fxn.op == "get_attr":
@@ -126,7 +116,15 @@ def _run(node: GraphNode, model: nn.Module, args: tuple[Any, ...], kwargs: dict[
     return fxn.target(*args, **kwargs)
 
 
-def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any) -> Site:
+def _tensors(value: Any) -> bool:
+    """Whether a value is a tuple or list of tensors (``None`` allowed: attention without weights)."""
+    return (isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
+            and all(v is None or isinstance(v, torch.Tensor) for v in value))
+
+
+def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any, parent: Site | None) -> Site:
+    """The node's site. A node whose input is a tuple (``parent``, the site of the node that
+    made it) is reversed as the gradient of the composition, from ``parent``'s live inputs."""
     live = [p for p in node.inputs if p.carries]
     slot = {p.fx_node: k for k, p in enumerate(live)}
 
@@ -135,13 +133,35 @@ def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any) -> Site:
 
     args = fx.node.map_arg(node.fx_node.args, value)
     kwargs = fx.node.map_arg(node.fx_node.kwargs, value)
+    cone = "bundle" if _tensors(out) else None
+    if parent is not None:
+        if len(live) != 1:
+            raise UnsupportedModelError(f"node '{node.name}' ({node.kind}) combines a tuple of tensors with other "
+                                        "tensors; zfvis cannot reverse it")
+        inner = parent.fn or live_call(parent)
+        outer = live_call(Site(node, tuple(args), dict(kwargs), live, [], ()))
+        return dataclasses.replace(parent, node=node, out_shape=() if cone else _shape(node, out),
+                                   cone=cone or "full", entry=OPS[GENERIC], fn=lambda *ts: outer(inner(*ts)),
+                                   state=None)
     tensors = [env[p.fx_node] for p in live]
-    if not isinstance(out, torch.Tensor) or not all(isinstance(t, torch.Tensor) for t in tensors):
-        raise UnsupportedModelError(
-            f"node '{node.name}' ({node.kind}) does not map tensors to one tensor; zfvis cannot reverse it"
-        )
-    return Site(node, tuple(args), dict(kwargs), live, [tuple(t.shape[1:]) for t in tensors], tuple(out.shape[1:]),
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise UnsupportedModelError(f"node '{node.name}' ({node.kind}) does not take tensors; zfvis cannot reverse it")
+    shapes = [tuple(t.shape[1:]) for t in tensors]
+    if cone:
+        return Site(node, tuple(args), dict(kwargs), live, shapes, (), cone=cone, entry=OPS[GENERIC])
+    return Site(node, tuple(args), dict(kwargs), live, shapes, _shape(node, out),
                 cone=node.op.cone if node.op is not None else "same")
+
+
+def _shape(node: GraphNode, out: Any) -> tuple[int, ...]:
+    if not isinstance(out, torch.Tensor):
+        raise UnsupportedModelError(
+            f"node '{node.name}' ({node.kind}) does not map tensors to one tensor; zfvis cannot reverse it")
+    if not (out.is_floating_point() or out.is_complex()):
+        raise UnsupportedModelError(
+            f"node '{node.name}' ({node.kind}) gives {out.dtype} values, which have no gradient; zfvis cannot send "
+            "the signal back through it")
+    return tuple(out.shape[1:])
 
 
 class _Pass:
@@ -151,7 +171,7 @@ class _Pass:
         self.graph = graph
         self.rule = rule
         self.targets = {t.fx_node for t in targets}
-        self.needed = graph.ancestors(targets)
+        self.needed = graph.ancestors(targets, writes=True)
         order = {n.fx_node: i for i, n in enumerate(self.needed)}
         self.last_use: dict[fx.Node, int] = {}
         for i, n in enumerate(self.needed):
@@ -161,6 +181,8 @@ class _Pass:
         self.sites: dict[str, Site] = {}
         self.problems: dict[str, UnsupportedModelError] = {}
         self.outputs: dict[fx.Node, torch.Tensor] = {}
+        self.bundles: dict[fx.Node, Site] = {}
+        self.batch = 0
 
     def run(self, images: torch.Tensor) -> None:
         env: dict[fx.Node, Any] = {}
@@ -170,11 +192,15 @@ class _Pass:
             fxn = node.fx_node
             if fxn.op == "placeholder":
                 out: Any = images
+                self.batch = int(images.shape[0])
             else:
                 args = fx.node.map_arg(fxn.args, lambda n: env[n])
                 kwargs = fx.node.map_arg(fxn.kwargs, lambda n: env[n])
-                self._check_inplace(node, args, kwargs, i)
                 inputs = [env[p.fx_node] for p in node.inputs if p.carries] if node.carries else []
+                if node.writes:
+                    self._check_inplace(node, args, env, i)
+                    if node.op is not None and node.op.reads_inputs:  # as they were before the call
+                        inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
                 out = _run(node, model, args, kwargs)
                 if node.carries:
                     self._record(node, env, out, inputs)
@@ -185,26 +211,39 @@ class _Pass:
                 if self.last_use.get(p.fx_node) == i:
                     env.pop(p.fx_node, None)
 
-    def _check_inplace(self, node: GraphNode, args: Any, kwargs: Any, i: int) -> None:
-        victim = _mutated(node, args, kwargs)
-        if victim is None:
-            return
-        later = [u for u in victim.users if u is not node and u.fx_node in self.order and self.order[u.fx_node] > i]
-        if later:
+    def _check_inplace(self, node: GraphNode, args: Any, env: dict[fx.Node, Any], i: int) -> None:
+        later = ((n.name, env[n.fx_node]) for n in self.needed
+                 if n.fx_node in env and self.last_use.get(n.fx_node, -1) > i)
+        other = overwritten(args[0] if args else None, later)
+        if other is not None:
             raise UnsupportedModelError(
-                f"node '{node.name}' ({node.kind}) overwrites '{victim.name}' in place, which '{later[0].name}' reads "
-                "afterwards; zfvis would reverse the wrong values. Hint: make that operation not in-place"
+                f"node '{node.name}' ({node.kind}) overwrites in place memory that '{other}' shares and is read "
+                "afterwards (a view of the same tensor); zfvis would reverse the wrong values. Hint: make that "
+                "operation not in-place"
             )
 
     def _record(self, node: GraphNode, env: dict[fx.Node, Any], out: Any, inputs: list[Any]) -> None:
         if node.op is None:
             return
+        parent = next((self.bundles[p.fx_node] for p in node.inputs if p.fx_node in self.bundles), None)
         try:
-            site = _site(node, env, out)
-            if node.op.prepare is not None:
-                node.op.prepare(site)
-            if node.op.record is not None:
-                site.state = node.op.record(site, inputs, out, self.rule)
+            site = _site(node, env, out, parent)
+            if parent is not None:  # a function of the tuple's node's inputs
+                inputs = parent.state
+            if site.cone == "bundle":
+                site.state = parent.state if parent is not None else recorded_inputs(inputs)
+                self.bundles[node.fx_node] = site
+                self.sites[node.name] = site
+                return
+            if isinstance(out, torch.Tensor) and (out.dim() == 0 or out.shape[0] != self.batch):
+                raise site.fail(f"its output's first dimension is not the batch of {self.batch} images (it merges "
+                                "or drops the batch dimension), which zfvis cannot reverse per image. Hint: keep "
+                                "the batch first, e.g. torch.flatten(x, 1)")
+            op = site.op
+            if op.prepare is not None:
+                op.prepare(site)
+            if op.record is not None:
+                site.state = op.record(site, inputs, out, self.rule)
             self.sites[node.name] = site
         except UnsupportedModelError as err:
             self.problems[node.name] = err

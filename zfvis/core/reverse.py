@@ -189,20 +189,28 @@ class Unpool2d(ReverseLayer):
 
 
 class Rectify(ReverseLayer):
-    """The backward rule of a ReLU (or ReLU6): ``deconvnet`` rectifies the signal,
-    ``guided`` also zeroes it where the forward input was not positive, ``gradient``
-    only zeroes it there. For ReLU6 nothing passes where the forward input was >= 6."""
+    """The backward of a pointwise activation, from what the forward pass recorded (its
+    derivative f'(x) at the forward input, or a mask).
 
-    def __init__(self, source: str, *, relu6: bool) -> None:
+    For a rectifier (ReLU, ReLU6, LeakyReLU, ELU, SiLU, GELU, Hardswish, Mish) the rule
+    decides: ``deconvnet`` rectifies the signal (ReLU6: and passes nothing where the
+    forward input was >= 6), ``guided`` passes f'(x) * relu(signal), ``gradient`` passes
+    f'(x) * signal. A gate (sigmoid, hard sigmoid, tanh) always passes f'(x) * signal.
+    """
+
+    def __init__(self, source: str, *, relu6: bool, kind: str | None = None, by_rule: bool = True) -> None:
         super().__init__()
         self.source = source
         self.relu6 = relu6
+        self.kind = kind or ("ReLU6" if relu6 else "ReLU")
+        self.by_rule = by_rule
 
     def extra_repr(self) -> str:
-        return f"{'ReLU6' if self.relu6 else 'ReLU'} '{self.source}' by the rule"
+        how = "by the rule" if self.by_rule else "by its derivative"
+        return f"{self.kind} '{self.source}' {how}"
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
-        if frame.rule != "gradient":
+        if self.by_rule and frame.rule != "gradient":
             signal = F.relu(signal)
         mask = frame.state
         if mask is not None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..io.errors import InputTypeError, UserInputError
+from ..io.errors import InputTypeError, UnsupportedModelError, UserInputError
 from .reverse import crop_windows
 
 __all__ = ["Seeds", "Patches", "widen", "select_seeds", "check_position"]
@@ -135,6 +135,10 @@ def select_seeds(
 ) -> Seeds:
     """Chooses seed activations in a layer's output ``out`` (what
     :meth:`zfvis.Deconvnet.select` does; its docstring says how)."""
+    if out.dim() not in (2, 4):
+        raise UnsupportedModelError(
+            f"layer '{layer}' outputs shape {tuple(out.shape)}; zfvis projects (N, C, H, W) maps and (N, F) vectors. "
+            "Hint: choose a layer with a feature map or a vector (`zfvis layers` lists each layer's shape)")
     n = out.shape[0]
     channels = _check_channels(channel, out.shape[1], layer)
     m = len(channels)

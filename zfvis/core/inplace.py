@@ -1,0 +1,93 @@
+"""In-place operations: which nodes write into a tensor, and which values that write would change.
+
+An in-place call (``t.relu_()``, ``F.relu(t, inplace=True)``, ``nn.ReLU(inplace=True)``,
+``a += b``) makes a new version of the tensor it writes. :mod:`zfvis.core.graph` turns it
+into one: every node that reads the tensor after the call reads the call's node instead, so
+a call whose result is unused still runs, and the reverse pass sees the version each node
+read. What no rewiring can see is another value sharing the written memory (a view taken
+before the call, or the tensor a written view was cut from) that is read later:
+:func:`overwritten` finds it, for the deconvnet's forward pass and occlusion's alike.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["writes_in_place", "overwritten"]
+
+#: Augmented assignments: ``a += b`` writes into ``a`` when it is a tensor.
+_AUGMENTED = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.imatmul,
+})  # fmt: skip
+
+
+#: torch.fx traces ``a += b`` on a tensor as ``a + b`` (its proxies have no ``__iadd__``):
+#: the binary operator behind each augmented assignment, found on the call's source line.
+_BINARY = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/", operator.matmul: "@",
+           operator.pow: "**", operator.and_: "&", operator.or_: "|", operator.xor: "^"}
+
+
+def _augmented(fxn: fx.Node, code: str | None) -> bool:
+    """Whether a binary operator node comes from an augmented assignment (``a += b``) whose
+    target is its first operand, judged from its source line."""
+    symbol = _BINARY.get(fxn.target) if fxn.op == "call_function" else None  # type: ignore[call-overload]
+    if symbol is None or not code:
+        return False
+    return re.search(rf"(^|[^=!<>*/+\-@&|^%]){re.escape(symbol)}=(?!=)", code.split("#")[0]) is not None
+
+
+def writes_in_place(fxn: fx.Node, module: nn.Module | None, code: str | None = None) -> bool:
+    """Whether the node may write into its first argument (decided from the traced call and,
+    for ``a += b``, its source line ``code``)."""
+    if _augmented(fxn, code):
+        return True
+    if fxn.op == "call_module":
+        return getattr(module, "inplace", False) is True
+    if fxn.op == "call_method":
+        name = str(fxn.target)
+        return name.endswith("_") and not name.startswith("__")
+    if fxn.op != "call_function":
+        return False
+    if fxn.target in _AUGMENTED or fxn.kwargs.get("inplace") is True:
+        return True
+    name = getattr(fxn.target, "__name__", "")
+    if name.endswith("_") and not name.startswith("__"):
+        return True
+    # a torch.nn.functional call given ``inplace`` positionally (F.relu(x, True))
+    return getattr(fxn.target, "__module__", "") == "torch.nn.functional" and any(a is True for a in fxn.args[1:])
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (fake, functional)
+        return 0
+
+
+def overwritten(target: Any, later: Iterable[tuple[str, Any]]) -> str | None:
+    """The name of a value read later that shares memory with ``target`` (which an in-place
+    call is about to write), or ``None``.
+
+    Args:
+        target: The tensor the call writes.
+        later: (name, value) of every value still to be read after the call (not the
+            written tensor's own node: its later readers read the call's result).
+    """
+    if not isinstance(target, torch.Tensor):
+        return None
+    ptr = _storage(target)
+    if ptr == 0:  # no memory of its own (an empty, meta or fake tensor: a shapes-only pass)
+        return None
+    for name, value in later:
+        if isinstance(value, torch.Tensor) and value is not target and _storage(value) == ptr:
+            return name
+    return None

@@ -1,0 +1,274 @@
+"""What each operation becomes in the deconvnet: the one table.
+
+Every node of a traced model (:mod:`zfvis.core.graph`) that carries the signal is matched,
+by module type, function or tensor method, to one :class:`Op` of :data:`OPS`. An op
+says three things:
+
+- **record**: what the forward pass must keep for the reverse pass (max-pool switches,
+  the masks of ReLUs for the guided and gradient rules);
+- **cone**: how a window of its output maps to the windows of its inputs that the
+  reverse pass can reach (``"same"``: the same rectangle, ``"spatial"``: through a
+  kernel of size k, stride s, padding p, dilation d, ``"full"``: the whole input);
+- **reverse**: the reverse layer (:mod:`zfvis.core.reverse`) that runs the signal back.
+
+=========================  ==========================================================
+op                         reverse
+=========================  ==========================================================
+conv2d                     transposed convolution with the same (tied) weights, no bias
+linear                     multiplication by W^T, no bias
+batch_norm                 its per-channel scale gamma / sqrt(var + eps) (running stats)
+max_pool2d                 unpooling with the recorded switches (overlaps add up)
+avg_pool2d, adaptive_...,  their transpose
+mean
+relu, relu6                the rule: deconvnet rectifies the signal; guided also masks
+                           where the forward input was not positive; gradient only masks;
+                           ReLU6 passes nothing where the forward input was >= 6
+add, sub                   the signal goes to each operand (negated for the subtrahend)
+scale                      multiplication (or division) by a constant
+cat                        the signal is split between the inputs
+reshape                    flatten / view / reshape / (un)squeeze: reshaped back
+getitem                    slicing: the signal goes back to the slice, zero elsewhere
+identity                   Dropout, Identity, LocalResponseNorm (not inverted, as in
+                           Zeiler & Fergus), contiguous, clone: passed through
+rectifier                  LeakyReLU, ELU, SiLU, GELU, Hardswish, Mish: the rule with
+                           f' the activation's derivative at the forward input:
+                           deconvnet relu(g), guided f'(x) relu(g), gradient f'(x) g
+gate                       sigmoid, hard sigmoid, tanh: f'(x) g (their true backward)
+scale (two factors)        x * y of input-dependent tensors: the product rule
+vjp                        everything else differentiable (LayerNorm, permute, split,
+                           interpolate, a submodule fx cannot trace, ...): the node's
+                           local vector-Jacobian product at its recorded inputs
+=========================  ==========================================================
+
+Refused: operations without a gradient (rounding, integer results, ``argmax``) and
+operations that are random in eval mode (``F.dropout`` with ``training=True``).
+"""
+
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import reverse as deconv
+from .args import _adaptive_params, _conv_params, _pool_params, target_name
+from .build import (
+    _build_add,
+    _build_batch_norm_function,
+    _build_cat,
+    _build_conv,
+    _build_linear,
+    _build_scale,
+    _linear_map,
+    _record_batch_norm_function,
+    _record_relu,
+    _record_relu6,
+    _record_scale,
+    _record_switches,
+    _source,
+)
+from .checks import (
+    _prepare_adaptive,
+    _prepare_batch_norm_function,
+    _prepare_bn,
+    _prepare_cat,
+    _prepare_conv,
+    _prepare_elementwise,
+    _prepare_getitem,
+    _prepare_hardtanh,
+    _prepare_identity,
+    _prepare_maxpool,
+    _prepare_reshape,
+    _prepare_scale,
+)
+from .grad import build_gate, build_rectifier, build_vjp, prepare_vjp, record_gate, record_rectifier, record_vjp
+from .site import RULES, Live, Op, Pair, Site
+
+__all__ = ["Op", "Site", "Live", "OPS", "SUPPORTED_TYPES", "RULES", "MODULE_OPS", "METHOD_OPS", "FUNCTION_OPS",
+           "REFUSED", "SHAPE_ONLY", "GENERIC", "target_name", "Pair"]
+
+# --------------------------------------------------------------------------- the table
+
+#: The op of every differentiable node that has no entry of its own.
+GENERIC = "vjp"
+
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in [
+        Op("conv2d", "transposed convolution with the same (tied) weights, bias not applied", "spatial",
+           _build_conv, _prepare_conv, params=_conv_params),
+        Op("linear", "multiplication by the transposed (tied) weight, bias not applied", "full", _build_linear),
+        Op("batch_norm", "its per-channel scale gamma / sqrt(running_var + eps)", "same",
+           lambda site: deconv.Scale(site.node.module, _source(site)), _prepare_bn),
+        Op("max_pool2d", "unpooling with the recorded switches (overlapping windows add up)", "spatial",
+           lambda site: deconv.Unpool2d(_source(site), _pool_params(site)), _prepare_maxpool,
+           record=_record_switches, params=_pool_params),
+        Op("avg_pool2d", "its transpose", "spatial", _linear_map("avg_pool2d"), params=_pool_params),
+        Op("adaptive_avg_pool2d", "its transpose", "spatial", _linear_map("adaptive_avg_pool2d"),
+           _prepare_adaptive, params=_adaptive_params),
+        Op("mean", "its transpose (the signal spread evenly)", "full", _linear_map("mean")),
+        Op("relu", "the rule (deconvnet: ReLU of the signal)", "same",
+           lambda site: deconv.Rectify(_source(site), relu6=False), record=_record_relu),
+        Op("relu6", "the rule, and nothing where the forward input was >= 6", "same",
+           lambda site: deconv.Rectify(_source(site), relu6=True), record=_record_relu6),
+        Op("hardtanh", "as ReLU6 (hardtanh(0, 6) only)", "same",
+           lambda site: deconv.Rectify(_source(site), relu6=True), _prepare_hardtanh, record=_record_relu6),
+        Op("add", "the signal goes to each operand", "same", _build_add, _prepare_elementwise),
+        Op("sub", "the signal goes to each operand, negated for the subtrahend", "same", _build_add,
+           _prepare_elementwise),
+        Op("scale", "multiplication by a constant: the same constant; of two input-dependent factors: the "
+           "product rule", "same", _build_scale, _prepare_scale, record=_record_scale, reads_inputs=True),
+        Op("cat", "the signal is split between the inputs", "same", _build_cat, _prepare_cat),
+        Op("reshape", "reshaped back", "same", lambda site: deconv.Reshape(_source(site)), _prepare_reshape),
+        Op("getitem", "the signal goes back to the slice, zero elsewhere", "same", _linear_map("getitem"),
+           _prepare_getitem),
+        Op("identity", "passed through unchanged", "same", lambda site: deconv.PassThrough(_source(site), site.node.kind),
+           _prepare_identity),
+        Op("batch_norm_function", "its per-channel scale weight / sqrt(running_var + eps)", "same",
+           _build_batch_norm_function, _prepare_batch_norm_function, record=_record_batch_norm_function),
+        Op("rectifier", "the rule: deconvnet relu(signal), guided f'(x) relu(signal), gradient f'(x) signal",
+           "same", build_rectifier, record=record_rectifier, reads_inputs=True),
+        Op("gate", "its derivative: f'(x) signal", "same", build_gate, record=record_gate, reads_inputs=True),
+        Op(GENERIC, "its local vector-Jacobian product at the recorded inputs (exact; whole maps)", "full",
+           build_vjp, prepare_vjp, record=record_vjp, reads_inputs=True),
+    ]
+}
+
+#: Module types and their op. Matched by exact type: a subclass may compute something else.
+MODULE_OPS: dict[type[nn.Module], str] = {
+    nn.Conv2d: "conv2d",
+    nn.Linear: "linear",
+    nn.BatchNorm2d: "batch_norm",
+    nn.MaxPool2d: "max_pool2d",
+    nn.AvgPool2d: "avg_pool2d",
+    nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d",
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.Flatten: "reshape",
+    nn.LocalResponseNorm: "identity",
+    nn.Dropout: "identity",
+    nn.Dropout2d: "identity",
+    nn.Identity: "identity",
+    nn.LeakyReLU: "rectifier",
+    nn.ELU: "rectifier",
+    nn.SiLU: "rectifier",
+    nn.GELU: "rectifier",
+    nn.Hardswish: "rectifier",
+    nn.Mish: "rectifier",
+    nn.Sigmoid: "gate",
+    nn.Hardsigmoid: "gate",
+    nn.Tanh: "gate",
+}
+
+FUNCTION_OPS: dict[Any, str] = {
+    F.conv2d: "conv2d",
+    torch.conv2d: "conv2d",
+    F.linear: "linear",
+    F.max_pool2d: "max_pool2d",
+    torch.max_pool2d: "max_pool2d",
+    F.avg_pool2d: "avg_pool2d",
+    F.adaptive_avg_pool2d: "adaptive_avg_pool2d",
+    torch.mean: "mean",
+    F.relu: "relu",
+    F.relu_: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    F.relu6: "relu6",
+    F.hardtanh: "hardtanh",
+    operator.add: "add",
+    operator.iadd: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    operator.isub: "sub",
+    torch.sub: "sub",
+    operator.mul: "scale",
+    operator.imul: "scale",
+    torch.mul: "scale",
+    operator.truediv: "scale",
+    operator.itruediv: "scale",
+    torch.div: "scale",
+    operator.neg: "scale",
+    torch.cat: "cat",
+    torch.concat: "cat",
+    torch.flatten: "reshape",
+    torch.reshape: "reshape",
+    torch.squeeze: "reshape",
+    torch.unsqueeze: "reshape",
+    operator.getitem: "getitem",
+    F.dropout: "identity",
+    F.dropout2d: "identity",
+    F.local_response_norm: "identity",
+    F.dropout1d: "identity",
+    F.dropout3d: "identity",
+    F.alpha_dropout: "identity",
+    F.feature_alpha_dropout: "identity",
+    F.batch_norm: "batch_norm_function",
+    F.leaky_relu: "rectifier",
+    F.leaky_relu_: "rectifier",
+    F.elu: "rectifier",
+    F.elu_: "rectifier",
+    F.silu: "rectifier",
+    F.gelu: "rectifier",
+    F.hardswish: "rectifier",
+    F.mish: "rectifier",
+    torch.sigmoid: "gate",
+    torch.sigmoid_: "gate",
+    F.sigmoid: "gate",
+    F.hardsigmoid: "gate",
+    torch.tanh: "gate",
+    torch.tanh_: "gate",
+    F.tanh: "gate",
+}
+
+#: Operations refused on a projection's path: no gradient, or random in eval mode. Keys are
+#: functions and method names.
+REFUSED: dict[Any, str] = {
+    **{f: "it has no gradient (rounding is flat almost everywhere)" for f in (
+        torch.floor, torch.ceil, torch.round, torch.trunc, torch.sign, torch.floor_divide, operator.floordiv,
+        operator.ifloordiv, operator.mod, torch.remainder, torch.fmod, "floor", "ceil", "round", "trunc", "sign",
+        "floor_", "ceil_", "round_", "trunc_", "floor_divide", "remainder", "fmod")},
+    **{f: "its result is an index, which has no gradient" for f in (
+        torch.argmax, torch.argmin, torch.argsort, "argmax", "argmin", "argsort")},
+    **{f: "it draws random numbers, also in eval mode" for f in (
+        torch.bernoulli, torch.rand_like, torch.randn_like, torch.randint_like, torch.multinomial, torch.normal,
+        "bernoulli", "bernoulli_", "normal_", "uniform_", "random_", "exponential_")},
+}
+
+#: Functions and methods that make a tensor from another one's shape only (no signal).
+SHAPE_ONLY: frozenset[Any] = frozenset({
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, "new_zeros", "new_ones", "new_full",
+    "new_empty", "new_tensor",
+})  # fmt: skip
+
+METHOD_OPS: dict[str, str] = {
+    "relu": "relu",
+    "relu_": "relu",
+    "add": "add",
+    "add_": "add",
+    "sub": "sub",
+    "sub_": "sub",
+    "mul": "scale",
+    "mul_": "scale",
+    "div": "scale",
+    "div_": "scale",
+    "flatten": "reshape",
+    "view": "reshape",
+    "reshape": "reshape",
+    "squeeze": "reshape",
+    "unsqueeze": "reshape",
+    "mean": "mean",
+    "contiguous": "identity",
+    "clone": "identity",
+    "sigmoid": "gate",
+    "sigmoid_": "gate",
+    "tanh": "gate",
+    "tanh_": "gate",
+}
+
+#: Module types the deconvnet can reverse, with what it does with each.
+SUPPORTED_TYPES: dict[type[nn.Module], str] = {t: OPS[name].summary for t, name in MODULE_OPS.items()}
+

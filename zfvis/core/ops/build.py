@@ -1,0 +1,108 @@
+"""What the forward pass records for an op, and the reverse layer it becomes."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import reverse as deconv
+from ..reverse_grad import Product, VectorJacobian
+from .args import _conv_args, _conv_params, _live_only, _pool_args, live_call, target_name
+from .checks import DIVISIONS, scale_operands
+from .grad import recorded_inputs
+from .site import Live, Site
+
+# --------------------------------------------------------------------------- records
+
+
+def _record_switches(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> torch.Tensor:
+    a = _pool_args(site)
+    stride = a["stride"]
+    if isinstance(stride, (list, tuple)) and not stride:
+        stride = None
+    return F.max_pool2d(inputs[0], a["kernel_size"], stride, a["padding"], a["dilation"], ceil_mode=a["ceil_mode"],
+                        return_indices=True)[1]
+
+
+def _record_relu(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> torch.Tensor | None:
+    return None if rule == "deconvnet" else out > 0
+
+
+def _record_relu6(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> torch.Tensor:
+    # the output is 6 exactly where the input was >= 6, and 0 where it was <= 0
+    return out < 6 if rule == "deconvnet" else (out > 0) & (out < 6)
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _build_conv(site: Site) -> deconv.ReverseLayer:
+    a = _conv_args(site)
+    _, s, p, d = _conv_params(site)
+    return deconv.ReverseConv2d(a["weight"], _source(site), stride=s, dilation=d, groups=int(a["groups"]), pre_pad=p)
+
+
+def _build_linear(site: Site) -> deconv.ReverseLayer:
+    m = site.node.module
+    weight = m.weight if m is not None else site.arg(1, "weight")
+    return deconv.ReverseLinear(weight, _source(site))
+
+
+def _build_scale(site: Site) -> deconv.ReverseLayer:
+    a, b = scale_operands(site)
+    division = target_name(site.node) in DIVISIONS
+    if isinstance(b, Live) and division:
+        return VectorJacobian(live_call(site), _source(site), site.node.kind)
+    if isinstance(a, Live) and isinstance(b, Live):
+        return Product((a.k, b.k), len(site.live), _source(site), windowed=site.cone == "same")
+    other = b if isinstance(a, Live) else a
+    return deconv.Multiply(1.0 / other if division else other, _source(site))
+
+
+def _record_scale(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> list[torch.Tensor] | None:
+    """A product or quotient of input-dependent tensors needs their values."""
+    return recorded_inputs(inputs) if len(site.live) > 1 or isinstance(scale_operands(site)[1], Live) else None
+
+
+def _record_batch_norm_function(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> Any:
+    return None
+
+
+def _build_batch_norm_function(site: Site) -> deconv.ReverseLayer:
+    stats = types.SimpleNamespace(running_var=site.arg(2, "running_var"), eps=float(site.arg(7, "eps", 1e-5)),
+                                  weight=site.arg(3, "weight"))
+    return deconv.Scale(stats, _source(site))  # type: ignore[arg-type]
+
+
+def _build_add(site: Site) -> deconv.ReverseLayer:
+    sign = -1.0 if target_name(site.node) in ("sub", "isub", "rsub") else 1.0
+    alpha = float(site.kwargs.get("alpha", 1.0))
+    coef = [0.0] * len(site.live)
+    for pos, a in enumerate(site.args[:2]):
+        if isinstance(a, Live):
+            coef[a.k] += 1.0 if pos == 0 else sign * alpha
+    return deconv.Distribute(coef, _source(site))
+
+
+def _build_cat(site: Site) -> deconv.ReverseLayer:
+    tensors = site.arg(0, "tensors")
+    if site.cone == "full" and any(not isinstance(t, Live) for t in tensors):
+        return deconv.LinearMap(_live_only(site), _source(site), "cat", site.cone)
+    ndim = len(site.out_shape) + 1
+    dim = site.arg(1, "dim", 0) % ndim
+    sizes = [site.in_shapes[t.k][dim - 1] for t in tensors]
+    return deconv.Split(dim, sizes, [t.k for t in tensors], len(site.live), _source(site))
+
+
+def _source(site: Site) -> str:
+    return site.node.module_name or site.node.name
+
+
+def _linear_map(kind: str) -> Callable[[Site], deconv.ReverseLayer]:
+    return lambda site: deconv.LinearMap(_live_only(site), _source(site), kind, site.cone)
+
+

@@ -1,0 +1,100 @@
+"""Ops reversed by true derivatives: pointwise activations and the generic vector-Jacobian product.
+
+A rectifier's reverse follows the rule (deconvnet: relu(signal); guided: f'(x) relu(signal);
+gradient: f'(x) signal), a gate's (sigmoid, hard sigmoid, tanh) is always f'(x) signal, with
+f' the activation's own derivative at the recorded forward input. Any other differentiable
+node is reversed by its local vector-Jacobian product at its recorded inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import reverse as deconv
+from ..reverse_grad import VectorJacobian
+from .args import live_call
+from .pointwise import acts_per_position
+from .site import Site
+
+__all__ = ["derivative", "record_rectifier", "record_gate", "build_rectifier", "build_gate", "record_vjp",
+           "build_vjp", "prepare_vjp", "recorded_inputs"]
+
+
+def derivative(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """f'(x) of a pointwise function, elementwise, by autograd."""
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = fn(leaf.clone())  # a copy: the call may be in place
+        (grad,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
+    return grad.detach()
+
+
+def _one_input(site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
+    call = live_call(site)
+    return lambda t: call(t)
+
+
+def record_rectifier(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> torch.Tensor | None:
+    """The deconvnet rule needs nothing; guided and gradient need f'(x)."""
+    return None if rule == "deconvnet" else derivative(_one_input(site), inputs[0])
+
+
+def record_gate(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> torch.Tensor:
+    """f'(x), for every rule."""
+    return derivative(_one_input(site), inputs[0])
+
+
+def _source(site: Site) -> str:
+    return site.node.module_name or site.node.name
+
+
+def build_rectifier(site: Site) -> deconv.ReverseLayer:
+    return deconv.Rectify(_source(site), relu6=False, kind=site.node.kind, by_rule=True)
+
+
+def build_gate(site: Site) -> deconv.ReverseLayer:
+    return deconv.Rectify(_source(site), relu6=False, kind=site.node.kind, by_rule=False)
+
+
+def recorded_inputs(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of the live inputs (a later in-place call must not change them)."""
+    return [t.detach().clone() for t in inputs]
+
+
+def _check_gradient(site: Site, fn: Callable[..., Any], inputs: list[torch.Tensor], out: torch.Tensor) -> None:
+    """Refuses a node without a gradient, or whose output for one image is not a function of
+    that image alone (random in eval mode, or mixing the images of the batch)."""
+    leaves = [t[:1].detach().requires_grad_(True) for t in inputs]
+    with torch.enable_grad():
+        y = fn(*(t.clone() for t in leaves))
+    if not isinstance(y, torch.Tensor) or not y.requires_grad:
+        raise site.fail("it has no gradient (a non-differentiable operation), so nothing can be sent back "
+                        "through it")
+    y = y.detach()
+    if y.shape != out[:1].shape:
+        raise site.fail("its output mixes the images of the batch (the batch dimension changes), which zfvis "
+                        "cannot reverse per image")
+    scale = float(out.abs().max()) if out.numel() else 0.0
+    if not torch.allclose(y, out[:1], rtol=1e-4, atol=1e-5 * scale + 1e-30):
+        raise site.fail("its output for one image depends on the other images of the batch or is random in eval "
+                        "mode, which zfvis cannot reverse")
+
+
+def prepare_vjp(site: Site) -> None:
+    """A pointwise op of one input (by the table) is reversed on windows; any other on whole maps."""
+    same = len(site.live) == 1 and all(s == site.out_shape for s in site.in_shapes) and len(site.out_shape) >= 2
+    site.cone = "same" if same and site.fn is None and acts_per_position(site.node.fx_node, site.node.module) else "full"
+
+
+def record_vjp(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> list[torch.Tensor]:
+    """The live inputs, after checking that the node has a per-image gradient."""
+    fn = site.fn or live_call(site)
+    _check_gradient(site, fn, inputs, out)
+    return recorded_inputs(inputs)
+
+
+def build_vjp(site: Site) -> deconv.ReverseLayer:
+    return VectorJacobian(site.fn or live_call(site), _source(site), site.node.kind, windowed=site.cone == "same")

@@ -1,0 +1,89 @@
+"""Reverse layers that run the true backward of an operation at its recorded inputs.
+
+:class:`VectorJacobian` is the generic one: any differentiable node without a layer of its
+own (a LayerNorm, a permute, an upsampling, a submodule fx cannot trace, ...) sends the
+signal back as its local vector-Jacobian product at the inputs the forward pass recorded,
+computed by autograd: exact by construction, over whole maps. :class:`Product` is the
+product rule of ``x * y`` with both factors input-dependent (the gate of a
+squeeze-and-excitation block), on windows where the factors have the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .reverse import Frame, ReverseLayer
+from .rule_mode import RuleMode
+from .windows import crop_windows
+
+__all__ = ["VectorJacobian", "Product"]
+
+
+def _per_seed(value: torch.Tensor, frame: Frame, windowed: bool) -> torch.Tensor:
+    """A recorded (N, ...) value for each seed: its image's, cut to the output window."""
+    win = frame.out_win
+    if windowed and win is not None:
+        return crop_windows(value, frame.image, win.top, win.left, *win.size)
+    return value[frame.image]
+
+
+class VectorJacobian(ReverseLayer):
+    """The local vector-Jacobian product of one node at its recorded inputs.
+
+    Args:
+        fn: The node's operation as a function of its live inputs.
+        source: The forward module's (or node's) name.
+        kind: What the node does (module type or function name).
+        windowed: Whether the operation acts on each position on its own (then it runs on
+            each seed's window of the map).
+    """
+
+    def __init__(self, fn: Callable[..., Any], source: str, kind: str, *, windowed: bool = False) -> None:
+        super().__init__()
+        self.source, self.kind, self.windowed = source, kind, windowed
+        self._fn = fn
+
+    def extra_repr(self) -> str:
+        where = "on windows (pointwise)" if self.windowed else "on whole maps"
+        return f"{self.kind} '{self.source}': its gradient at the recorded inputs (vector-Jacobian product), {where}"
+
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        inputs = [_per_seed(t, frame, self.windowed).detach().requires_grad_(True) for t in frame.state]
+        with torch.enable_grad(), RuleMode(frame.rule):  # rectifiers inside a whole submodule: the rule
+            # fresh copies: an in-place operation must not write into the leaves
+            out = self._fn(*(t.clone() for t in inputs))
+            grads = torch.autograd.grad(out, inputs, signal.to(out.dtype), allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(inputs, grads)]
+
+
+class Product(ReverseLayer):
+    """``x * y`` with both factors input-dependent: each factor receives the signal times
+    the other factor's recorded value (summed over the dimensions it was broadcast along).
+
+    Args:
+        ks: The live input behind each factor (both the same for ``x * x``).
+        source: The forward module's (or node's) name.
+        windowed: Whether the factors have the output's shape (then it works on windows).
+    """
+
+    def __init__(self, ks: tuple[int, int], n_live: int, source: str, *, windowed: bool) -> None:
+        super().__init__()
+        self.ks, self.n_live, self.source, self.windowed = ks, n_live, source, windowed
+
+    def extra_repr(self) -> str:
+        return f"product '{self.source}': each factor gets the signal times the other (product rule)"
+
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        values = [_per_seed(v, frame, self.windowed).to(signal.dtype) for v in frame.state]
+        out: list[torch.Tensor | None] = [None] * self.n_live
+        for pos, k in enumerate(self.ks):
+            other = values[self.ks[1 - pos]]
+            g = signal * other
+            if not self.windowed:
+                g = g.sum_to_size(values[k].shape)
+            prev = out[k]
+            out[k] = g if prev is None else prev + g
+        return [o if o is not None else torch.zeros_like(values[k]) for k, o in enumerate(out)]
