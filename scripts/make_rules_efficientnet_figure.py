@@ -13,38 +13,30 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-import torchvision
-
 import zfvis
 from zfvis.viz.projection import Selection
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Draws the figure; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("image", nargs="?", default=str(ROOT.parent / "shared" / "data" / "images" / "chelsea.png"))
+    parser.add_argument("image", nargs="?", default=str(zfvis.default_image()))
     parser.add_argument("-o", "--out", default=str(ROOT / "docs" / "rules_efficientnet.png"))
-    parser.add_argument("--weights", default=None, help="a state_dict saved with torch.save (loaded weights_only)")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    model = torchvision.models.efficientnet_b0(weights=None).eval()
-    if args.weights:
-        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-    pre = torchvision.transforms.Compose([
-        torchvision.transforms.Resize(160), torchvision.transforms.CenterCrop(160), torchvision.transforms.ToTensor(),
-        torchvision.transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    parser.add_argument("--weights", default="random", help="random, DEFAULT (torchvision's), or a state dict file")
+    parser.add_argument("--input-size", type=int, default=160)
+    args = parser.parse_args(argv)
+    model, pre = zfvis.load_model("efficientnet_b0", weights=args.weights)
+    pre = pre.with_size(args.input_size)
     x = pre(zfvis.load_image(args.image)).unsqueeze(0)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     dn = zfvis.Deconvnet(model)
-    zfvis.rules_figure(dn, x, "features.3.1", Selection(top_channels=4),
-                       show=lambda t: (t * std + mean).clamp(0, 1),
-                       title="EfficientNet-B0 (random weights) features.3.1: deconvnet | guided | gradient",
+    zfvis.rules_figure(dn, x, "stage3", Selection(top_channels=4), show=pre.denormalize,
+                       title=f"EfficientNet-B0 ({args.weights} weights) stage3: deconvnet | guided | gradient",
                        path=args.out)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

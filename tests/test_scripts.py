@@ -70,6 +70,12 @@ def test_bench_serve(capsys: pytest.CaptureFixture[str]) -> None:
     assert "click / projection" in out and "served grid" in out
 
 
+def test_make_rules_efficientnet_figure(tmp_path: Path) -> None:
+    out = tmp_path / "rules.png"
+    assert _script("make_rules_efficientnet_figure").main(["-o", str(out), "--input-size", "64"]) == 0
+    assert out.stat().st_size > 10_000
+
+
 def test_make_why_figure(tmp_path: Path) -> None:
     assert _script("make_why_figure").main(str(tmp_path)) == 0
     assert (tmp_path / "why.png").stat().st_size > 10_000 and (tmp_path / "why_matrix.png").stat().st_size > 10_000

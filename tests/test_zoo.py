@@ -52,7 +52,14 @@ def test_zfnet_has_paper_map_sizes() -> None:
     assert steps[-1].out_shape == (1000,)
 
 
-@pytest.mark.parametrize("name", zfvis.list_models())
+#: The families whose stems are not a ReLU and some of whose heads are convolutions; their
+#: entries, aliases and projections are tested in tests/test_zoo_families.py.
+NEWER = {"efficientnet_b0", "efficientnet_v2_s", "mobilenet_v3_large", "convnext_tiny", "regnet_y_400mf",
+         "shufflenet_v2_x1_0", "squeezenet1_1", "inception_v3", "resnext50_32x4d", "resnext101_32x8d",
+         "wide_resnet50_2", "wide_resnet101_2"}
+
+
+@pytest.mark.parametrize("name", [m for m in zfvis.list_models() if m not in NEWER])
 def test_every_model_builds_with_aliases(name: str) -> None:
     model, pre = zfvis.load_model(name, weights="random")
     assert not model.training

@@ -64,8 +64,8 @@ _EXPORTS: dict[str, str] = {
     "Snapshots": "zfvis.models.snapshots",
     "training_snapshots": "zfvis.models.snapshots",
     "Preprocess": "zfvis.models.zoo",
-    "WeightsDownloadError": "zfvis.models.zoo",
-    "ZFNet": "zfvis.models.zoo",
+    "WeightsDownloadError": "zfvis.io.errors",
+    "ZFNet": "zfvis.models.zfnet",
     "list_models": "zfvis.models.zoo",
     "load_model": "zfvis.models.zoo",
     "correspondence_figure": "zfvis.viz.analysis",
@@ -106,12 +106,20 @@ if TYPE_CHECKING:
     from .core.record import Recording
     from .core.reverse import ReverseStack
     from .explorer.server import ExplorerServer, serve
-    from .io.errors import ForwardPassError, InputTypeError, UnsupportedModelError, UserInputError, ZfvisError
+    from .io.errors import (
+        ForwardPassError,
+        InputTypeError,
+        UnsupportedModelError,
+        UserInputError,
+        WeightsDownloadError,
+        ZfvisError,
+    )
     from .io.images import default_dataset, default_image, list_images, load_image, to_rgb
     from .mining.gallery import write_site
     from .mining.pages import mining_page
     from .models.snapshots import Snapshots, training_snapshots
-    from .models.zoo import Preprocess, WeightsDownloadError, ZFNet, list_models, load_model
+    from .models.zfnet import ZFNet
+    from .models.zoo import Preprocess, list_models, load_model
     from .viz.analysis import correspondence_figure, invariance_figure, occlusion_figure
     from .viz.evolution import evolution_figure
     from .viz.filters import filters_figure

@@ -60,7 +60,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "zfnet-cifar10") -> None:
     """--model, --weights, --device."""
-    p.add_argument("--model", default=default_model, help=f"zoo model ({', '.join(list_models())}; default {default_model})")
+    p.add_argument("--model", default=default_model, help=f"zoo model ({', '.join(list_models())}; or timm:NAME, any timm model; default {default_model})")
     p.add_argument(
         "--weights",
         help="random, packaged, a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) or a .pt file "

@@ -80,8 +80,7 @@ def report_error(err: BaseException, command: str | None) -> int:
     errors: status 1. Anything else is a bug (a forward pass of a zoo model that fails,
     too): status 1 and a request to report it.
     """
-    from ..io.errors import UnsupportedModelError
-    from ..models.zoo import WeightsDownloadError
+    from ..io.errors import UnsupportedModelError, WeightsDownloadError
 
     if is_out_of_memory(err):
         text = " ".join(str(e) for e in error_chain(err)).lower()

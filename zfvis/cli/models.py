@@ -50,7 +50,10 @@ def _looks_like_path(weights: str) -> bool:
 
 
 def check_model_name(name: str) -> None:
-    """Refuses an unknown zoo model, naming the closest."""
+    """Refuses an unknown zoo model, naming the closest; ``timm:NAME`` is checked against timm."""
+    if name.startswith("timm:"):
+        get_spec(name)  # timm installed, and the architecture known to it
+        return
     if name not in list_models():
         close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -65,6 +68,8 @@ def check_weights(model: str, weights: str | None, what: str = "--weights") -> N
         check_checkpoint_file(weights, "weights file" if what == "--weights" else what)
         return
     spec = get_spec(model)
+    if spec.timm is not None:
+        return  # DEFAULT or a pretrained tag: timm_pretrained checks it against timm's list
     names = ["random"] + (["packaged"] if spec.packaged else [])
     if spec.weights_enum is not None:
         names += list(dict.fromkeys(["DEFAULT", *spec.weights_enum.__members__]))

@@ -110,3 +110,7 @@ class MiningInterrupted(KeyboardInterrupt):
 
 class UnsupportedModelError(UserInputError):
     """The model contains an operation or a topology the deconvnet cannot reverse."""
+
+
+class WeightsDownloadError(OSError):
+    """Pretrained weights (torchvision's or timm's) are not cached and cannot be downloaded."""

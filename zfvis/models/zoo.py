@@ -26,11 +26,14 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from ..core.aliases import layer_aliases, register_aliases
+from ..core.aliases import layer_aliases
 from ..io.checks import check_device, check_input_size, check_int
-from ..io.errors import InputTypeError, UserInputError, first_line
+from ..io.errors import InputTypeError, UserInputError, WeightsDownloadError, first_line
 from ..io.images import to_rgb
+from . import aliases as _aliases  # noqa: F401 - registers the zoo's layer aliases
 from .checkpoints import apply_state_dict, read_checkpoint
+from .timm_models import is_timm_name, timm_architecture, timm_builder, timm_preprocess_options, timm_pretrained
+from .zfnet import ZFNet, build_zfnet, build_zfnet_cifar10
 
 __all__ = [
     "ZFNet",
@@ -51,10 +54,6 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-class WeightsDownloadError(OSError):
-    """Raised when torchvision weights are not cached and cannot be downloaded."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
     """Turns a PIL image into the model-ready (C, H, W) float tensor.
@@ -67,19 +66,21 @@ class Preprocess:
         crop: Side of the centre crop (``None``: no crop).
         mean: Per-channel mean subtracted after scaling to [0, 1].
         std: Per-channel standard deviation divided by.
+        interpolation: How the image is resized: ``"bilinear"`` or ``"bicubic"`` (as the weights were trained).
     """
 
     resize: int | None
     crop: int | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if not isinstance(image, Image.Image):
             raise InputTypeError(f"preprocess takes a PIL image (zfvis.load_image(path)), got {type(image).__name__}")
         image = to_rgb(image)
         if self.resize is not None:
-            image = TF.resize(image, self.resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            image = TF.resize(image, self.resize, interpolation=TF.InterpolationMode(self.interpolation), antialias=True)
         if self.crop is not None:
             image = TF.center_crop(image, [self.crop, self.crop])
         x = TF.pil_to_tensor(image).float().div_(255.0)
@@ -97,94 +98,6 @@ class Preprocess:
         return (x * std + mean).clamp(0.0, 1.0)
 
 
-class ZFNet(nn.Module):
-    """The network of Zeiler & Fergus (2014), Fig. 3, and its 32x32 variant.
-
-    ImageNet version (224x224 input): conv1 96 7x7/2, 3x3/2 max-pool, contrast
-    normalisation, conv2 256 5x5/2, pool, normalisation, conv3 384 3x3, conv4 384 3x3,
-    conv5 256 3x3, pool, fc6 4096, fc7 4096, fc8 ``num_classes``; pools use
-    ``ceil_mode`` so the map sizes are the paper's 110, 55, 26, 13, 13, 13, 6.
-
-    Args:
-        num_classes: Number of outputs of fc8.
-        widths: Output channels of conv1..conv5.
-        kernels: Kernel sizes of conv1..conv5.
-        strides: Strides of conv1 and conv2.
-        fc_width: Width of fc6 and fc7.
-        batch_norm: Put a BatchNorm2d after every convolution (the 32x32 variant trains
-            with it; the deconvnet folds it into the convolution).
-        small_input: The 32x32 layout: "same" padding, 3x3 stride-2 pools padded by 1,
-            so conv5's pool leaves 4x4 maps for a 32x32 input.
-        dropout: Dropout probability before fc7 and fc8.
-    """
-
-    def __init__(
-        self,
-        *,
-        num_classes: int = 1000,
-        widths: tuple[int, int, int, int, int] = (96, 256, 384, 384, 256),
-        kernels: tuple[int, int, int, int, int] = (7, 5, 3, 3, 3),
-        strides: tuple[int, int] = (2, 2),
-        fc_width: int = 4096,
-        batch_norm: bool = False,
-        small_input: bool = False,
-        dropout: float = 0.5,
-    ) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        in_ch = 3
-        pool_after = {0, 1, 4}
-        for i, (out_ch, k) in enumerate(zip(widths, kernels)):
-            stride = strides[i] if i < 2 else 1
-            if small_input:
-                pad = k // 2
-            else:
-                pad = 1 if i == 0 else (0 if i == 1 else 1)
-            layers.append(nn.Conv2d(in_ch, out_ch, k, stride=stride, padding=pad, bias=not batch_norm))
-            if batch_norm:
-                layers.append(nn.BatchNorm2d(out_ch))
-            layers.append(nn.ReLU(inplace=True))
-            if i in pool_after:
-                if small_input:
-                    layers.append(nn.MaxPool2d(3, stride=2, padding=1))
-                else:
-                    layers.append(nn.MaxPool2d(3, stride=2, ceil_mode=True))
-                if i < 2:
-                    layers.append(nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0))
-            in_ch = out_ch
-        self.features = nn.Sequential(*layers)
-        self.flatten = nn.Flatten(1)
-        spatial = 4 if small_input else 6
-        self.classifier = nn.Sequential(
-            nn.Linear(widths[-1] * spatial * spatial, fc_width),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(fc_width, fc_width),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(fc_width, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.flatten(self.features(x)))
-
-
-def _zfnet(num_classes: int = 1000) -> nn.Module:
-    return ZFNet(num_classes=num_classes)
-
-
-def _zfnet_cifar10(num_classes: int = 10) -> nn.Module:
-    return ZFNet(
-        num_classes=num_classes,
-        widths=(32, 64, 128, 128, 128),
-        kernels=(5, 5, 3, 3, 3),
-        strides=(1, 1),
-        fc_width=512,
-        batch_norm=True,
-        small_input=True,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A zoo entry.
@@ -198,6 +111,7 @@ class ModelSpec:
         weights_enum: torchvision's weights enum, where published weights exist.
         packaged: File name of the weights shipped in ``zfvis/weights``.
         classes: Output class names, where known here.
+        timm: The timm architecture, for ``timm:NAME`` entries.
     """
 
     name: str
@@ -207,6 +121,7 @@ class ModelSpec:
     weights_enum: Any = None
     packaged: str | None = None
     classes: tuple[str, ...] | None = None
+    timm: str | None = None
 
 
 _IMAGENET_PRE = Preprocess(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -219,11 +134,11 @@ def _register(spec: ModelSpec) -> None:
     _REGISTRY[spec.name] = spec
 
 
-_register(ModelSpec("zfnet", _zfnet, _IMAGENET_PRE, "random"))
+_register(ModelSpec("zfnet", build_zfnet, _IMAGENET_PRE, "random"))
 _register(
     ModelSpec(
         "zfnet-cifar10",
-        _zfnet_cifar10,
+        build_zfnet_cifar10,
         _CIFAR_PRE,
         "packaged",
         packaged="zfnet_cifar10.pt",
@@ -232,14 +147,19 @@ _register(
 )
 
 
-def _tv(name: str, enum_name: str) -> ModelSpec:
+def _tv(name: str, enum_name: str, **options: Any) -> ModelSpec:
+    """A torchvision classification model; its preprocessing is what its DEFAULT weights ship with."""
     builder = getattr(torchvision.models, name)
+    enum = getattr(torchvision.models, enum_name)
+    t = enum.DEFAULT.transforms()
+    pre = Preprocess(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean), std=tuple(t.std),
+                     interpolation=t.interpolation.value)
     return ModelSpec(
         name,
-        lambda num_classes=1000: builder(weights=None, num_classes=num_classes),
-        _IMAGENET_PRE,
+        lambda num_classes=1000: builder(weights=None, num_classes=num_classes, **options),
+        pre,
         "DEFAULT",
-        weights_enum=getattr(torchvision.models, enum_name),
+        weights_enum=enum,
     )
 
 
@@ -251,6 +171,18 @@ for _depth in (18, 34, 50, 101, 152):
     _register(_tv(f"resnet{_depth}", f"ResNet{_depth}_Weights"))
 _register(_tv("densenet121", "DenseNet121_Weights"))
 _register(_tv("mobilenet_v2", "MobileNet_V2_Weights"))
+#: The families researchers study today: SiLU and squeeze-and-excitation (EfficientNet,
+#: RegNetY), Hardswish (MobileNetV3), LayerNorm and permutes (ConvNeXt), channel shuffles,
+#: fire modules, Inception's factorised convolutions, grouped and wide residual blocks.
+for _name, _enum in (("efficientnet_b0", "EfficientNet_B0_Weights"), ("efficientnet_v2_s", "EfficientNet_V2_S_Weights"),
+                     ("mobilenet_v3_large", "MobileNet_V3_Large_Weights"), ("convnext_tiny", "ConvNeXt_Tiny_Weights"),
+                     ("regnet_y_400mf", "RegNet_Y_400MF_Weights"), ("shufflenet_v2_x1_0", "ShuffleNet_V2_X1_0_Weights"),
+                     ("squeezenet1_1", "SqueezeNet1_1_Weights"), ("resnext50_32x4d", "ResNeXt50_32X4D_Weights"),
+                     ("resnext101_32x8d", "ResNeXt101_32X8D_Weights"), ("wide_resnet50_2", "Wide_ResNet50_2_Weights"),
+                     ("wide_resnet101_2", "Wide_ResNet101_2_Weights")):
+    _register(_tv(_name, _enum))
+# as torchvision builds it for its ImageNet weights: no auxiliary head (it only runs in training)
+_register(_tv("inception_v3", "Inception_V3_Weights", aux_logits=False, transform_input=True, init_weights=True))
 
 
 def _googlenet(num_classes: int = 1000) -> nn.Module:
@@ -277,13 +209,17 @@ def _unknown(kind: str, name: str, valid: list[str]) -> str:
 
 
 def get_spec(name: str) -> ModelSpec:
-    """Returns the zoo entry called ``name``.
+    """Returns the zoo entry called ``name``: a name of :func:`list_models`, or ``timm:NAME``
+    for any model of timm (:mod:`zfvis.models.timm_models`).
 
     Raises:
         ValueError: No such model; the message lists the valid names.
     """
     if not isinstance(name, str):
         raise InputTypeError(f"model name must be a str, got {type(name).__name__}")
+    if is_timm_name(name):
+        arch = timm_architecture(name)
+        return ModelSpec(name, timm_builder(arch), Preprocess(**timm_preprocess_options(arch)), "DEFAULT", timm=arch)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -356,6 +292,9 @@ def load_weights(model: nn.Module, spec: ModelSpec, weights: str | os.PathLike[s
                 raise FileNotFoundError(f"the packaged weights '{path}' are missing; reinstall zfvis")
             apply_state_dict(model, read_checkpoint(path), f"packaged {spec.packaged}")
         return f"packaged:{spec.packaged}"
+    if spec.timm is not None:
+        apply_state_dict(model, timm_pretrained(spec.timm, weights), f"timm {weights}")
+        return f"timm:{weights}"
     if spec.weights_enum is None:
         names = ["random", "packaged"] if spec.packaged else ["random"]
         raise UserInputError(
@@ -399,81 +338,3 @@ def load_model(
         model = spec.build()
     load_weights(model, spec, spec.default_weights if weights is None else weights)
     return model.eval().to(device), spec.preprocess
-
-
-def _chain_aliases(style: str) -> Callable[[nn.Module], dict[str, str]]:
-    return lambda model: _paper_aliases(model, style)
-
-
-def _paper_aliases(model: nn.Module, style: str) -> dict[str, str]:
-    """Paper names of a chain model's layers, mapped to ``named_modules()`` names.
-
-    ``convN`` (or ``convB_i`` for VGG) and ``fcN`` name the rectified output of that layer
-    (the ReLU that follows it; fc8 has none and names the Linear); ``poolN`` names the
-    N-th max-pool.
-    """
-    leaves = [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
-    aliases: dict[str, str] = {}
-    conv = pool = 0
-    block, within = 1, 0
-    fc = 5
-    pending: str | None = None
-    for name, mod in leaves:
-        if isinstance(mod, nn.Conv2d):
-            conv += 1
-            within += 1
-            pending = f"conv{block}_{within}" if style == "vgg" else f"conv{conv}"
-            aliases[pending] = name
-        elif isinstance(mod, nn.Linear):
-            fc += 1
-            pending = f"fc{fc}"
-            aliases[pending] = name
-        elif isinstance(mod, nn.ReLU) and pending is not None:
-            aliases[pending] = name
-            pending = None
-        elif isinstance(mod, nn.MaxPool2d):
-            pool += 1
-            aliases[f"pool{pool}"] = name
-            block, within = block + 1, 0
-            pending = None
-        elif not isinstance(mod, nn.BatchNorm2d):
-            pending = None
-    return aliases
-
-
-def _resnet_aliases(model: nn.Module) -> dict[str, str]:
-    # stem: the rectified output of conv1 (the name conv1 itself is the convolution's output);
-    # pool1: the stem's max-pool; layer1..4 and fc are module names already
-    return {"stem": "relu", "pool1": "maxpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}, "fc": "fc"}
-
-
-def _googlenet_aliases(model: nn.Module) -> dict[str, str]:
-    names = ["conv1", "pool1", "conv2", "conv3", "pool2", "inception3a", "inception3b", "pool3", "inception4a",
-             "inception4b", "inception4c", "inception4d", "inception4e", "pool4", "inception5a", "inception5b", "fc"]
-    renamed = {"pool1": "maxpool1", "pool2": "maxpool2", "pool3": "maxpool3", "pool4": "maxpool4"}
-    return {n: renamed.get(n, n) for n in names}
-
-
-def _densenet_aliases(model: nn.Module) -> dict[str, str]:
-    out = {"conv1": "features.relu0", "pool1": "features.pool0"}
-    for name, _ in model.features.named_children():
-        if name.startswith(("denseblock", "transition")):
-            out[name] = f"features.{name}"
-    out["fc"] = "classifier"
-    return out
-
-
-def _mobilenet_aliases(model: nn.Module) -> dict[str, str]:
-    # block0 is the stem convolution, block1..17 the inverted residual blocks, block18 the 1x1 head
-    out = {"conv1": "features.0", **{f"block{i}": f"features.{i}" for i in range(len(model.features))}}
-    out["fc"] = "classifier.1"
-    return out
-
-
-register_aliases(torchvision.models.VGG, _chain_aliases("vgg"))
-register_aliases(ZFNet, _chain_aliases("flat"))
-register_aliases(torchvision.models.AlexNet, _chain_aliases("flat"))
-register_aliases(torchvision.models.ResNet, _resnet_aliases)
-register_aliases(torchvision.models.GoogLeNet, _googlenet_aliases)
-register_aliases(torchvision.models.DenseNet, _densenet_aliases)
-register_aliases(torchvision.models.MobileNetV2, _mobilenet_aliases)
