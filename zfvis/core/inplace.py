@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["writes_in_place", "overwritten"]
 
@@ -67,6 +68,8 @@ def writes_in_place(fxn: fx.Node, module: nn.Module | None, code: str | None = N
 
 
 def _storage(t: torch.Tensor) -> int:
+    if isinstance(t, FakeTensor):  # shapes only: no memory to share
+        return 0
     try:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # a tensor without storage (fake, functional)
