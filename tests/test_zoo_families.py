@@ -143,3 +143,53 @@ def test_commands_run_on_timm_and_the_new_families(argv: list[str], tmp_path: Pa
         assert settings["model"] == argv[2]
     else:
         assert "layer2" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- every command's computation
+
+FAMILIES = [("efficientnet_b0", "stage3"), ("convnext_tiny", "stage2"), ("timm:resnet10t", "layer2")]
+
+
+@pytest.fixture(scope="module")
+def six_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("six")
+    for i, p in enumerate(sorted(Path(zfvis.default_dataset()).rglob("*.jpg"))[::83][:6]):  # several classes
+        (folder / f"{i}.jpg").write_bytes(p.read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("name, layer", FAMILIES)
+def test_mining_occlusion_invariance_correspondence_evolution_run_exactly(name: str, layer: str, six_images: Path,
+                                                                          tmp_path: Path) -> None:
+    model, pre = zfvis.load_model(name, weights="random")
+    pre = pre.with_size(64)
+    files = sorted(six_images.glob("*.jpg"))
+    x = torch.stack([pre(zfvis.load_image(p)) for p in files])
+    with torch.no_grad():
+        maps = zfvis.Deconvnet(model).output(x, layer)
+    # mining equals a brute-force top-2 (at most one entry per image)
+    zfvis.mining.mine(model, pre, six_images, [layer], out_dir=tmp_path / "run", top=2, channels=[0, 1, 2],
+                      batch_size=4)
+    topk = json.loads((tmp_path / "run" / "topk.json").read_text())
+    for c, entries in enumerate(topk["layers"][layer]["channels"]):
+        best = maps[:, c].flatten(1).amax(1)
+        order = torch.argsort(best, descending=True)[:2]
+        assert [Path(e["image"]).name for e in entries] == [files[int(i)].name for i in order]
+        assert torch.allclose(torch.tensor([e["value"] for e in entries]), best[order], rtol=1e-4, atol=1e-5)
+    # occlusion: the incremental engine (auto) equals the full recomputation
+    fast = zfvis.occlusion(model, x[0], patch=32, stride=32, layer=layer, channel=1)
+    full = zfvis.occlusion(model, x[0], patch=32, stride=32, layer=layer, channel=1, method="full")
+    assert torch.allclose(fast.activation, full.activation, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fast.class_prob, full.class_prob, rtol=1e-4, atol=1e-6)
+    # invariance: rotating by 0 changes nothing
+    inv = zfvis.invariance(model, x[:2], "rotation", [0, 90], [layer])
+    assert torch.allclose(inv.distances[layer][:, 0].float(), torch.zeros(2), atol=1e-4)
+    assert (inv.distances[layer][:, 1] > 0).all()
+    # correspondence and evolution run to their end on these graphs
+    boxes = {"centre": [(16, 16, 48, 48)] * len(files)}
+    corr = zfvis.correspondence(model, x, boxes, [layer], random_baseline=False)
+    assert set(corr.rows) == {"centre"}
+    other, _ = zfvis.load_model(name, weights="random", seed=1)
+    evo = zfvis.evolution([model, other], x, layer, [0, 1])
+    cell = evo.cells[0][0]
+    assert cell.value == pytest.approx(float(maps[:, 0].amax()), rel=1e-4)
