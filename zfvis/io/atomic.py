@@ -191,13 +191,20 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", *, own: bool = F
     except OSError as err:
         raise _named(err, path) from None
     tmp = Path(name)
-    try:
+    with _removed_on_failure(tmp, path):
         os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         _done(tmp, path, ownership.digest_file(tmp), own)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, path: Path) -> Iterator[None]:
+    """Removes the temporary file ``tmp`` when the block fails; an ``OSError`` then names ``path``."""
+    try:
+        yield
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -238,16 +245,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, sync: bool 
             os.chmod(tmp, 0o666 & ~_umask())
     except OSError as err:
         raise _named(err, path) from None
-    try:
+    with _removed_on_failure(tmp, path):
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         _done(tmp, path, ownership.digest(data), own)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise _named(err, path) from None
-        raise
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, own: bool = False) -> None:
