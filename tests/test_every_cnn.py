@@ -443,10 +443,10 @@ def test_timm_models_match_the_oracle_every_rule(name: str) -> None:
 
 
 #: Models too large for float64 on a test machine (over 100M parameters), and input sizes.
-_TOO_LARGE = ("vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf", "vit_b_32")
-_SIZES = {"inception_v3": 96, "maxvit_t": 224}
+_TOO_LARGE = ("vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf")
+_SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_b_32": 64}
 _KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": False}, "googlenet": {"aux_logits": False,
-           "init_weights": False}, "vit_b_16": {"image_size": 32}}
+           "init_weights": False}, "vit_b_16": {"image_size": 32}, "vit_b_32": {"image_size": 64}}
 
 
 def _classification_models() -> list[str]:
