@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("image", nargs="?", default=str(zfvis.default_image()))
     parser.add_argument("-o", "--out", default=str(ROOT / "docs" / "rules_efficientnet.png"))
     parser.add_argument("--weights", default="random", help="random, DEFAULT (torchvision's), or a state dict file")
-    parser.add_argument("--input-size", type=int, default=160)
+    parser.add_argument("--input-size", type=int, default=64)
     args = parser.parse_args(argv)
     model, pre = zfvis.load_model("efficientnet_b0", weights=args.weights)
     pre = pre.with_size(args.input_size)
