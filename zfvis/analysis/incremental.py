@@ -12,7 +12,7 @@ value, and plans for every node how it is computed for each occluder position:
   with the cached map pasted around each position's changes;
 * ``full``: recomputed whole for the batch of positions, where the window would cover
   the map, or where the operation has no incremental rule
-  (:mod:`zfvis.analysis.incremental_rules`): from there on the batch runs as ordinary inference,
+  (the op table's, :mod:`zfvis.core.ops.incremental_rules`): from there on the batch runs as ordinary inference,
   so the result stays exact.
 
 Chains and graphs (residual additions, concatenations, branches) are served alike.
@@ -29,8 +29,9 @@ from torch import fx
 
 from ..core.graph import ModelGraph
 from ..core.inplace import overwritten
-from ..io.errors import UserInputError
-from .incremental_rules import Pointwise, Rule, is_pointwise, module_rule
+from ..core.ops.incremental_rules import Pointwise, Rule, Window, rule_of
+from ..core.record import prepared_site
+from ..io.errors import UnsupportedModelError, UserInputError
 
 __all__ = ["IncrementalOcclusion", "NotIncremental", "map_totals"]
 
@@ -121,6 +122,7 @@ class IncrementalOcclusion:
         self.modules = dict(self.model.named_modules())
         self.nodes = list(graph.input.fx_node.graph.nodes)
         self.names = {gn.fx_node: gn.name for gn in graph.nodes}
+        self.graph_nodes = {gn.fx_node: gn for gn in graph.nodes}
         self.writes = {gn.fx_node for gn in graph.nodes if gn.writes}
         self.output = next(n for n in self.nodes if n.op == "output")
         order = {n: i for i, n in enumerate(self.nodes)}
@@ -217,8 +219,8 @@ class IncrementalOcclusion:
         needs = []
         offset, size, fill = rule.reads(plan.offset, plan.size)  # type: ignore[arg-type]
         for n in node.all_input_nodes:
-            if self.plans[n].mode == CONST and not _spatial(self.base[n]):
-                continue
+            if self.plans[n].mode == CONST and (isinstance(rule, Window) or not _spatial(self.base[n])):
+                continue  # a sliding window's weights are not read over the map
             hw = self.base[n].shape[-2:]
             pads = (
                 max(0, -int(offset[:, 0].min())),
@@ -230,21 +232,26 @@ class IncrementalOcclusion:
         return needs
 
     def _rule(self, node: fx.Node) -> Rule | None:
-        """The node's incremental rule, or ``None`` (full recomputation from here)."""
-        out = self.base[node]
-        if not _is_map(out):
+        """The node's incremental rule, from its op's entry (``None``: full recomputation from here)."""
+        out, gn = self.base[node], self.graph_nodes.get(node)
+        if not _is_map(out) or gn is None or gn.op is None or not gn.carries:
             return None
         inputs = node.all_input_nodes
         data = [self.base[n] for n in inputs if self.plans[n].mode != CONST]
         consts = [self.base[n] for n in inputs if self.plans[n].mode == CONST]
-        if is_pointwise(node, self.modules):
+        if not all(isinstance(self.base[p.fx_node], torch.Tensor) for p in gn.inputs if p.carries):
+            return None  # an item of a tuple
+        try:
+            rule = rule_of(prepared_site(gn, self.base, out))
+        except UnsupportedModelError:
+            return None
+        if isinstance(rule, Pointwise):
             same = all(_is_map(v) and v.shape[-2:] == out.shape[-2:] for v in data)
             usable = all(not isinstance(v, torch.Tensor) or _broadcasts(v, out) for v in consts)
-            return Pointwise() if same and usable else None
-        if node.op != "call_module" or len(inputs) != 1 or not _is_map(data[0]):
-            return None
-        m = self.modules[node.target]  # type: ignore[index]
-        return module_rule(m, tuple(data[0].shape[-2:]), tuple(out.shape[-2:]))  # type: ignore[arg-type]
+            return rule if same and usable else None
+        if isinstance(rule, Window) and len(data) == 1 and _is_map(data[0]) and len(inputs) - len(consts) == 1:
+            return rule
+        return None
 
     def work(self) -> dict[str, tuple[str, float]]:
         """Per layer (engine name) with a map that is recomputed: its mode and the share of

@@ -13,11 +13,14 @@ Two methods give the same numbers:
   layer's input inside its forward cone, so for each position only that window of each
   layer is recomputed (from the window of its input that the kernel reads, the halo),
   batched across positions, until the window covers the whole map; from there the batch
-  runs as ordinary inference. Convolutions, max- and average-pooling, batch norm (eval),
-  ReLU and other pointwise activations, dropout, identity, local response normalisation,
-  elementwise arithmetic (``x + y`` of residual blocks) and channel concatenation have
-  incremental rules; any other operation switches the batch to full recomputation from
-  that operation on, so the result stays exact (:mod:`zfvis.analysis.incremental`). This is
+  runs as ordinary inference. Which operations have incremental rules is the op table's
+  knowledge, the same the deconvnet's windows follow (:mod:`zfvis.core.ops`): every
+  operation of one position (activations, batch norm in eval mode, dropout, identity,
+  local response normalisation, elementwise arithmetic such as ``x + y`` of residual
+  blocks, channel concatenation) and every sliding window (convolutions, max-, average-
+  and adaptive average-pooling, as modules or functions); any other operation switches
+  the batch to full recomputation from that operation on, so the result stays exact
+  (:mod:`zfvis.analysis.incremental`). This is
   Krypton's incremental inference (Nakandala et al., SIGMOD 2019).
 
 ``"auto"`` (the default) uses the incremental method where the engine can trace the

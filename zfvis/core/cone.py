@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .geometry import axes
+
 __all__ = ["ReceptiveField", "Window", "StepCost", "group_seeds", "plan", "receptive_field", "union"]
 
 Pair = tuple[int, int]
@@ -93,46 +95,10 @@ class Window:
         return cls(map_size, z, z, (z, z, h, w), map_size)
 
 
-def _reached(a0: torch.Tensor, b0: torch.Tensor, kernel: tuple[int, int, int, int], n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and one-past-last input index that outputs ``a0 .. b0 - 1`` read (B,).
-
-    ``kernel`` is (size k, stride s, padding p, dilation d) along one dimension.
-
-    The kernel taps ``o*s - p + j*d`` that fall inside the map; with dilation the taps
-    next to a border can skip its first (or last) rows, so clamping the interval
-    ``[a0*s - p, (b0 - 1)*s - p + extent)`` to the map may overshoot. Only outputs near a
-    border need looking at; the others are never clipped.
-    """
-    k, s, p, d = kernel
-    extent = d * (k - 1) + 1
-    m = (extent + p) // s + 2
-    t = torch.arange(m, device=a0.device)
-    j = torch.arange(k, device=a0.device) * d
-    lo = a0[:, None] + t
-    hi = b0[:, None] - 1 - t
-    taps_lo = lo[:, :, None] * s - p + j
-    taps_hi = hi[:, :, None] * s - p + j
-    ok_lo = (lo < b0[:, None])[:, :, None] & (taps_lo >= 0) & (taps_lo < n_in)
-    ok_hi = (hi >= a0[:, None])[:, :, None] & (taps_hi >= 0) & (taps_hi < n_in)
-    first = torch.where(ok_lo, taps_lo, torch.full_like(taps_lo, n_in)).amin(dim=(1, 2))
-    last = torch.where(ok_hi, taps_hi, torch.full_like(taps_hi, -1)).amax(dim=(1, 2)) + 1
-    # outputs that read only padding reach nothing: keep the clamped interval
-    a = (a0 * s - p).clamp(min=0)
-    b = ((b0 - 1) * s - p + extent).clamp(max=n_in)
-    empty = first >= last
-    return torch.where(empty, a, first), torch.where(empty, b, last)
-
-
-def _back(rule: tuple, out: Window, in_size: tuple[int, int]) -> Window:
-    k, s, p, d = rule
+def _back(params: tuple, out: Window, in_size: tuple[int, int]) -> Window:
     size, starts, cone_a, cone_b = [], [], [], []
-    for i in range(2):
-        extent = d[i] * (k[i] - 1) + 1
-        if d[i] == 1:  # every input row between the taps is read: the clamped interval is exact
-            a = (out.cone[i] * s[i] - p[i]).clamp(min=0)
-            b = ((out.cone[i + 2] - 1) * s[i] - p[i] + extent).clamp(max=in_size[i])
-        else:
-            a, b = _reached(out.cone[i], out.cone[i + 2], (k[i], s[i], p[i], d[i]), in_size[i])
+    for i, axis in enumerate(axes(params)):
+        a, b = axis.reached(out.cone[i], out.cone[i + 2], in_size[i])
         # as large as the largest cone: a seed whose cone a border clips computes less
         n = min(in_size[i], max(1, int((b - a).max())))
         size.append(n)
@@ -140,8 +106,6 @@ def _back(rule: tuple, out: Window, in_size: tuple[int, int]) -> Window:
         cone_a.append(a)
         cone_b.append(b)
     return Window(tuple(size), starts[0], starts[1], (cone_a[0], cone_a[1], cone_b[0], cone_b[1]), in_size)  # type: ignore[arg-type]
-
-
 
 
 def union(windows: Sequence[Window], map_size: tuple[int, int]) -> Window:
@@ -235,13 +199,9 @@ def receptive_field(steps: Sequence, image_node: str) -> dict[str, ReceptiveFiel
             if step.cone == "same":
                 rf = _merge(ins)  # type: ignore[arg-type]
             elif step.cone == "spatial" and len(ins) == 1 and ins[0] is not None:
-                k, s, p, d = step.params
                 f = ins[0]
-                rf = ReceptiveField(
-                    tuple(f.size[i] + (k[i] - 1) * d[i] * f.jump[i] for i in range(2)),  # type: ignore[arg-type]
-                    tuple(f.jump[i] * s[i] for i in range(2)),  # type: ignore[arg-type]
-                    tuple(f.offset[i] - p[i] * f.jump[i] for i in range(2)),  # type: ignore[arg-type]
-                )
+                rows, cols = (axis.field(f.size[i], f.jump[i], f.offset[i]) for i, axis in enumerate(axes(step.params)))
+                rf = ReceptiveField((rows[0], cols[0]), (rows[1], cols[1]), (rows[2], cols[2]))
         fields[step.node] = rf
     return fields
 

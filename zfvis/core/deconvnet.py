@@ -21,9 +21,9 @@ from .aliases import layer_aliases
 from .cone import ReceptiveField, StepCost, Window, group_seeds, plan, receptive_field
 from .graph import GraphNode, ModelGraph, trace_model
 from .layers import LayerNames
-from .ops import OPS, RULES
+from .ops import OPS, RULES, Site
 from .record import Recording, Step, record
-from .reverse import ReverseConv2d, ReverseStack, ReverseStep
+from .reverse import ReverseStack, ReverseStep
 from .seeds import Patches, Seeds, check_position, select_seeds, widen
 
 __all__ = ["Deconvnet", "Seeds", "Patches"]
@@ -44,6 +44,15 @@ _AFTER_CONV = ("batch_norm", "relu", "relu6")
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _step(site: Site, layer: nn.Module, *, name: str | None = None, out_shape: tuple[int, ...] | None = None) -> ReverseStep:
+    """The reverse step of a site (``name`` and ``out_shape``: of a node folded into it)."""
+    op = site.op
+    params = op.params(site) if site.cone == "spatial" and op.params is not None else None
+    work = op.work(site) if op.work is not None else None
+    return ReverseStep(name or site.node.name, [p.name for p in site.live], layer, site.cone, site.in_shapes,
+                       site.out_shape if out_shape is None else out_shape, site.state, params, work)
 
 
 class Deconvnet:
@@ -196,29 +205,25 @@ class Deconvnet:
 
     @staticmethod
     def _steps(sites: list, *, fold: bool = True) -> list[ReverseStep]:
-        """Reverse steps for sites in reverse execution order (with ``fold``, a BatchNorm2d
-        right after a convolution that feeds nothing else is folded into it)."""
+        """Reverse steps for sites in reverse execution order (with ``fold``, a node whose op
+        ``folds_into`` its producer's, a producer that feeds nothing else, is absorbed by
+        the producer's reverse layer: BatchNorm2d after a convolution)."""
         steps: list[ReverseStep] = []
         folded: set[str] = set()
+        by_node = {s.node.name: s for s in sites}
         for site in sites:
             node = site.node
             if node.name in folded:
                 continue
-            op = site.op
-            producer = site.live[0] if site.live else None
-            conv_site = next((s for s in sites if producer is not None and s.node is producer), None)
-            if (fold and op.name == "batch_norm" and node.module is not None and conv_site is not None and producer is not None
-                    and producer.op is OPS["conv2d"] and len(producer.users) == 1):
-                layer = conv_site.node.op.build(conv_site)  # type: ignore[union-attr]
+            producer = by_node.get(site.live[0].name) if site.live else None
+            if (fold and site.op.folds_into is not None and node.module is not None and producer is not None
+                    and producer.node.op is OPS[site.op.folds_into] and len(producer.node.users) == 1):
+                layer = producer.op.build(producer)
                 layer.fold(node.module, node.module_name or node.name)  # type: ignore[operator]
-                folded.add(producer.name)
-                steps.append(ReverseStep(node.name, [p.name for p in conv_site.live], layer, "spatial",
-                                         conv_site.in_shapes, site.out_shape, None,
-                                         OPS["conv2d"].params(conv_site)))  # type: ignore[misc]
+                folded.add(producer.node.name)
+                steps.append(_step(producer, layer, name=node.name, out_shape=site.out_shape))
                 continue
-            params = op.params(site) if site.cone == "spatial" and op.params is not None else None
-            steps.append(ReverseStep(node.name, [p.name for p in site.live], op.build(site), site.cone,
-                                     site.in_shapes, site.out_shape, site.state, params))
+            steps.append(_step(site, site.op.build(site)))
         return steps
 
     # -------------------------------------------------------------- recording
@@ -355,8 +360,7 @@ class Deconvnet:
             win = wins.get(step.node)
             if win is None or len(step.out_shape) != 3:
                 continue
-            layer = step.layer
-            work = float(layer.weight.numel()) if isinstance(layer, ReverseConv2d) else _MEMORY_WORK * step.out_shape[0]
+            work = step.work if step.work is not None else _MEMORY_WORK * step.out_shape[0]
             costs.append(StepCost(win, work, int(step.out_shape[0])))
         return group_seeds(n, costs, overhead=_STEP_OVERHEAD * len(stack.steps), max_elements=_BATCH_ELEMENTS,
                            max_size=self.chunk_size)

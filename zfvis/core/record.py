@@ -31,11 +31,12 @@ from ..io.errors import (
 from .cone import ReceptiveField
 from .graph import GraphNode, ModelGraph, eval_mode
 from .inplace import overwritten
-from .ops import GENERIC, OPS, SUPPORTED_TYPES, Live, Site
+from .ops import GENERIC, OPS, SUPPORTED_TYPES, Live, Op, Site
 from .ops.args import live_call
 from .ops.grad import recorded_inputs
 
-__all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "SUPPORTED_TYPES", "eval_mode"]
+__all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "prepared_site", "SUPPORTED_TYPES",
+           "eval_mode"]
 
 
 @dataclasses.dataclass
@@ -153,6 +154,32 @@ def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any, parent: Site | Non
                 cone=node.op.cone if node.op is not None else "same")
 
 
+def _prepare(site: Site) -> Op:
+    """Runs the site's op's checks, which set its cone (raises UnsupportedModelError)."""
+    op = site.op
+    if op.prepare is not None:
+        op.prepare(site)
+    return op
+
+
+def prepared_site(node: GraphNode, env: dict[fx.Node, Any], out: Any) -> Site:
+    """The site of a node that carries the signal and takes plain tensors, its op's checks
+    run and its cone set (occlusion reads its incremental rule from it).
+
+    Args:
+        node: The node (with an op).
+        env: Values of the graph's nodes (at least of the node's arguments).
+        out: The node's output.
+
+    Raises:
+        UnsupportedModelError: The op cannot take this use (occlusion recomputes it whole).
+    """
+    site = _site(node, env, out, None)
+    if site.cone != "bundle":
+        _prepare(site)
+    return site
+
+
 def _shape(node: GraphNode, out: Any) -> tuple[int, ...]:
     if not isinstance(out, torch.Tensor):
         raise UnsupportedModelError(
@@ -239,9 +266,7 @@ class _Pass:
                 raise site.fail(f"its output's first dimension is not the batch of {self.batch} images (it merges "
                                 "or drops the batch dimension), which zfvis cannot reverse per image. Hint: keep "
                                 "the batch first, e.g. torch.flatten(x, 1)")
-            op = site.op
-            if op.prepare is not None:
-                op.prepare(site)
+            op = _prepare(site)
             if op.record is not None:
                 site.state = op.record(site, inputs, out, self.rule)
             self.sites[node.name] = site

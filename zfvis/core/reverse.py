@@ -389,6 +389,8 @@ class ReverseStep:
         out_shape: Shape of the node's output, without batch.
         state: What the forward pass recorded for it.
         params: (kernel, stride, padding, dilation) for spatial layers.
+        work: Multiply-adds per position of its output map (the op's ``work``; ``None``:
+            it only reads and writes the signal).
     """
 
     node: str
@@ -399,6 +401,7 @@ class ReverseStep:
     out_shape: tuple[int, ...]
     state: Any = None
     params: tuple[tuple[int, int], ...] | None = None
+    work: float | None = None
 
 
 class ReverseStack(nn.Module):

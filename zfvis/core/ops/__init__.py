@@ -1,15 +1,24 @@
-"""What each operation becomes in the deconvnet: the one table.
+"""What each operation means to both engines (deconvnet and occlusion): the one table.
 
 Every node of a traced model (:mod:`zfvis.core.graph`) that carries the signal is matched,
 by module type, function or tensor method, to one :class:`Op` of :data:`OPS`. An op
-says three things:
+says, for both engines (the deconvnet and occlusion's incremental inference):
 
 - **record**: what the forward pass must keep for the reverse pass (max-pool switches,
   the masks of ReLUs for the guided and gradient rules);
-- **cone**: how a window of its output maps to the windows of its inputs that the
-  reverse pass can reach (``"same"``: the same rectangle, ``"spatial"``: through a
-  kernel of size k, stride s, padding p, dilation d, ``"full"``: the whole input);
-- **reverse**: the reverse layer (:mod:`zfvis.core.reverse`) that runs the signal back.
+- **cone**: how a window of its output maps to the windows of its inputs (``"same"``: the
+  same rectangle, ``"spatial"``: through a kernel of size k, stride s, padding p, dilation
+  d, read by ``params`` and computed in :mod:`zfvis.core.geometry`, ``"full"``: the whole
+  input). The deconvnet reverses a node on the windows its cone gives; occlusion
+  recomputes a ``"same"`` node on windows as it is, a ``"spatial"`` one by its ``window``
+  rule (:mod:`zfvis.core.ops.incremental_rules`), any other whole;
+- **reverse**: the reverse layer (:mod:`zfvis.core.reverse`) that runs the signal back,
+  the op it may be folded into (``folds_into``: batch norm into the convolution before
+  it) and its cost (``work``), by which seeds are batched.
+
+In-place calls are the same for every op: a new version of the tensor they write
+(:mod:`zfvis.core.graph`), refused where another value shares its memory
+(:mod:`zfvis.core.inplace`), in both engines.
 
 =========================  ==========================================================
 op                         reverse
@@ -35,6 +44,8 @@ rectifier                  LeakyReLU, ELU, SiLU, GELU, Hardswish, Mish: the rule
                            deconvnet relu(g), guided f'(x) relu(g), gradient f'(x) g
 gate                       sigmoid, hard sigmoid, tanh: f'(x) g (their true backward)
 scale (two factors)        x * y of input-dependent tensors: the product rule
+pointwise                  the other functions of one position (PReLU, SELU, Softplus,
+                           clamp, exp, pow, ...): their vector-Jacobian product, on windows
 vjp                        everything else differentiable (LayerNorm, permute, split,
                            interpolate, a submodule fx cannot trace, ...): the node's
                            local vector-Jacobian product at its recorded inputs
@@ -55,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import reverse as deconv
-from .args import _adaptive_params, _conv_params, _pool_params, target_name
+from .args import _adaptive_params, _conv_args, _conv_params, _pool_params, target_name
 from .build import (
     _build_add,
     _build_batch_norm_function,
@@ -85,31 +96,43 @@ from .checks import (
     _prepare_reshape,
     _prepare_scale,
 )
-from .grad import build_gate, build_rectifier, build_vjp, prepare_vjp, record_gate, record_rectifier, record_vjp
+from .grad import build_gate, build_rectifier, build_vjp, prepare_pointwise, record_gate, record_rectifier, record_vjp
+from .incremental_rules import adaptive_window, avg_pool_window, conv_window, max_pool_window
 from .site import RULES, Live, Op, Pair, Site
 
 __all__ = ["Op", "Site", "Live", "OPS", "SUPPORTED_TYPES", "RULES", "MODULE_OPS", "METHOD_OPS", "FUNCTION_OPS",
-           "REFUSED", "SHAPE_ONLY", "GENERIC", "target_name", "Pair"]
+           "REFUSED", "SHAPE_ONLY", "GENERIC", "POINTWISE", "target_name", "Pair"]
 
 # --------------------------------------------------------------------------- the table
 
 #: The op of every differentiable node that has no entry of its own.
 GENERIC = "vjp"
 
+#: The op of the other functions that act on each (y, x) position on its own (in eval mode):
+#: reversed by their vector-Jacobian product too, but on windows.
+POINTWISE = "pointwise"
+
+
+def _conv_work(site: Site) -> float:
+    """A transposed convolution's multiply-adds per output position: its weight's size."""
+    return float(_conv_args(site)["weight"].numel())
+
+
 OPS: dict[str, Op] = {
     op.name: op
     for op in [
         Op("conv2d", "transposed convolution with the same (tied) weights, bias not applied", "spatial",
-           _build_conv, _prepare_conv, params=_conv_params),
+           _build_conv, _prepare_conv, params=_conv_params, window=conv_window, work=_conv_work),
         Op("linear", "multiplication by the transposed (tied) weight, bias not applied", "full", _build_linear),
         Op("batch_norm", "its per-channel scale gamma / sqrt(running_var + eps)", "same",
-           lambda site: deconv.Scale(site.node.module, _source(site)), _prepare_bn),
+           lambda site: deconv.Scale(site.node.module, _source(site)), _prepare_bn, folds_into="conv2d"),
         Op("max_pool2d", "unpooling with the recorded switches (overlapping windows add up)", "spatial",
            lambda site: deconv.Unpool2d(_source(site), _pool_params(site)), _prepare_maxpool,
-           record=_record_switches, params=_pool_params),
-        Op("avg_pool2d", "its transpose", "spatial", _linear_map("avg_pool2d"), params=_pool_params),
+           record=_record_switches, params=_pool_params, window=max_pool_window),
+        Op("avg_pool2d", "its transpose", "spatial", _linear_map("avg_pool2d"), params=_pool_params,
+           window=avg_pool_window),
         Op("adaptive_avg_pool2d", "its transpose", "spatial", _linear_map("adaptive_avg_pool2d"),
-           _prepare_adaptive, params=_adaptive_params),
+           _prepare_adaptive, params=_adaptive_params, window=adaptive_window),
         Op("mean", "its transpose (the signal spread evenly)", "full", _linear_map("mean")),
         Op("relu", "the rule (deconvnet: ReLU of the signal)", "same",
            lambda site: deconv.Rectify(_source(site), relu6=False), record=_record_relu),
@@ -133,8 +156,10 @@ OPS: dict[str, Op] = {
         Op("rectifier", "the rule: deconvnet relu(signal), guided f'(x) relu(signal), gradient f'(x) signal",
            "same", build_rectifier, record=record_rectifier, reads_inputs=True),
         Op("gate", "its derivative: f'(x) signal", "same", build_gate, record=record_gate, reads_inputs=True),
+        Op(POINTWISE, "its local vector-Jacobian product at the recorded inputs, position by position (exact; "
+           "on windows)", "same", build_vjp, prepare_pointwise, record=record_vjp, reads_inputs=True),
         Op(GENERIC, "its local vector-Jacobian product at the recorded inputs (exact; whole maps)", "full",
-           build_vjp, prepare_vjp, record=record_vjp, reads_inputs=True),
+           build_vjp, record=record_vjp, reads_inputs=True),
     ]
 }
 
@@ -162,6 +187,8 @@ MODULE_OPS: dict[type[nn.Module], str] = {
     nn.Sigmoid: "gate",
     nn.Hardsigmoid: "gate",
     nn.Tanh: "gate",
+    nn.AlphaDropout: "identity",
+    **{t: POINTWISE for t in (nn.PReLU, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid)},
 }
 
 FUNCTION_OPS: dict[Any, str] = {
@@ -222,6 +249,9 @@ FUNCTION_OPS: dict[Any, str] = {
     torch.tanh: "gate",
     torch.tanh_: "gate",
     F.tanh: "gate",
+    **{f: POINTWISE for f in (
+        torch.clamp, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.pow, operator.pow, torch.erf,
+        torch.square, torch.sin, torch.cos, F.softplus, F.softsign, F.logsigmoid, F.selu, F.celu)},
 }
 
 #: Operations refused on a projection's path: no gradient, or random in eval mode. Keys are
@@ -267,6 +297,8 @@ METHOD_OPS: dict[str, str] = {
     "sigmoid_": "gate",
     "tanh": "gate",
     "tanh_": "gate",
+    "neg": "scale",
+    **{m: POINTWISE for m in ("clamp", "clamp_", "exp", "log", "sqrt", "rsqrt", "abs", "pow", "square", "erf")},
 }
 
 #: Module types the deconvnet can reverse, with what it does with each.

@@ -16,11 +16,10 @@ import torch
 from .. import reverse as deconv
 from ..reverse_grad import VectorJacobian
 from .args import live_call
-from .pointwise import acts_per_position
 from .site import Site
 
 __all__ = ["derivative", "record_rectifier", "record_gate", "build_rectifier", "build_gate", "record_vjp",
-           "build_vjp", "prepare_vjp", "recorded_inputs"]
+           "build_vjp", "prepare_pointwise", "recorded_inputs"]
 
 
 def derivative(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -83,10 +82,11 @@ def _check_gradient(site: Site, fn: Callable[..., Any], inputs: list[torch.Tenso
                         "mode, which zfvis cannot reverse")
 
 
-def prepare_vjp(site: Site) -> None:
-    """A pointwise op of one input (by the table) is reversed on windows; any other on whole maps."""
+def prepare_pointwise(site: Site) -> None:
+    """A function of one position, of one input of the output's shape, is reversed on
+    windows; otherwise (broadcasting, several inputs) on whole maps."""
     same = len(site.live) == 1 and all(s == site.out_shape for s in site.in_shapes) and len(site.out_shape) >= 2
-    site.cone = "same" if same and site.fn is None and acts_per_position(site.node.fx_node, site.node.module) else "full"
+    site.cone = "same" if same and site.fn is None else "full"
 
 
 def record_vjp(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> list[torch.Tensor]:

@@ -98,6 +98,14 @@ class Op:
         params: For ``"spatial"`` ops, (kernel, stride, padding, dilation) pairs.
         reads_inputs: Whether ``record`` reads the inputs (an in-place call's are copied
             before it runs).
+        window: For ``"spatial"`` ops, the occlusion engine's rule: the op's forward on
+            windows of its input (:mod:`zfvis.core.ops.incremental_rules`); ``None``: a
+            spatial node is recomputed whole. (A ``"same"`` node needs none: it is computed
+            on windows as it is.)
+        folds_into: The op of a producer whose reverse layer can absorb this node's reverse
+            (batch norm into the convolution before it), where that producer feeds nothing else.
+        work: Multiply-adds the reverse layer does per position of its output map (to batch
+            seeds by cost); ``None``: it only reads and writes the signal.
     """
 
     name: str
@@ -108,3 +116,6 @@ class Op:
     record: Callable[[Site, list[torch.Tensor], torch.Tensor, str], Any] | None = None
     params: Callable[[Site], tuple[Pair, Pair, Pair, Pair]] | None = None
     reads_inputs: bool = False
+    window: Callable[[Site], Any] | None = None
+    folds_into: str | None = None
+    work: Callable[[Site], float] | None = None
