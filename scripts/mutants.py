@@ -113,9 +113,10 @@ MUTANTS: list[Mutant] = [
            "x + x.mean(keepdim) reversed on windows although one operand is broadcast", _arith("broadcast_add")),
     Mutant("product-one-branch", _REVG, "for pos, k in enumerate(self.ks):", "for pos, k in enumerate(self.ks[:1]):",
            "the product rule of x * gate(x) drops the gate's branch",
-           (*_arith("gate"), "tests/test_graph.py::test_gate_and_product_keep_their_true_backward")),
+           (_CNN, "tests/test_graph.py", "-k", "(arithmetic and gate) or gate_and_product")),
     Mutant("cat-split-order", _BUILD, "[dim - 1] for t in tensors]", "[dim - 1] for t in tensors][::-1]",
-           "cat's signal split at the wrong offsets (the sizes in reverse order)", _arith("split")),
+           "cat's signal split at the wrong offsets (the sizes in reverse order)",
+           (_SEM, "-k", "cat_channels or cat_width")),
     Mutant("getitem-windowed", _CHECKS, "len(explicit) > in_dims - 2", "len(explicit) > in_dims - 1",
            "slicing the map's rows (x[:, :, 1:]) reversed on windows: the slice lands at the wrong place",
            (_SEM, "-k", "getitem")),
@@ -128,7 +129,11 @@ MUTANTS: list[Mutant] = [
            (_CNN, "-k", "relu6_saturation")),
     Mutant("hardtanh-defaults", _CHECKS, 'site.arg(1, "min_val", -1.0), site.arg(2, "max_val", 1.0)',
            'site.arg(1, "min_val", 0.0), site.arg(2, "max_val", 6.0)',
-           "F.hardtanh(x) (limits -1, 1) accepted and reversed as ReLU6", (_SEM, "-k", "hardtanh")),
+           "F.hardtanh(x)'s default limits (-1, 1) taken as ReLU6's. EQUIVALENT: torch.fx records a "
+           "torch.nn.functional call with every parameter filled in as a keyword (min_val=-1.0, max_val=1.0), "
+           "so these defaults are never read", (_SEM, "-k", "hardtanh"), equivalent=True),
+    Mutant("hardtanh-cap-unchecked", _CHECKS, "if (float(lo), float(hi)) != (0.0, 6.0):", "if float(lo) != 0.0:",
+           "hardtanh(0, 1) (a ReLU capped at 1) accepted and reversed as ReLU6", (_SEM, "-k", "hardtanh")),
     Mutant("relu-mask-nonnegative", _BUILD, 'else out > 0', 'else out >= 0',
            "the guided/gradient ReLU mask passes where the input was negative (out == 0)", _act("ReLU")),
     Mutant("guided-not-rectified", _REV, 'if self.by_rule and frame.rule != "gradient":',
@@ -137,6 +142,15 @@ MUTANTS: list[Mutant] = [
     Mutant("gate-rectified", _REV, 'if self.by_rule and frame.rule != "gradient":', 'if frame.rule != "gradient":',
            "sigmoid/tanh gates rectified by the rule although they keep their true backward",
            _act("Sigmoid", "Tanh")),
+    Mutant("gradient-rectified", _REV, 'if self.by_rule and frame.rule != "gradient":', "if self.by_rule:",
+           "the gradient rule rectifies the signal too: f'(x) relu(g) instead of f'(x) g", _act("GELU", "Mish")),
+    Mutant("deconvnet-rectifier-masked", _GRAD, 'return None if rule == "deconvnet" else derivative',
+           "return derivative", "the deconvnet rule multiplies by f'(x) too, as guided does", _act("SiLU", "ELU")),
+    Mutant("lrn-true-backward", _OPS, 'nn.LocalResponseNorm: "identity"', 'nn.LocalResponseNorm: "vjp"',
+           "LocalResponseNorm reversed by the generic vector-Jacobian product instead of passed through. "
+           "EQUIVALENT: the generic layer runs under RuleMode (core/rule_mode.py), which gives "
+           "F.local_response_norm the identity backward too, so the result is the same",
+           ("tests/test_engine.py", "-k", "projection_matches_oracle and odd-features.7"), equivalent=True),
     Mutant("rectifier-slope-at-output", _GRAD, "else derivative(_one_input(site), inputs[0])",
            "else derivative(_one_input(site), out)",
            "a rectifier's f' taken at its output f(x) instead of its input x", _act("SiLU", "GELU")),
@@ -147,8 +161,8 @@ MUTANTS: list[Mutant] = [
     Mutant("bn-eps-dropped", _REV, "torch.rsqrt(var + bn.eps)", "torch.rsqrt(var)",
            "BatchNorm2d's reverse scale without eps (1e-3 in MobileNetV3: off by 0.05 %)",
            (_CNN, "-k", "families and mobilenet_v3_small")),
-    Mutant("bn-function-eps", _BUILD, 'eps=float(site.arg(7, "eps", 1e-5))', 'eps=float(site.arg(6, "eps", 1e-5))',
-           "F.batch_norm's eps read from the momentum argument", (_SEM, "-k", "batch_norm")),
+    Mutant("bn-function-eps", _BUILD, 'site.arg(7, "eps", 1e-5)', 'site.arg(7, "momentum", 1e-5)',
+           "F.batch_norm's reverse scale takes its momentum for eps", (_SEM, "-k", "batch_norm")),
     Mutant("conv-bias-applied", _REV, "F.conv_transpose2d(signal, self.weight, None,",
            "F.conv_transpose2d(signal, self.weight, torch.ones(self.weight.shape[1] * self.groups, "
            "dtype=signal.dtype),", "the reverse convolution adds a bias (Zeiler & Fergus apply none)",
@@ -160,10 +174,15 @@ MUTANTS: list[Mutant] = [
            ("tests/test_batching.py", "-k", "dilated_and_overlapping")),
     Mutant("unpool-window-offset", _REV, "local = idx - offset if lx == width", "local = idx if lx == width",
            "unpooling on a window ignores where the window starts (switches land off the window)",
-           (*_arith("upsample"), "tests/test_batching.py", "-k", "upsample or dilated_and_overlapping")),
+           (_SEM, "-k", "unpooling")),
     # ------------------------------------------------------------------ refusals
-    Mutant("dropout-training-accepted", _CHECKS, '"training", True) is not False',
-           '"training", False) is not False', "F.dropout(x, p) (training=True by default) accepted: random in eval",
+    Mutant("dropout-default-training", _CHECKS, '"training", True) is not False',
+           '"training", False) is not False',
+           "F.dropout(x, p)'s default training taken as False. EQUIVALENT: torch.fx records the call with "
+           "training=True as a keyword, so this default is never read",
+           ("tests/test_engine.py", "-k", "unsupported_operations and dropout"), equivalent=True),
+    Mutant("dropout-training-accepted", _CHECKS, '"training", True) is not False', '"training", True) is None',
+           "F.dropout(x, p) (training=True by default) accepted: random in eval mode",
            ("tests/test_engine.py", "-k", "unsupported_operations and dropout")),
     Mutant("floordiv-accepted", _OPS, "torch.floor_divide, operator.floordiv,", "torch.floor_divide,",
            "x // 2 no longer in the refused table", (_SEM, "-k", "floordiv")),
@@ -196,8 +215,9 @@ MUTANTS: list[Mutant] = [
     Mutant("crop-loop-edge", _WIN, "min(t + height, h), max(l_, 0)", "min(t + height, h - 1), max(l_, 0)",
            "a window reaching the map's last row drops it", _WINDOWED),
     Mutant("move-direction", _WIN, "None, dst.top - src.top, dst.left - src.left",
-           "None, src.top - dst.top, src.left - dst.left", "a signal moved between windows in the wrong direction",
-           _WINDOWED),
+           "None, src.top - dst.top, src.left - dst.left",
+           "a signal moved between windows in the wrong direction (where a value's window holds several "
+           "readers' cones: a residual block)", (_SEM, "-k", "residual")),
     # ------------------------------------------------------------------ occlusion's incremental rules
     Mutant("occ-changed-hi", _OCC, 'rounding_mode="floor") + 1', 'rounding_mode="floor")',
            "Window.changed one output row short at the bottom: a changed output is taken from the cache",
@@ -207,7 +227,7 @@ MUTANTS: list[Mutant] = [
     Mutant("occ-changed-lo-floor", _OCC, "lo = -torch.div(-(a + p - d * (k - 1)), s,",
            "lo = torch.div((a + p - d * (k - 1)), s,",
            "Window.changed rounds down instead of up: one row too many recomputed (results equal, work not)",
-           ("tests/test_occlusion.py", "-k", "recomputes_only_the_cone")),
+           (_SEM, "-k", "strided_cone")),
     Mutant("occ-reads-offset", _OCC, "return offset * s - p, span, self.fill", "return offset * s + p, span, self.fill",
            "a window's input read at the wrong offset (padding added instead of subtracted)", _OCCLUSION),
     Mutant("occ-avgpool-include-pad", _OCC, "if not include_pad:", "if include_pad:",
@@ -215,7 +235,10 @@ MUTANTS: list[Mutant] = [
     Mutant("occ-conv-bias-dropped", _OCC, "F.conv2d(x, m.weight, m.bias,", "F.conv2d(x, m.weight, None,",
            "a recomputed convolution window without its bias", _OCCLUSION),
     Mutant("occ-bn-batch-stats", _OCC, "return m.running_mean is not None", "return True",
-           "is_pointwise accepts BatchNorm2d with batch statistics (not per position)", (_SEM, "-k", "occlusion")),
+           "is_pointwise accepts BatchNorm2d with batch statistics (not per position). EQUIVALENT: occlusion() "
+           "refuses such a model before planning (zfvis/analysis/occlusion.py, 'has no running statistics'), "
+           "whatever the method, so is_pointwise never sees one",
+           (_CNN, "-k", "occlusion_refuses_batch_statistics"), equivalent=True),
 ]
 
 #: pytest's exit status -> outcome (1: a test failed; 2: collection failed, e.g. an import error).
