@@ -8,6 +8,7 @@ results. ``scripts/train.py`` has its own tests (``test_train.py``).
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -112,3 +113,22 @@ def test_suite_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "2 tests, 7 s in tests, peak resident memory 950 MiB" in out
     assert out.index("+    400 to    950  tests/test_a.py::test_one") < out.index("slowest")
     assert out.index("tests/test_b.py") < out.index("tests/test_a.py                    ")  # slowest file first
+
+
+def test_mutants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mutants = _script("mutants")
+    assert mutants.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "sub-sign" in out and f"{len(mutants.MUTANTS)} mutants" in out
+    build = REPO / "zfvis" / "core" / "ops" / "build.py"
+    before = build.read_bytes()
+    assert mutants.main(["--only", "sub-sign", "--timeout", "120"]) == 0  # a quick one, in a copy
+    out = capsys.readouterr().out
+    assert re.search(r"^sub-sign +killed", out, re.MULTILINE) and "1 mutants: 1 killed, 0 survived" in out
+    assert build.read_bytes() == before  # the working tree is never modified
+    # a snippet that moved is stale, which fails the check
+    (tmp_path / "zfvis" / "core" / "ops").mkdir(parents=True)
+    (tmp_path / "zfvis" / "core" / "ops" / "build.py").write_bytes(before.replace(b"sign = -1.0 if", b"sign=-1.0 if"))
+    sub_sign = next(m for m in mutants.MUTANTS if m.id == "sub-sign")
+    assert mutants.apply(sub_sign, tmp_path).startswith("stale mutant: the snippet occurs 0 times")
+    assert mutants.Result(sub_sign, "stale").failed and not mutants.Result(sub_sign, "killed").failed

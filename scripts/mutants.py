@@ -1,0 +1,408 @@
+"""Mutation check: do the tests notice when the op table or an engine computes something else?
+
+Each mutant (the table :data:`MUTANTS`) replaces one short snippet of a file of the package
+with a plausible mistake: a sign, an off-by-one, a rule's formula, a refusal dropped. For
+every mutant the script copies the repository (its tracked files and the untracked ones git
+does not ignore) to a temporary directory, applies the replacement there, and runs the
+tests that should notice, with the same interpreter, in that copy (so the copy's ``zfvis``
+is imported):
+
+    python -m pytest -x -q -p no:cacheprovider <the mutant's tests>
+
+A mutant is *killed* when those tests fail, *survived* when they pass, *stale* when its
+snippet is not found exactly once (the code moved: update the table), *timeout* when the
+run exceeds ``--timeout``, *error* when pytest could not run the tests (none collected, a
+usage error). The exit status is 1 when any mutant not marked equivalent survived, or any
+mutant is stale, timed out or errored. The working tree is never modified.
+
+    python scripts/mutants.py                 # every mutant (about 6 minutes on 2 cores)
+    python scripts/mutants.py --list          # the table
+    python scripts/mutants.py --only sub-sign,div-reciprocal [--timeout 300]
+"""
+
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from zfvis.io.progress import progress
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    """One mutation of the package.
+
+    Attributes:
+        id: A short name (for ``--only``).
+        file: The file it changes, relative to the repository's root.
+        original: The exact snippet it replaces (it must occur exactly once in the file).
+        replacement: What replaces it.
+        why: What the mutation breaks, and why that matters.
+        tests: The pytest arguments (files, ``-k`` selections) whose run should kill it.
+        equivalent: Whether it computes the same results (it cannot be killed by a test
+            of results; ``why`` says why); its survival does not fail the check.
+    """
+
+    id: str
+    file: str
+    original: str
+    replacement: str
+    why: str
+    tests: tuple[str, ...]
+    equivalent: bool = False
+
+
+# files
+_OPS = "zfvis/core/ops/__init__.py"
+_BUILD = "zfvis/core/ops/build.py"
+_CHECKS = "zfvis/core/ops/checks.py"
+_GRAD = "zfvis/core/ops/grad.py"
+_REV = "zfvis/core/reverse.py"
+_REVG = "zfvis/core/reverse_grad.py"
+_REC = "zfvis/core/record.py"
+_INPL = "zfvis/core/inplace.py"
+_CONE = "zfvis/core/cone.py"
+_WIN = "zfvis/core/windows.py"
+_OCC = "zfvis/analysis/incremental_rules.py"
+
+# test selections
+_CNN = "tests/test_every_cnn.py"
+_SEM = "tests/test_op_semantics.py"
+
+
+def _arith(*cases: str) -> tuple[str, ...]:
+    """``test_every_cnn``'s arithmetic oracle checks of the given cases."""
+    return (_CNN, "-k", f"arithmetic and ({' or '.join(cases)})")
+
+
+def _act(*names: str) -> tuple[str, ...]:
+    """``test_every_cnn``'s activation checks (every rule against the oracle) of the given names."""
+    return (_CNN, "-k", f"every_activation and ({' or '.join(names)})")
+
+
+_WINDOWED = ("tests/test_engine.py", "-k", "windowed_equals_dense")
+_OCCLUSION = ("tests/test_occlusion.py", "-k", "chain_equals_brute_force or residual_equals_brute_force")
+
+MUTANTS: list[Mutant] = [
+    # ------------------------------------------------------------------ the op table: arithmetic
+    Mutant("sub-sign", _BUILD, 'sign = -1.0 if target_name', 'sign = 1.0 if target_name',
+           "a - b sends +signal to b: the subtrahend's projection flips sign", _arith("sub")),
+    Mutant("sub-alpha", _BUILD, "1.0 if pos == 0 else sign * alpha", "1.0 if pos == 0 else sign",
+           "torch.add/sub(a, b, alpha=k): b's signal must be scaled by alpha", (_SEM, "-k", "alpha")),
+    Mutant("div-reciprocal", _BUILD, "Multiply(1.0 / other if division", "Multiply(other if division",
+           "x / c reversed as multiplication by c instead of 1/c", _arith("div")),
+    Mutant("neg-sign", _CHECKS, 'return site.arg(0, "input"), -1.0', 'return site.arg(0, "input"), 1.0',
+           "-x reversed as +x", (_SEM, "-k", "neg")),
+    Mutant("row-broadcast-windowed", _CHECKS, "return v.numel() == 1 or (",
+           "return v.dim() == 1 or v.numel() == 1 or (",
+           "a (W,) factor taken as the same at every (y, x): windows scaled by the wrong columns", _arith("row")),
+    Mutant("broadcast-add-windowed", _CHECKS, 'site.cone = "same" if all(s == site.out_shape for s in site.in_shapes)'
+           ' else "full"\n\n\n#', 'site.cone = "same" if any(s == site.out_shape for s in site.in_shapes)'
+           ' else "full"\n\n\n#',
+           "x + x.mean(keepdim) reversed on windows although one operand is broadcast", _arith("broadcast_add")),
+    Mutant("product-one-branch", _REVG, "for pos, k in enumerate(self.ks):", "for pos, k in enumerate(self.ks[:1]):",
+           "the product rule of x * gate(x) drops the gate's branch",
+           (_CNN, "tests/test_graph.py", "-k", "(arithmetic and gate) or gate_and_product")),
+    Mutant("cat-split-order", _BUILD, "[dim - 1] for t in tensors]", "[dim - 1] for t in tensors][::-1]",
+           "cat's signal split at the wrong offsets (the sizes in reverse order)",
+           (_SEM, "-k", "cat_channels or cat_width")),
+    Mutant("getitem-windowed", _CHECKS, "len(explicit) > in_dims - 2", "len(explicit) > in_dims - 1",
+           "slicing the map's rows (x[:, :, 1:]) reversed on windows: the slice lands at the wrong place",
+           (_SEM, "-k", "getitem")),
+    # ------------------------------------------------------------------ the op table: rectifiers and gates
+    Mutant("relu6-cut", _BUILD, 'return out < 6 if rule == "deconvnet"', 'return out <= 6 if rule == "deconvnet"',
+           "ReLU6 passes signal where its input was >= 6 (deconvnet rule)",
+           (_CNN, "-k", "relu6_saturation")),
+    Mutant("relu6-cut-guided", _BUILD, "else (out > 0) & (out < 6)", "else (out > 0)",
+           "ReLU6 passes signal where its input was >= 6 (guided and gradient rules)",
+           (_CNN, "-k", "relu6_saturation")),
+    Mutant("hardtanh-defaults", _CHECKS, 'site.arg(1, "min_val", -1.0), site.arg(2, "max_val", 1.0)',
+           'site.arg(1, "min_val", 0.0), site.arg(2, "max_val", 6.0)',
+           "F.hardtanh(x)'s default limits (-1, 1) taken as ReLU6's. EQUIVALENT: torch.fx records a "
+           "torch.nn.functional call with every parameter filled in as a keyword (min_val=-1.0, max_val=1.0), "
+           "so these defaults are never read", (_SEM, "-k", "hardtanh"), equivalent=True),
+    Mutant("hardtanh-cap-unchecked", _CHECKS, "if (float(lo), float(hi)) != (0.0, 6.0):", "if float(lo) != 0.0:",
+           "hardtanh(0, 1) (a ReLU capped at 1) accepted and reversed as ReLU6", (_SEM, "-k", "hardtanh")),
+    Mutant("relu-mask-nonnegative", _BUILD, 'else out > 0', 'else out >= 0',
+           "the guided/gradient ReLU mask passes where the input was negative (out == 0)", _act("ReLU")),
+    Mutant("guided-not-rectified", _REV, 'if self.by_rule and frame.rule != "gradient":',
+           'if self.by_rule and frame.rule == "deconvnet":',
+           "the guided rule forgets to rectify the signal: f'(x) g instead of f'(x) relu(g)", _act("GELU", "Mish")),
+    Mutant("gate-rectified", _REV, 'if self.by_rule and frame.rule != "gradient":', 'if frame.rule != "gradient":',
+           "sigmoid/tanh gates rectified by the rule although they keep their true backward",
+           _act("Sigmoid", "Tanh")),
+    Mutant("gradient-rectified", _REV, 'if self.by_rule and frame.rule != "gradient":', "if self.by_rule:",
+           "the gradient rule rectifies the signal too: f'(x) relu(g) instead of f'(x) g", _act("GELU", "Mish")),
+    Mutant("deconvnet-rectifier-masked", _GRAD, 'return None if rule == "deconvnet" else derivative',
+           "return derivative", "the deconvnet rule multiplies by f'(x) too, as guided does", _act("SiLU", "ELU")),
+    Mutant("lrn-true-backward", _OPS, 'nn.LocalResponseNorm: "identity"', 'nn.LocalResponseNorm: "vjp"',
+           "LocalResponseNorm reversed by the generic vector-Jacobian product instead of passed through. "
+           "EQUIVALENT: the generic layer runs under RuleMode (core/rule_mode.py), which gives "
+           "F.local_response_norm the identity backward too, so the result is the same",
+           ("tests/test_engine.py", "-k", "projection_matches_oracle and odd-features.7"), equivalent=True),
+    Mutant("rectifier-slope-at-output", _GRAD, "else derivative(_one_input(site), inputs[0])",
+           "else derivative(_one_input(site), out)",
+           "a rectifier's f' taken at its output f(x) instead of its input x", _act("SiLU", "GELU")),
+    Mutant("gate-derivative-one", _GRAD, "return derivative(_one_input(site), inputs[0])",
+           "return torch.ones_like(inputs[0])", "a gate passes the signal unchanged instead of f'(x) g",
+           _act("Sigmoid", "Tanh")),
+    # ------------------------------------------------------------------ the op table: linear layers
+    Mutant("bn-eps-dropped", _REV, "torch.rsqrt(var + bn.eps)", "torch.rsqrt(var)",
+           "BatchNorm2d's reverse scale without eps (1e-3 in MobileNetV3: off by 0.05 %)",
+           (_CNN, "-k", "families and mobilenet_v3_small")),
+    Mutant("bn-function-eps", _BUILD, 'site.arg(7, "eps", 1e-5)', 'site.arg(7, "momentum", 1e-5)',
+           "F.batch_norm's reverse scale takes its momentum for eps", (_SEM, "-k", "batch_norm")),
+    Mutant("conv-bias-applied", _REV, "F.conv_transpose2d(signal, self.weight, None,",
+           "F.conv_transpose2d(signal, self.weight, torch.ones(self.weight.shape[1] * self.groups, "
+           "dtype=signal.dtype),", "the reverse convolution adds a bias (Zeiler & Fergus apply none)",
+           _arith("mul_kw")),
+    Mutant("conv-pre-pad-sign", _REV, "* self.stride[i] - self._pre_pad[i])", "* self.stride[i] + self._pre_pad[i])",
+           "the reverse convolution's output shifted by twice the padding", _arith("mul_kw")),
+    Mutant("unpool-overwrites", _REV, "out.scatter_add_(2,", "out.scatter_(2,",
+           "overlapping pooling windows: switches at one location overwrite instead of adding up",
+           ("tests/test_batching.py", "-k", "dilated_and_overlapping")),
+    Mutant("unpool-window-offset", _REV, "local = idx - offset if lx == width", "local = idx if lx == width",
+           "unpooling on a window ignores where the window starts (switches land off the window)",
+           (_SEM, "-k", "unpooling")),
+    # ------------------------------------------------------------------ refusals
+    Mutant("dropout-default-training", _CHECKS, '"training", True) is not False',
+           '"training", False) is not False',
+           "F.dropout(x, p)'s default training taken as False. EQUIVALENT: torch.fx records the call with "
+           "training=True as a keyword, so this default is never read",
+           ("tests/test_engine.py", "-k", "unsupported_operations and dropout"), equivalent=True),
+    Mutant("dropout-training-accepted", _CHECKS, '"training", True) is not False', '"training", True) is None',
+           "F.dropout(x, p) (training=True by default) accepted: random in eval mode",
+           ("tests/test_engine.py", "-k", "unsupported_operations and dropout")),
+    Mutant("floordiv-accepted", _OPS, "torch.floor_divide, operator.floordiv,", "torch.floor_divide,",
+           "x // 2 no longer in the refused table", (_SEM, "-k", "floordiv")),
+    Mutant("batch-merge-accepted", _REC, "out.shape[0] != self.batch)", "False)",
+           "an output that merges the batch dimension is not refused",
+           ("tests/test_engine.py", "-k", "unsupported_operations and (flatten_all or view_merge)")),
+    # ------------------------------------------------------------------ in place
+    Mutant("inplace-alias-by-address", _INPL, "value is not target and _storage(value) == ptr",
+           "value is not target and value.data_ptr() == target.data_ptr()",
+           "the alias check compares where the tensors start, not their storage: a view at an offset escapes",
+           (_SEM, "-k", "in_place")),
+    Mutant("inplace-method-not-new-version", _INPL, 'return name.endswith("_") and not name.startswith("__")',
+           "return False", "t.relu_() is not a new version of t: later readers read the value before the call",
+           (_CNN, "-k", "in_place_statement")),
+    Mutant("inplace-augmented-ignored", _INPL, "if _augmented(fxn, code):", "if False:",
+           "a += b is not a new version of a", (_CNN, "-k", "in_place_statement")),
+    # ------------------------------------------------------------------ recording
+    Mutant("record-inputs-not-copied", _REC, "inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]",
+           "inputs = list(inputs)", "an in-place rectifier's f' taken at the overwritten input (its output)",
+           _act("inplace")),
+    Mutant("record-output-not-copied", _REC, "out if i == last else out.clone()", "out",
+           "a recorded activation later overwritten in place (ResNet's ReLU(inplace=True)) is returned changed",
+           (_CNN, "-k", "forward_hooks")),
+    # ------------------------------------------------------------------ cones and windows
+    Mutant("cone-reached-last", _CONE, ".amax(dim=(1, 2)) + 1", ".amax(dim=(1, 2))",
+           "a dilated layer's cone misses its last row and column (_reached off by one)",
+           ("tests/test_batching.py", "-k", "dilated_and_overlapping")),
+    Mutant("cone-extent", _CONE, "extent = d[i] * (k[i] - 1) + 1", "extent = d[i] * (k[i] - 1)",
+           "a layer's cone one row and column short", _WINDOWED),
+    Mutant("crop-loop-edge", _WIN, "min(t + height, h), max(l_, 0)", "min(t + height, h - 1), max(l_, 0)",
+           "a window reaching the map's last row drops it", _WINDOWED),
+    Mutant("move-direction", _WIN, "None, dst.top - src.top, dst.left - src.left",
+           "None, src.top - dst.top, src.left - dst.left",
+           "a signal moved between windows in the wrong direction (where a value's window holds several "
+           "readers' cones: a residual block)", (_SEM, "-k", "residual")),
+    # ------------------------------------------------------------------ occlusion's incremental rules
+    Mutant("occ-changed-hi", _OCC, 'rounding_mode="floor") + 1', 'rounding_mode="floor")',
+           "Window.changed one output row short at the bottom: a changed output is taken from the cache",
+           _OCCLUSION),
+    Mutant("occ-changed-lo-ceil", _OCC, "lo = -torch.div(", "lo = 1 - torch.div(",
+           "Window.changed one output row short at the top", _OCCLUSION),
+    Mutant("occ-changed-lo-floor", _OCC, "lo = -torch.div(-(a + p - d * (k - 1)), s,",
+           "lo = torch.div((a + p - d * (k - 1)), s,",
+           "Window.changed rounds down instead of up: one row too many recomputed (results equal, work not)",
+           (_SEM, "-k", "strided_cone")),
+    Mutant("occ-reads-offset", _OCC, "return offset * s - p, span, self.fill", "return offset * s + p, span, self.fill",
+           "a window's input read at the wrong offset (padding added instead of subtracted)", _OCCLUSION),
+    Mutant("occ-avgpool-include-pad", _OCC, "if not include_pad:", "if include_pad:",
+           "average pooling's divisor ignores count_include_pad", _OCCLUSION),
+    Mutant("occ-conv-bias-dropped", _OCC, "F.conv2d(x, m.weight, m.bias,", "F.conv2d(x, m.weight, None,",
+           "a recomputed convolution window without its bias", _OCCLUSION),
+    Mutant("occ-bn-batch-stats", _OCC, "return m.running_mean is not None", "return True",
+           "is_pointwise accepts BatchNorm2d with batch statistics (not per position). EQUIVALENT: occlusion() "
+           "refuses such a model before planning (zfvis/analysis/occlusion.py, 'has no running statistics'), "
+           "whatever the method, so is_pointwise never sees one",
+           (_CNN, "-k", "occlusion_refuses_batch_statistics"), equivalent=True),
+]
+
+#: pytest's exit status -> outcome (1: a test failed; 2: collection failed, e.g. an import error).
+_OUTCOMES = {0: "survived", 1: "killed", 2: "killed"}
+
+
+@dataclasses.dataclass
+class Result:
+    """The outcome of one mutant.
+
+    Attributes:
+        mutant: The mutant.
+        status: ``killed``, ``survived``, ``stale``, ``timeout`` or ``error``.
+        seconds: Wall-clock seconds of its test run.
+        detail: The last lines pytest printed (or why the mutant is stale).
+    """
+
+    mutant: Mutant
+    status: str
+    seconds: float = 0.0
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        """Whether this outcome makes the check fail."""
+        if self.status == "survived":
+            return not self.mutant.equivalent
+        return self.status in ("stale", "timeout", "error")
+
+
+def repository_files(root: Path) -> list[str]:
+    """Tracked files and untracked ones git does not ignore, relative to ``root``."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         check=True, capture_output=True).stdout
+    return sorted({p for p in out.decode().split("\0") if p and (root / p).is_file()})
+
+
+def copy_repository(root: Path, dest: Path) -> None:
+    """Copies the repository's files (see :func:`repository_files`) to ``dest``."""
+    for rel in repository_files(root):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, target)
+
+
+def apply(mutant: Mutant, repo: Path) -> str | None:
+    """Applies ``mutant`` to the copy at ``repo``; returns why it is stale, or ``None``."""
+    path = repo / mutant.file
+    if not path.is_file():
+        return f"stale mutant: {mutant.file} does not exist"
+    text = path.read_text(encoding="utf-8")
+    count = text.count(mutant.original)
+    if count != 1:
+        return f"stale mutant: the snippet occurs {count} times in {mutant.file} (it must occur exactly once)"
+    path.write_text(text.replace(mutant.original, mutant.replacement), encoding="utf-8")
+    return None
+
+
+def run_mutant(mutant: Mutant, root: Path, timeout: float, *, mutate: bool = True) -> Result:
+    """Copies the repository, applies the mutant (unless ``mutate`` is false) and runs its tests there."""
+    with tempfile.TemporaryDirectory(prefix=f"zfvis-mutant-{mutant.id}-") as tmp:
+        repo = Path(tmp) / "repo"
+        copy_repository(root, repo)
+        shared = root.parent / "shared"
+        if shared.exists():  # the tests' real data sits beside the checkout
+            (Path(tmp) / "shared").symlink_to(shared)
+        stale = apply(mutant, repo) if mutate else None
+        if stale is not None:
+            return Result(mutant, "stale", detail=stale)
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        env.pop("PYTHONPATH", None)
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, check=False, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Result(mutant, "timeout", time.perf_counter() - start, f"over {timeout:.0f} s")
+        seconds = time.perf_counter() - start
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        detail = "\n".join(lines[-3:])
+        return Result(mutant, _OUTCOMES.get(proc.returncode, "error"), seconds, detail)
+
+
+def select(only: str | None) -> list[Mutant]:
+    """The mutants named in ``only`` (comma-separated ids), or all of them."""
+    if not only:
+        return list(MUTANTS)
+    by_id = {m.id: m for m in MUTANTS}
+    wanted = [s.strip() for s in only.split(",") if s.strip()]
+    unknown = [w for w in wanted if w not in by_id]
+    if unknown:
+        raise SystemExit(f"unknown mutant id(s): {', '.join(unknown)} (see --list)")
+    return [by_id[w] for w in wanted]
+
+
+def print_table(mutants: Sequence[Mutant]) -> None:
+    """The table: id, file, what it breaks, the tests that should kill it."""
+    for m in mutants:
+        mark = "  [equivalent]" if m.equivalent else ""
+        print(f"{m.id:<24} {m.file}{mark}")
+        print(f"    {m.original!r}  ->  {m.replacement!r}")
+        print(f"    why: {m.why}")
+        print(f"    tests: {' '.join(m.tests)}")
+    print(f"{len(mutants)} mutants, {sum(m.equivalent for m in mutants)} marked equivalent")
+
+
+def print_summary(results: Sequence[Result]) -> None:
+    """One line per mutant, then the counts."""
+    print(f"\n{'mutant':<24} {'status':<9} {'seconds':>7}  file")
+    for r in results:
+        status = r.status + ("*" if r.mutant.equivalent and r.status == "survived" else "")
+        print(f"{r.mutant.id:<24} {status:<9} {r.seconds:7.1f}  {r.mutant.file}")
+        if r.failed:
+            for line in r.detail.splitlines():
+                print(f"    {line}")
+    counts = {s: sum(r.status == s for r in results) for s in ("killed", "survived", "stale", "timeout", "error")}
+    equivalent = sum(r.status == "survived" and r.mutant.equivalent for r in results)
+    print(f"\n{len(results)} mutants: {counts['killed']} killed, {counts['survived']} survived "
+          f"({equivalent} of them equivalent, marked *), {counts['stale']} stale, {counts['timeout']} timed out, "
+          f"{counts['error']} errors")
+
+
+def baseline(mutants: Sequence[Mutant], root: Path, timeout: float) -> int:
+    """Runs each distinct test selection on the unmutated copy; 1 if any does not pass."""
+    selections = list(dict.fromkeys(m.tests for m in mutants))
+    bad = 0
+    with progress(len(selections), "baseline", "selection") as bar:
+        for tests in selections:
+            r = run_mutant(dataclasses.replace(mutants[0], tests=tests), root, timeout, mutate=False)
+            ok = r.status == "survived"
+            bad += not ok
+            print(f"{'passes' if ok else r.status:<9} {r.seconds:7.1f}  {' '.join(tests)}")
+            if not ok:
+                print("    " + r.detail.replace("\n", "\n    "))
+            bar.update(1)
+    print(f"\n{len(selections)} test selections, {bad} not passing on the unmutated code")
+    return 1 if bad else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the mutation check; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated mutant ids to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="print the table and exit")
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per mutant's test run (default 240)")
+    parser.add_argument("--root", type=Path, default=REPO, help="the repository to copy (default: this checkout)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="run each mutant's tests on the unmutated copy instead (they must all pass)")
+    args = parser.parse_args(argv)
+    mutants = select(args.only)
+    if args.list:
+        print_table(mutants)
+        return 0
+    if args.baseline:
+        return baseline(mutants, args.root.resolve(), args.timeout)
+    results: list[Result] = []
+    with progress(len(mutants), "mutants", "mutant") as bar:
+        for m in mutants:
+            bar.set_postfix_str(m.id)
+            results.append(run_mutant(m, args.root.resolve(), args.timeout))
+            bar.update(1)
+    print_summary(results)
+    return 1 if any(r.failed for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
