@@ -74,7 +74,8 @@ _REC = "zfvis/core/record.py"
 _INPL = "zfvis/core/inplace.py"
 _CONE = "zfvis/core/cone.py"
 _WIN = "zfvis/core/windows.py"
-_OCC = "zfvis/analysis/incremental_rules.py"
+_OCC = "zfvis/core/ops/incremental_rules.py"
+_GEO = "zfvis/core/geometry.py"
 
 # test selections
 _CNN = "tests/test_every_cnn.py"
@@ -207,10 +208,10 @@ MUTANTS: list[Mutant] = [
            "a recorded activation later overwritten in place (ResNet's ReLU(inplace=True)) is returned changed",
            (_CNN, "-k", "forward_hooks")),
     # ------------------------------------------------------------------ cones and windows
-    Mutant("cone-reached-last", _CONE, ".amax(dim=(1, 2)) + 1", ".amax(dim=(1, 2))",
+    Mutant("cone-reached-last", _GEO, ".amax(dim=(1, 2)) + 1", ".amax(dim=(1, 2))",
            "a dilated layer's cone misses its last row and column (_reached off by one)",
            ("tests/test_batching.py", "-k", "dilated_and_overlapping")),
-    Mutant("cone-extent", _CONE, "extent = d[i] * (k[i] - 1) + 1", "extent = d[i] * (k[i] - 1)",
+    Mutant("cone-extent", _GEO, "return self.d * (self.k - 1) + 1", "return self.d * (self.k - 1)",
            "a layer's cone one row and column short", _WINDOWED),
     Mutant("crop-loop-edge", _WIN, "min(t + height, h), max(l_, 0)", "min(t + height, h - 1), max(l_, 0)",
            "a window reaching the map's last row drops it", _WINDOWED),
@@ -219,26 +220,24 @@ MUTANTS: list[Mutant] = [
            "a signal moved between windows in the wrong direction (where a value's window holds several "
            "readers' cones: a residual block)", (_SEM, "-k", "residual")),
     # ------------------------------------------------------------------ occlusion's incremental rules
-    Mutant("occ-changed-hi", _OCC, 'rounding_mode="floor") + 1', 'rounding_mode="floor")',
+    Mutant("occ-changed-hi", _GEO, 'rounding_mode="floor") + 1', 'rounding_mode="floor")',
            "Window.changed one output row short at the bottom: a changed output is taken from the cache",
            _OCCLUSION),
-    Mutant("occ-changed-lo-ceil", _OCC, "lo = -torch.div(", "lo = 1 - torch.div(",
+    Mutant("occ-changed-lo-ceil", _GEO, "lo = -torch.div(", "lo = 1 - torch.div(",
            "Window.changed one output row short at the top", _OCCLUSION),
-    Mutant("occ-changed-lo-floor", _OCC, "lo = -torch.div(-(a + p - d * (k - 1)), s,",
-           "lo = torch.div((a + p - d * (k - 1)), s,",
+    Mutant("occ-changed-lo-floor", _GEO, "lo = -torch.div(-(a + self.p - self.d * (self.k - 1)), self.s,",
+           "lo = torch.div((a + self.p - self.d * (self.k - 1)), self.s,",
            "Window.changed rounds down instead of up: one row too many recomputed (results equal, work not)",
            (_SEM, "-k", "strided_cone")),
-    Mutant("occ-reads-offset", _OCC, "return offset * s - p, span, self.fill", "return offset * s + p, span, self.fill",
+    Mutant("occ-reads-offset", _GEO, "return a * self.s - self.p, (b - 1)", "return a * self.s + self.p, (b - 1)",
            "a window's input read at the wrong offset (padding added instead of subtracted)", _OCCLUSION),
     Mutant("occ-avgpool-include-pad", _OCC, "if not include_pad:", "if include_pad:",
            "average pooling's divisor ignores count_include_pad", _OCCLUSION),
-    Mutant("occ-conv-bias-dropped", _OCC, "F.conv2d(x, m.weight, m.bias,", "F.conv2d(x, m.weight, None,",
+    Mutant("occ-conv-bias-dropped", _OCC, "F.conv2d(x, weight, bias, stride, 0", "F.conv2d(x, weight, None, stride, 0",
            "a recomputed convolution window without its bias", _OCCLUSION),
-    Mutant("occ-bn-batch-stats", _OCC, "return m.running_mean is not None", "return True",
-           "is_pointwise accepts BatchNorm2d with batch statistics (not per position). EQUIVALENT: occlusion() "
-           "refuses such a model before planning (zfvis/analysis/occlusion.py, 'has no running statistics'), "
-           "whatever the method, so is_pointwise never sees one",
-           (_CNN, "-k", "occlusion_refuses_batch_statistics"), equivalent=True),
+    Mutant("occ-rule-whole-maps", _OCC, 'if site.cone == "same":', 'if site.cone in ("same", "full"):',
+           "an op that reads whole maps (GroupNorm) computed on windows as if it acted per position",
+           ("tests/test_op_table.py", "-k", "whole_maps")),
 ]
 
 #: pytest's exit status -> outcome (1: a test failed; 2: collection failed, e.g. an import error).

@@ -139,3 +139,20 @@ def test_batch_norm_folds_into_the_convolution_by_its_entry() -> None:
     assert "folds BatchNorm2d '1'" in repr(dn.reverse_stack(dn.record(x, "2")))
     ref = oracle_projection(model, x, "2", (1, 3, 3), "deconvnet")
     assert _rel_err(dn.project(x, "2", 1, position=(3, 3))[0], ref) < 1e-6
+
+
+def test_an_op_of_whole_maps_is_recomputed_whole() -> None:
+    """A GroupNorm near the input, where the occluder's window is still small: its statistics
+    span the whole map, so occlusion recomputes it whole (the table gives it no rule)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double().eval()
+    x = torch.randn(3, 20, 20, dtype=torch.float64)
+    res = occlusion(model, x, patch=3, stride=4, layer="3", channel=1)
+    assert res.method == "incremental"
+    assert_matches(res, *brute_force(model, x, (3, 3), (4, 4), torch.zeros(3, dtype=torch.float64), "3", 1))
+    tops, lefts = occluder_positions(x.shape, 3, 4)
+    engine = IncrementalOcclusion(Deconvnet(model).graph, x, None, torch.cartesian_prod(tops, lefts), (3, 3),
+                                  torch.zeros(3, dtype=torch.float64))
+    work = engine.work()
+    assert work["0"][0] == PATCH and work["1"] == ("full", 1.0)
