@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .geometry import axes
+from .resampling import Resampling
 
 __all__ = ["ReceptiveField", "Window", "StepCost", "group_seeds", "plan", "receptive_field", "union"]
 
@@ -95,10 +96,15 @@ class Window:
         return cls(map_size, z, z, (z, z, h, w), map_size)
 
 
-def _back(params: tuple, out: Window, in_size: tuple[int, int]) -> Window:
+def _back(params: tuple | Resampling, out: Window, in_size: tuple[int, int]) -> Window:
+    """The input windows output windows ``out`` reach, through a spatial op's (kernel,
+    stride, padding, dilation) or a resampling's weights (:mod:`zfvis.core.resampling`)."""
     size, starts, cone_a, cone_b = [], [], [], []
-    for i, axis in enumerate(axes(params)):
-        a, b = axis.reached(out.cone[i], out.cone[i + 2], in_size[i])
+    for i in range(2):
+        if isinstance(params, Resampling):
+            a, b = params.reach(i, out.cone[i], out.cone[i + 2])
+        else:
+            a, b = axes(params)[i].reached(out.cone[i], out.cone[i + 2], in_size[i])
         # as large as the largest cone: a seed whose cone a border clips computes less
         n = min(in_size[i], max(1, int((b - a).max())))
         size.append(n)

@@ -50,9 +50,12 @@ def _step(site: Site, layer: nn.Module, *, name: str | None = None, out_shape: t
     """The reverse step of a site (``name`` and ``out_shape``: of a node folded into it)."""
     op = site.op
     params = op.params(site) if site.cone == "spatial" and op.params is not None else None
+    if site.cone == "resample":  # a resampling's weights, recorded (zfvis.core.resampling)
+        params = site.state
     work = op.work(site) if op.work is not None else None
-    return ReverseStep(name or site.node.name, [p.name for p in site.live], layer, site.cone, site.in_shapes,
-                       site.out_shape if out_shape is None else out_shape, site.state, params, work)
+    in_shapes, own_shape = site.reverse_shapes or (site.in_shapes, site.out_shape)  # channels first, where held so
+    return ReverseStep(name or site.node.name, [p.name for p in site.live], layer, site.cone, in_shapes,
+                       own_shape if out_shape is None else out_shape, site.state, params, work)
 
 
 class Deconvnet:

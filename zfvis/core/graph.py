@@ -362,6 +362,11 @@ def is_shape_query(fxn: Any) -> bool:
 
 
 
+def _qualified(target: Any) -> str:
+    """``module.name`` of a function (empty for method names and other targets)."""
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}" if callable(target) else ""
+
+
 def lookup(node: GraphNode) -> tuple[ops.Op | None, str | None]:
     """The op of a node that carries the signal, or ``(None, why not)``."""
     fxn = node.fx_node
@@ -372,7 +377,7 @@ def lookup(node: GraphNode) -> tuple[ops.Op | None, str | None]:
     key: Any = str(fxn.target) if fxn.op == "call_method" else fxn.target
     table: dict[Any, str] = ops.METHOD_OPS if fxn.op == "call_method" else ops.FUNCTION_OPS  # type: ignore[assignment]
     try:
-        why, name = ops.REFUSED.get(key), table.get(key, ops.GENERIC)
+        why, name = ops.REFUSED.get(key), table.get(key) or ops.NAMED_FUNCTION_OPS.get(_qualified(key), ops.GENERIC)
     except TypeError:  # an unhashable target
         why, name = None, ops.GENERIC
     if why is not None:

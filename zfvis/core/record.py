@@ -31,6 +31,7 @@ from ..io.errors import (
 from .cone import ReceptiveField
 from .graph import GraphNode, ModelGraph, eval_mode
 from .inplace import overwritten
+from .layouts import hold_channels_first
 from .ops import GENERIC, OPS, SUPPORTED_TYPES, Live, Op, Site
 from .ops.args import live_call
 from .ops.grad import recorded_inputs
@@ -141,8 +142,10 @@ def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any, parent: Site | Non
                                         "tensors; zfvis cannot reverse it")
         inner = parent.fn or live_call(parent)
         outer = live_call(Site(node, tuple(args), dict(kwargs), live, [], ()))
+        # an op that makes tuples (cone "bundle": a split) reverses their parts itself
+        own = parent.node.op if parent.node.op is not None and parent.node.op.cone == "bundle" else None
         return dataclasses.replace(parent, node=node, out_shape=() if cone else _shape(node, out),
-                                   cone=cone or "full", entry=OPS[GENERIC], fn=lambda *ts: outer(inner(*ts)),
+                                   cone=cone or "full", entry=own or OPS[GENERIC], fn=lambda *ts: outer(inner(*ts)),
                                    state=None)
     tensors = [env[p.fx_node] for p in live]
     if not all(isinstance(t, torch.Tensor) for t in tensors):
@@ -309,5 +312,6 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
             if isinstance(err, ZfvisError) or is_out_of_memory(err):
                 raise
             raise forward_failure(err, graph.model, images) from err
+    hold_channels_first(p.sites, [t.name for t in targets])
     outputs = {t.name: p.outputs[t.fx_node] for t in targets if t.fx_node in p.outputs}
     return outputs, p.sites, p.problems, tuple(images.shape)

@@ -8,8 +8,9 @@ says, for both engines (the deconvnet and occlusion's incremental inference):
   the masks of ReLUs for the guided and gradient rules);
 - **cone**: how a window of its output maps to the windows of its inputs (``"same"``: the
   same rectangle, ``"spatial"``: through a kernel of size k, stride s, padding p, dilation
-  d, read by ``params`` and computed in :mod:`zfvis.core.geometry`, ``"full"``: the whole
-  input). The deconvnet reverses a node on the windows its cone gives; occlusion
+  d, read by ``params`` and computed in :mod:`zfvis.core.geometry`, ``"resample"``: through
+  an interpolation's row and column weights, recorded (:mod:`zfvis.core.resampling`),
+  ``"full"``: the whole input). The deconvnet reverses a node on the windows its cone gives; occlusion
   recomputes a ``"same"`` node on windows as it is, a ``"spatial"`` one by its ``window``
   rule (:mod:`zfvis.core.ops.incremental_rules`), any other whole;
 - **reverse**: the reverse layer (:mod:`zfvis.core.reverse`) that runs the signal back,
@@ -24,7 +25,8 @@ In-place calls are the same for every op: a new version of the tensor they write
 op                         reverse
 =========================  ==========================================================
 conv2d                     transposed convolution with the same (tied) weights, no bias
-linear                     multiplication by W^T, no bias
+linear                     multiplication by W^T, no bias (in a channels-last stretch: at
+                           each position, on windows)
 batch_norm                 its per-channel scale gamma / sqrt(var + eps) (running stats)
 max_pool2d                 unpooling with the recorded switches (overlaps add up)
 avg_pool2d, adaptive_...,  their transpose
@@ -38,7 +40,8 @@ cat                        the signal is split between the inputs
 reshape                    flatten / view / reshape / (un)squeeze: reshaped back
 getitem                    slicing: the signal goes back to the slice, zero elsewhere
 identity                   Dropout, Identity, LocalResponseNorm (not inverted, as in
-                           Zeiler & Fergus), contiguous, clone: passed through
+                           Zeiler & Fergus), contiguous, clone, torchvision's stochastic
+                           depth in eval mode: passed through
 rectifier                  LeakyReLU, ELU, SiLU, GELU, Hardswish, Mish: the rule with
                            f' the activation's derivative at the forward input:
                            deconvnet relu(g), guided f'(x) relu(g), gradient f'(x) g
@@ -46,9 +49,22 @@ gate                       sigmoid, hard sigmoid, tanh: f'(x) g (their true back
 scale (two factors)        x * y of input-dependent tensors: the product rule
 pointwise                  the other functions of one position (PReLU, SELU, Softplus,
                            clamp, exp, pow, ...): their vector-Jacobian product, on windows
-vjp                        everything else differentiable (LayerNorm, permute, split,
-                           interpolate, a submodule fx cannot trace, ...): the node's
-                           local vector-Jacobian product at its recorded inputs
+interpolate                F.interpolate, nn.Upsample (nearest, nearest-exact, bilinear,
+                           bicubic): the transpose of its row and column weights, on
+                           windows (other modes: vjp)
+split                      torch.split, chunk, unbind along a dimension before the map
+                           (channels): each part's signal goes back to its slice, zero
+                           elsewhere, on windows (other splits: vjp)
+permute                    into or out of a channels-last stretch (permute(0, 2, 3, 1),
+                           ops on each position's channels, permute(0, 3, 1, 2); a
+                           ConvNeXt block, a LayerNorm2d), whose maps the reverse pass
+                           holds channels first (:mod:`zfvis.core.layouts`): passed
+                           through, on windows; any other permute: vjp
+layer_norm                 over the channels in such a stretch: its Jacobian (statistics
+                           included) at each position, on windows; any other: vjp
+vjp                        everything else differentiable (a LayerNorm over the map, a
+                           submodule fx cannot trace, ...): the node's local
+                           vector-Jacobian product at its recorded inputs
 =========================  ==========================================================
 
 Refused: operations without a gradient (rounding, integer results, ``argmax``) and
@@ -72,7 +88,6 @@ from .build import (
     _build_batch_norm_function,
     _build_cat,
     _build_conv,
-    _build_linear,
     _build_scale,
     _linear_map,
     _record_batch_norm_function,
@@ -82,6 +97,7 @@ from .build import (
     _record_switches,
     _source,
 )
+from .channels_last import build_any_linear, build_layer_norm, build_permute, linear_work, prepare_whole
 from .checks import (
     _prepare_adaptive,
     _prepare_batch_norm_function,
@@ -98,10 +114,12 @@ from .checks import (
 )
 from .grad import build_gate, build_rectifier, build_vjp, prepare_pointwise, record_gate, record_rectifier, record_vjp
 from .incremental_rules import adaptive_window, avg_pool_window, conv_window, max_pool_window
+from .resample import build_interpolate, prepare_interpolate, record_interpolate
 from .site import RULES, Live, Op, Pair, Site
+from .split import build_part, prepare_part, record_part
 
 __all__ = ["Op", "Site", "Live", "OPS", "SUPPORTED_TYPES", "RULES", "MODULE_OPS", "METHOD_OPS", "FUNCTION_OPS",
-           "REFUSED", "SHAPE_ONLY", "GENERIC", "POINTWISE", "target_name", "Pair"]
+           "REFUSED", "SHAPE_ONLY", "GENERIC", "POINTWISE", "target_name", "Pair", "NAMED_FUNCTION_OPS"]
 
 # --------------------------------------------------------------------------- the table
 
@@ -123,7 +141,8 @@ OPS: dict[str, Op] = {
     for op in [
         Op("conv2d", "transposed convolution with the same (tied) weights, bias not applied", "spatial",
            _build_conv, _prepare_conv, params=_conv_params, window=conv_window, work=_conv_work),
-        Op("linear", "multiplication by the transposed (tied) weight, bias not applied", "full", _build_linear),
+        Op("linear", "multiplication by the transposed (tied) weight, bias not applied", "full", build_any_linear,
+           work=linear_work),
         Op("batch_norm", "its per-channel scale gamma / sqrt(running_var + eps)", "same",
            lambda site: deconv.Scale(site.node.module, _source(site)), _prepare_bn, folds_into="conv2d"),
         Op("max_pool2d", "unpooling with the recorded switches (overlapping windows add up)", "spatial",
@@ -158,6 +177,16 @@ OPS: dict[str, Op] = {
         Op("gate", "its derivative: f'(x) signal", "same", build_gate, record=record_gate, reads_inputs=True),
         Op(POINTWISE, "its local vector-Jacobian product at the recorded inputs, position by position (exact; "
            "on windows)", "same", build_vjp, prepare_pointwise, record=record_vjp, reads_inputs=True),
+        Op("interpolate", "the transpose of its row and column weights, on windows (separable modes)", "resample",
+           build_interpolate, prepare_interpolate, record=record_interpolate, reads_inputs=True),
+        Op("split", "each part: the signal back to its slice, zero elsewhere, on windows (a split of channels)",
+           "bundle", build_part, prepare_part, record=record_part),
+        Op("permute", "into or out of a channels-last stretch held channels first: passed through, on windows; "
+           "else its vector-Jacobian product", "full", build_permute, prepare_whole, record=record_vjp,
+           reads_inputs=True),
+        Op("layer_norm", "over the channels of a channels-last stretch: its Jacobian at each position, on "
+           "windows; else its vector-Jacobian product", "full", build_layer_norm, prepare_whole, record=record_vjp,
+           reads_inputs=True),
         Op(GENERIC, "its local vector-Jacobian product at the recorded inputs (exact; whole maps)", "full",
            build_vjp, record=record_vjp, reads_inputs=True),
     ]
@@ -188,6 +217,10 @@ MODULE_OPS: dict[type[nn.Module], str] = {
     nn.Hardsigmoid: "gate",
     nn.Tanh: "gate",
     nn.AlphaDropout: "identity",
+    nn.LayerNorm: "layer_norm",
+    nn.Upsample: "interpolate",
+    nn.UpsamplingNearest2d: "interpolate",
+    nn.UpsamplingBilinear2d: "interpolate",
     **{t: POINTWISE for t in (nn.PReLU, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid)},
 }
 
@@ -249,9 +282,22 @@ FUNCTION_OPS: dict[Any, str] = {
     torch.tanh: "gate",
     torch.tanh_: "gate",
     F.tanh: "gate",
+    F.interpolate: "interpolate",
+    F.upsample: "interpolate",
+    F.layer_norm: "layer_norm",
+    torch.layer_norm: "layer_norm",
+    torch.permute: "permute",
+    torch.split: "split",
+    torch.chunk: "split",
+    torch.unbind: "split",
     **{f: POINTWISE for f in (
         torch.clamp, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.pow, operator.pow, torch.erf,
         torch.square, torch.sin, torch.cos, F.softplus, F.softsign, F.logsigmoid, F.selu, F.celu)},
+}
+
+#: Functions of other libraries, by module and name (zfvis does not import those libraries).
+NAMED_FUNCTION_OPS: dict[str, str] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": "identity",  # with training=False
 }
 
 #: Operations refused on a projection's path: no gradient, or random in eval mode. Keys are
@@ -298,6 +344,10 @@ METHOD_OPS: dict[str, str] = {
     "tanh": "gate",
     "tanh_": "gate",
     "neg": "scale",
+    "permute": "permute",
+    "split": "split",
+    "chunk": "split",
+    "unbind": "split",
     **{m: POINTWISE for m in ("clamp", "clamp_", "exp", "log", "sqrt", "rsqrt", "abs", "pow", "square", "erf")},
 }
 

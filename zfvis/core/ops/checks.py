@@ -122,7 +122,7 @@ def _prepare_hardtanh(site: Site) -> None:
 
 #: Dropout functions, and their ``training`` argument's position.
 _DROPOUTS = {"dropout": 2, "dropout1d": 2, "dropout2d": 2, "dropout3d": 2, "alpha_dropout": 2,
-             "feature_alpha_dropout": 2}
+             "feature_alpha_dropout": 2, "stochastic_depth": 3}
 
 
 def _prepare_identity(site: Site) -> None:

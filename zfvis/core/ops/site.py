@@ -48,6 +48,9 @@ class Site:
         entry: The op that reverses it, where not the node's own (an item of a tuple
             is reversed as the gradient of the tuple's node).
         fn: The operation as a function of the live inputs, where not the node's own.
+        reverse_shapes: The shapes of the live inputs and of the output as the reverse pass
+            holds them, where they differ (maps with channels last, held channels first:
+            :mod:`zfvis.core.layouts`).
     """
 
     node: GraphNode
@@ -60,6 +63,7 @@ class Site:
     cone: str = "same"
     entry: Op | None = None
     fn: Callable[..., Any] | None = None
+    reverse_shapes: tuple[list[tuple[int, ...]], tuple[int, ...]] | None = None
 
     @property
     def op(self) -> Op:
