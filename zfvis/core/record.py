@@ -34,7 +34,7 @@ from .inplace import overwritten
 from .layouts import hold_channels_first
 from .ops import GENERIC, OPS, SUPPORTED_TYPES, Live, Op, Site
 from .ops.args import live_call
-from .ops.grad import recorded_inputs
+from .ops.grad import RULES_WITHOUT_INPUTS, recorded_inputs
 
 __all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "prepared_site", "SUPPORTED_TYPES",
            "eval_mode"]
@@ -194,6 +194,55 @@ def _shape(node: GraphNode, out: Any) -> tuple[int, ...]:
     return tuple(out.shape[1:])
 
 
+def _reads_inputs(node: GraphNode, rule: str) -> bool:
+    """Whether the node's op reads its inputs when recording for ``rule``."""
+    op = node.op
+    return op is not None and op.reads_inputs and rule not in RULES_WITHOUT_INPUTS.get(op.record, ())  # type: ignore[arg-type]
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (fake, functional)
+        return 0
+
+
+class _SharedRecords:
+    """Recorded tensors that share memory with the forward pass's values (an op's recorded
+    inputs are not copied when recorded): each is copied just before a node that may write
+    into its memory runs, and at the end if it is the caller's images."""
+
+    def __init__(self) -> None:
+        self.by_storage: dict[int, list[tuple[Any, int | None]]] = {}
+
+    def watch(self, site: Site) -> None:
+        """Watches the tensors of a site's state (a tensor, or a list of them)."""
+        state = site.state
+        if isinstance(state, torch.Tensor):
+            entries: list[tuple[Any, int | None, torch.Tensor]] = [(site, None, state)]
+        elif isinstance(state, list):
+            entries = [(state, k, t) for k, t in enumerate(state) if isinstance(t, torch.Tensor)]
+        else:
+            return
+        for holder, key, t in entries:
+            ptr = _storage(t)
+            if ptr:
+                self.by_storage.setdefault(ptr, []).append((holder, key))
+
+    def copy_before_write(self, values: Any) -> None:
+        """Copies the watched tensors that share memory with any tensor in ``values``."""
+        if not self.by_storage:
+            return
+        found: list[torch.Tensor] = []
+        fx.node.map_aggregate(values, lambda v: found.append(v) if isinstance(v, torch.Tensor) else None)
+        for v in found:
+            for holder, key in self.by_storage.pop(_storage(v), []):
+                if key is None:
+                    holder.state = holder.state.clone()
+                else:
+                    holder[key] = holder[key].clone()
+
+
 class _Pass:
     """One forward pass over the needed part of the graph."""
 
@@ -212,6 +261,7 @@ class _Pass:
         self.problems: dict[str, UnsupportedModelError] = {}
         self.outputs: dict[fx.Node, torch.Tensor] = {}
         self.bundles: dict[fx.Node, Site] = {}
+        self.recorded = _SharedRecords()
         self.batch = 0
 
     def run(self, images: torch.Tensor) -> None:
@@ -229,8 +279,10 @@ class _Pass:
                 inputs = [env[p.fx_node] for p in node.inputs if p.carries] if node.carries else []
                 if node.writes:
                     self._check_inplace(node, args, env, i)
-                    if node.op is not None and node.op.reads_inputs:  # as they were before the call
+                    if _reads_inputs(node, self.rule):  # as they were before the call
                         inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
+                if node.writes or node.op is None or node.op.name == GENERIC:  # may write into its arguments
+                    self.recorded.copy_before_write((args, kwargs))
                 out = _run(node, model, args, kwargs)
                 if node.carries:
                     self._record(node, env, out, inputs)
@@ -240,6 +292,7 @@ class _Pass:
             for p in node.inputs:
                 if self.last_use.get(p.fx_node) == i:
                     env.pop(p.fx_node, None)
+        self.recorded.copy_before_write(images)  # the caller's tensor
 
     def _check_inplace(self, node: GraphNode, args: Any, env: dict[fx.Node, Any], i: int) -> None:
         later = ((n.name, env[n.fx_node]) for n in self.needed
@@ -262,6 +315,7 @@ class _Pass:
                 inputs = parent.state
             if site.cone == "bundle":
                 site.state = parent.state if parent is not None else recorded_inputs(inputs)
+                self.recorded.watch(site)
                 self.bundles[node.fx_node] = site
                 self.sites[node.name] = site
                 return
@@ -272,6 +326,7 @@ class _Pass:
             op = _prepare(site)
             if op.record is not None:
                 site.state = op.record(site, inputs, out, self.rule)
+                self.recorded.watch(site)
             self.sites[node.name] = site
         except UnsupportedModelError as err:
             self.problems[node.name] = err

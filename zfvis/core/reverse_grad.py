@@ -23,8 +23,13 @@ __all__ = ["VectorJacobian", "Product"]
 
 
 def _per_seed(value: torch.Tensor, frame: Frame, windowed: bool) -> torch.Tensor:
-    """A recorded (N, ...) value for each seed: its image's, cut to the output window."""
+    """A recorded (N, ...) value for each seed: its image's, cut to the output window.
+
+    With one recorded image and nothing to cut, the value itself (1, ...), which
+    broadcasts over the seeds without a copy per seed."""
     win = frame.out_win
+    if value.shape[0] == 1 and (not windowed or win is None or win.is_full):
+        return value
     if windowed and win is not None:
         return crop_windows(value, frame.image, win.top, win.left, *win.size)
     return value[frame.image]
@@ -51,7 +56,9 @@ class VectorJacobian(ReverseLayer):
         return f"{self.kind} '{self.source}': its gradient at the recorded inputs (vector-Jacobian product), {where}"
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
-        inputs = [_per_seed(t, frame, self.windowed).detach().requires_grad_(True) for t in frame.state]
+        b = signal.shape[0]
+        inputs = [_per_seed(t, frame, self.windowed).detach() for t in frame.state]
+        inputs = [(t if t.shape[0] == b else t.expand(b, *t.shape[1:])).requires_grad_(True) for t in inputs]
         with torch.enable_grad(), RuleMode(frame.rule):  # rectifiers inside a whole submodule: the rule
             # fresh copies: an in-place operation must not write into the leaves
             out = self._fn(*(t.clone() for t in inputs))
@@ -78,12 +85,14 @@ class Product(ReverseLayer):
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
         values = [_per_seed(v, frame, self.windowed).to(signal.dtype) for v in frame.state]
+        b = signal.shape[0]
+        shapes = [(b, *v.shape[1:]) for v in values]  # a value may be one image's, broadcast
         out: list[torch.Tensor | None] = [None] * self.n_live
         for pos, k in enumerate(self.ks):
             other = values[self.ks[1 - pos]]
             g = signal * other
-            if not self.windowed:
-                g = g.sum_to_size(values[k].shape)
+            if tuple(g.shape) != shapes[k]:
+                g = g.sum_to_size(shapes[k])
             prev = out[k]
             out[k] = g if prev is None else prev + g
-        return [o if o is not None else torch.zeros_like(values[k]) for k, o in enumerate(out)]
+        return [o if o is not None else signal.new_zeros(shapes[k]) for k, o in enumerate(out)]

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import reverse as deconv
+from ..reverse_average import AverageUnpool
 from ..reverse_grad import Product, VectorJacobian
-from .args import _conv_args, _conv_params, _live_only, _pool_args, live_call, target_name
+from .args import _adaptive_params, _conv_args, _conv_params, _live_only, _pool_args, live_call, target_name
 from .checks import DIVISIONS, scale_operands
 from .grad import recorded_inputs
 from .site import Live, Site
@@ -103,6 +104,17 @@ def _source(site: Site) -> str:
 
 
 def _linear_map(kind: str) -> Callable[[Site], deconv.ReverseLayer]:
+    """The builder of a linear op's transpose (adaptive average pooling: see :func:`_build_adaptive`)."""
+    if kind == "adaptive_avg_pool2d":
+        return _build_adaptive
     return lambda site: deconv.LinearMap(_live_only(site), _source(site), kind, site.cone)
 
 
+
+
+def _build_adaptive(site: Site) -> deconv.ReverseLayer:
+    """An adaptive average pooling whose output divides its input averages blocks: their
+    transpose directly; any other, by autograd."""
+    if site.cone == "spatial" and len(site.out_shape) == 3:
+        return AverageUnpool(_source(site), _adaptive_params(site)[0])
+    return deconv.LinearMap(_live_only(site), _source(site), "adaptive_avg_pool2d", site.cone)

@@ -19,7 +19,7 @@ from .args import live_call
 from .site import Site
 
 __all__ = ["derivative", "record_rectifier", "record_gate", "build_rectifier", "build_gate", "record_vjp",
-           "build_vjp", "prepare_pointwise", "recorded_inputs"]
+           "build_vjp", "prepare_pointwise", "recorded_inputs", "RULES_WITHOUT_INPUTS", "IDENTITY"]
 
 
 def derivative(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +59,36 @@ def build_gate(site: Site) -> deconv.ReverseLayer:
 
 
 def recorded_inputs(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of the live inputs (a later in-place call must not change them)."""
-    return [t.detach().clone() for t in inputs]
+    """The live inputs, detached; they share memory with the forward pass's values, and the
+    pass (:mod:`zfvis.core.record`) copies them before anything may write into that memory."""
+    return [t.detach() for t in inputs]
+
+
+#: Record functions that do not read the inputs under some rules (an in-place call's inputs
+#: then need no copy before it runs).
+RULES_WITHOUT_INPUTS: dict[Callable[..., Any], tuple[str, ...]] = {record_rectifier: ("deconvnet",)}
+
+
+class _Identity:
+    """The state of a node that returned its input untouched (reversed by passing through)."""
+
+    def __repr__(self) -> str:
+        return "IDENTITY"
+
+
+#: What :func:`record_vjp` records for a node that is the identity at the recorded input.
+IDENTITY = _Identity()
+
+
+def _is_identity(fn: Callable[..., Any], inputs: list[torch.Tensor], out: Any) -> bool:
+    """Whether the node returned its one input itself, unchanged (as ``StochasticDepth`` or a
+    disabled branch does in eval mode): checked again on a copy of one image, which must come
+    back as the very same tensor, not written in place. Its gradient is then the identity."""
+    if len(inputs) != 1 or out is not inputs[0] or inputs[0].shape[0] == 0:
+        return False
+    probe = inputs[0][:1].detach().clone()
+    version = probe._version
+    return fn(probe) is probe and probe._version == version
 
 
 def _check_gradient(site: Site, fn: Callable[..., Any], inputs: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -89,12 +117,18 @@ def prepare_pointwise(site: Site) -> None:
     site.cone = "same" if same and site.fn is None else "full"
 
 
-def record_vjp(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> list[torch.Tensor]:
-    """The live inputs, after checking that the node has a per-image gradient."""
+def record_vjp(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> Any:
+    """The live inputs, after checking that the node has a per-image gradient; for a node
+    that returned its input untouched, :data:`IDENTITY`."""
     fn = site.fn or live_call(site)
+    if _is_identity(fn, inputs, out):  # passed through, on windows
+        site.cone = "same"
+        return IDENTITY
     _check_gradient(site, fn, inputs, out)
     return recorded_inputs(inputs)
 
 
 def build_vjp(site: Site) -> deconv.ReverseLayer:
+    if site.state is IDENTITY:
+        return deconv.PassThrough(_source(site), site.node.kind)
     return VectorJacobian(site.fn or live_call(site), _source(site), site.node.kind, windowed=site.cone == "same")

@@ -1,0 +1,77 @@
+"""The kernels behind a reverse (transposed) convolution, chosen per kind of convolution.
+
+:class:`zfvis.core.reverse.ReverseConv2d` decides which rows and columns of the transposed
+convolution each seed needs; these functions compute it. A 1x1 convolution with stride 1
+(the expansions and projections of MobileNet / EfficientNet blocks, the squeeze-and-excitation
+layers) is a matrix product over the channels of every pixel: one ``matmul`` on the signal's
+channels-last memory, without the convolution library's setup. Every other convolution
+(depthwise ones included) runs ``F.conv_transpose2d`` on channels-last memory, where
+mkldnn's kernels are fastest on CPUs. Both equal the transposed convolution exactly (up to
+the order of floating-point sums).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["dense_transpose", "transpose_conv"]
+
+Pair = tuple[int, int]
+
+
+def _pointwise(signal: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The transpose of a 1x1, stride-1 convolution of one group: per pixel, ``s @ W``."""
+    b, o, h, w = signal.shape
+    flat = signal.permute(0, 2, 3, 1).reshape(b * h * w, o)  # a view when channels-last
+    out = flat @ weight.reshape(o, -1)
+    return out.view(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last (N, C, H, W)
+
+
+def transpose_conv(signal: torch.Tensor, weight: torch.Tensor, conv: nn.ConvTranspose2d, pads: Pair) -> torch.Tensor:
+    """``F.conv_transpose2d(signal, weight)`` with ``conv``'s stride, dilation and groups and
+    padding ``pads`` (rows and columns not computed on each side), by the fastest kernel.
+
+    Args:
+        signal: (B, C_out, H, W).
+        weight: The forward convolution's weight (C_out, C_in / groups, kh, kw).
+        conv: Gives stride, dilation, groups and kernel size.
+        pads: The transposed convolution's padding.
+
+    Returns:
+        (B, C_in, H', W'), in channels-last memory.
+    """
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and pads == (0, 0):
+        return _pointwise(signal, weight)
+    signal = signal.contiguous(memory_format=torch.channels_last)  # mkldnn is up to 4x faster on it
+    return F.conv_transpose2d(signal, weight, None, conv.stride, pads, 0, conv.groups, conv.dilation)
+
+
+def dense_transpose(signal: torch.Tensor, weight: torch.Tensor, conv: nn.ConvTranspose2d, pre_pad: Pair,
+                    in_size: Pair) -> torch.Tensor | None:
+    """The reverse convolution of a dense signal (whole maps in, whole maps out), or ``None``
+    where the transposed output does not cover the input map (then zeros must be pasted: the
+    windowed path does it).
+
+    Args:
+        signal: (B, C_out, H, W), whole output maps.
+        weight: The (folded) weight.
+        conv: Gives stride, dilation, groups and kernel size.
+        pre_pad: The forward convolution's padding before the first row and column.
+        in_size: The forward input's height and width.
+    """
+    pads, starts = [], []
+    for i in range(2):
+        length = (signal.shape[2 + i] - 1) * conv.stride[i] + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+        spare = length - pre_pad[i] - in_size[i]
+        pad = max(0, min(pre_pad[i], spare))
+        start = pre_pad[i] - pad  # the input's first row in the computed output
+        if start < 0 or start + in_size[i] > length - 2 * pad:
+            return None
+        pads.append(pad)
+        starts.append(start)
+    full = transpose_conv(signal, weight, conv, (pads[0], pads[1]))
+    if full.shape[2:] == in_size:
+        return full
+    return full[:, :, starts[0] : starts[0] + in_size[0], starts[1] : starts[1] + in_size[1]]
