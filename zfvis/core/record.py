@@ -295,8 +295,9 @@ class _Pass:
         self.recorded.copy_before_write(images)  # the caller's tensor
 
     def _check_inplace(self, node: GraphNode, args: Any, env: dict[fx.Node, Any], i: int) -> None:
-        later = ((n.name, env[n.fx_node]) for n in self.needed
-                 if n.fx_node in env and self.last_use.get(n.fx_node, -1) > i)
+        # the values still held (read later) in the pass's order, not every node of the pass
+        held = sorted((self.order[fxn], v) for fxn, v in env.items() if self.last_use.get(fxn, -1) > i)
+        later = ((self.needed[k].name, v) for k, v in held)
         other = overwritten(args[0] if args else None, later)
         if other is not None:
             raise UnsupportedModelError(

@@ -103,22 +103,27 @@ class ReverseConv2d(nn.ConvTranspose2d):
         pre_pad: Its padding before the first row and column.
     """
 
+    source: str
+    _pre_pad: tuple[int, int]
+    _folded: list[tuple[nn.BatchNorm2d, str]]
+
     def __init__(self, weight: torch.Tensor, source: str, *, stride: tuple[int, int], dilation: tuple[int, int],
                  groups: int, pre_pad: tuple[int, int]) -> None:
+        # the fields nn.ConvTranspose2d's methods read, set directly: there is no weight to
+        # allocate or initialise (a reverse pass builds dozens of these layers)
+        nn.Module.__init__(self)
         out_ch, in_per_group, kh, kw = weight.shape
-        super().__init__(out_ch, in_per_group * groups, (kh, kw), stride=stride, dilation=dilation, groups=groups,
-                         bias=False, device="meta")
+        self.__dict__.update(
+            in_channels=out_ch, out_channels=in_per_group * groups, kernel_size=(kh, kw), stride=tuple(stride),
+            padding=(0, 0), dilation=tuple(dilation), transposed=True, output_padding=(0, 0), groups=groups,
+            padding_mode="zeros", _reversed_padding_repeated_twice=[0, 0, 0, 0],
+            source=source, _pre_pad=pre_pad, _folded=[],
+        )
+        self.register_parameter("bias", None)
         if isinstance(weight, nn.Parameter):
             self.weight = weight
         else:  # a functional convolution's weight tensor
-            del self.weight
             self.weight = weight  # type: ignore[assignment]
-        self.source = source
-        self._pre_pad = pre_pad
-        self._folded: list[tuple[nn.BatchNorm2d, str]] = []
-
-    def reset_parameters(self) -> None:
-        """Nothing to initialise: the weight is the forward convolution's."""
 
     def fold(self, bn: nn.BatchNorm2d, name: str) -> None:
         """Folds the BatchNorm2d ``name`` that follows the convolution into this layer."""
