@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cone import Window
+from .pending import PendingSignals
 from .reverse_conv import dense_transpose, transpose_conv
 from .windows import crop_windows, cut, move, paste
 
@@ -59,6 +60,7 @@ class Frame:
         image: For each seed, its image's index in the recorded batch (B,).
         state: What the forward pass recorded for this node (switches, masks), or ``None``.
         rule: The backward rule of ReLU-family nodes.
+        owned: Whether nothing else refers to the signal (the layer may overwrite it).
     """
 
     out_win: Window | None
@@ -68,12 +70,16 @@ class Frame:
     image: torch.Tensor
     state: Any = None
     rule: str = "deconvnet"
+    owned: bool = False
 
 
 class ReverseLayer(nn.Module):
-    """Base of the reverse layers; ``source`` names the forward module or node."""
+    """Base of the reverse layers; ``source`` names the forward module or node. A layer
+    whose ``fresh`` is true returns new tensors (never its signal, a view of it, or a
+    broadcast), which the reverse pass may then overwrite."""
 
     source: str
+    fresh: bool = False
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -103,6 +109,7 @@ class ReverseConv2d(nn.ConvTranspose2d):
         pre_pad: Its padding before the first row and column.
     """
 
+    fresh = True
     source: str
     _pre_pad: tuple[int, int]
     _folded: list[tuple[nn.BatchNorm2d, str]]
@@ -177,6 +184,8 @@ class Unpool2d(ReverseLayer):
         params: The pooling's (kernel, stride, padding, dilation) pairs.
     """
 
+    fresh = True
+
     def __init__(self, source: str, params: tuple[tuple[int, int], ...]) -> None:
         super().__init__()
         self.source = source
@@ -216,6 +225,8 @@ class Rectify(ReverseLayer):
     f'(x) * signal. A gate (sigmoid, hard sigmoid, tanh) always passes f'(x) * signal.
     """
 
+    fresh = True
+
     def __init__(self, source: str, *, relu6: bool, kind: str | None = None, by_rule: bool = True) -> None:
         super().__init__()
         self.source = source
@@ -229,7 +240,7 @@ class Rectify(ReverseLayer):
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
         if self.by_rule and frame.rule != "gradient":
-            signal = F.relu(signal)
+            signal = F.relu_(signal) if frame.owned else F.relu(signal)
         mask = frame.state
         if mask is not None:
             if frame.out_win is None:
@@ -259,6 +270,8 @@ class Scale(ReverseLayer):
     """A BatchNorm2d's per-channel scale (its linear part), where it does not follow a
     convolution it can be folded into."""
 
+    fresh = True
+
     def __init__(self, bn: nn.BatchNorm2d, source: str) -> None:
         super().__init__()
         self.source = source
@@ -274,6 +287,8 @@ class Scale(ReverseLayer):
 
 class Multiply(ReverseLayer):
     """Multiplication by a constant (a number or a fixed tensor)."""
+
+    fresh = True
 
     def __init__(self, factor: float | torch.Tensor, source: str) -> None:
         super().__init__()
@@ -381,6 +396,8 @@ class LinearMap(ReverseLayer):
 class ReverseLinear(ReverseLayer):
     """Multiplication by the transposed weight of a Linear layer (tied; no bias)."""
 
+    fresh = True
+
     def __init__(self, weight: torch.Tensor, source: str) -> None:
         super().__init__()
         self.source = source
@@ -446,28 +463,35 @@ class ReverseStack(nn.Module):
             image: Each seed's image index in the recorded batch.
             rule: The ReLU rule.
         """
-        pending: dict[str, torch.Tensor] = {self.seed: signal}
+        pending = PendingSignals(self.seed, signal)
         for step in self.steps:
-            s = pending.pop(step.node, None)
+            s, mine = pending.pop(step.node)
             if s is None:
                 continue  # nothing reaches this node (a branch the seed does not depend on)
             out_win = windows[step.node]
             in_wins = [windows[i] for i in step.inputs]
             if step.cone == "full":  # dense in, dense out
-                s = paste(s, out_win)
+                pasted = paste(s, out_win)
+                mine, s = mine or pasted is not s, pasted
                 frame_out, frame_in = None, [None] * len(in_wins)
             else:
                 frame_out, frame_in = out_win, in_wins
-            frame = Frame(frame_out, frame_in, step.in_shapes, step.out_shape, image, step.state, rule)
+            frame = Frame(frame_out, frame_in, step.in_shapes, step.out_shape, image, step.state, rule, mine)
             results = step.layer(s, frame)
-            for name, r, win in zip(step.inputs, results, in_wins):
+            fresh = getattr(step.layer, "fresh", False)
+            once = [sum(o is r for o in results) == 1 for r in results]
+            for name, r, win, single in zip(step.inputs, results, in_wins, once):
+                # owned: a new tensor or the owned signal, handed to this input only
+                new = single and ((r is s and mine) or (fresh and r is not s))
                 if step.cone == "full":
                     r = cut(r, win)
                 elif step.cone == "same":  # computed on the output's windows
                     r = move(r, out_win, win)
-                prev = pending.get(name)
-                pending[name] = r if prev is None else prev + r
-        return pending.pop(self.image_node)
+                pending.add(name, r, new)
+        pixels, _ = pending.pop(self.image_node)
+        if pixels is None:
+            raise KeyError(self.image_node)
+        return pixels
 
     def forward(self, signal: torch.Tensor, windows: dict[str, Window | None], image: torch.Tensor,
                 rule: str) -> torch.Tensor:

@@ -76,6 +76,8 @@ class Product(ReverseLayer):
         windowed: Whether the factors have the output's shape (then it works on windows).
     """
 
+    fresh = True
+
     def __init__(self, ks: tuple[int, int], n_live: int, source: str, *, windowed: bool) -> None:
         super().__init__()
         self.ks, self.n_live, self.source, self.windowed = ks, n_live, source, windowed

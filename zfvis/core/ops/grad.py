@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .. import reverse as deconv
 from ..reverse_grad import VectorJacobian
@@ -41,8 +43,20 @@ def record_rectifier(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, 
     return None if rule == "deconvnet" else derivative(_one_input(site), inputs[0])
 
 
+def _is_sigmoid(site: Site) -> bool:
+    fxn = site.node.fx_node
+    if fxn.op == "call_module":
+        return type(site.node.module) is nn.Sigmoid
+    if fxn.op == "call_method":
+        return fxn.target in ("sigmoid", "sigmoid_")
+    return fxn.op == "call_function" and fxn.target in (torch.sigmoid, torch.sigmoid_, F.sigmoid)
+
+
 def record_gate(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> torch.Tensor:
-    """f'(x), for every rule."""
+    """f'(x), for every rule; a sigmoid's from its output y, as its backward computes it:
+    (1 - y) y (the gate of every squeeze-and-excitation block, without running autograd)."""
+    if site.fn is None and isinstance(out, torch.Tensor) and _is_sigmoid(site):
+        return (1 - out) * out
     return derivative(_one_input(site), inputs[0])
 
 
