@@ -29,23 +29,26 @@ def _pointwise(signal: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last (N, C, H, W)
 
 
-def transpose_conv(signal: torch.Tensor, weight: torch.Tensor, conv: nn.ConvTranspose2d, pads: Pair) -> torch.Tensor:
-    """``F.conv_transpose2d(signal, weight)`` with ``conv``'s stride, dilation and groups and
-    padding ``pads`` (rows and columns not computed on each side), by the fastest kernel.
+def transpose_conv(signal: torch.Tensor, weight: torch.Tensor, conv: nn.ConvTranspose2d, pads: Pair,
+                   extra: Pair = (0, 0)) -> torch.Tensor:
+    """``F.conv_transpose2d(signal, weight)`` with ``conv``'s stride, dilation and groups,
+    padding ``pads`` (rows and columns not computed on each side) and output padding
+    ``extra`` (rows and columns computed past the end), by the fastest kernel.
 
     Args:
         signal: (B, C_out, H, W).
         weight: The forward convolution's weight (C_out, C_in / groups, kh, kw).
         conv: Gives stride, dilation, groups and kernel size.
         pads: The transposed convolution's padding.
+        extra: Its output padding (each below the stride or the dilation).
 
     Returns:
         (B, C_in, H', W'), in channels-last memory.
     """
-    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and pads == (0, 0):
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and pads == (0, 0) == extra:
         return _pointwise(signal, weight)
     signal = signal.contiguous(memory_format=torch.channels_last)  # mkldnn is up to 4x faster on it
-    return F.conv_transpose2d(signal, weight, None, conv.stride, pads, 0, conv.groups, conv.dilation)
+    return F.conv_transpose2d(signal, weight, None, conv.stride, pads, extra, conv.groups, conv.dilation)
 
 
 def dense_transpose(signal: torch.Tensor, weight: torch.Tensor, conv: nn.ConvTranspose2d, pre_pad: Pair,
@@ -61,16 +64,24 @@ def dense_transpose(signal: torch.Tensor, weight: torch.Tensor, conv: nn.ConvTra
         pre_pad: The forward convolution's padding before the first row and column.
         in_size: The forward input's height and width.
     """
-    pads, starts = [], []
+    pads, starts, extra = [], [], []
+    exact = True  # whether padding and output padding give exactly the input's rows and columns
     for i in range(2):
         length = (signal.shape[2 + i] - 1) * conv.stride[i] + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
         spare = length - pre_pad[i] - in_size[i]
-        pad = max(0, min(pre_pad[i], spare))
-        start = pre_pad[i] - pad  # the input's first row in the computed output
-        if start < 0 or start + in_size[i] > length - 2 * pad:
+        if spare < 0:  # rows past the transposed output's end: zeros (the windowed path)
             return None
+        # the input's rows are rows pre_pad .. pre_pad + in_size of the transposed output: not
+        # computing the first pre_pad (padding) leaves length - 2 pre_pad rows; output padding
+        # computes the missing ones (past an odd input's end, with a stride of 2)
+        missing = in_size[i] - (length - 2 * pre_pad[i])
+        exact = exact and 0 <= missing < max(conv.stride[i], conv.dilation[i])
+        extra.append(missing)
+        pad = min(pre_pad[i], spare)
         pads.append(pad)
-        starts.append(start)
+        starts.append(pre_pad[i] - pad)  # the input's first row in the computed output
+    if exact:
+        return transpose_conv(signal, weight, conv, (pre_pad[0], pre_pad[1]), (extra[0], extra[1]))
     full = transpose_conv(signal, weight, conv, (pads[0], pads[1]))
     if full.shape[2:] == in_size:
         return full
