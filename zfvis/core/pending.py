@@ -14,6 +14,12 @@ import torch
 __all__ = ["PendingSignals"]
 
 
+def _broadcasts(small: torch.Size, big: torch.Size) -> bool:
+    """Whether a tensor of shape ``small`` broadcasts to ``big`` (``big += small`` keeps ``big``'s
+    shape); ``torch.broadcast_shapes`` costs tens of microseconds."""
+    return len(small) <= len(big) and all(s in (1, b) for s, b in zip(reversed(small), reversed(big)))
+
+
 class PendingSignals:
     """Signals by node name, each marked owned (writable in place) or not.
 
@@ -44,8 +50,7 @@ class PendingSignals:
             if owned:
                 self._owned.add(id(r))
             return
-        if id(prev) in self._owned and prev.dtype == r.dtype and prev.shape == torch.broadcast_shapes(prev.shape,
-                                                                                                     r.shape):
+        if id(prev) in self._owned and prev.dtype == r.dtype and _broadcasts(r.shape, prev.shape):
             prev.add_(r)
             return
         self._owned.discard(id(prev))
