@@ -235,7 +235,10 @@ class _SharedRecords:
         if not self.by_storage:
             return
         found: list[torch.Tensor] = []
-        fx.node.map_aggregate(values, lambda v: found.append(v) if isinstance(v, torch.Tensor) else None)
+        if isinstance(values, torch.Tensor):
+            found.append(values)
+        else:
+            fx.node.map_aggregate(values, lambda v: found.append(v) if isinstance(v, torch.Tensor) else None)
         for v in found:
             for holder, key in self.by_storage.pop(_storage(v), []):
                 if key is None:
@@ -282,8 +285,10 @@ class _Pass:
                     self._check_inplace(node, args, env, i)
                     if _reads_inputs(node, self.rule):  # as they were before the call
                         inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
-                if node.writes or node.op is None or node.op.name == GENERIC:  # may write into its arguments
+                if node.op is None or node.op.name == GENERIC:  # unknown code: may write into any argument
                     self.recorded.copy_before_write((args, kwargs))
+                elif node.writes and args:  # an in-place op writes its first argument
+                    self.recorded.copy_before_write(args[0])
                 out = _run(node, model, args, kwargs)
                 if node.carries:
                     self._record(node, env, out, inputs)
