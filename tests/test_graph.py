@@ -551,14 +551,19 @@ def test_windowed_equals_dense(key: str, layers: list[str]) -> None:
 
 def _record_transposed_convs(monkeypatch: pytest.MonkeyPatch, model: nn.Module) -> list[tuple[str, tuple[int, int]]]:
     """Wraps F.conv_transpose2d (and torch.conv_transpose2d, the same function) to record
-    which model convolution (by its tied weight) ran on what signal size."""
-    by_weight = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    which model convolution (by its tied weight, or by its shape where the weight comes
+    scaled by a folded batch norm) ran on what signal size."""
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    by_weight = {id(m.weight): name for name, m in convs}
+    shapes = [tuple(m.weight.shape) for _, m in convs]
+    by_shape = {tuple(m.weight.shape): name for name, m in convs if shapes.count(tuple(m.weight.shape)) == 1}
     calls: list[tuple[str, tuple[int, int]]] = []
     original = F.conv_transpose2d
 
     def wrapper(*args, **kwargs):
         weight = args[1] if len(args) > 1 else kwargs["weight"]
-        name = by_weight.get(id(weight), f"<not a model conv weight: {tuple(weight.shape)}>")
+        fallback = by_shape.get(tuple(weight.shape), f"<not a model conv weight: {tuple(weight.shape)}>")
+        name = by_weight.get(id(weight), fallback)
         calls.append((name, tuple(args[0].shape[-2:])))
         return original(*args, **kwargs)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -188,3 +190,12 @@ def test_corrupt_cached_torchvision_file_is_a_clear_error(tmp_path: Path, monkey
     (cache / os.path.basename(url)).write_bytes(b"truncated download")
     with pytest.raises(ValueError, match="delete '.*vgg11-8a719046.pth' and retry, or pass --weights random"):
         zfvis.load_model("vgg11")
+
+
+def test_a_torchvision_model_built_by_hand_knows_the_papers_layer_names() -> None:
+    """``zfvis.Deconvnet(torchvision.models.vgg16())`` takes ``conv5_3`` without the zoo being
+    imported (a fresh interpreter: in this one other tests have imported it)."""
+    code = ("import torch, torchvision, zfvis, sys; dn = zfvis.Deconvnet(torchvision.models.vgg16()); "
+            "print(tuple(dn.output(torch.randn(1, 3, 32, 32), 'conv5_3').shape), 'zfvis.models.zoo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["(1,", "512,", "2,", "2)", "False"], out.stdout + out.stderr

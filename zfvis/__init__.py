@@ -130,12 +130,19 @@ if TYPE_CHECKING:
 _SUBPACKAGES = frozenset({"analysis", "cli", "core", "explorer", "io", "mining", "models", "viz"})
 
 
+#: Modules loaded with a public name's module: the zoo's layer aliases, so that
+#: ``zfvis.Deconvnet(torchvision.models.vgg16())`` knows ``conv5_3`` without the zoo.
+_WITH: dict[str, str] = {"zfvis.core.deconvnet": "zfvis.models.aliases"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _SUBPACKAGES:
         return importlib.import_module(f"zfvis.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'zfvis' has no attribute {name!r}")
+    if module in _WITH:
+        importlib.import_module(_WITH[module])
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later look-ups skip this function
     return value

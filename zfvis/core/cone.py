@@ -114,7 +114,7 @@ def _back_one(params: tuple, out: Window, in_size: tuple[int, int]) -> Window:
 def _back(params: tuple | Resampling, out: Window, in_size: tuple[int, int]) -> Window:
     """The input windows output windows ``out`` reach, through a spatial op's (kernel,
     stride, padding, dilation) or a resampling's weights (:mod:`zfvis.core.resampling`)."""
-    if not isinstance(params, Resampling) and out.top.numel() == 1 and all(a.d == 1 and a.s <= a.k for a in axes(params)):
+    if not isinstance(params, Resampling) and out.top.numel() == 1 and all(a.gapless for a in axes(params)):
         return _back_one(params, out, in_size)
     size, starts, cone_a, cone_b = [], [], [], []
     for i in range(2):

@@ -49,6 +49,11 @@ class Axis:
         """Input indices one output spans, first tap to last."""
         return self.d * (self.k - 1) + 1
 
+    @property
+    def gapless(self) -> bool:
+        """Whether consecutive outputs read every input index between their first and last tap."""
+        return self.d == 1 and self.s <= self.k
+
     def span(self, n: int) -> int:
         """Input indices ``n`` consecutive outputs span."""
         return (n - 1) * self.s + self.extent
@@ -68,7 +73,7 @@ class Axis:
         """
         lo, hi = self.reads(a, b)
         lo, hi = lo.clamp(min=0), hi.clamp(max=n_in)
-        if self.d == 1 and self.s <= self.k:  # every input index between the taps is read
+        if self.gapless:  # every input index between the taps is read
             return lo, hi
         m = (self.extent + self.p) // self.s + 2
         t = torch.arange(m, device=a.device)
