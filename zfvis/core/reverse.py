@@ -26,7 +26,7 @@ from torch import nn
 
 from .cone import Window
 from .pending import PendingSignals
-from .reverse_conv import dense_transpose, transpose_conv
+from .reverse_conv import conv_axes, dense_transpose, transpose_conv
 from .windows import crop_windows, cut, move, paste
 
 __all__ = [
@@ -160,9 +160,9 @@ class ReverseConv2d(nn.ConvTranspose2d):
         # where the full transposed output starts, relative to each seed's input window,
         # and how much of it lies past the window's end
         shifts, pads = [], []
-        for i in range(2):
-            length = (signal.shape[2 + i] - 1) * self.stride[i] + self.dilation[i] * (self.kernel_size[i] - 1) + 1
-            start = (in_win.top, in_win.left)[i] - ((out_win.top, out_win.left)[i] * self.stride[i] - self._pre_pad[i])
+        for i, axis in enumerate(conv_axes(self, self._pre_pad)):
+            length = axis.span(signal.shape[2 + i])
+            start = (in_win.top, in_win.left)[i] - axis.reads((out_win.top, out_win.left)[i], 1)[0]
             spare = length - start - in_win.size[i]
             # rows cut off on both sides are not computed at all (conv_transpose2d's padding)
             pad = max(0, min(int(start.min()), int(spare.min())))

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["dense_transpose", "transpose_conv"]
+from .geometry import Axis
+
+__all__ = ["conv_axes", "dense_transpose", "transpose_conv"]
 
 Pair = tuple[int, int]
 
@@ -51,6 +53,12 @@ def transpose_conv(signal: torch.Tensor, weight: torch.Tensor, conv: nn.ConvTran
     return F.conv_transpose2d(signal, weight, None, conv.stride, pads, extra, conv.groups, conv.dilation)
 
 
+def conv_axes(conv: nn.ConvTranspose2d, pre_pad: Pair) -> tuple[Axis, Axis]:
+    """The forward convolution's geometry (:mod:`zfvis.core.geometry`) along rows and columns."""
+    return (Axis(conv.kernel_size[0], conv.stride[0], pre_pad[0], conv.dilation[0]),
+            Axis(conv.kernel_size[1], conv.stride[1], pre_pad[1], conv.dilation[1]))
+
+
 def dense_transpose(signal: torch.Tensor, weight: torch.Tensor, conv: nn.ConvTranspose2d, pre_pad: Pair,
                     in_size: Pair) -> torch.Tensor | None:
     """The reverse convolution of a dense signal (whole maps in, whole maps out), or ``None``
@@ -66,8 +74,8 @@ def dense_transpose(signal: torch.Tensor, weight: torch.Tensor, conv: nn.ConvTra
     """
     pads, starts, extra = [], [], []
     exact = True  # whether padding and output padding give exactly the input's rows and columns
-    for i in range(2):
-        length = (signal.shape[2 + i] - 1) * conv.stride[i] + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+    for i, axis in enumerate(conv_axes(conv, pre_pad)):
+        length = axis.span(signal.shape[2 + i])
         spare = length - pre_pad[i] - in_size[i]
         if spare < 0:  # rows past the transposed output's end: zeros (the windowed path)
             return None
