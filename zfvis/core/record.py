@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
 
 from ..io.checks import forward_failure
@@ -202,6 +203,8 @@ def _reads_inputs(node: GraphNode, rule: str) -> bool:
 
 
 def _storage(t: torch.Tensor) -> int:
+    if isinstance(t, FakeTensor):  # estimating memory (zfvis.cli.models): no storage to share
+        return 0
     try:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # a tensor without storage (fake, functional)
