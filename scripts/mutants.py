@@ -70,6 +70,7 @@ _CHECKS = "zfvis/core/ops/checks.py"
 _GRAD = "zfvis/core/ops/grad.py"
 _REV = "zfvis/core/reverse.py"
 _REVG = "zfvis/core/reverse_grad.py"
+_RCONV = "zfvis/core/reverse_conv.py"
 _REC = "zfvis/core/record.py"
 _INPL = "zfvis/core/inplace.py"
 _CONE = "zfvis/core/cone.py"
@@ -164,12 +165,13 @@ MUTANTS: list[Mutant] = [
            (_CNN, "-k", "families and mobilenet_v3_small")),
     Mutant("bn-function-eps", _BUILD, 'site.arg(7, "eps", 1e-5)', 'site.arg(7, "momentum", 1e-5)',
            "F.batch_norm's reverse scale takes its momentum for eps", (_SEM, "-k", "batch_norm")),
-    Mutant("conv-bias-applied", _REV, "F.conv_transpose2d(signal, self.weight, None,",
-           "F.conv_transpose2d(signal, self.weight, torch.ones(self.weight.shape[1] * self.groups, "
-           "dtype=signal.dtype),", "the reverse convolution adds a bias (Zeiler & Fergus apply none)",
+    Mutant("conv-bias-applied", _RCONV, "F.conv_transpose2d(signal, weight, None, conv.stride,",
+           "F.conv_transpose2d(signal, weight, torch.ones(weight.shape[1] * conv.groups, dtype=signal.dtype), "
+           "conv.stride,", "the reverse convolution adds a bias (Zeiler & Fergus apply none)",
            _arith("mul_kw")),
-    Mutant("conv-pre-pad-sign", _REV, "* self.stride[i] - self._pre_pad[i])", "* self.stride[i] + self._pre_pad[i])",
-           "the reverse convolution's output shifted by twice the padding", _arith("mul_kw")),
+    Mutant("conv-pre-pad-sign", _RCONV, "Axis(conv.kernel_size[0], conv.stride[0], pre_pad[0],",
+           "Axis(conv.kernel_size[0], conv.stride[0], -pre_pad[0],",
+           "the reverse convolution's windows shifted by twice the padding", _WINDOWED),
     Mutant("unpool-overwrites", _REV, "out.scatter_add_(2,", "out.scatter_(2,",
            "overlapping pooling windows: switches at one location overwrite instead of adding up",
            ("tests/test_batching.py", "-k", "dilated_and_overlapping")),

@@ -22,6 +22,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(MemoryGuard(config), "zfvis-memory-guard")
 
 
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """Every test starts from the same random state, whatever ran before it or alone: a
+    model built before a test seeds (``_ready(Model(), seed=3)``) gets the same weights in
+    every run, so a result never depends on the test order or the process."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread for the module's tests (small tensors on a busy machine)."""
