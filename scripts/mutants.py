@@ -193,7 +193,7 @@ MUTANTS: list[Mutant] = [
            "an output that merges the batch dimension is not refused",
            ("tests/test_engine.py", "-k", "unsupported_operations and (flatten_all or view_merge)")),
     # ------------------------------------------------------------------ in place
-    Mutant("inplace-alias-by-address", _INPL, "value is not target and _storage(value) == ptr",
+    Mutant("inplace-alias-by-address", _INPL, "value is not target and storage(value) == ptr",
            "value is not target and value.data_ptr() == target.data_ptr()",
            "the alias check compares where the tensors start, not their storage: a view at an offset escapes",
            (_SEM, "-k", "in_place")),

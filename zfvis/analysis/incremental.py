@@ -249,7 +249,7 @@ class IncrementalOcclusion:
             same = all(_is_map(v) and v.shape[-2:] == out.shape[-2:] for v in data)
             usable = all(not isinstance(v, torch.Tensor) or _broadcasts(v, out) for v in consts)
             return rule if same and usable else None
-        if isinstance(rule, Window) and len(data) == 1 and _is_map(data[0]) and len(inputs) - len(consts) == 1:
+        if isinstance(rule, Window) and len(data) == 1 and _is_map(data[0]):
             return rule
         return None
 

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["writes_in_place", "overwritten"]
+__all__ = ["writes_in_place", "overwritten", "storage"]
 
 #: Augmented assignments: ``a += b`` writes into ``a`` when it is a tensor.
 _AUGMENTED = frozenset({
@@ -67,7 +67,8 @@ def writes_in_place(fxn: fx.Node, module: nn.Module | None, code: str | None = N
     return getattr(fxn.target, "__module__", "") == "torch.nn.functional" and any(a is True for a in fxn.args[1:])
 
 
-def _storage(t: torch.Tensor) -> int:
+def storage(t: torch.Tensor) -> int:
+    """The address of a tensor's memory, 0 where it has none of its own (fake, meta, functional)."""
     if isinstance(t, FakeTensor):  # shapes only: no memory to share
         return 0
     try:
@@ -87,10 +88,10 @@ def overwritten(target: Any, later: Iterable[tuple[str, Any]]) -> str | None:
     """
     if not isinstance(target, torch.Tensor):
         return None
-    ptr = _storage(target)
+    ptr = storage(target)
     if ptr == 0:  # no memory of its own (an empty, meta or fake tensor: a shapes-only pass)
         return None
     for name, value in later:
-        if isinstance(value, torch.Tensor) and value is not target and _storage(value) == ptr:
+        if isinstance(value, torch.Tensor) and value is not target and storage(value) == ptr:
             return name
     return None

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
 
 from ..io.checks import forward_failure
@@ -32,7 +31,7 @@ from ..io.errors import (
 )
 from .cone import ReceptiveField
 from .graph import GraphNode, ModelGraph, eval_mode
-from .inplace import overwritten
+from .inplace import overwritten, storage
 from .layouts import hold_channels_first
 from .ops import GENERIC, OPS, SUPPORTED_TYPES, Live, Op, Site
 from .ops.args import live_call
@@ -202,15 +201,6 @@ def _reads_inputs(node: GraphNode, rule: str) -> bool:
     return op is not None and op.reads_inputs and rule not in RULES_WITHOUT_INPUTS.get(op.record, ())  # type: ignore[arg-type]
 
 
-def _storage(t: torch.Tensor) -> int:
-    if isinstance(t, FakeTensor):  # estimating memory (zfvis.cli.models): no storage to share
-        return 0
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a tensor without storage (fake, functional)
-        return 0
-
-
 class _SharedRecords:
     """Recorded tensors that share memory with the forward pass's values (an op's recorded
     inputs are not copied when recorded): each is copied just before a node that may write
@@ -229,7 +219,7 @@ class _SharedRecords:
         else:
             return
         for holder, key, t in entries:
-            ptr = _storage(t)
+            ptr = storage(t)
             if ptr:
                 self.by_storage.setdefault(ptr, []).append((holder, key))
 
@@ -243,7 +233,7 @@ class _SharedRecords:
         else:
             fx.node.map_aggregate(values, lambda v: found.append(v) if isinstance(v, torch.Tensor) else None)
         for v in found:
-            for holder, key in self.by_storage.pop(_storage(v), []):
+            for holder, key in self.by_storage.pop(storage(v), []):
                 if key is None:
                     holder.state = holder.state.clone()
                 else:
