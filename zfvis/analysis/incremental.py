@@ -30,6 +30,7 @@ from torch import fx
 from ..core.graph import ModelGraph
 from ..core.inplace import overwritten
 from ..core.ops.incremental_rules import Pointwise, Rule, Window, rule_of
+from ..core.capture import verify
 from ..core.record import prepared_site
 from ..io.errors import UnsupportedModelError, UserInputError
 
@@ -123,11 +124,13 @@ class IncrementalOcclusion:
         self.nodes = list(graph.input.fx_node.graph.nodes)
         self.names = {gn.fx_node: gn.name for gn in graph.nodes}
         self.graph_nodes = {gn.fx_node: gn for gn in graph.nodes}
-        self.writes = {gn.fx_node for gn in graph.nodes if gn.writes}
         self.output = next(n for n in self.nodes if n.op == "output")
         order = {n: i for i, n in enumerate(self.nodes)}
         self.last_use = {n: max((order[u] for u in n.users), default=-1) for n in self.nodes}
         self.base: dict[fx.Node, Any] = {}
+        # what the model runs, checked against the graph (marks in-place writes and hooked leaves)
+        verify(graph, image[None]).check(graph, [graph.nodes[-1]])
+        self.writes = {gn.fx_node for gn in graph.nodes if gn.writes}
         self._base_pass()
         self.base_logits = self.base[self.output]
         self.layer_node = None if layer is None else graph.by_name[layer].fx_node
@@ -152,8 +155,8 @@ class IncrementalOcclusion:
 
     def _base_pass(self) -> None:
         for i, node in enumerate(self.nodes):
-            if node.op == "placeholder":
-                value = self.image[None]
+            if node.op == "placeholder":  # the images, or a further argument at its default
+                value = node.args[0] if node.args else self.image[None]
             elif node.op == "get_attr":
                 value = _fetch_attr(self.model, str(node.target))
             elif node.op == "output":
@@ -182,6 +185,8 @@ class IncrementalOcclusion:
 
     # ------------------------------------------------------------------ planning
     def _plan(self, node: fx.Node) -> NodePlan:
+        if node.op == "placeholder" and node.args:  # a further argument at its default
+            return NodePlan(CONST)
         if node.op == "placeholder":
             ph, pw = self.patch
             t, l = self.grid[:, 0], self.grid[:, 1]
@@ -274,7 +279,9 @@ class IncrementalOcclusion:
                 logits = fx.node.map_arg(node.args[0], lambda n: self._full_value(n, env, len(idx)))
                 break
             mode = self.plans[node].mode
-            if node.op == "placeholder":
+            if node.op == "placeholder" and node.args:
+                env[node] = node.args[0]
+            elif node.op == "placeholder":
                 ph, pw = self.patch
                 values = self.fill.view(1, -1, 1, 1).expand(len(idx), -1, ph, pw)
                 env[node] = Patch(values, self.grid[idx])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import linecache
 import re
 import traceback
@@ -66,8 +67,12 @@ class GraphNode:
         problem: Why the node cannot be reversed, for nodes that carry the signal
             without an op-table entry.
         source: ``file:line: code`` of the call in the model's source, where fx knows it.
-        writes: Whether it writes into its first argument (:mod:`zfvis.core.inplace`).
+        writes: Whether it writes into its first argument (:mod:`zfvis.core.inplace`; an
+            augmented assignment ``a += b``, which fx traces as ``a + b``, once the model's
+            own run showed it, :mod:`zfvis.core.capture`).
         in_place: Whether it writes into its first argument, which carries the signal.
+        hooked: A leaf module with forward hooks: reversed as the whole call, hooks included.
+        traced_op: The op-table entry the trace found (``op`` differs while ``hooked``).
     """
 
     name: str
@@ -81,6 +86,8 @@ class GraphNode:
     source: str | None = None
     in_place: bool = False
     writes: bool = False
+    hooked: bool = False
+    traced_op: ops.Op | None = None
     inputs: list[GraphNode] = dataclasses.field(default_factory=list)
     users: list[GraphNode] = dataclasses.field(default_factory=list)
 
@@ -120,6 +127,7 @@ class ModelGraph:
     first_call: dict[str, GraphNode]
     opaque: dict[str, str]
     tuples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    verdicts: dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def input(self) -> GraphNode:
@@ -146,6 +154,13 @@ class ModelGraph:
             seen.add(n.index)
             stack.extend(n.inputs)
         return [n for n in self.nodes if n.index in seen]
+
+    def set_hooked(self, modules: frozenset[str]) -> None:
+        """Marks the leaf nodes whose module has forward hooks (names in ``modules``): each
+        is reversed as its whole call, hooks included, by its vector-Jacobian product."""
+        for n in self.nodes:
+            n.hooked = n.carries and n.module_name in modules and n.traced_op is not None
+            n.op = ops.OPS[ops.GENERIC] if n.hooked else n.traced_op
 
     def signal_path(self, seed: GraphNode) -> list[GraphNode]:
         """The nodes a reverse pass from ``seed`` runs through, in execution order: those
@@ -230,13 +245,25 @@ def _user_frame(err: BaseException) -> str | None:
     return f"{f.filename}:{f.lineno}: {code}"
 
 
+def _defaults(model: nn.Module) -> dict[str, Any] | None:
+    """The arguments of ``forward`` after the images that have defaults (``attn_mask=None``,
+    ``is_causal=False``): the trace keeps each at its default."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    found = {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return found or None
+
+
 def _trace(model: nn.Module) -> tuple[fx.Graph, _Tracer, dict[str, str]]:
     opaque: dict[str, str] = {}
     for _ in range(len(list(model.modules())) + 1):
         tracer = _Tracer(set(opaque))
         try:
             with eval_mode(model):
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=_defaults(model))
             return graph, tracer, opaque
         except Exception as err:  # noqa: BLE001 - any failure inside a module's forward
             if tracer.failed is None or tracer.failed[0] in opaque:
@@ -272,6 +299,19 @@ def _source(node: fx.Node) -> str | None:
     return found
 
 
+_VOLUME_TYPES = (nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
+                 nn.AdaptiveMaxPool3d, nn.BatchNorm3d)
+
+
+def _refuse_volumes(model: nn.Module) -> None:
+    """Refuses video and volume models (3D convolutions and pools), by their modules."""
+    for name, m in model.named_modules():
+        if isinstance(m, _VOLUME_TYPES):
+            raise UnsupportedModelError(
+                f"module '{name}' is a {type(m).__name__}: zfvis visualizes image CNNs of 2D maps (N, C, H, W); "
+                "video and volume models (3D convolutions) are not supported")
+
+
 def trace_model(model: nn.Module) -> ModelGraph:
     """Traces ``model`` (in eval mode; its modes are restored) into a :class:`ModelGraph`.
 
@@ -279,14 +319,16 @@ def trace_model(model: nn.Module) -> ModelGraph:
         UnsupportedModelError: The model's own ``forward()`` cannot be traced, or it
             does not take exactly one input tensor.
     """
+    _refuse_volumes(model)
     graph, tracer, opaque = _trace(model)
     modules = dict(model.named_modules())
     nodes: list[GraphNode] = []
     of: dict[fx.Node, GraphNode] = {}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.args]  # args: a default
     if len(placeholders) != 1:
         raise UnsupportedModelError(
-            f"the model's forward() takes {len(placeholders)} inputs; zfvis needs a model of one image batch"
+            f"the model's forward() takes {len(placeholders)} inputs without defaults; zfvis needs a model of one "
+            "image batch (further arguments with defaults are left at their defaults)"
         )
     for fxn in graph.nodes:
         if fxn.op == "output":
@@ -302,6 +344,8 @@ def trace_model(model: nn.Module) -> ModelGraph:
         of[fxn] = gn
         nodes.append(gn)
     _classify(nodes, opaque)
+    for gn in nodes:
+        gn.traced_op = gn.op
     _version_in_place(nodes, of)
     module_output = {name: of[n] for name, n in tracer.outputs.items() if n in of}
     first_call = {name: of[c[0]] for name, c in tracer.calls.items() if len(c) > 1 and c[0] in of}
@@ -335,17 +379,62 @@ def _version_in_place(nodes: list[GraphNode], of: dict[fx.Node, GraphNode]) -> N
     """Makes every in-place call that carries the signal a new version of the tensor it
     writes: the nodes after it that read that tensor read the call's node instead."""
     for gn in nodes:
-        first = gn.fx_node.args[0] if gn.fx_node.args else None
-        victim = of.get(first) if isinstance(first, fx.Node) else None
-        gn.writes = writes_in_place(gn.fx_node, gn.module, gn.source)
-        if victim is None or not (gn.carries and victim.carries) or not gn.writes:
-            continue
-        gn.in_place = True
-        for user in [u for u in victim.users if u.index > gn.index]:
-            user.fx_node.replace_input_with(victim.fx_node, gn.fx_node)
-            user.inputs = [of[a] for a in user.fx_node.all_input_nodes if a in of]
-            victim.users.remove(user)
-            gn.users.append(user)
+        gn.writes = writes_in_place(gn.fx_node, gn.module)
+        if gn.writes:
+            _new_version(gn, of)
+
+
+def _new_version(gn: GraphNode, of: dict[fx.Node, GraphNode]) -> None:
+    first = gn.fx_node.args[0] if gn.fx_node.args else None
+    victim = of.get(first) if isinstance(first, fx.Node) else None
+    if victim is None or not (gn.carries and victim.carries):
+        return
+    gn.in_place = True
+    for user in [u for u in victim.users if u.index > gn.index]:
+        user.fx_node.replace_input_with(victim.fx_node, gn.fx_node)
+        user.inputs = [of[a] for a in user.fx_node.all_input_nodes if a in of]
+        victim.users.remove(user)
+        gn.users.append(user)
+
+
+def mark_constant(graph: ModelGraph, names: set[str]) -> None:
+    """Marks nodes whose values the model's own run showed to be integers or booleans (a
+    mask ``x > 0``, an argmax) as carrying no signal (their gradient is zero), and what
+    depends on the signal only through them."""
+    for gn in graph.nodes[1:]:
+        if gn.name in names or (gn.carries and not any(p.carries for p in gn.inputs)):
+            gn.carries, gn.op, gn.traced_op, gn.problem = False, None, None, None
+
+
+def mark_in_place(graph: ModelGraph, nodes: list[GraphNode]) -> None:
+    """Marks nodes the model's own run showed writing into their first argument (``a += b``,
+    which fx traces as ``a + b``) and makes each a new version of what it writes."""
+    of = {n.fx_node: n for n in graph.nodes}
+    for gn in nodes:
+        gn.writes = True
+        _new_version(gn, of)
+
+
+def _fetch_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def run_node(node: GraphNode, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Runs one node as the model would: a module by its call (its hooks run), a method
+    or function as traced."""
+    fxn = node.fx_node
+    if fxn.op == "placeholder":  # an argument after the images, at its default
+        return fxn.args[0]
+    if fxn.op == "get_attr":
+        return _fetch_attr(model, str(fxn.target))
+    if node.module is not None:
+        return node.module(*args, **kwargs)
+    if fxn.op == "call_method":
+        return getattr(args[0], str(fxn.target))(*args[1:], **kwargs)
+    return fxn.target(*args, **kwargs)
 
 
 def is_shape_query(fxn: Any) -> bool:

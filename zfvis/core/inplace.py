@@ -12,7 +12,6 @@ before the call, or the tensor a written view was cut from) that is read later:
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,26 +30,10 @@ _AUGMENTED = frozenset({
 })  # fmt: skip
 
 
-#: torch.fx traces ``a += b`` on a tensor as ``a + b`` (its proxies have no ``__iadd__``):
-#: the binary operator behind each augmented assignment, found on the call's source line.
-_BINARY = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/", operator.matmul: "@",
-           operator.pow: "**", operator.and_: "&", operator.or_: "|", operator.xor: "^"}
-
-
-def _augmented(fxn: fx.Node, code: str | None) -> bool:
-    """Whether a binary operator node comes from an augmented assignment (``a += b``) whose
-    target is its first operand, judged from its source line."""
-    symbol = _BINARY.get(fxn.target) if fxn.op == "call_function" else None  # type: ignore[call-overload]
-    if symbol is None or not code:
-        return False
-    return re.search(rf"(^|[^=!<>*/+\-@&|^%]){re.escape(symbol)}=(?!=)", code.split("#")[0]) is not None
-
-
-def writes_in_place(fxn: fx.Node, module: nn.Module | None, code: str | None = None) -> bool:
-    """Whether the node may write into its first argument (decided from the traced call and,
-    for ``a += b``, its source line ``code``)."""
-    if _augmented(fxn, code):
-        return True
+def writes_in_place(fxn: fx.Node, module: nn.Module | None) -> bool:
+    """Whether the traced call writes into its first argument. (An augmented assignment
+    ``a += b`` is traced by fx as ``a + b``: :mod:`zfvis.core.capture` finds it in the
+    model's own run.)"""
     if fxn.op == "call_module":
         return getattr(module, "inplace", False) is True
     if fxn.op == "call_method":

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..io.checks import forward_failure
 from ..io.errors import (
@@ -30,7 +31,8 @@ from ..io.errors import (
     is_out_of_memory,
 )
 from .cone import ReceptiveField
-from .graph import GraphNode, ModelGraph, eval_mode
+from .capture import verify
+from .graph import GraphNode, ModelGraph, eval_mode, run_node
 from .inplace import overwritten, storage
 from .layouts import hold_channels_first
 from .ops import GENERIC, OPS, SUPPORTED_TYPES, Live, Op, Site
@@ -99,24 +101,6 @@ class RemovableHandles(list):  # type: ignore[type-arg]
     def remove(self) -> None:
         while self:
             self.pop().remove()
-
-
-def _fetch_attr(model: nn.Module, target: str) -> Any:
-    obj: Any = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _run(node: GraphNode, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    fxn = node.fx_node
-    if fxn.op == "get_attr":
-        return _fetch_attr(model, str(fxn.target))
-    if node.module is not None:
-        return node.module(*args, **kwargs)
-    if fxn.op == "call_method":
-        return getattr(args[0], str(fxn.target))(*args[1:], **kwargs)
-    return fxn.target(*args, **kwargs)
 
 
 def _tensors(value: Any) -> bool:
@@ -267,7 +251,7 @@ class _Pass:
         last = len(self.needed) - 1
         for i, node in enumerate(self.needed):
             fxn = node.fx_node
-            if fxn.op == "placeholder":
+            if node is self.graph.input:
                 out: Any = images
                 self.batch = int(images.shape[0])
             else:
@@ -282,7 +266,7 @@ class _Pass:
                     self.recorded.copy_before_write((args, kwargs))
                 elif node.writes and args:  # an in-place op writes its first argument
                     self.recorded.copy_before_write(args[0])
-                out = _run(node, model, args, kwargs)
+                out = run_node(node, model, args, kwargs)
                 if node.carries:
                     self._record(node, env, out, inputs)
             env[fxn] = out
@@ -307,6 +291,10 @@ class _Pass:
 
     def _record(self, node: GraphNode, env: dict[fx.Node, Any], out: Any, inputs: list[Any]) -> None:
         if node.op is None:
+            return
+        failed = next((self.problems[p.name] for p in node.inputs if p.carries and p.name in self.problems), None)
+        if failed is not None:  # what cannot be reversed before it: nothing reaches it either
+            self.problems[node.name] = failed
             return
         parent = next((self.bundles[p.fx_node] for p in node.inputs if p.fx_node in self.bundles), None)
         try:
@@ -338,6 +326,11 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dt
     return None, None
 
 
+def _real(images: torch.Tensor) -> bool:
+    """Whether a tensor holds values (not a fake or meta tensor of a shapes-only pass)."""
+    return not isinstance(images, FakeTensor) and images.device.type != "meta"
+
+
 def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode], rule: str = "deconvnet") -> tuple[
         dict[str, torch.Tensor], dict[str, Site], dict[str, UnsupportedModelError], tuple[int, ...]]:
     """Runs the model's graph on ``images`` as far as ``targets`` need.
@@ -355,6 +348,7 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
         ForwardPassError: The forward pass failed (another input size or channel count?);
             a ``ValueError``. Running out of memory is raised as it is.
         UnsupportedModelError: An in-place operation overwrites a value read later.
+        CaptureMismatchError: The graph is not what the model ran (:mod:`zfvis.core.capture`).
     """
     device, dtype = _model_device_dtype(graph.model)
     if device is not None:
@@ -365,6 +359,8 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
     training = any(m.training for m in graph.model.modules())
     with eval_mode(graph.model) if training else contextlib.nullcontext(), torch.no_grad():
         try:
+            if _real(images):  # what the model runs, checked against the graph (cached per input key)
+                verify(graph, images).check(graph, list(targets))
             p.run(images)
         except RuntimeError as err:
             if isinstance(err, ZfvisError) or is_out_of_memory(err):

@@ -16,6 +16,7 @@ __all__ = [
     "InputTypeError",
     "OutputFolderError",
     "ForwardPassError",
+    "CaptureMismatchError",
     "RankFailedError",
     "MiningInterrupted",
     "first_line",
@@ -110,6 +111,11 @@ class MiningInterrupted(KeyboardInterrupt):
 
 class UnsupportedModelError(UserInputError):
     """The model contains an operation or a topology the deconvnet cannot reverse."""
+
+
+class CaptureMismatchError(UnsupportedModelError):
+    """zfvis's graph of the model differs from what the model ran (:mod:`zfvis.core.capture`);
+    the message names the first node that differs."""
 
 
 class WeightsDownloadError(OSError):

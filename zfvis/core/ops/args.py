@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .site import Live, Pair, Site
 
@@ -101,11 +103,27 @@ def target_name(node: GraphNode) -> str:
 
 
 
+@contextlib.contextmanager
+def _eval(module: nn.Module) -> Iterator[None]:
+    """Eval semantics for a module's call (batch statistics and dropout off), every flag restored."""
+    flags = [(m, m.training) for m in module.modules() if m.training]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def live_call(site: Site) -> Callable[..., torch.Tensor]:
     """The node's own operation as a function of all its live inputs, in order (other
-    arguments as recorded); a module runs its ``forward`` alone (no hooks of the model)."""
+    arguments as recorded); a module runs its ``forward`` alone (no hooks of the model),
+    except a hooked leaf (:attr:`GraphNode.hooked`), whose hooks are part of what it
+    computes. A module runs with eval semantics (every flag restored), as it was recorded."""
     fxn = site.node.fx_node
     module = site.node.module
+    hooked = site.node.hooked
 
     def fill(v: Any, ts: tuple[torch.Tensor, ...]) -> Any:
         if isinstance(v, Live):
@@ -120,7 +138,8 @@ def live_call(site: Site) -> Callable[..., torch.Tensor]:
         args = fill(site.args, ts)
         kwargs = {key: fill(v, ts) for key, v in site.kwargs.items()}
         if module is not None:
-            return module.forward(*args, **kwargs)
+            with _eval(module):
+                return module(*args, **kwargs) if hooked else module.forward(*args, **kwargs)
         if fxn.op == "call_method":
             return getattr(args[0], str(fxn.target))(*args[1:], **kwargs)
         return fxn.target(*args, **kwargs)  # type: ignore[operator]

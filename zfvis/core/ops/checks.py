@@ -98,16 +98,29 @@ def _prepare_reshape(site: Site) -> None:
     site.cone = "same" if _spatial_same(site) and len(site.in_shapes[0]) >= 2 else "full"
 
 
+def _keeps_batch(index: tuple[Any, ...], spread: int) -> bool:
+    """Whether a basic index keeps the batch as the first dimension, whole: the first
+    element that indexes a dimension is ``:`` or an ``...`` that spans at least one
+    (``spread`` dimensions), and no ``None`` comes before it."""
+    for e in index:
+        if e is None:
+            return False
+        if e is Ellipsis:
+            return spread > 0
+        return e == slice(None)
+    return False
+
+
 def _prepare_getitem(site: Site) -> None:
     index = site.args[1]
     index = index if isinstance(index, tuple) else (index,)
     for e in index:
         if not (e is None or e is Ellipsis or isinstance(e, (int, slice))):
             raise site.fail("indexing with tensors or lists is not supported (use slices)")
-    if not index or index[0] != slice(None):
-        raise site.fail("indexing the batch dimension is not supported; index with [:, ...]")
     explicit = [e for e in index if e is not None and e is not Ellipsis]
     in_dims = len(site.in_shapes[0]) + 1
+    if not _keeps_batch(index, in_dims - len(explicit)):
+        raise site.fail("indexing the batch dimension is not supported; index with [:, ...] or [..., k]")
     touches_map = Ellipsis in index or len(explicit) > in_dims - 2
     site.cone = "full" if touches_map or not _spatial_same(site) else "same"
 

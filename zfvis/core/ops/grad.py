@@ -128,7 +128,18 @@ def prepare_pointwise(site: Site) -> None:
     """A function of one position, of one input of the output's shape, is reversed on
     windows; otherwise (broadcasting, several inputs) on whole maps."""
     same = len(site.live) == 1 and all(s == site.out_shape for s in site.in_shapes) and len(site.out_shape) >= 2
-    site.cone = "same" if same and site.fn is None else "full"
+    site.cone = "same" if same and site.fn is None and not _varies_over_map(site) else "full"
+
+
+def _varies_over_map(site: Site) -> bool:
+    """Whether a constant tensor argument has a map of its own (``clamp(t, min=buf)`` with
+    ``buf`` of shape (1, 1, H, W)): cutting the signal's window would not cut it."""
+    found: list[torch.Tensor] = []
+    for v in (*site.args, *site.kwargs.values()):
+        for t in v if isinstance(v, (list, tuple)) else (v,):
+            if isinstance(t, torch.Tensor):
+                found.append(t)
+    return any(t.dim() >= 2 and (t.shape[-1] > 1 or t.shape[-2] > 1) for t in found)
 
 
 def record_vjp(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> Any:

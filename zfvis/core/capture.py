@@ -1,0 +1,427 @@
+"""What the model really ran, captured at the level PyTorch itself records: ATen calls.
+
+zfvis reverses a model over its torch.fx graph (:mod:`zfvis.core.graph`), which is a
+*re-derivation* of the model: a symbolic trace, with in-place writes, hooks and submodules
+fx cannot trace each handled on their own. This module holds that graph to account, on
+every input shape, against what PyTorch executed:
+
+1. **The model's own run.** ``model(images)`` runs as written (its hooks, its in-place
+   writes, its untraceable submodules, its Python) under a ``TorchDispatchMode`` that
+   records each ATen call: the op, and for each tensor it reads, which earlier call made
+   that tensor and which call last wrote the memory it reads (schemas say which arguments
+   an op mutates).
+2. **The graph's run.** The traced graph runs node by node on a copy of the same images
+   under the same recorder, each call tagged with its node.
+3. **The verdict.** The two call lists must be the same calls reading the same values.
+   Where the model ran an in-place op (``a += b``) that the trace turned into its
+   out-of-place twin, the node is marked as writing in place (its readers are rewired,
+   :func:`zfvis.core.graph.mark_in_place`) and the graph is run again: in-place
+   semantics come from the schemas of what ran, never from source text. Within the graph's
+   run, every node must read only values of the nodes the graph connects it to, at the
+   version the graph implies, and write only into tensors it made (or its first argument,
+   where it is an in-place call). A leaf module with hooks is reversed as a whole call
+   (its hooks included) by its vector-Jacobian product.
+
+Anything else is a :class:`~zfvis.io.errors.CaptureMismatchError` naming the first node
+that differs, raised when a layer at or after it is asked for. Verdicts are cached per
+(input shape, dtype, device, every module's training flag and hooks, global hooks) on the
+graph, and made again when any of these change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from ..io.errors import CaptureMismatchError
+from .graph import GraphNode, ModelGraph, eval_mode, mark_constant, mark_in_place, run_node
+from .inplace import storage
+
+__all__ = ["AtenCall", "Verdict", "verify", "hooked", "capture_key"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AtenCall:
+    """One ATen call as it ran.
+
+    Attributes:
+        op: The op's name and overload, an in-place op named as its out-of-place twin
+            (``aten::add.Tensor`` for ``aten::add_.Tensor``).
+        in_place: Whether it wrote into one of its arguments (from the op's schema).
+        reads: For each tensor argument: (the call that made the tensor, the call that
+            last wrote its memory); a tensor no call made is named (``param:conv1.weight``,
+            ``input``) or described by shape and dtype.
+        consts: Its other arguments.
+        node: The graph node it ran in (the graph's run only).
+    """
+
+    op: str
+    in_place: bool
+    reads: tuple[Any, ...]
+    consts: tuple[Any, ...]
+    node: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.op}{' (in place)' if self.in_place else ''}"
+
+
+@dataclasses.dataclass
+class Violation:
+    """A node of the graph whose run does not match what the graph says of it."""
+
+    node: GraphNode
+    what: str
+    reads: bool  # an undeclared read (else: an undeclared write, or a different call)
+
+
+@dataclasses.dataclass
+class Verdict:
+    """The outcome of checking the graph against the model's own run for one input key.
+
+    Attributes:
+        violations: Nodes whose run differs from the graph, first first.
+        hooked: Leaf nodes whose module has forward hooks (reversed as a whole call).
+    """
+
+    violations: list[Violation]
+    hooked: frozenset[str]
+
+    def check(self, graph: ModelGraph, targets: list[GraphNode]) -> None:
+        """Raises for the first violation that can change the targets' values."""
+        if not targets:
+            return
+        last = max(t.index for t in targets)
+        ancestors = {n.index for n in graph.ancestors(targets, writes=True)}
+        for v in self.violations:
+            if v.node.index <= last and (not v.reads or v.node.index in ancestors):
+                where = f" at {v.node.source}" if v.node.source else ""
+                raise CaptureMismatchError(
+                    f"node '{v.node.name}' ({v.node.kind}){where}: {v.what}; zfvis's graph of the model is not what the "
+                    "model ran, so its projection would be wrong. Hint: make that operation not in-place, or that "
+                    "code a plain sequence of tensor operations (no values kept between calls); layers before it "
+                    "can still be projected"
+                )
+
+
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors an ATen call writes into, from its schema."""
+    out: list[torch.Tensor] = []
+    schema = func._schema
+    for k, arg in enumerate(schema.arguments):
+        info = arg.alias_info
+        if info is None or not info.is_write:
+            continue
+        value = args[k] if k < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
+        for t in tree_flatten(value)[0]:
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+    return out
+
+
+def _aliases_input(func: Any) -> bool:
+    """Whether an ATen call returns a view of an argument (``view``, ``slice``, ...)."""
+    return any(r.alias_info is not None for r in func._schema.returns)
+
+
+def _op_name(func: Any, in_place: bool) -> str:
+    name = func._schema.name
+    if in_place and name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]
+    overload = func._overloadname
+    return f"{name}.{overload}" if overload and overload != "default" else name
+
+
+def _const(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str, complex)):
+        return v
+    return repr(v)
+
+
+class _Recorder(TorchDispatchMode):
+    """Records every ATen call run inside it (see :class:`AtenCall`)."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        super().__init__()
+        self.names = names
+        self.calls: list[AtenCall] = []
+        self.made: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # tensor -> call that made it
+        self.wrote: dict[int, int] = {}  # storage address -> call that last wrote it
+        self.born: dict[int, int] = {}  # storage address -> call that allocated it
+        self.node: GraphNode | None = None
+        self.start = 0
+        self.on_call: Any = None  # the graph run's check of each call
+
+    def ref(self, t: torch.Tensor) -> tuple[Any, Any]:
+        made = self.made.get(t)
+        ptr = storage(t)
+        if made is None:
+            made = self.names.get(ptr) or ("tensor", tuple(t.shape), str(t.dtype))
+        return made, self.wrote.get(ptr, made)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        i = len(self.calls)
+        flat = tree_flatten((args, kwargs))[0]
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        reads = tuple(self.ref(t) for t in tensors)
+        written = _written(func, args, kwargs)
+        if self.on_call is not None:
+            self.on_call(tensors, written)
+        out = func(*args, **kwargs)
+        for t in written:
+            self.made[t] = i
+            self.wrote[storage(t)] = i
+        view = _aliases_input(func)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not any(t is w for w in written):
+                self.made[t] = i
+                ptr = storage(t)
+                if not view and ptr:
+                    self.wrote[ptr] = i
+                    self.born[ptr] = i
+        consts = tuple(_const(v) for v in flat if not isinstance(v, torch.Tensor))
+        name = self.node.name if self.node is not None else None
+        self.calls.append(AtenCall(_op_name(func, bool(written)), bool(written), reads, consts, name))
+        return out
+
+
+def _names(model: nn.Module, images: torch.Tensor) -> dict[int, str]:
+    names = {storage(images): "input"}
+    for kind, items in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+        for n, t in items:
+            names.setdefault(storage(t), f"{kind}:{n}")
+    names.pop(0, None)
+    return names
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+class _GraphRun:
+    """Runs the whole graph under a recorder, checking each node's reads and writes."""
+
+    def __init__(self, graph: ModelGraph, hooked_nodes: frozenset[str]) -> None:
+        self.graph = graph
+        self.hooked = hooked_nodes
+        self.owner: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # tensor -> {node: write seen}
+        self.violations: list[Violation] = []
+        self.flagged: set[str] = set()
+        self.rec: _Recorder | None = None
+        self.declared: set[str] = set()
+        self.first: int = 0
+        self.constant: set[str] = set()  # nodes whose values are integers or booleans: no signal
+        self.failed: GraphNode | None = None  # the node where the forward pass failed
+
+    def _flag(self, node: GraphNode, what: str, reads: bool) -> None:
+        if node.name not in self.flagged:
+            self.flagged.add(node.name)
+            self.violations.append(Violation(node, what, reads))
+
+    def _producer(self, call: int) -> str:
+        rec = self.rec
+        assert rec is not None  # noqa: S101 - set for the run
+        node = rec.calls[call].node if 0 <= call < len(rec.calls) else None
+        return f"node '{node}'" if node else "another node"
+
+    def on_call(self, tensors: list[torch.Tensor], written: list[torch.Tensor]) -> None:
+        rec, node = self.rec, self.graph_node
+        if rec is None or node is None:
+            return
+        for t in tensors:
+            made, wrote = rec.ref(t)
+            if not isinstance(made, int) or made >= rec.start:
+                continue
+            if isinstance(wrote, int) and wrote >= rec.start:  # written in this node: its own version
+                continue
+            seen = self.owner.get(t) or {}
+            if any(name in self.declared and w == wrote for name, w in seen.items()):
+                continue
+            declared = [name for name in seen if name in self.declared]
+            writer = rec.calls[wrote].node if isinstance(wrote, int) and wrote < len(rec.calls) else None
+            if declared and writer is not None:  # its input, overwritten since through shared memory
+                self._flag(self.graph.by_name[writer], f"it overwrites in place memory that '{declared[0]}' shares "
+                           f"and node '{node.name}' reads afterwards (a view of the same tensor)", reads=False)
+            else:
+                self._flag(node, f"it reads a value made by {self._producer(made if not seen else wrote)} that the "
+                                 "graph does not pass to it (a value kept between calls, or one written in place "
+                                 "where the graph does not show it)", reads=True)
+        for t in written:
+            ptr = storage(t)
+            if rec.born.get(ptr, -1) >= rec.start:
+                continue
+            if node.writes and ptr == self.first:
+                continue
+            _, wrote = rec.ref(t)
+            src = self._producer(wrote) if isinstance(wrote, int) else "the model's input or weights"
+            self._flag(node, f"it writes in place into a tensor of {src} that it did not make, which the graph "
+                             "does not show", reads=False)
+
+    graph_node: GraphNode | None = None
+
+    def run(self, images: torch.Tensor, names: dict[int, str]) -> tuple[list[AtenCall], Any]:
+        env: dict[fx.Node, Any] = {}
+        model = self.graph.model
+        rec = self.rec = _Recorder(names)
+        rec.on_call = self.on_call
+        out: Any = None
+        with rec, _stops(self):
+            for node in self.graph.nodes:
+                fxn = node.fx_node
+                if node is self.graph.input:
+                    out = images
+                else:
+                    args = fx.node.map_arg(fxn.args, lambda n: env[n])
+                    kwargs = fx.node.map_arg(fxn.kwargs, lambda n: env[n])
+                    rec.node, rec.start, self.graph_node = node, len(rec.calls), node
+                    self.declared = {p.name for p in node.inputs} | {node.name}
+                    firsts = _tensors_in(args[0]) if args else []
+                    self.first = storage(firsts[0]) if firsts else -1
+                    self.failed = node
+                    out = run_node(node, model, args, kwargs)
+                    self.failed = rec.node = self.graph_node = None
+                env[fxn] = out
+                found = _tensors_in(out)
+                if node.carries and found and not any(t.is_floating_point() or t.is_complex() for t in found):
+                    self.constant.add(node.name)
+                for t in found:
+                    seen = dict(self.owner.get(t) or {})
+                    seen[node.name] = rec.ref(t)[1]
+                    self.owner[t] = seen
+        return rec.calls, None
+
+
+@contextlib.contextmanager
+def _stops(holder: Any) -> Iterator[None]:
+    """Ends a run quietly where the forward pass fails (another input size than the head
+    takes, say): what ran before is still compared; the recording itself reports the failure."""
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - any failure of the model's own code; ``holder.failed`` says where
+        if holder.failed is None:
+            holder.failed = True
+
+
+class _ModelRun:
+    failed: Any = None
+
+
+def _model_run(model: nn.Module, images: torch.Tensor, names: dict[int, str]) -> tuple[list[AtenCall], bool]:
+    rec, run = _Recorder(names), _ModelRun()
+    with rec, _stops(run):
+        model(images)
+    return rec.calls, run.failed is not None
+
+
+def hooked(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The modules that have forward hooks or forward pre-hooks of their own."""
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            yield name, m
+
+
+def _global_hooks() -> tuple[Any, ...]:
+    from torch.nn.modules import module as mod
+
+    return tuple(tuple(getattr(mod, name, {}).keys()) for name in
+                 ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                  "_global_backward_pre_hooks"))
+
+
+def capture_key(model: nn.Module, images: torch.Tensor) -> tuple[Any, ...]:
+    """What a verdict depends on besides the code: the input's shape, dtype and device, every
+    module's training flag and hooks, and the global module hooks."""
+    state = tuple((m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in model.modules())
+    return tuple(images.shape), images.dtype, images.device, state, _global_hooks()
+
+
+def _first_difference(graph: ModelGraph, model_calls: list[AtenCall], graph_calls: list[AtenCall],
+                      stopped: bool) -> int | None:
+    for i, (a, b) in enumerate(zip(model_calls, graph_calls)):
+        # a node marked as writing in place runs its out-of-place twin (``a += b`` traced as ``a + b``)
+        twin = a.in_place and not b.in_place and b.node is not None and graph.by_name[b.node].writes
+        if a.op != b.op or (a.in_place != b.in_place and not twin) or a.reads != b.reads or a.consts != b.consts:
+            return i
+    if len(model_calls) != len(graph_calls) and not stopped:
+        return min(len(model_calls), len(graph_calls))
+    return None
+
+
+def _in_place_twins(graph: ModelGraph, model_calls: list[AtenCall], graph_calls: list[AtenCall]) -> list[GraphNode]:
+    """Nodes whose call the model ran in place where the graph runs its out-of-place twin
+    (``a += b`` traced as ``a + b``), before the first call that differs otherwise."""
+    found: list[GraphNode] = []
+    for a, b in zip(model_calls, graph_calls):
+        if a.op != b.op or a.consts != b.consts:
+            break
+        if a.in_place and not b.in_place and b.node is not None:
+            node = graph.by_name[b.node]
+            if node.fx_node.op == "call_function" and not node.writes and node not in found:
+                found.append(node)
+    return found
+
+
+def _difference(graph: ModelGraph, i: int, model_calls: list[AtenCall], graph_calls: list[AtenCall]) -> Violation:
+    a = model_calls[i] if i < len(model_calls) else None
+    b = graph_calls[i] if i < len(graph_calls) else None
+    name = b.node if b is not None and b.node else None
+    node = graph.by_name[name] if name else graph.nodes[-1]
+    if a is None or b is None:
+        what = (f"the model ran {len(model_calls)} ATen calls where the graph runs {len(graph_calls)} "
+                "(the model's own hooks or code outside forward())")
+    elif a.op != b.op or a.in_place != b.in_place:
+        what = f"the model ran {a.describe()} where the graph runs {b.describe()}"
+    elif a.consts != b.consts:
+        what = f"the model ran {a.op} with other arguments than the graph ({a.consts} against {b.consts})"
+    else:
+        what = (f"{b.op} reads other values in the model than in the graph (an in-place write or a value kept "
+                "between calls that the trace does not show)")
+    return Violation(node, what, reads=False)
+
+
+def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
+    """Checks the graph against the model's own run on ``images`` (cached per
+    :func:`capture_key` on the graph). Marks the nodes that write in place as the model
+    ran them, and the hooked leaves, on the graph.
+
+    Args:
+        graph: The traced model.
+        images: A batch on the model's device and dtype (real values, not fake).
+    """
+    model = graph.model
+    key = capture_key(model, images)
+    cached = graph.verdicts.get(key)
+    if cached is not None:
+        return cached
+    hooked_names = frozenset(name for name, _ in hooked(model))
+    graph.set_hooked(hooked_names)
+    with eval_mode(model), torch.no_grad():
+        first = images.clone()
+        model_calls, model_failed = _model_run(model, first, _names(model, first))
+        for _ in range(len(graph.nodes)):
+            copy = images.clone()
+            run = _GraphRun(graph, hooked_names)
+            graph_calls, _ = run.run(copy, _names(model, copy))
+            if run.constant:
+                mark_constant(graph, run.constant)
+            twins = _in_place_twins(graph, model_calls, graph_calls)
+            if not twins:
+                break
+            mark_in_place(graph, twins)
+    violations = list(run.violations)
+    i = _first_difference(graph, model_calls, graph_calls, model_failed or run.failed is not None)
+    if i is not None:
+        violations.append(_difference(graph, i, model_calls, graph_calls))
+    violations.sort(key=lambda v: v.node.index)
+    verdict = Verdict(violations, hooked_names)
+    graph.verdicts[key] = verdict
+    return verdict
