@@ -77,9 +77,12 @@ _CONE = "zfvis/core/cone.py"
 _WIN = "zfvis/core/windows.py"
 _OCC = "zfvis/core/ops/incremental_rules.py"
 _GEO = "zfvis/core/geometry.py"
+_CAP = "zfvis/core/capture.py"
+_GRAPH = "zfvis/core/graph.py"
 
 # test selections
 _CNN = "tests/test_every_cnn.py"
+_CAPT = "tests/test_capture.py"
 _SEM = "tests/test_op_semantics.py"
 
 
@@ -189,8 +192,9 @@ MUTANTS: list[Mutant] = [
            ("tests/test_engine.py", "-k", "unsupported_operations and dropout")),
     Mutant("floordiv-accepted", _OPS, "torch.floor_divide, operator.floordiv,", "torch.floor_divide,",
            "x // 2 no longer in the refused table", (_SEM, "-k", "floordiv")),
-    Mutant("batch-merge-accepted", _REC, "out.shape[0] != self.batch)", "False)",
-           "an output that merges the batch dimension is not refused",
+    Mutant("batch-merge-accepted", _REC, "return out.dim() == 0 or out.shape[0] != self.batch or node.name in",
+           "return False and node.name in",
+           "an output that merges the batch dimension is reversed per image as if the batch were first",
            ("tests/test_engine.py", "-k", "unsupported_operations and (flatten_all or view_merge)")),
     # ------------------------------------------------------------------ in place
     Mutant("inplace-alias-by-address", _INPL, "value is not target and storage(value) == ptr",
@@ -200,8 +204,44 @@ MUTANTS: list[Mutant] = [
     Mutant("inplace-method-not-new-version", _INPL, 'return name.endswith("_") and not name.startswith("__")',
            "return False", "t.relu_() is not a new version of t: later readers read the value before the call",
            (_CNN, "-k", "in_place_statement")),
-    Mutant("inplace-augmented-ignored", _INPL, "if _augmented(fxn, code):", "if False:",
-           "a += b is not a new version of a", (_CNN, "-k", "in_place_statement")),
+    Mutant("inplace-augmented-ignored", _CAP, "if a.in_place and not b.in_place and b.node is not None:",
+           "if False:", "a += b (traced as a + b) is not a new version of a",
+           (_CAPT, "-k", "source_text")),
+    # ------------------------------------------------------------------ capture
+    Mutant("capture-hooks-ignored", _GRAPH, "n.hooked = n.carries and n.module_name in modules",
+           "n.hooked = False and n.carries and n.module_name in modules",
+           "a hooked leaf reversed by its op's own layer, as if the hook did nothing",
+           (_CAPT, "-k", "hook_is_part")),
+    Mutant("capture-undeclared-write-allowed", _CAP, "if node.writes and ptr == self.first:", "if True:",
+           "a node that writes into a tensor it did not make passes the check",
+           (_CAPT, "-k", "untraceable_write")),
+    Mutant("capture-read-version-ignored", _CAP, "if any(name in self.declared and w == wrote for",
+           "if any(name in self.declared or w == wrote for",
+           "a value read after another node overwrote its memory passes the check",
+           ("tests/test_engine.py", "-k", "name_the_node_and_line")),
+    Mutant("capture-masks-carry", _CAP, "if run.constant:", "if False:",
+           "a mask (x > 0) carries the signal and is refused as having no gradient",
+           (_CAPT, "-k", "masks")),
+    Mutant("capture-calls-unchecked", _CAP, "if a.op != b.op or (a.in_place != b.in_place and not twin)",
+           "if a.op != b.op and (a.in_place != b.in_place and not twin)",
+           "calls that differ between the model and the graph pass the check",
+           (_CAPT, "-k", "source_text or hook_is_part")),
+    Mutant("whole-batch-seed-image", _REVG, "seed[i] = signal[j].to(out.dtype)", "seed[0] = signal[j].to(out.dtype)",
+           "a seed's signal sent back from the first image of a folded stretch",
+           (_CAPT, "-k", "folded and 3")),
+    Mutant("whole-batch-mixing-allowed", _REVG, "if grad.shape[0] == 1:", "if True:",
+           "a stretch that mixes images is reversed per image without a word",
+           (_CAPT, "-k", "mixes")),
+    Mutant("batch-probe-ignored", _CAP, "more.get(name, n + 1) != n + 1", "False",
+           "an axis as long as the batch taken for the batch (qkv permuted before it)",
+           (_CAPT, "-k", "SharedQKV and 3")),
+    Mutant("pointwise-constant-map-windowed", _GRAD, "and not _varies_over_map(site)", "",
+           "clamp(t, min=map) cut into windows without cutting the map",
+           (_CAPT, "-k", "constant_map")),
+    Mutant("vjp-train-mode", "zfvis/core/ops/args.py", "            with _eval(module):",
+           "            with contextlib.nullcontext():",
+           "a submodule fx cannot trace reversed in training mode (batch statistics, dropout)",
+           ("tests/test_capture_cases.py", "-k", "train")),
     # ------------------------------------------------------------------ recording
     Mutant("record-inputs-not-copied", _REC, "inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]",
            "inputs = list(inputs)", "an in-place rectifier's f' taken at the overwritten input (its output)",

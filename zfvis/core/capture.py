@@ -90,10 +90,14 @@ class Verdict:
     Attributes:
         violations: Nodes whose run differs from the graph, first first.
         hooked: Leaf nodes whose module has forward hooks (reversed as a whole call).
+        not_batch: Nodes whose output's first dimension does not follow the batch size
+            (windows or heads folded into it, an axis permuted before it), found by running
+            the graph on one more image.
     """
 
     violations: list[Violation]
     hooked: frozenset[str]
+    not_batch: frozenset[str] = frozenset()
 
     def check(self, graph: ModelGraph, targets: list[GraphNode]) -> None:
         """Raises for the first violation that can change the targets' values."""
@@ -221,6 +225,7 @@ class _GraphRun:
         self.first: int = 0
         self.constant: set[str] = set()  # nodes whose values are integers or booleans: no signal
         self.failed: GraphNode | None = None  # the node where the forward pass failed
+        self.first_dims: dict[str, int] = {}  # each tensor output's first dimension
 
     def _flag(self, node: GraphNode, what: str, reads: bool) -> None:
         if node.name not in self.flagged:
@@ -291,13 +296,17 @@ class _GraphRun:
                     self.failed = rec.node = self.graph_node = None
                 env[fxn] = out
                 found = _tensors_in(out)
+                if isinstance(out, torch.Tensor):
+                    self.first_dims[node.name] = int(out.shape[0]) if out.dim() else -1
                 if node.carries and found and not any(t.is_floating_point() or t.is_complex() for t in found):
                     self.constant.add(node.name)
                 for t in found:
                     seen = dict(self.owner.get(t) or {})
                     seen[node.name] = rec.ref(t)[1]
                     self.owner[t] = seen
-        return rec.calls, None
+        output = next((n for n in reversed(self.graph.input.fx_node.graph.nodes) if n.op == "output"), None)
+        value = fx.node.map_arg(output.args[0], lambda n: env.get(n)) if output is not None and not self.failed else None
+        return rec.calls, value
 
 
 @contextlib.contextmanager
@@ -313,13 +322,29 @@ def _stops(holder: Any) -> Iterator[None]:
 
 class _ModelRun:
     failed: Any = None
+    output: Any = None
 
 
-def _model_run(model: nn.Module, images: torch.Tensor, names: dict[int, str]) -> tuple[list[AtenCall], bool]:
+def _model_run(model: nn.Module, images: torch.Tensor, names: dict[int, str]) -> tuple[list[AtenCall], _ModelRun]:
     rec, run = _Recorder(names), _ModelRun()
     with rec, _stops(run):
-        model(images)
-    return rec.calls, run.failed is not None
+        run.output = model(images)
+    return rec.calls, run
+
+
+def _same_output(model_out: Any, graph_out: Any) -> bool:
+    """Whether the graph's output equals the model's (the same calls on the same values give
+    the same numbers; a GPU's reductions may differ in the last bits)."""
+    a, b = _tensors_in(model_out), _tensors_in(graph_out)
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        tol = 0.0 if x.device.type == "cpu" else 1e-5
+        if not torch.allclose(x, y, rtol=tol, atol=tol * float(x.abs().max()) if x.numel() else 0.0, equal_nan=True):
+            return False
+    return True
 
 
 def hooked(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -388,6 +413,35 @@ def _difference(graph: ModelGraph, i: int, model_calls: list[AtenCall], graph_ca
     return Violation(node, what, reads=False)
 
 
+def _first_dims(graph: ModelGraph, images: torch.Tensor) -> dict[str, int]:
+    """Each node's tensor output's first dimension on ``images`` (a plain run, up to where
+    it fails)."""
+    env: dict[fx.Node, Any] = {}
+    dims: dict[str, int] = {}
+    run = _ModelRun()
+    with _stops(run):
+        for node in graph.nodes:
+            fxn = node.fx_node
+            if node is graph.input:
+                out: Any = images
+            else:
+                args = fx.node.map_arg(fxn.args, lambda n: env[n])
+                kwargs = fx.node.map_arg(fxn.kwargs, lambda n: env[n])
+                out = run_node(node, graph.model, args, kwargs)
+            env[fxn] = out
+            if isinstance(out, torch.Tensor):
+                dims[node.name] = int(out.shape[0]) if out.dim() else -1
+    return dims
+
+
+def _not_batch(graph: ModelGraph, images: torch.Tensor, dims: dict[str, int]) -> frozenset[str]:
+    """The nodes whose first dimension is not the batch: it is not the batch size on
+    ``images``, or does not grow by one on one more image."""
+    n = int(images.shape[0])
+    more = _first_dims(graph, torch.cat([images, images[:1]]))
+    return frozenset(name for name, d in dims.items() if d != n or more.get(name, n + 1) != n + 1)
+
+
 def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
     """Checks the graph against the model's own run on ``images`` (cached per
     :func:`capture_key` on the graph). Marks the nodes that write in place as the model
@@ -406,11 +460,11 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
     graph.set_hooked(hooked_names)
     with eval_mode(model), torch.no_grad():
         first = images.clone()
-        model_calls, model_failed = _model_run(model, first, _names(model, first))
+        model_calls, model_run = _model_run(model, first, _names(model, first))
         for _ in range(len(graph.nodes)):
             copy = images.clone()
             run = _GraphRun(graph, hooked_names)
-            graph_calls, _ = run.run(copy, _names(model, copy))
+            graph_calls, graph_out = run.run(copy, _names(model, copy))
             if run.constant:
                 mark_constant(graph, run.constant)
             twins = _in_place_twins(graph, model_calls, graph_calls)
@@ -418,10 +472,15 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
                 break
             mark_in_place(graph, twins)
     violations = list(run.violations)
-    i = _first_difference(graph, model_calls, graph_calls, model_failed or run.failed is not None)
+    stopped = model_run.failed is not None or run.failed is not None
+    i = _first_difference(graph, model_calls, graph_calls, stopped)
     if i is not None:
         violations.append(_difference(graph, i, model_calls, graph_calls))
+    elif not stopped and not _same_output(model_run.output, graph_out):
+        violations.append(Violation(graph.nodes[-1], "the graph's output differs from the model's own", reads=False))
     violations.sort(key=lambda v: v.node.index)
-    verdict = Verdict(violations, hooked_names)
+    with eval_mode(model), torch.no_grad():
+        not_batch = _not_batch(graph, images, run.first_dims)
+    verdict = Verdict(violations, hooked_names, not_batch)
     graph.verdicts[key] = verdict
     return verdict

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from .capture import verify
 from .graph import GraphNode, ModelGraph, eval_mode, run_node
 from .inplace import overwritten, storage
 from .layouts import hold_channels_first
-from .ops import GENERIC, OPS, SUPPORTED_TYPES, Live, Op, Site
+from .ops import GENERIC, OPS, SUPPORTED_TYPES, WHOLE_BATCH, Live, Op, Site
 from .ops.args import live_call
 from .ops.grad import RULES_WITHOUT_INPUTS, recorded_inputs
 
@@ -93,6 +93,23 @@ class Recording:
             Step(s.node.name, s.node.module, s.in_shapes[0] if s.in_shapes else (), s.out_shape, s.node.kind)
             for s in self.sites.values()
         ]
+
+
+@dataclasses.dataclass
+class _Fold:
+    """A stretch of nodes, so far, where the batch is not the first dimension.
+
+    Attributes:
+        start: The node where the batch left the first dimension.
+        roots: The stretch's inputs that have the batch first, in order.
+        values: Their recorded values (the whole batch).
+        fn: The stretch up to here as a function of the roots.
+    """
+
+    start: GraphNode
+    roots: list[GraphNode]
+    values: list[torch.Tensor]
+    fn: Callable[..., Any]
 
 
 class RemovableHandles(list):  # type: ignore[type-arg]
@@ -224,11 +241,98 @@ class _SharedRecords:
                     holder[key] = holder[key].clone()
 
 
-class _Pass:
+def _fold_fn(fold: _Fold, roots: list[GraphNode]) -> Callable[[tuple[torch.Tensor, ...]], Any]:
+    where = [roots.index(r) for r in fold.roots]
+    return lambda ts: fold.fn(*(ts[i] for i in where))
+
+
+def _root_fn(k: int) -> Callable[[tuple[torch.Tensor, ...]], Any]:
+    return lambda ts: ts[k]
+
+
+class _Stretches:
+    """Stretches of nodes where the batch is not the first dimension (windows or heads
+    folded into it, an axis permuted before it), reversed as one each, over the whole batch."""
+
+    graph: ModelGraph
+    batch: int
+    not_batch: frozenset[str]
+    folds: dict[fx.Node, _Fold]
+    sites: dict[str, Site]
+    recorded: _SharedRecords
+
+    def _folded(self, node: GraphNode, out: Any) -> bool:
+        """Whether a node's tensor output does not have the batch as its first dimension."""
+        if not isinstance(out, torch.Tensor):
+            return False
+        return out.dim() == 0 or out.shape[0] != self.batch or node.name in self.not_batch
+
+    def _fold(self, node: GraphNode, env: dict[fx.Node, Any], out: Any) -> None:
+        """Extends the stretches the node reads (or starts one) by the node; where its output
+        has the batch first again, the stretch ends there and gets its site."""
+        live = [p for p in node.inputs if p.carries]
+        folds = [self.folds[p.fx_node] for p in live if p.fx_node in self.folds]
+        roots: list[GraphNode] = []
+        values: list[torch.Tensor] = []
+        for p in live:
+            fold = self.folds.get(p.fx_node)
+            for k, r in enumerate(fold.roots if fold is not None else [p]):
+                if r not in roots:
+                    roots.append(r)
+                    values.append(fold.values[k] if fold is not None else env[p.fx_node].detach())
+        pieces = [_fold_fn(self.folds[p.fx_node], roots) if p.fx_node in self.folds else _root_fn(roots.index(p))
+                  for p in live]
+        own = _call_site(node, env, live)
+        call = own.fn or live_call(own)
+        start = folds[0].start if folds else node
+
+        def fn(*ts: torch.Tensor) -> Any:
+            return call(*(piece(ts) for piece in pieces))
+
+        if self._folded(node, out) or _tensors(out) or not isinstance(out, torch.Tensor):
+            holder = _Fold(start, roots, values, fn)
+            self.folds[node.fx_node] = holder
+            placeholder = Site(node, (), {}, roots, [], (), state=values, cone="bundle", entry=OPS[WHOLE_BATCH])
+            self.recorded.watch(placeholder)
+            self.sites[node.name] = placeholder
+            return
+        site = Site(node, own.args, own.kwargs, roots, [tuple(v.shape[1:]) for v in values], _shape(node, out),
+                    state=values, cone="full", entry=OPS[WHOLE_BATCH], fn=fn, start=start)
+        self.recorded.watch(site)
+        self.sites[node.name] = site
+
+    def stretch_problems(self, targets: list[GraphNode]) -> dict[str, UnsupportedModelError]:
+        """A target inside a stretch (its output does not have the batch first) cannot be seeded."""
+        found: dict[str, UnsupportedModelError] = {}
+        for t in targets:
+            fold = self.folds.get(t.fx_node)
+            if fold is not None:
+                where = f" ({fold.start.source})" if fold.start.source else ""
+                found[t.name] = UnsupportedModelError(
+                    f"node '{fold.start.name}' ({fold.start.kind}){where}: its output's first dimension is not the "
+                    f"batch of {self.batch} images (it merges or drops the batch dimension), so layer '{t.name}' "
+                    "cannot be seeded per image. Hint: keep the batch first, e.g. torch.flatten(x, 1), or project "
+                    "a layer where the batch is first again")
+        return found
+
+
+def _call_site(node: GraphNode, env: dict[fx.Node, Any], live: list[GraphNode]) -> Site:
+    """A node as a function of its live inputs, tensors or tuples of them (no checks: it is
+    reversed as part of a stretch, by its true backward)."""
+    slot = {p.fx_node: k for k, p in enumerate(live)}
+    args = fx.node.map_arg(node.fx_node.args, lambda n: Live(slot[n]) if n in slot else env[n])
+    kwargs = fx.node.map_arg(node.fx_node.kwargs, lambda n: Live(slot[n]) if n in slot else env[n])
+    return Site(node, tuple(args), dict(kwargs), live, [], ())
+
+
+class _Pass(_Stretches):
     """One forward pass over the needed part of the graph."""
 
-    def __init__(self, graph: ModelGraph, targets: list[GraphNode], rule: str) -> None:
+    def __init__(self, graph: ModelGraph, targets: list[GraphNode], rule: str,
+                 not_batch: frozenset[str] = frozenset()) -> None:
         self.graph = graph
+        self.not_batch = not_batch
+        self.folds: dict[fx.Node, _Fold] = {}
         self.rule = rule
         self.targets = {t.fx_node for t in targets}
         self.needed = graph.ancestors(targets, writes=True)
@@ -296,6 +400,12 @@ class _Pass:
         if failed is not None:  # what cannot be reversed before it: nothing reaches it either
             self.problems[node.name] = failed
             return
+        if any(p.fx_node in self.folds for p in node.inputs) or self._folded(node, out):
+            try:
+                self._fold(node, env, out)
+            except UnsupportedModelError as err:
+                self.problems[node.name] = err
+            return
         parent = next((self.bundles[p.fx_node] for p in node.inputs if p.fx_node in self.bundles), None)
         try:
             site = _site(node, env, out, parent)
@@ -307,10 +417,6 @@ class _Pass:
                 self.bundles[node.fx_node] = site
                 self.sites[node.name] = site
                 return
-            if isinstance(out, torch.Tensor) and (out.dim() == 0 or out.shape[0] != self.batch):
-                raise site.fail(f"its output's first dimension is not the batch of {self.batch} images (it merges "
-                                "or drops the batch dimension), which zfvis cannot reverse per image. Hint: keep "
-                                "the batch first, e.g. torch.flatten(x, 1)")
             op = _prepare(site)
             if op.record is not None:
                 site.state = op.record(site, inputs, out, self.rule)
@@ -353,19 +459,21 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
     device, dtype = _model_device_dtype(graph.model)
     if device is not None:
         images = images.to(device=device, dtype=dtype)
-    p = _Pass(graph, list(targets), rule)
+    verdict = verify(graph, images) if _real(images) else None  # what the model runs, against the graph
+    p = _Pass(graph, list(targets), rule, verdict.not_batch if verdict is not None else frozenset())
     # a model already in eval mode (all its modules) is left alone: switching and restoring
     # every module's flag costs about a millisecond per pass
     training = any(m.training for m in graph.model.modules())
     with eval_mode(graph.model) if training else contextlib.nullcontext(), torch.no_grad():
         try:
-            if _real(images):  # what the model runs, checked against the graph (cached per input key)
-                verify(graph, images).check(graph, list(targets))
+            if verdict is not None:
+                verdict.check(graph, list(targets))
             p.run(images)
         except RuntimeError as err:
             if isinstance(err, ZfvisError) or is_out_of_memory(err):
                 raise
             raise forward_failure(err, graph.model, images) from err
+    p.problems.update(p.stretch_problems(list(targets)))
     hold_channels_first(p.sites, [t.name for t in targets])
     outputs = {t.name: p.outputs[t.fx_node] for t in targets if t.fx_node in p.outputs}
     return outputs, p.sites, p.problems, tuple(images.shape)

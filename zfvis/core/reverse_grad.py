@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from ..io.errors import UnsupportedModelError
 from .reverse import Frame, ReverseLayer
 from .rule_mode import RuleMode
 from .windows import crop_windows
 
-__all__ = ["VectorJacobian", "Product"]
+__all__ = ["VectorJacobian", "Product", "WholeBatchVectorJacobian"]
 
 
 def _per_seed(value: torch.Tensor, frame: Frame, windowed: bool) -> torch.Tensor:
@@ -98,3 +99,59 @@ class Product(ReverseLayer):
             prev = out[k]
             out[k] = g if prev is None else prev + g
         return [o if o is not None else signal.new_zeros(shapes[k]) for k, o in enumerate(out)]
+
+
+class WholeBatchVectorJacobian(ReverseLayer):
+    """The vector-Jacobian product of a stretch of nodes where the batch is not the first
+    dimension (windows or attention heads folded into it, an axis permuted before it), at
+    the inputs recorded for the whole batch: each seed's signal is placed at its image in
+    an otherwise zero signal of the stretch's output, and sent back through the stretch's
+    true backward. Exact whatever the folding; a stretch through which one image's signal
+    reaches another image's input (the images mix) is refused.
+
+    Args:
+        fn: The stretch as a function of its batch-first inputs.
+        source: The node where the stretch ends.
+        kind: What that node does.
+        start: The node where the batch left the first dimension.
+    """
+
+    fresh = True
+
+    def __init__(self, fn: Callable[..., Any], source: str, kind: str, start: str) -> None:
+        super().__init__()
+        self.source, self.kind, self.start = source, kind, start
+        self._fn = fn
+
+    def extra_repr(self) -> str:
+        return (f"'{self.start}' .. '{self.source}' ({self.kind}), the batch folded: their gradient over the whole "
+                "recorded batch, per seed")
+
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        roots = [t.detach().requires_grad_(True) for t in frame.state]
+        with torch.enable_grad(), RuleMode(frame.rule):
+            out = self._fn(*(t.clone() for t in roots))
+        results = [torch.zeros(signal.shape[0], *t.shape[1:], dtype=signal.dtype, device=signal.device) for t in roots]
+        images = frame.image.tolist()
+        for j, i in enumerate(images):
+            seed = torch.zeros_like(out)
+            seed[i] = signal[j].to(out.dtype)
+            grads = torch.autograd.grad(out, roots, seed, retain_graph=j < len(images) - 1, allow_unused=True)
+            for result, g in zip(results, grads):
+                if g is None:
+                    continue
+                _check_own_image(g, i, self.start, self.source)
+                result[j] = g[i]
+        return results
+
+
+def _check_own_image(grad: torch.Tensor, i: int, start: str, end: str) -> None:
+    """Refuses a signal that reached another image's input (the stretch mixes images)."""
+    if grad.shape[0] == 1:
+        return
+    own = float(grad[i].abs().max())
+    others = torch.cat([grad[:i], grad[i + 1:]])
+    if float(others.abs().max()) > 1e-6 * own + 1e-30 * (own == 0):
+        raise UnsupportedModelError(
+            f"nodes '{start}' .. '{end}' mix the images of the batch (one image's signal reaches another's input), "
+            "which zfvis cannot reverse per image. Hint: project one image at a time")

@@ -112,19 +112,21 @@ from .checks import (
     _prepare_reshape,
     _prepare_scale,
 )
-from .grad import build_gate, build_rectifier, build_vjp, prepare_pointwise, record_gate, record_rectifier, record_vjp
+from .grad import build_gate, build_rectifier, build_vjp, build_whole_batch, prepare_pointwise, record_gate, record_rectifier, record_vjp
 from .incremental_rules import adaptive_window, avg_pool_window, conv_window, max_pool_window
 from .resample import build_interpolate, prepare_interpolate, record_interpolate
 from .site import RULES, Live, Op, Pair, Site
 from .split import build_part, prepare_part, record_part
 
 __all__ = ["Op", "Site", "Live", "OPS", "SUPPORTED_TYPES", "RULES", "MODULE_OPS", "METHOD_OPS", "FUNCTION_OPS",
-           "REFUSED", "SHAPE_ONLY", "GENERIC", "POINTWISE", "target_name", "Pair", "NAMED_FUNCTION_OPS"]
+           "REFUSED", "SHAPE_ONLY", "GENERIC", "WHOLE_BATCH", "POINTWISE", "target_name", "Pair", "NAMED_FUNCTION_OPS"]
 
 # --------------------------------------------------------------------------- the table
 
 #: The op of every differentiable node that has no entry of its own.
 GENERIC = "vjp"
+#: The op of a stretch of nodes where the batch is not the first dimension (:mod:`zfvis.core.record`).
+WHOLE_BATCH = "vjp_whole_batch"
 
 #: The op of the other functions that act on each (y, x) position on its own (in eval mode):
 #: reversed by their vector-Jacobian product too, but on windows.
@@ -189,6 +191,9 @@ OPS: dict[str, Op] = {
            reads_inputs=True),
         Op(GENERIC, "its local vector-Jacobian product at the recorded inputs (exact; whole maps)", "full",
            build_vjp, record=record_vjp, reads_inputs=True),
+        Op(WHOLE_BATCH, "a stretch where the batch is not the first dimension (windows or heads folded into it, an "
+           "axis permuted before it): its vector-Jacobian product over the whole recorded batch, per seed (exact; "
+           "refused where images mix)", "full", build_whole_batch, reads_inputs=True),
     ]
 }
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import reverse as deconv
-from ..reverse_grad import VectorJacobian
+from ..reverse_grad import VectorJacobian, WholeBatchVectorJacobian
 from .args import live_call
 from .site import Site
 
@@ -157,3 +157,10 @@ def build_vjp(site: Site) -> deconv.ReverseLayer:
     if site.state is IDENTITY:
         return deconv.PassThrough(_source(site), site.node.kind)
     return VectorJacobian(site.fn or live_call(site), _source(site), site.node.kind, windowed=site.cone == "same")
+
+
+def build_whole_batch(site: Site) -> deconv.ReverseLayer:
+    """A stretch where the batch is not the first dimension, ending at ``site``'s node
+    (its ``fn`` and ``live`` are the stretch's, its state the stretch's recorded inputs)."""
+    start = site.start.name if site.start is not None else site.node.name
+    return WholeBatchVectorJacobian(site.fn, _source(site), site.node.kind, start)  # type: ignore[arg-type]

@@ -51,6 +51,8 @@ class Site:
         reverse_shapes: The shapes of the live inputs and of the output as the reverse pass
             holds them, where they differ (maps with channels last, held channels first:
             :mod:`zfvis.core.layouts`).
+        start: For a stretch where the batch is not the first dimension, reversed as one
+            (``fn`` of its batch-first inputs ``live``), the node where it began.
     """
 
     node: GraphNode
@@ -64,6 +66,7 @@ class Site:
     entry: Op | None = None
     fn: Callable[..., Any] | None = None
     reverse_shapes: tuple[list[tuple[int, ...]], tuple[int, ...]] | None = None
+    start: GraphNode | None = None
 
     @property
     def op(self) -> Op:
