@@ -23,6 +23,8 @@ from oracle import RULES, oracle_activation
 from zfvis import Deconvnet
 from zfvis.io.errors import ZfvisError
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny float64 tensors on a busy machine
+
 N = int(os.environ.get("ZFVIS_GRAMMAR_N", "60"))
 SLOW = 300 if os.environ.get("ZFVIS_SLOW") else 0
 SEEDS = list(range(N + SLOW))
