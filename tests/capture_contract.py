@@ -66,7 +66,9 @@ class Outcome:
 
 
 def _global_hooks() -> dict[str, tuple]:
-    return {k: tuple(v.items()) for k, v in vars(_module_mod).items() if k.startswith("_global_") and isinstance(v, dict)}
+    return {
+        k: tuple(v.items()) for k, v in vars(_module_mod).items() if k.startswith("_global_") and isinstance(v, dict)
+    }
 
 
 def _plain(v: object) -> bool:
@@ -104,6 +106,11 @@ def snapshot(model: nn.Module) -> Snapshot:
     return Snapshot(state, tensors, modules, _global_hooks())
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes (so that -0.0 differs from 0.0 and NaN equals itself)."""
+    return t.reshape(-1).view(torch.uint8) if t.numel() else t
+
+
 def changes(model: nn.Module, before: Snapshot) -> list[str]:
     """What differs between ``before`` and the model now (empty: unchanged)."""
     now = snapshot(model)
@@ -112,8 +119,7 @@ def changes(model: nn.Module, before: Snapshot) -> list[str]:
         out.append(f"state_dict keys changed: {sorted(set(now.state) ^ set(before.state))}")
     for k in sorted(set(now.state) & set(before.state)):
         a, b = before.state[k], now.state[k]
-        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a,
-                                                                       b.view(-1).view(torch.uint8) if b.numel() else b):
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(_bits(a), _bits(b)):
             out.append(f"state_dict[{k!r}] changed (was {a.flatten()[:3].tolist()}, now {b.flatten()[:3].tolist()})")
         elif before.tensors[k] != now.tensors[k]:
             out.append(f"state_dict[{k!r}]: object, dtype, device, requires_grad or .grad changed")
@@ -161,7 +167,8 @@ def _channels(q: Query) -> list[int]:
     return list(q.channel) if isinstance(q.channel, tuple) else [q.channel]
 
 
-def _expected_seed(ref: nn.Module, img: torch.Tensor, q: Query, c: int, act: torch.Tensor, got: torch.Tensor) -> list[torch.Tensor]:
+def _expected_seed(ref: nn.Module, img: torch.Tensor, q: Query, c: int, act: torch.Tensor, got: torch.Tensor
+                   ) -> list[torch.Tensor]:  # fmt: skip
     """The oracle's projections of one image and channel, matched to ``got`` (k, C, H, W) where
     the seeds' ranking has exact ties."""
     if act.dim() == 1:  # a vector layer: one unit
@@ -242,7 +249,8 @@ def check_projection(dn: object, model: nn.Module, x: torch.Tensor, q: Query, *,
         return Outcome("refused", msg, err)
     except Exception as err:  # noqa: BLE001 - the contract: nothing untyped
         tb = "".join(traceback.format_exception(err)[-3:])
-        raise ContractViolation(f"{q}: untyped {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n{tb}") from err
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ContractViolation(f"{q}: untyped {type(err).__name__}: {first}\n{tb}") from err
     found = [f"the model was changed: {'; '.join(diff[:6])}" for diff in [changes(model, before)] if diff]
     if not torch.equal(x, images):
         x.copy_(images)  # (so that the next query starts from the same images)
@@ -296,7 +304,8 @@ def occlusion_truth(ref: nn.Module, image: torch.Tensor, layer: str, channel: in
 
 
 def check_occlusion(model: nn.Module, image: torch.Tensor, layer: str, channel: int, *, ref: nn.Module | None = None,
-                    patch: int = 4, stride: int = 4, methods: Sequence[str] = ("incremental", "full")) -> dict[str, Outcome]:
+                    patch: int = 4, stride: int = 4, methods: Sequence[str] = ("incremental", "full")
+                    ) -> dict[str, Outcome]:  # fmt: skip
     """``zfvis.occlusion`` by each method against the oracle's occlusion (and so each other),
     or a typed refusal; the model unchanged."""
     from zfvis import occlusion

@@ -182,7 +182,8 @@ _FACT = {
     "F.relu(a)": lambda a: F.relu(a), "torch.relu(a)": lambda a: torch.relu(a), "a.relu()": lambda a: a.relu(),
     "F.relu6(a)": lambda a: F.relu6(a), "F.leaky_relu(a, 0.2)": lambda a: F.leaky_relu(a, 0.2),
     "F.elu(a)": lambda a: F.elu(a), "F.silu(a)": lambda a: F.silu(a), "F.gelu(a)": lambda a: F.gelu(a),
-    "F.gelu(a, approximate='tanh')": lambda a: F.gelu(a, approximate="tanh"), "F.hardswish(a)": lambda a: F.hardswish(a),
+    "F.gelu(a, approximate='tanh')": lambda a: F.gelu(a, approximate="tanh"),
+    "F.hardswish(a)": lambda a: F.hardswish(a),
 }  # fmt: skip
 #: In-place rectifier calls: (in place, out of place).
 _FACT_INPLACE = {
@@ -190,7 +191,8 @@ _FACT_INPLACE = {
     "torch.relu_(a)": (lambda a: torch.relu_(a), F.relu),
     "a.relu_()": (lambda a: a.relu_(), F.relu),
     "F.relu6(a, inplace=True)": (lambda a: F.relu6(a, inplace=True), F.relu6),
-    "F.leaky_relu(a, 0.2, inplace=True)": (lambda a: F.leaky_relu(a, 0.2, inplace=True), lambda a: F.leaky_relu(a, 0.2)),
+    "F.leaky_relu(a, 0.2, inplace=True)": (
+        lambda a: F.leaky_relu(a, 0.2, inplace=True), lambda a: F.leaky_relu(a, 0.2)),
     "F.elu(a, inplace=True)": (lambda a: F.elu(a, inplace=True), F.elu),
     "F.silu(a, inplace=True)": (lambda a: F.silu(a, inplace=True), F.silu),
     "F.hardswish(a, inplace=True)": (lambda a: F.hardswish(a, inplace=True), F.hardswish),
@@ -462,14 +464,17 @@ def _g_conv(g: _Gen) -> None:
         o = g.add_slot(shape)
         g.hookable.append(name)
         g.emit(Op("module", (i,), (o,), module=name,
-                  text=f"s{o} = self.{name}(s{i})  # Conv2d({c}, {cout}, k={k}, s={s}, p={p}, groups={groups}, bias={bias}) -> {shape}"))
+                  text=f"s{o} = self.{name}(s{i})  # Conv2d({c}, {cout}, k={k}, s={s}, p={p}, groups={groups}, "
+                       f"bias={bias}) -> {shape}"))
     else:
         wn, bn = g.name("w"), g.name("b")
         g.model.register_parameter(wn, nn.Parameter(torch.randn(cout, c // groups, k, k) / (k * (c // groups) ** 0.5)))
         g.model.register_parameter(bn, nn.Parameter(torch.randn(cout) * 0.1) if bias else None)
         o = g.add_slot(shape)
-        g.emit(Op("fconv", (i,), (o,), args={"w": wn, "b": bn if bias else None, "stride": s, "padding": p, "groups": groups},
-                  text=f"s{o} = F.conv2d(s{i}, self.{wn}, {'self.' + bn if bias else None}, {s}, {p}, 1, {groups}) -> {shape}"))
+        args = {"w": wn, "b": bn if bias else None, "stride": s, "padding": p, "groups": groups}
+        b_text = "self." + bn if bias else None
+        g.emit(Op("fconv", (i,), (o,), args=args,
+                  text=f"s{o} = F.conv2d(s{i}, self.{wn}, {b_text}, {s}, {p}, 1, {groups}) -> {shape}"))
 
 
 def _g_pool(g: _Gen) -> None:
@@ -526,7 +531,8 @@ def _g_act(g: _Gen) -> None:
         if inplace:
             o = g.add_slot(shape, like=i, alias=True)
             g.wrote(i)
-            g.emit(Op("module", (i,), (o,), module=name, write=i, text=f"s{o} = self.{name}(s{i})  # {mod}, writes s{i}"))
+            g.emit(Op("module", (i,), (o,), module=name, write=i,
+                      text=f"s{o} = self.{name}(s{i})  # {mod}, writes s{i}"))
         else:
             g.hookable.append(name)
             o = g.add_slot(shape)
@@ -699,7 +705,8 @@ def _g_gate(g: _Gen) -> None:
     if r.random() < 0.5:
         name = g.name("se")
         g.model.add_module(name, nn.Conv2d(c, c, 1))
-        g.emit(Op("se", (i,), (o,), module=name, text=f"s{o} = s{i} * torch.sigmoid(self.{name}(F.adaptive_avg_pool2d(s{i}, 1)))"))
+        g.emit(Op("se", (i,), (o,), module=name,
+                  text=f"s{o} = s{i} * torch.sigmoid(self.{name}(F.adaptive_avg_pool2d(s{i}, 1)))"))
     else:
         g.emit(Op("spatial_gate", (i,), (o,), text=f"s{o} = s{i} * torch.sigmoid(s{i}.mean(1, keepdim=True))"))
 
@@ -769,7 +776,8 @@ def _g_opaque(g: _Gen) -> None:
         o = g.add_slot((cout, h, w)) if body == "write_input" else g.add_slot((c, h, w), like=i, alias=True)
         g.wrote(i)
         what = f"s{i}[:, :{k}] = relu(conv(s{i}))[:, :{k}]" if body == "write_input" else f"F.relu(s{i}, inplace=True)"
-        g.emit(Op("opaque", (i,), (o,), module=name, write=i, text=f"s{o} = self.{name}(s{i})  # untraceable ({mod.cond}): {what}"))
+        g.emit(Op("opaque", (i,), (o,), module=name, write=i,
+                  text=f"s{o} = self.{name}(s{i})  # untraceable ({mod.cond}): {what}"))
         return
     g.hookable.append(name)
     o = g.add_slot((cout, h, w))
@@ -794,10 +802,11 @@ def _attach_hooks(g: _Gen) -> None:
 def _map_layers(model: GenModel) -> list[str]:
     """Module names whose output (called once) is a 4D map, in execution order."""
     seen: dict[str, list] = {}
-    handles = [
-        m.register_forward_hook(lambda _m, _i, o, n=n: seen.setdefault(n, []).append(o.dim() if isinstance(o, torch.Tensor) else None))
-        for n, m in model.named_modules() if n
-    ]
+
+    def note(name: str):  # noqa: ANN202
+        return lambda _m, _i, o: seen.setdefault(name, []).append(o.dim() if isinstance(o, torch.Tensor) else None)
+
+    handles = [m.register_forward_hook(note(n)) for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
             model(torch.zeros(1, *IMAGE, dtype=torch.float64))
@@ -822,7 +831,8 @@ def generate(seed: int, *, n_ops: tuple[int, int] = (4, 11)) -> GenModel:
     g.model.add_module("head", nn.Linear(c, CLASSES))
     g.hookable.append("head")
     o = g.add_slot((CLASSES, 1, 1))
-    g.emit(Op("head", (last,), (o,), module="head", text=f"s{o} = self.head(torch.flatten(F.adaptive_avg_pool2d(s{last}, 1), 1))"))
+    g.emit(Op("head", (last,), (o,), module="head",
+              text=f"s{o} = self.head(torch.flatten(F.adaptive_avg_pool2d(s{last}, 1), 1))"))
     g.model.n_slots = len(g.slots)
     g.model.result = o
     _attach_hooks(g)

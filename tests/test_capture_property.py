@@ -16,7 +16,7 @@ import random
 
 import pytest
 import torch
-from capture_contract import ContractViolation, Query, check_occlusion, check_projection, snapshot, assert_unchanged
+from capture_contract import ContractViolation, Query, assert_unchanged, check_occlusion, check_projection, snapshot
 from model_grammar import GenModel, generate
 from oracle import RULES, oracle_activation
 
@@ -84,7 +84,7 @@ def _check_model(seed: int) -> tuple[list[str], dict[str, int]]:
         layer = maps[-1]
         channel = rng.randrange(oracle_activation(ref, x[:1], layer).shape[1])
         try:
-            for how, outcome in check_occlusion(model, x[0], layer, channel, ref=ref).items():
+            for outcome in check_occlusion(model, x[0], layer, channel, ref=ref).values():
                 counts[outcome.status] += 1
         except ContractViolation as err:
             problems.append(str(err))
@@ -98,7 +98,8 @@ def test_generated_model_meets_the_contract(seed: int) -> None:
         model = generate(seed)
         listed = "\n  - ".join(problems[:8])
         more = f"\n  (+{len(problems) - 8} more)" if len(problems) > 8 else ""
-        pytest.fail(f"seed {seed}: {len(problems)} violation(s):\n  - {listed}{more}\n{model.describe()}", pytrace=False)
+        text = f"seed {seed}: {len(problems)} violation(s):\n  - {listed}{more}\n{model.describe()}"
+        pytest.fail(text, pytrace=False)
 
 
 def test_the_grammar_covers_what_it_promises() -> None:
@@ -110,7 +111,8 @@ def test_the_grammar_covers_what_it_promises() -> None:
     for seed in SEEDS:
         model = generate(seed)
         kinds |= {op.kind for op in model.program}
-        hooks |= {type(h).__name__ for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())}
+        for m in model.modules():
+            hooks |= {type(h).__name__ for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())}
         train += model.training
         if seed < 40:
             x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
