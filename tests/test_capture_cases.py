@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from capture_contract import (
     INPUT_SIZE_HINT,
+    RTOL,
     ContractViolation,
     Outcome,
     Query,
@@ -23,10 +24,11 @@ from capture_contract import (
     check_occlusion,
     check_projection,
     refused_or_exact,
+    rel_error,
     snapshot,
     strongest_map_channel,
 )
-from oracle import RULES
+from oracle import RULES, oracle_activation
 from torch import nn
 
 from zfvis import Deconvnet
@@ -73,8 +75,26 @@ def _run(model: nn.Module, x: torch.Tensor, layer: str, *, ref: nn.Module | None
     except Exception as err:
         raise ContractViolation(f"Deconvnet(model): untyped {type(err).__name__}: {err}") from err
     assert_unchanged(model, before, "Deconvnet(model)")
+    _check_output(dn, model, x, layer, ref)
     c = strongest_map_channel(ref, x, layer) if channel is None else channel
     return [check_projection(dn, model, x, q, ref=ref) for q in (queries or _queries(layer, c))]
+
+
+def _check_output(dn: Deconvnet, model: nn.Module, x: torch.Tensor, layer: str, ref: nn.Module) -> None:
+    """The layer's forward value (``Deconvnet.output``) is the model's own, or refused."""
+    before = snapshot(model)
+    try:
+        got = dn.output(x, layer)
+    except ZfvisError:
+        assert_unchanged(model, before, f"output(x, {layer!r})")
+        return
+    except Exception as err:
+        raise ContractViolation(f"output(x, {layer!r}): untyped {type(err).__name__}: {err}") from err
+    assert_unchanged(model, before, f"output(x, {layer!r})")
+    want = oracle_activation(ref, x, layer)
+    err = rel_error(got, want)
+    if err > RTOL:
+        raise ContractViolation(f"output(x, {layer!r}): the forward value is wrong, rel error {err:.3g}")
 
 
 class _Classifier(nn.Module):
@@ -92,6 +112,26 @@ class _Classifier(nn.Module):
 
     def classify(self, m: torch.Tensor) -> torch.Tensor:
         return self.fc(F.adaptive_avg_pool2d(self.head(m), 1).flatten(1))
+
+
+# --------------------------------------------------------------------------- the oracle itself
+
+
+def test_the_oracle_runs_the_models_hooks() -> None:
+    """The ground truth includes what hooks do (the model's true output does), and a hook added
+    after an oracle call is seen by the next one."""
+    model = _ready(_Chain(), seed=1)
+    x = _images(1)
+    plain = oracle_activation(model, x, "conv3")
+    handle = model.conv1.register_forward_hook(_times3)
+    try:
+        with torch.no_grad():
+            own = model(x)
+        hooked = oracle_activation(model, x, "conv3")
+    finally:
+        handle.remove()
+    assert torch.equal(hooked, own) and not torch.allclose(hooked, plain)
+    assert torch.equal(oracle_activation(model, x, "conv3"), plain)  # the hook is gone again
 
 
 # --------------------------------------------------------------------------- the five of the table
@@ -436,23 +476,27 @@ def test_attention_in_a_conv_net_is_exact_or_refused(kind: str) -> None:
 
 
 class _ExtraArgs(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, uses_them: bool) -> None:
         super().__init__()
+        self.uses_them = uses_them
         self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
         self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         t = F.relu(self.conv1(x))
-        if attn_mask is not None:
-            t = t * attn_mask
-        if is_causal:
-            t = t.flip(-1)
+        if self.uses_them:
+            if attn_mask is not None:
+                t = t * attn_mask
+            if is_causal:
+                t = t.flip(-1)
         return self.conv2(t)
 
 
-def test_optional_forward_arguments_are_left_at_their_defaults() -> None:
-    """Not refused as "takes 3 inputs": it projects, exactly."""
-    model = _ready(_ExtraArgs(), seed=10)
+@pytest.mark.parametrize("uses_them", [False, True])
+def test_optional_forward_arguments_are_left_at_their_defaults(uses_them: bool) -> None:
+    """Not refused as "takes 3 inputs": it projects, exactly (whether ``forward`` reads the
+    optional arguments or not)."""
+    model = _ready(_ExtraArgs(uses_them), seed=10)
     outcomes = _run(model, _images(2), "conv2")
     assert all(o.status == "exact" for o in outcomes), [o.message for o in outcomes if o.status != "exact"][:1]
 
