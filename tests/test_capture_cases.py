@@ -374,6 +374,34 @@ def test_an_alias_sees_the_write_through_the_name_it_shares() -> None:
     _run(model, _images(2), "conv2", ref=_twin(model))
 
 
+class _DropoutAlias(nn.Module):
+    """In eval mode dropout returns its input itself: a write through its output writes the input."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.3)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.out_of_place = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(x)
+        if self.out_of_place:  # the twin: what eval mode computes
+            y = F.elu(y)
+            return self.conv2(torch.cat([y, y], dim=1))
+        d = F.dropout(y, 0.3, self.training) if self.functional else self.drop(y)
+        F.elu(d, inplace=True)
+        return self.conv2(torch.cat([d, y], dim=1))  # y is d: it reads the ELU too
+
+
+@pytest.mark.parametrize("functional", [True, False])
+def test_a_write_through_dropouts_output_in_eval_mode_writes_its_input(functional: bool) -> None:
+    """Found by the property test (seed 445): ``d = dropout(y)`` in eval mode is ``y``."""
+    model = _ready(_DropoutAlias(functional), seed=13)
+    _run(model, _images(2), "conv2", ref=_twin(model))
+
+
 # --------------------------------------------------------------------------- attention in a conv net
 
 
