@@ -204,6 +204,8 @@ def _assert_no_leaked_relu(out: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- working copies
 
 # The oracle never runs the caller's model itself: it runs a float64 deep copy in eval mode.
+# The copy keeps the model's forward hooks and pre-hooks (deepcopy copies the hook dicts), so
+# the oracle's ground truth includes their effect, as the model's own output does.
 # Deep-copying a DenseNet costs more than its forward pass, so a copy is kept per model and
 # reused while the model still matches it exactly: the same modules, the same plain
 # attributes (stride, eps, inplace, ...), and bit-identical parameters and buffers. Any
@@ -227,11 +229,21 @@ def _plain(v: object) -> bool:
     return v is None or isinstance(v, (bool, int, float, str))
 
 
+def _hooks(m: nn.Module) -> tuple:
+    """A module's hooks (every ``_*hooks*`` dict: keys and hook objects), so that a hook added
+    or removed makes a fresh copy: a model's true output includes its hooks' effect."""
+    return tuple(
+        (k, tuple((hk, id(hv)) for hk, hv in v.items())) for k, v in sorted(vars(m).items())
+        if "hook" in k and isinstance(v, dict)
+    )
+
+
 def _fingerprint(model: nn.Module) -> tuple:
     return tuple(
         (
             name,
             type(m),
+            _hooks(m),
             tuple(sorted((k, v) for k, v in vars(m).items() if k != "training" and not k.startswith("_") and _plain(v))),
             tuple((n, tuple(t.shape), t.dtype) for n, t in m.named_parameters(recurse=False)),
             tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in m._buffers.items()),
