@@ -32,7 +32,7 @@ from ..core.inplace import overwritten
 from ..core.ops.incremental_rules import Pointwise, Rule, Window, rule_of
 from ..core.capture import verify
 from ..core.record import prepared_site
-from ..io.errors import UnsupportedModelError, UserInputError
+from ..io.errors import CaptureMismatchError, UnsupportedModelError, UserInputError
 
 __all__ = ["IncrementalOcclusion", "NotIncremental", "map_totals"]
 
@@ -129,7 +129,10 @@ class IncrementalOcclusion:
         self.last_use = {n: max((order[u] for u in n.users), default=-1) for n in self.nodes}
         self.base: dict[fx.Node, Any] = {}
         # what the model runs, checked against the graph (marks in-place writes and hooked leaves)
-        verify(graph, image[None]).check(graph, [graph.nodes[-1]])
+        try:
+            verify(graph, image[None]).check(graph, [graph.nodes[-1]])
+        except CaptureMismatchError as err:
+            raise NotIncremental(str(err)) from None
         self.writes = {gn.fx_node for gn in graph.nodes if gn.writes}
         self._base_pass()
         self.base_logits = self.base[self.output]

@@ -18,9 +18,11 @@ every input shape, against what PyTorch executed:
    :func:`zfvis.core.graph.mark_in_place`) and the graph is run again: in-place
    semantics come from the schemas of what ran, never from source text. Within the graph's
    run, every node must read only values of the nodes the graph connects it to, at the
-   version the graph implies, and write only into tensors it made (or its first argument,
-   where it is an in-place call). A leaf module with hooks is reversed as a whole call
-   (its hooks included) by its vector-Jacobian product.
+   version the graph implies: memory another node overwrote in place without the graph
+   showing it, or a value kept between calls, is caught where it is read. A leaf module
+   with hooks is reversed as its whole call (hooks included) by its vector-Jacobian product.
+   Stretches where the batch is not the first dimension are found by running the graph on
+   one more image (:attr:`Verdict.not_batch`).
 
 Anything else is a :class:`~zfvis.io.errors.CaptureMismatchError` naming the first node
 that differs, raised when a layer at or after it is asked for. Verdicts are cached per
@@ -43,7 +45,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..io.errors import CaptureMismatchError
-from .graph import GraphNode, ModelGraph, eval_mode, mark_constant, mark_in_place, run_node
+from .graph import GraphNode, ModelGraph, eval_mode, is_shape_query, mark_constant, mark_in_place, run_node
 from .inplace import storage
 
 __all__ = ["AtenCall", "Verdict", "verify", "hooked", "capture_key"]
@@ -69,6 +71,7 @@ class AtenCall:
     reads: tuple[Any, ...]
     consts: tuple[Any, ...]
     node: str | None = None
+    random: bool = False
 
     def describe(self) -> str:
         return f"{self.op}{' (in place)' if self.in_place else ''}"
@@ -92,12 +95,22 @@ class Verdict:
         hooked: Leaf nodes whose module has forward hooks (reversed as a whole call).
         not_batch: Nodes whose output's first dimension does not follow the batch size
             (windows or heads folded into it, an axis permuted before it), found by running
-            the graph on one more image.
+            the graph on one more image the first time it is asked for (the deconvnet asks;
+            occlusion, which never reverses, does not).
     """
 
     violations: list[Violation]
     hooked: frozenset[str]
-    not_batch: frozenset[str] = frozenset()
+    probe: Any = dataclasses.field(default=None, repr=False)  # () -> not_batch, run once when first asked
+    _not_batch: frozenset[str] | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def not_batch(self) -> frozenset[str]:
+        """Nodes whose output's first dimension is not the batch (found on first use)."""
+        if self._not_batch is None:
+            self._not_batch = self.probe() if self.probe is not None else frozenset()
+            self.probe = None
+        return self._not_batch
 
     def check(self, graph: ModelGraph, targets: list[GraphNode]) -> None:
         """Raises for the first violation that can change the targets' values."""
@@ -159,7 +172,6 @@ class _Recorder(TorchDispatchMode):
         self.calls: list[AtenCall] = []
         self.made: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # tensor -> call that made it
         self.wrote: dict[int, int] = {}  # storage address -> call that last wrote it
-        self.born: dict[int, int] = {}  # storage address -> call that allocated it
         self.node: GraphNode | None = None
         self.start = 0
         self.on_call: Any = None  # the graph run's check of each call
@@ -179,7 +191,7 @@ class _Recorder(TorchDispatchMode):
         reads = tuple(self.ref(t) for t in tensors)
         written = _written(func, args, kwargs)
         if self.on_call is not None:
-            self.on_call(tensors, written)
+            self.on_call(tensors)
         out = func(*args, **kwargs)
         for t in written:
             self.made[t] = i
@@ -191,10 +203,10 @@ class _Recorder(TorchDispatchMode):
                 ptr = storage(t)
                 if not view and ptr:
                     self.wrote[ptr] = i
-                    self.born[ptr] = i
         consts = tuple(_const(v) for v in flat if not isinstance(v, torch.Tensor))
         name = self.node.name if self.node is not None else None
-        self.calls.append(AtenCall(_op_name(func, bool(written)), bool(written), reads, consts, name))
+        random = torch.Tag.nondeterministic_seeded in func.tags
+        self.calls.append(AtenCall(_op_name(func, bool(written)), bool(written), reads, consts, name, random))
         return out
 
 
@@ -222,7 +234,6 @@ class _GraphRun:
         self.flagged: set[str] = set()
         self.rec: _Recorder | None = None
         self.declared: set[str] = set()
-        self.first: int = 0
         self.constant: set[str] = set()  # nodes whose values are integers or booleans: no signal
         self.failed: GraphNode | None = None  # the node where the forward pass failed
         self.first_dims: dict[str, int] = {}  # each tensor output's first dimension
@@ -238,15 +249,17 @@ class _GraphRun:
         node = rec.calls[call].node if 0 <= call < len(rec.calls) else None
         return f"node '{node}'" if node else "another node"
 
-    def on_call(self, tensors: list[torch.Tensor], written: list[torch.Tensor]) -> None:
+    def on_call(self, tensors: list[torch.Tensor]) -> None:
+        """Checks that each tensor a call reads is the value, at its version, of a node the
+        graph passes to the running node (or made or written inside that node). A write
+        matters only where something reads the memory afterwards: the reader's check finds it."""
         rec, node = self.rec, self.graph_node
         if rec is None or node is None:
             return
         for t in tensors:
             made, wrote = rec.ref(t)
-            if not isinstance(made, int) or made >= rec.start:
-                continue
-            if isinstance(wrote, int) and wrote >= rec.start:  # written in this node: its own version
+            inside = [v for v in (made, wrote) if isinstance(v, int)]
+            if not inside or any(v >= rec.start for v in inside):  # a constant, or this node's own
                 continue
             seen = self.owner.get(t) or {}
             if any(name in self.declared and w == wrote for name, w in seen.items()):
@@ -255,21 +268,30 @@ class _GraphRun:
             writer = rec.calls[wrote].node if isinstance(wrote, int) and wrote < len(rec.calls) else None
             if declared and writer is not None:  # its input, overwritten since through shared memory
                 self._flag(self.graph.by_name[writer], f"it overwrites in place memory that '{declared[0]}' shares "
-                           f"and node '{node.name}' reads afterwards (a view of the same tensor)", reads=False)
+                           f"and node '{node.name}' reads afterwards (a view of the same tensor, or a tensor it "
+                           "was given)", reads=False)
             else:
                 self._flag(node, f"it reads a value made by {self._producer(made if not seen else wrote)} that the "
                                  "graph does not pass to it (a value kept between calls, or one written in place "
                                  "where the graph does not show it)", reads=True)
-        for t in written:
-            ptr = storage(t)
-            if rec.born.get(ptr, -1) >= rec.start:
-                continue
-            if node.writes and ptr == self.first:
-                continue
-            _, wrote = rec.ref(t)
-            src = self._producer(wrote) if isinstance(wrote, int) else "the model's input or weights"
-            self._flag(node, f"it writes in place into a tensor of {src} that it did not make, which the graph "
-                             "does not show", reads=False)
+
+    def _check_versions(self, node: GraphNode, env: dict[fx.Node, Any]) -> None:
+        """Every value a node is given must be as its producer left it: memory overwritten
+        since (through a name the graph does not connect: a view, dropout's input returned
+        as its output) means the node reads another value than the graph says."""
+        rec = self.rec
+        if rec is None or is_shape_query(node.fx_node):
+            return
+        for p in node.inputs:
+            for t in _tensors_in(env.get(p.fx_node)):
+                left = (self.owner.get(t) or {}).get(p.name)
+                wrote = rec.ref(t)[1]
+                if left is None or left == wrote:
+                    continue
+                writer = rec.calls[wrote].node if isinstance(wrote, int) and wrote < len(rec.calls) else None
+                self._flag(self.graph.by_name[writer] if writer else node,
+                           f"it overwrites in place memory that '{p.name}' shares and node '{node.name}' reads "
+                           "afterwards (a view of the same tensor, or a tensor it was given)", reads=False)
 
     graph_node: GraphNode | None = None
 
@@ -289,8 +311,7 @@ class _GraphRun:
                     kwargs = fx.node.map_arg(fxn.kwargs, lambda n: env[n])
                     rec.node, rec.start, self.graph_node = node, len(rec.calls), node
                     self.declared = {p.name for p in node.inputs} | {node.name}
-                    firsts = _tensors_in(args[0]) if args else []
-                    self.first = storage(firsts[0]) if firsts else -1
+                    self._check_versions(node, env)
                     self.failed = node
                     out = run_node(node, model, args, kwargs)
                     self.failed = rec.node = self.graph_node = None
@@ -476,11 +497,15 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
     i = _first_difference(graph, model_calls, graph_calls, stopped)
     if i is not None:
         violations.append(_difference(graph, i, model_calls, graph_calls))
-    elif not stopped and not _same_output(model_run.output, graph_out):
+    elif not stopped and not any(c.random for c in graph_calls) and not _same_output(model_run.output, graph_out):
         violations.append(Violation(graph.nodes[-1], "the graph's output differs from the model's own", reads=False))
     violations.sort(key=lambda v: v.node.index)
-    with eval_mode(model), torch.no_grad():
-        not_batch = _not_batch(graph, images, run.first_dims)
-    verdict = Verdict(violations, hooked_names, not_batch)
+    dims = run.first_dims
+
+    def probe() -> frozenset[str]:
+        with eval_mode(model), torch.no_grad():
+            return _not_batch(graph, images, dims)
+
+    verdict = Verdict(violations, hooked_names, probe)
     graph.verdicts[key] = verdict
     return verdict

@@ -72,6 +72,8 @@ class GraphNode:
             own run showed it, :mod:`zfvis.core.capture`).
         in_place: Whether it writes into its first argument, which carries the signal.
         hooked: A leaf module with forward hooks: reversed as the whole call, hooks included.
+        derived: An integer or boolean value computed from the images (a mask ``x > 0``):
+            it carries no signal, but differs per image.
         traced_op: The op-table entry the trace found (``op`` differs while ``hooked``).
     """
 
@@ -87,6 +89,7 @@ class GraphNode:
     in_place: bool = False
     writes: bool = False
     hooked: bool = False
+    derived: bool = False
     traced_op: ops.Op | None = None
     inputs: list[GraphNode] = dataclasses.field(default_factory=list)
     users: list[GraphNode] = dataclasses.field(default_factory=list)
@@ -403,7 +406,7 @@ def mark_constant(graph: ModelGraph, names: set[str]) -> None:
     depends on the signal only through them."""
     for gn in graph.nodes[1:]:
         if gn.name in names or (gn.carries and not any(p.carries for p in gn.inputs)):
-            gn.carries, gn.op, gn.traced_op, gn.problem = False, None, None, None
+            gn.carries, gn.op, gn.traced_op, gn.problem, gn.derived = False, None, None, None, True
 
 
 def mark_in_place(graph: ModelGraph, nodes: list[GraphNode]) -> None:

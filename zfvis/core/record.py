@@ -400,7 +400,10 @@ class _Pass(_Stretches):
         if failed is not None:  # what cannot be reversed before it: nothing reaches it either
             self.problems[node.name] = failed
             return
-        if any(p.fx_node in self.folds for p in node.inputs) or self._folded(node, out):
+        # a mask computed from the images, several images: reversed over the whole batch, where it
+        # stands for each image
+        per_image = self.batch > 1 and any(p.derived for p in node.inputs)
+        if per_image or any(p.fx_node in self.folds for p in node.inputs) or self._folded(node, out):
             try:
                 self._fold(node, env, out)
             except UnsupportedModelError as err:
