@@ -237,8 +237,9 @@ def test_truncated_and_lengthless_bodies(server):
     assert reply.startswith(b"HTTP/1.1 411") and b"Content-Length" in reply
     reply = _raw(server.port, head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 411")
-    reply = _raw(server.port, head + b"Content-Length: -3\r\n\r\n")
-    assert reply.startswith(b"HTTP/1.1 413")
+    for bad in (b"-3", b"-5", b"\xef\xbc\x95", b"+5", b"5 5", b"0x10", b""):  # full-width 5, hex, ...
+        reply = _raw(server.port, head + b"Content-Length: " + bad + b"\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400") and b"bad Content-Length" in reply, (bad, reply[:200])
 
 
 def test_a_bug_is_a_500_with_one_line_and_the_traceback_on_the_terminal(server, client, monkeypatch, capfd):

@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from .._version import __version__
 from . import encode
@@ -59,14 +59,14 @@ _PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self';
              "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'")
 _RUN_CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self'; script-src 'none'; object-src 'none'"
 _JSON_LIMIT = 64 << 10
-_INT = re.compile(r"-?\d{1,9}")
+_INT = re.compile(r"-?[0-9]{1,9}", re.ASCII)
 
 
 def _int(query: dict[str, str], name: str) -> int:
     text = query.get(name)
     if text is None or text == "":
         raise BadRequest(f"missing parameter '{name}'")
-    if not _INT.fullmatch(text.strip()):
+    if not _INT.fullmatch(text):
         raise BadRequest(f"'{name}' must be an integer, got {text[:40]!r}")
     return int(text)
 
@@ -106,9 +106,11 @@ class App:
             "/api/project.npy": self.project_npy, "/api/units": self.units, "/api/runs": self.run_list,
         }
 
-    def body_limit(self, path: str) -> int:
-        """The largest body a POST to ``path`` may have."""
-        return self.ex.images.max_upload_bytes if path == "/api/images" else _JSON_LIMIT
+    def body_limit(self, method: str, target: str) -> int:
+        """The largest body a request may have (an upload's, a JSON body's, else none)."""
+        if method != "POST":
+            return 0
+        return self.ex.images.max_upload_bytes if urlsplit(target).path == "/api/images" else _JSON_LIMIT
 
     def route(self, r: Request) -> Response:
         """The response to a request (routes raise :class:`ApiError` to refuse)."""
@@ -257,5 +259,4 @@ class App:
 def _meta_headers(meta: dict[str, Any]) -> dict[str, str]:
     pos = meta["position"]
     return {"X-Zfvis-Value": repr(float(meta["value"])), "X-Zfvis-Position": "" if pos is None else f"{pos[0]},{pos[1]}",
-            "X-Zfvis-Box": ",".join(str(v) for v in meta["box"]), "X-Zfvis-Meta": json.dumps(meta),
-            "Access-Control-Expose-Headers": "X-Zfvis-Value, X-Zfvis-Position, X-Zfvis-Box, X-Zfvis-Meta"}
+            "X-Zfvis-Box": ",".join(str(v) for v in meta["box"]), "X-Zfvis-Meta": json.dumps(meta)}
