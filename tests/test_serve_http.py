@@ -455,11 +455,14 @@ def test_cli_prints_one_url_and_stops_cleanly_on_ctrl_c(tmp_path):
         port = int(url.split(":")[2].split("/")[0])
         with urllib.request.urlopen(url.replace("/?", "/api/info?"), timeout=30) as r:
             assert json.loads(r.read())["model"] == "zfnet-cifar10"
+        started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - started
     finally:
         proc.kill()
     assert proc.returncode == 0 and "stopped" in err and "Traceback" not in err and out == ""
+    assert took < 2.0, f"an idle server took {took:.1f} s to stop"
     with socket.socket() as s:  # nothing listens on the port any more (TIME_WAIT connections aside)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import signal
@@ -92,15 +93,24 @@ def run(args: argparse.Namespace) -> int:
     server.app.verbose = args.verbose
     print(server.url, flush=True)
     print("zfvis serve: open the URL above in a browser; Ctrl-C stops the server", file=sys.stderr, flush=True)
-    with _stop_on_signals(server):
+    with _stop_on_signals(server) as signals:
         try:
             server.serve_forever()
         except KeyboardInterrupt:  # a Ctrl-C before the handlers were in place
             server.close()
     print("zfvis serve: stopped", file=sys.stderr, flush=True)
-    if server.unfinished:
-        # a request still ran a model call: leave without waiting on it (an abort at the
-        # interpreter's exit is what waiting in C++ threads would risk)
-        sys.stdout.flush()
-        os._exit(0)
+    if signals or server.unfinished:
+        _exit_now()
     return 0
+
+
+def _exit_now() -> None:
+    """Ends the process at once, exit 0, after the exit handlers (temporary folders).
+
+    A stopped server has nothing left to write; the interpreter's own teardown of torch
+    takes seconds, and a model call still running in a C++ thread could abort it
+    (``terminate called without an active exception``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(0)

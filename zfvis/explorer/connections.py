@@ -29,7 +29,7 @@ from collections import deque
 from typing import Any
 
 from .budget import Budget
-from .handler import Response, error_response, handle
+from .handler import error_response, handle
 from .wire import MAX_HEAD, Head, Malformed, find_head_end, parse_head, response_bytes
 
 __all__ = ["Limits", "ConnectionLoop"]
@@ -47,6 +47,7 @@ class Limits:
         body_rate: The slowest a body may arrive, in bytes per second (after ``head_timeout``).
         write_timeout: Seconds a response may take to be taken by the client.
         receive_bytes: Bytes of bodies being received at once, server-wide.
+        decode_pixels: Pixels of uploaded images being decoded at once, server-wide.
         budget_wait: Seconds a request may wait for its share of a budget before a 503.
         grace: Seconds started requests get to finish when the server stops.
     """
@@ -58,6 +59,7 @@ class Limits:
     body_rate: float = float(1 << 20)
     write_timeout: float = 20.0
     receive_bytes: int = 64 << 20
+    decode_pixels: int = 40_000_000
     budget_wait: float = 3.0
     grace: float = 5.0
 
@@ -151,8 +153,8 @@ class ConnectionLoop:
                 self._read(key.data)
         while self._returned:
             conn = self._returned.popleft()
-            if conn.state == "closing":
-                self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+            if conn.state == "closing" or self._stopping.is_set():
+                self._linger(conn)
             else:
                 self._resume(conn)
         for conn in [c for c in self._conns if c.state == "budget"]:
@@ -176,11 +178,13 @@ class ConnectionLoop:
             conn = _Conn(sock, f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr),
                          time.monotonic() + self.limits.head_timeout)
             self._conns.add(conn)
-            if len(self._conns) > self.limits.max_connections:
+            if self._stopping.is_set():
+                self._answer(conn, 503, "the server is stopping; try again once it is restarted")
+            elif len(self._conns) > self.limits.max_connections:
                 self._answer(conn, 503, f"too many open connections (the limit is {self.limits.max_connections}); "
                              "try again in a moment")
-                continue
-            self._sel.register(sock, selectors.EVENT_READ, conn)
+            else:
+                self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -352,17 +356,12 @@ class ConnectionLoop:
                   file=sys.stderr, flush=True)
         data = response_bytes(response.status, response.all_headers(close=close), response.body,
                               head_only=head.method == "HEAD")
-        written = self._write(conn, data, response)
-        if written and not close:
-            self._returned.append(conn)
-        else:
-            with contextlib.suppress(OSError):
-                conn.sock.shutdown(socket.SHUT_WR)
-            conn.state, conn.deadline = "closing", time.monotonic() + 1.0
-            self._returned.append(conn)
+        if not self._write(conn, data) or close:
+            conn.state = "closing"  # the loop closes it
+        self._returned.append(conn)
         self._wake()
 
-    def _write(self, conn: _Conn, data: bytes, response: Response) -> bool:
+    def _write(self, conn: _Conn, data: bytes) -> bool:
         """Sends ``data`` within ``write_timeout`` seconds in all; whether it went."""
         end = time.monotonic() + self.limits.write_timeout
         view = memoryview(data)
@@ -383,14 +382,16 @@ class ConnectionLoop:
 
     # ------------------------------------------------------------------ stopping
     def _shut_down(self) -> None:
-        self._unwatch_listener()
         end = time.monotonic() + self.limits.grace
+        self._accept()  # the connections waiting in the backlog get their 503 too
+        self._unwatch_listener()
         for conn in list(self._conns):
             if conn.state in ("body", "budget") or (conn.state == "head" and conn.buf.strip()):
-                self._answer(conn, 503, "the server is stopping")
-        while time.monotonic() < end and (self._busy or not self._queue.empty()):
-            self._flush_returned(block=0.05)
-        self._flush_returned(block=0)
+                self._answer(conn, 503, "the server is stopping; try again once it is restarted")
+            elif conn.state == "head":
+                self._close(conn)
+        while time.monotonic() < end and (self._busy or not self._queue.empty() or self._returned or self._conns):
+            self._turn()
         for _ in self._workers:
             self._queue.put(None)
         for w in self._workers:
@@ -408,11 +409,3 @@ class ConnectionLoop:
             self._sel.unregister(self.listener)
         with contextlib.suppress(OSError):
             self.listener.close()
-
-    def _flush_returned(self, block: float) -> None:
-        if block:
-            time.sleep(block)
-        while self._returned:
-            conn = self._returned.popleft()
-            self._close(conn)
-

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..io.errors import InputTypeError, UserInputError
 from ..io.images import default_image
+from .budget import Budget
 from .connections import ConnectionLoop, Limits
 from .explorer import Explorer
 from .occlusion_jobs import OcclusionJobs
@@ -202,7 +203,9 @@ def serve(
     if token is False:
         warn("no token: any program on this machine can use the explorer's API (--no-token); other sites' pages cannot")
     secret = None if token is False else (new_token() if token is True else str(token))
+    limits = limits or Limits()
     ex = Explorer(model, preprocess, default_images() if images is None else list(images), cache_bytes=cache_mb << 20)
+    ex.images.pixels, ex.images.wait = Budget(limits.decode_pixels, "pixels"), limits.budget_wait
     channels = {layer.node: layer.shape[0] for layer in ex.layers() if layer.shape}
     run_set = RunSet([MiningRun(i, path, ex.dn.resolve, channels) for i, path in enumerate(runs)])
     names = list(classes) if classes is not None else None
