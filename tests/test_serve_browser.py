@@ -174,14 +174,20 @@ def test_a_person_explores(driver, setup):
     assert (view(d)["y"], view(d)["x"]) == ("4", "3")
     check(d, server.token, dn, x, "conv3", 5, position=(4, 3))
 
-    # keyboard: right = next channel, down = next layer
+    # keyboard: right = the next map as sorted (strongest first), down = the next named layer, same channel
+    maxima = dn.output(x, "conv3")[0].flatten(1).amax(1)
+    order = sorted(range(128), key=lambda c: (-float(maxima[c]), c))
+    after = order[order.index(5) + 1]
     d.find_element("tag name", "body").send_keys("\ue014")  # ArrowRight
     settle(d)
-    assert view(d)["channel"] == "6" and "y" not in view(d)
-    check(d, server.token, dn, x, "conv3", 6)
+    assert view(d)["channel"] == str(after) and "y" not in view(d)
+    check(d, server.token, dn, x, "conv3", after)
     d.find_element("tag name", "body").send_keys("\ue015")  # ArrowDown
     settle(d)
-    assert view(d)["layer"] != "conv3" and "channel" not in view(d)
+    assert view(d)["layer"] == "conv4" and view(d)["channel"] == str(after)  # a named layer, not a ReLU node
+    d.find_element("tag name", "body").send_keys("\ue013")  # ArrowUp
+    settle(d)
+    assert view(d)["layer"] == "conv3" and view(d)["channel"] == str(after)
 
     # a pasted link restores its view in a fresh page
     link = server.url + "&image=grace_hopper_face&layer=conv2&channel=9&y=4&x=4&rule=gradient"

@@ -19,6 +19,8 @@ GET      /api/project?image&layer&channel[&y&x][&rule]
 GET      /api/project.png?...             the projection as a PNG (headers X-Zfvis-Value,
                                           X-Zfvis-Position, X-Zfvis-Box)
 GET      /api/project.npy?...             the projection, float32 (C, H, W)
+GET      /api/predict?image               the image's top 5 outputs: rank, class,
+                                          softmax probability, score
 GET      /api/units?layer&channel         each run's top activations of the unit
 GET      /api/runs                        the mining runs
 POST     /api/occlusion                   start occlusion: {image, layer, channel,
@@ -54,6 +56,7 @@ STATIC_FILES = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 _PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self' 'unsafe-inline'; "
              "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'")
@@ -104,6 +107,7 @@ class App:
             "/api/maps": self.maps, "/api/maps.png": self.maps_png, "/api/map.png": self.map_png,
             "/api/project": self.project, "/api/project.png": self.project_png,
             "/api/project.npy": self.project_npy, "/api/units": self.units, "/api/runs": self.run_list,
+            "/api/predict": self.predict,
         }
 
     def body_limit(self, method: str, target: str) -> int:
@@ -127,6 +131,8 @@ class App:
             return self._get[path](r)
         if path == "/" or path == "/index.html":
             return self.static("index.html", r)
+        if path == "/favicon.ico":
+            return self.static("favicon.svg", r)
         if path.startswith("/static/"):
             return self.static(path[len("/static/"):], r)
         if path.startswith("/api/images/") and path.endswith(".png"):
@@ -160,6 +166,16 @@ class App:
     def layers(self, r: Request) -> Response:
         """Every layer in graph order."""
         return json_response({"input": list(self.ex.input_shape()), "layers": [x.info() for x in self.ex.layers()]})
+
+    def predict(self, r: Request) -> Response:
+        """The image's top 5 outputs (class names where known)."""
+        image = self.ex.images.get(r.query.get("image", "")).id
+        top = self.ex.predict(image)
+        out = self.ex.output_layer()
+        if top is not None:
+            for t in top:
+                t["name"] = self.classes[t["class"]] if self.classes and t["class"] < len(self.classes) else None
+        return json_response({"image": image, "layer": out.name if out else None, "top": top})
 
     # ---------------------------------------------------------------- images
     def image_list(self, r: Request) -> Response:
