@@ -95,6 +95,21 @@ def test_maps_give_every_channel_and_its_maximum(client, model, dn):
     assert code == 200 and Image.open(io.BytesIO(body)).size == (8, 8)
 
 
+def test_predict_favicon_and_runs(client, model, dn):
+    top = client.json("/api/predict?image=chelsea")
+    logits = dn.output(cat(model), "fc8")[0]
+    probs = torch.softmax(logits.double(), 0)
+    order = logits.argsort(descending=True)[:5].tolist()
+    assert top["layer"] == "fc8" and [t["class"] for t in top["top"]] == order
+    assert [t["rank"] for t in top["top"]] == [1, 2, 3, 4, 5] and top["top"][0]["name"] == "abcdefghij"[order[0]]
+    assert top["top"][0]["probability"] == pytest.approx(float(probs[order[0]]), rel=1e-5)
+    code, headers, body = client.get("/favicon.ico")
+    assert code == 200 and headers["content-type"] == "image/svg+xml" and body.startswith(b"<svg")
+    runs = client.json("/api/runs")["runs"]
+    assert len(runs) == 1 and runs[0]["gallery"] == "/runs/0/index.html" and "conv3" in runs[0]["layers"]
+    client.error("GET", "/runs/%D9%A3/index.html", 404, "no run")  # an Arabic-Indic digit is not a run number
+
+
 def test_vector_layer_maps(client):
     g = client.json("/api/maps?image=chelsea&layer=fc8")
     assert g["vector"] and g["channels"] == 10 and g["argmax"] is None
@@ -177,6 +192,8 @@ def test_recording_cache_is_bounded(model):
     ("/api/project?image=chelsea&layer=conv3&channel=128", 400, ["channel 128", "128 channels"]),
     ("/api/project?image=chelsea&layer=conv3&channel=-1", 400, ["channel -1"]),
     ("/api/project?image=chelsea&layer=conv3&channel=five", 400, ["'channel' must be an integer"]),
+    ("/api/project?image=chelsea&layer=conv3&channel=%EF%BC%95", 400, ["'channel' must be an integer"]),
+    ("/api/maps?image=chelsea&layer=conv9", 404, ["conv9"]),
     ("/api/project?image=chelsea&layer=conv3", 400, ["missing parameter 'channel'"]),
     ("/api/project?image=chelsea&layer=conv3&channel=1&y=8&x=0", 400, ["outside", "8x8"]),
     ("/api/project?image=chelsea&layer=conv3&channel=1&y=1", 400, ["'x'"]),

@@ -86,6 +86,8 @@ def test_every_screen(driver, server, size):
     phone = size[0] < 700
     assert d.find_element("id", "layers").is_displayed() is not phone  # folded away on a phone
     if phone:
+        d.execute_script("document.getElementById('unit-panel').scrollIntoView()")
+        shot(d, "screen_390_unit")
         box = {k: d.find_element("css selector", css).rect for k, css in
                (("maps", "#maps-panel"), ("unit", "#unit-panel"), ("image", "#images-panel"))}
         assert box["image"]["y"] < box["maps"]["y"] < box["unit"]["y"]  # stacked
