@@ -115,7 +115,8 @@ def test_idle_connections_are_capped(server, client):
 def test_bodies_share_a_budget(server, client):
     held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     size = LIMITS.receive_bytes - 1000
-    held.sendall(f"POST /api/images?token={server.token} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {size}\r\n\r\n".encode())
+    held.sendall(f"POST /api/images?token={server.token} HTTP/1.1\r\nHost: localhost\r\n"
+                 f"Content-Length: {size}\r\n\r\n".encode())
     time.sleep(0.1)
     try:
         code, headers, body = client.request("POST", "/api/images", body=png_bytes((200, 200)))

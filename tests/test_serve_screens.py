@@ -16,7 +16,7 @@ from functools import partial
 import pytest
 import torch
 from serve_helpers import make_run
-from test_serve_browser import SHOTS, driver, settle, shot, view  # noqa: F401 - the shared browser fixture
+from test_serve_browser import driver, settle, shot, view  # noqa: F401 - the shared browser fixture
 
 import zfvis
 
@@ -62,7 +62,8 @@ def _reachable(d, css: str) -> None:
     e = d.find_element("css selector", css)
     d.execute_script("arguments[0].scrollIntoView({block: 'center'})", e)
     assert e.is_displayed(), css
-    r = d.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.left, r.right, r.width, r.height]", e)
+    r = d.execute_script("const r = arguments[0].getBoundingClientRect(); "
+                         "return [r.left, r.right, r.width, r.height]", e)
     width = d.execute_script("return document.documentElement.clientWidth")
     assert r[2] > 0 and r[3] > 0 and r[0] >= -1 and r[1] <= width + 1, (css, r, width)
 

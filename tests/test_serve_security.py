@@ -122,7 +122,8 @@ def test_no_token_still_refuses_other_pages(model):
     s = zfvis.serve(*model, images=[zfvis.default_image()], token=False, warn=lambda _: None)
     with s:
         c = Client(s)
-        c.error("POST", "/api/images", 403, "another page", body=png_bytes(), headers={"Origin": "http://127.0.0.1:9999"})
+        c.error("POST", "/api/images", 403, "another page", body=png_bytes(),
+                headers={"Origin": "http://127.0.0.1:9999"})
         c.error("POST", "/api/images", 403, "own page", body=png_bytes())
         assert c.get("/api/info")[0] == 200  # a local program's GET
         own = {"Origin": f"http://127.0.0.1:{s.port}", "Host": f"127.0.0.1:{s.port}"}

@@ -286,7 +286,8 @@ class ConnectionLoop:
             self._answer(conn, 503, f"the server is receiving other uploads ({self.received.held:,} bytes); try "
                          "again in a moment")
         elif conn.state == "body":
-            self._answer(conn, 408, f"the body did not arrive in time ({conn.got:,} of {len(conn.body or b''):,} bytes)")
+            total = len(conn.body or b"")
+            self._answer(conn, 408, f"the body did not arrive in time ({conn.got:,} of {total:,} bytes)")
         elif conn.state == "head" and conn.buf.strip():
             self._answer(conn, 408, f"the request's head did not arrive within {self.limits.head_timeout:g} s")
         else:

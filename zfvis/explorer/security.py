@@ -115,12 +115,14 @@ class Guard:
         ``X-Zfvis-Token`` or the cookie)."""
         if self.token is None:
             return True
-        return any(self._matches(g) for g in (query.get("token"), headers.get("X-Zfvis-Token"), cookies.get(self.cookie)))
+        given = (query.get("token"), headers.get("X-Zfvis-Token"), cookies.get(self.cookie))
+        return any(self._matches(g) for g in given)
 
     def explicit_token(self, query: Mapping[str, str], headers: Mapping[str, str]) -> bool:
         """Whether the request itself names the token (a script's or the page's call), not
         only a cookie the browser adds to any request."""
-        return self.token is not None and (self._matches(query.get("token")) or self._matches(headers.get("X-Zfvis-Token")))
+        given = (query.get("token"), headers.get("X-Zfvis-Token"))
+        return self.token is not None and any(self._matches(g) for g in given)
 
     def check(self, method: str, query: Mapping[str, str], headers: Mapping[str, str],
               cookies: Mapping[str, str]) -> tuple[int, str] | None:  # fmt: skip
