@@ -157,3 +157,27 @@ def test_a_page_on_another_port_cannot_upload(driver, server, other_site):
 def _images(server) -> list[str]:
     with urllib.request.urlopen(server.url.replace("/?", "/api/images?"), timeout=30) as r:
         return [i["id"] for i in json.loads(r.read())["images"]]
+
+
+def test_a_layer_of_2048_maps(driver):
+    """The grid scales: 2,048 maps drawn densely, many in view at once, nothing overflowing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2048, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(2048, 10)).eval()
+    _, preprocess = zfvis.load_model("zfnet-cifar10")
+    with zfvis.serve(model, preprocess, images=[zfvis.default_image()], name="wide") as s:
+        d = driver
+        d.set_window_size(1366, 900)
+        d.get(s.url + "&layer=0&channel=7")
+        settle(d)
+        _fits(d)
+        tiles = d.find_elements("css selector", "#maps .tile")
+        assert len(tiles) == 2048 and "dense" in d.find_element("id", "maps").get_attribute("class")
+        panel = d.find_element("id", "maps").rect
+        in_view = d.execute_script(
+            "const p = document.getElementById('maps').getBoundingClientRect();"
+            "return [...document.querySelectorAll('#maps .tile')].filter(t => {"
+            "const r = t.getBoundingClientRect(); return r.top >= p.top && r.bottom <= p.bottom}).length")
+        assert in_view >= 150, (in_view, panel)  # a screenful, not 4 columns of 2,048
+        assert d.find_element("css selector", "img.projection").is_displayed()
+        shot(d, "screen_2048_maps")
