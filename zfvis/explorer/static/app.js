@@ -365,9 +365,15 @@
     ctx.putImageData(im, 0, 0);
     return c;
   }
-  function overlay(values, lo, hi, caption, kind) {
-    // the map over the image it was measured on, with its colour bar
-    const frame = el("div", { class: "frame" }, [el("img", { src: api(`/api/images/${S.occImage}.png`), alt: "the input image" }), heat(values, lo, hi)]);
+  function overlay(values, lo, hi, caption, kind, job) {
+    // the map over the image it was measured on, each cell centred where the occluder's centre was; a colour bar
+    const r = job.result, [H, W] = S.info.input.slice(1), half = job.patch / 2, st = job.stride;
+    const y0 = Math.max(0, r.tops[0] + half - st / 2), y1 = Math.min(H, r.tops[r.tops.length - 1] + half + st / 2);
+    const x0 = Math.max(0, r.lefts[0] + half - st / 2), x1 = Math.min(W, r.lefts[r.lefts.length - 1] + half + st / 2);
+    const map = heat(values, lo, hi);
+    Object.assign(map.style, { left: 100 * x0 / W + "%", top: 100 * y0 / H + "%", width: 100 * (x1 - x0) / W + "%",
+                               height: 100 * (y1 - y0) / H + "%" });
+    const frame = el("div", { class: "frame" }, [el("img", { src: api(`/api/images/${S.occImage}.png`), alt: "the input image" }), map]);
     const bar = el("div", { class: "colorbar" }, [el("span", { text: fmt(lo) }), el("i"), el("span", { text: fmt(hi) })]);
     return el("figure", { "data-kind": kind }, [frame, bar, el("figcaption", { text: caption })]);
   }
@@ -378,9 +384,9 @@
     const name = r.target_name ? `“${r.target_name}”` : (classes && classes[r.target] ? `“${classes[r.target]}”` : `class ${r.target}`);
     const act = flat(r.activation), p = flat(r.class_prob);
     box.appendChild(overlay(r.activation, Math.min(...act), Math.max(...act),
-      `total activation of ${job.layer} #${job.channel} with the occluder centred at each place (unoccluded ${fmt(r.base_activation)})`, "activation"));
+      `total activation of ${job.layer} #${job.channel} with the occluder centred at each place (unoccluded ${fmt(r.base_activation)})`, "activation", job));
     box.appendChild(overlay(r.class_prob, 0, 1,
-      `probability of ${name} with the occluder there (unoccluded ${pct(r.base_prob)}, lowest ${pct(Math.min(...p))})`, "probability"));
+      `probability of ${name} with the occluder there (unoccluded ${pct(r.base_prob)}, lowest ${pct(Math.min(...p))})`, "probability", job));
   }
 
   // ------------------------------------------------------------------ navigation
