@@ -1,6 +1,7 @@
 """The explorer's addresses: the page, its assets, the HTTP API and the runs' files.
 
-The API (all JSON unless said; errors are ``{"error": ..., "status": ...}``):
+The API (all JSON unless said; errors are ``{"error": ..., "status": ...}``; who may call
+it: :mod:`zfvis.explorer.security`; docs/reference/http-api.md has it all):
 
 =======  ===============================  ===============================================
 GET      /api/info                        model, input shape, rules, images, runs, classes
@@ -27,6 +28,7 @@ POST     /api/occlusion                   start occlusion: {image, layer, channe
                                           target, patch, stride}
 GET      /api/occlusion/<id>              its progress, then its maps
 GET      /runs/<n>/<path>                 a run's files (its gallery)
+GET      /, /static/<file>, /favicon.ico  the page
 =======  ===============================  ===============================================
 """
 
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -101,7 +102,6 @@ class App:
         self.name = name
         self.classes = classes
         self.verbose = False
-        self.slots = threading.BoundedSemaphore(32)
         self._get: dict[str, Callable[[Request], Response]] = {
             "/api/info": self.info, "/api/layers": self.layers, "/api/images": self.image_list,
             "/api/maps": self.maps, "/api/maps.png": self.maps_png, "/api/map.png": self.map_png,
