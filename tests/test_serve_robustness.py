@@ -4,6 +4,8 @@ bounded budgets; every refusal an answer, never a traceback."""
 from __future__ import annotations
 
 import json
+import random
+import re
 import socket
 import threading
 import time
@@ -135,3 +137,32 @@ def test_budget_waits_then_refuses():
     big = Budget(10, "pixels")
     assert big.take(50, 0)  # one share larger than the budget runs alone
     assert not big.take(1, 0)
+
+
+def test_any_bytes_parse_or_are_malformed():
+    """Property: whatever a client sends, the head parser gives a request or a Malformed
+    error with a 4xx/5xx status, never another exception."""
+    from zfvis.explorer.wire import Malformed, parse_head
+
+    rng = random.Random(0)
+    pieces = [b"GET", b"POST", b" ", b"/api/info", b"HTTP/1.1", b"HTTP/1.0", b"\r\n", b"\n", b":", b"Host",
+              b"Content-Length", b"-5", b"\xef\xbc\x95", b"\x00", b"\xff", b"\t", b"Transfer-Encoding", b"99999999999999999"]
+    for _ in range(3000):
+        raw = b"".join(rng.choice(pieces) if rng.random() < 0.8 else bytes([rng.randrange(256)])
+                       for _ in range(rng.randrange(0, 14)))
+        try:
+            head = parse_head(raw)
+        except Malformed as err:
+            assert 400 <= err.status < 600 and str(err) and "\n" not in str(err)
+        else:
+            assert head.method.isupper() and head.length >= 0
+
+
+def test_random_junk_gets_answers_not_tracebacks(server, client, capfd):
+    rng = random.Random(1)
+    for _ in range(30):
+        junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) + b"\r\n\r\n"
+        reply = raw(server.port, junk)
+        assert reply == b"" or re.match(rb"HTTP/1\.1 (4\d\d|5\d\d) ", reply), reply[:80]
+    assert client.json("/api/info")["model"]
+    assert capfd.readouterr().err == ""
