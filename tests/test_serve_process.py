@@ -93,7 +93,7 @@ def test_parallel_large_uploads_then_sigterm_under_load(served):
     clicks = [threading.Thread(target=click, args=(i,)) for i in range(40)]
     for t in clicks:
         t.start()
-    time.sleep(0.2)
+    time.sleep(0.4)  # all 40 connected (answered, or waiting in the backlog), the occlusion running
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
