@@ -82,28 +82,35 @@ def test_parallel_large_uploads_then_sigterm_under_load(served):
     assert code == 202, body
     results: list[object] = []
 
-    def click(i: int) -> None:
-        layer = ("conv1", "conv2", "conv3", "conv4", "conv5")[i % 5]
-        try:
-            results.append(_request(port, token, "GET", f"/api/project.npy?image=chelsea&layer={layer}&channel={i}"
-                                    f"&rule={('deconvnet', 'guided', 'gradient')[i % 3]}")[0])
-        except (ConnectionError, OSError) as err:
-            results.append(type(err).__name__)
+    def clicks(i: int) -> None:
+        for j in range(40):  # until the server stops: new projections (a point of the map each time)
+            layer, side = (("conv1", 32), ("conv2", 16), ("conv3", 8))[i % 3]
+            path = (f"/api/project.npy?image=chelsea&layer={layer}&channel={(i + j) % 32}&y={j % side}&x={i % side}"
+                    f"&rule={('deconvnet', 'guided', 'gradient')[j % 3]}")
+            try:
+                results.append(_request(port, token, "GET", path)[0])
+            except ConnectionRefusedError:
+                results.append("refused")  # after the port closed
+                return
+            except (ConnectionError, OSError, http.client.HTTPException) as err:
+                results.append(type(err).__name__)  # an answer lost
+                return
 
-    clicks = [threading.Thread(target=click, args=(i,)) for i in range(40)]
-    for t in clicks:
+    threads = [threading.Thread(target=clicks, args=(i,)) for i in range(40)]
+    for t in threads:
         t.start()
-    time.sleep(0.4)  # all 40 connected (answered, or waiting in the backlog), the occlusion running
+    time.sleep(0.3)  # 40 clients busy, the occlusion running
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     took = time.monotonic() - started
-    for t in clicks:
+    for t in threads:
         t.join(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "terminate called" not in err and "stopped" in err
     assert took < 5, f"took {took:.1f} s to stop"
     answered = [r for r in results if isinstance(r, int)]
-    print(f"stopped in {took:.2f} s; answers {sorted(map(str, results))}")
-    assert len(results) == 40 and set(answered) <= {200, 503}, results
-    assert len(answered) >= 30, results  # the rest connected after the port closed
+    print(f"stopped in {took:.2f} s; {len(answered)} answered, {answered.count(503)} with 503, "
+          f"{results.count('refused')} refused, lost {[r for r in results if isinstance(r, str) and r != 'refused']}")
+    assert set(answered) <= {200, 503} and 503 in answered, sorted(map(str, results))
+    assert len([r for r in results if isinstance(r, str) and r != "refused"]) <= 2  # nothing in flight was dropped

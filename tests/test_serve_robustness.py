@@ -166,3 +166,16 @@ def test_random_junk_gets_answers_not_tracebacks(server, client, capfd):
         assert reply == b"" or re.match(rb"HTTP/1\.1 (4\d\d|5\d\d) ", reply), reply[:80]
     assert client.json("/api/info")["model"]
     assert capfd.readouterr().err == ""
+
+
+def test_decoding_shares_a_pixel_budget(server, client):
+    pixels = server.explorer.images.pixels
+    assert pixels.total == LIMITS.decode_pixels and server.explorer.images.wait == LIMITS.budget_wait
+    assert pixels.take(pixels.total, 0)  # as if a large upload were being decoded
+    try:
+        code, headers, body = client.request("POST", "/api/images", body=png_bytes((300, 200)))
+        assert code == 503 and headers["retry-after"] == "2" and b"images being decoded" in body
+    finally:
+        pixels.give(pixels.total)
+    assert client.json("/api/images", 201, method="POST", body=png_bytes((300, 200)))["width"] == 300
+    assert pixels.held == 0 and pixels.peak >= 300 * 200

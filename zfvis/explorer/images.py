@@ -17,6 +17,7 @@ import secrets
 import threading
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from ..io.images import load_image, to_rgb
 from .budget import Budget
 from .errors import ApiError, BadRequest, NotFound
 
-__all__ = ["ImageEntry", "ImageStore", "UPLOAD_FORMATS", "decode_upload", "decoded_upload"]
+__all__ = ["ImageEntry", "ImageStore", "UPLOAD_FORMATS", "decode_upload", "decoded_upload", "upload_size"]
 
 #: The formats an upload may have (Pillow's names).
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -62,51 +63,52 @@ class ImageEntry:
 
 
 @contextlib.contextmanager
-def decoded_upload(data: bytes, max_pixels: int, budget: Budget | None = None, wait: float = 3.0) -> Iterator[Image.Image]:
-    """An uploaded image, decoded, while it holds its pixels of the server-wide ``budget``.
+def _as_api_errors() -> Iterator[None]:
+    """Pillow's complaints about an upload as the API's errors (415, 413, 400)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(413, f"the image has more pixels than Pillow decodes safely ({Image.MAX_IMAGE_PIXELS:,}); "
+                       "downscale it first") from None
+    except UnidentifiedImageError:
+        raise ApiError(415, "the upload is not a JPEG, PNG or WebP image") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, ApiError):
+            raise
+        raise BadRequest(f"the image cannot be decoded ({err}); the file may be truncated or corrupt") from None
 
-    The size is read from the file's header and checked first; then the image takes its
-    pixels from ``budget`` (waiting up to ``wait`` seconds while other uploads hold it),
-    is decoded, and keeps them until the ``with`` block ends.
 
-    Args:
-        data: The file's bytes.
-        max_pixels: The most pixels (width x height) accepted.
-        budget: Pixels being decoded at once, server-wide (``None``: no bound).
-        wait: Seconds to wait for the budget.
-
-    Yields:
-        The image, RGB.
+def upload_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """The (width, height) of an uploaded image, read from its header (no pixel decoded).
 
     Raises:
-        ApiError: 415 for a file that is not a JPEG, PNG or WebP image, 413 for too many
-            pixels, 400 for a truncated or corrupt one, 503 while the budget is taken.
+        ApiError: 400 empty, 415 not a JPEG, PNG or WebP image, 413 more than ``max_pixels``.
     """
     if not data:
         raise BadRequest("the upload is empty; send the bytes of a JPEG, PNG or WebP image")
-    with contextlib.ExitStack() as stack:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = stack.enter_context(Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS))
-                w, h = image.size
-                if w * h > max_pixels:
-                    raise ApiError(413, f"the image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,} "
-                                   "(downscale it first)")
-                if budget is not None:
-                    stack.enter_context(budget.share(w * h, wait, "images being decoded"))
-                image.load()
-                rgb = to_rgb(image)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ApiError(413, f"the image has more pixels than Pillow decodes safely ({Image.MAX_IMAGE_PIXELS:,}); "
-                           "downscale it first") from None
-        except UnidentifiedImageError:
-            raise ApiError(415, "the upload is not a JPEG, PNG or WebP image") from None
-        except (OSError, SyntaxError, ValueError) as err:
-            if isinstance(err, ApiError):
-                raise
-            raise BadRequest(f"the image cannot be decoded ({err}); the file may be truncated or corrupt") from None
-        yield rgb
+    with _as_api_errors(), Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
+        w, h = image.size
+    if w * h > max_pixels:
+        raise ApiError(413, f"the image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,} "
+                       "(downscale it first)")
+    return w, h
+
+
+@contextlib.contextmanager
+def decoded_upload(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """An uploaded image, decoded, for the ``with`` block (its size checked first).
+
+    Raises:
+        ApiError: 415 for a file that is not a JPEG, PNG or WebP image, 413 for more than
+            ``max_pixels`` pixels, 400 for a truncated or corrupt one.
+    """
+    upload_size(data, max_pixels)
+    with _as_api_errors(), Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
+        image.load()
+        rgb = to_rgb(image)
+    yield rgb
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
@@ -153,6 +155,9 @@ class ImageStore:
         pixels: Pixels being decoded at once by every upload together (default: one
             largest upload's worth).
         wait: Seconds an upload waits for its pixels before a 503.
+
+    Uploads are decoded on one thread of their own: the memory a large decode leaves to
+    the allocator is reused by the next, not held once per request thread.
     """
 
     def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor],
@@ -166,6 +171,7 @@ class ImageStore:
         self.max_pixels = max_pixels
         self.pixels = pixels or Budget(max_pixels, "pixels")
         self.wait = wait
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="zfvis-decode")
         self._entries: OrderedDict[str, ImageEntry] = OrderedDict()
         self._uploads: list[str] = []
         self._lock = threading.Lock()
@@ -215,15 +221,19 @@ class ImageStore:
             raise ApiError(413, f"the upload is {len(data):,} bytes; the limit is {self.max_upload_bytes:,}")
         name = re.sub(r"[^\w. -]+", "_", name)[:80] or "upload"
         entry_id = f"upload-{secrets.token_hex(4)}"
-        with decoded_upload(data, self.max_pixels, self.pixels, self.wait) as image:
-            entry = self._entry(image, name, "upload", entry_id)
-            del image
+        w, h = upload_size(data, self.max_pixels)
+        with self.pixels.share(w * h, self.wait, "images being decoded"):
+            entry = self._decoder.submit(self._decode, data, name, entry_id).result()
         with self._lock:
             self._entries[entry.id] = entry
             self._uploads.append(entry.id)
             while len(self._uploads) > self.max_uploads:
                 self._entries.pop(self._uploads.pop(0), None)
         return entry
+
+    def _decode(self, data: bytes, name: str, entry_id: str) -> ImageEntry:
+        with decoded_upload(data, self.max_pixels) as image:
+            return self._entry(image, name, "upload", entry_id)
 
     def get(self, image_id: str) -> ImageEntry:
         """The image with this id.
