@@ -303,10 +303,13 @@ def test_uploads_are_bounded(server, client):
 
 
 def test_token_is_required(client, server):
-    for path in ("/", "/api/layers", "/static/app.js", "/api/maps?image=chelsea&layer=conv3", "/runs/0/index.html"):
+    for path in ("/", "/api/layers", "/api/maps?image=chelsea&layer=conv3", "/runs/0/index.html", "/api/info"):
         client.error("GET", path, 403, "token", token=None)
         client.error("GET", path, 403, "token", token="wrong")
     assert client.get("/api/layers", token=None, headers={"X-Zfvis-Token": server.token})[0] == 200
+    for public in ("/static/app.js", "/static/style.css", "/favicon.ico"):  # the same files for everyone
+        assert client.get(public, token=None)[0] == 200
+    client.error("POST", "/static/app.js", 403, "token", token=None, body=b"")
     code, headers, body = client.get("/")
     assert code == 200 and b"zfvis explorer" in body
     cookie = headers["set-cookie"].split(";")[0]

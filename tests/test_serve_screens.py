@@ -112,7 +112,7 @@ def test_inside_a_notebook_iframe(driver, server, other_site):
         'width="640" height="700" style="border:0"></iframe></body>')
     d = driver
     d.set_window_size(1000, 900)
-    d.get(f"{origin}/notebook.html")
+    d.get(f"{origin.replace('127.0.0.1', 'localhost')}/notebook.html")  # another site: no cookie for the IFrame
     d.switch_to.frame(d.find_element("id", "f"))
     try:
         settle(d)

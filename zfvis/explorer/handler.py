@@ -142,7 +142,8 @@ def _request(app: Any, head: Head, body: bytes) -> Request:
         path = unquote(split.path, errors="strict") if "%" in split.path else split.path
     except UnicodeDecodeError:
         raise ApiError(400, "bad path: its percent-encoding is not UTF-8") from None
-    refusal = app.guard.check(head.method, query, head.headers, _cookies(head.headers.get("Cookie")))
+    refusal = app.guard.check(head.method, query, head.headers, _cookies(head.headers.get("Cookie")),
+                              public=path.startswith("/static/") or path == "/favicon.ico")
     if refusal is not None:
         raise ApiError(*refusal)
     method = "GET" if head.method == "HEAD" else head.method

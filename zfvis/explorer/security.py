@@ -125,16 +125,20 @@ class Guard:
         return self.token is not None and any(self._matches(g) for g in given)
 
     def check(self, method: str, query: Mapping[str, str], headers: Mapping[str, str],
-              cookies: Mapping[str, str]) -> tuple[int, str] | None:  # fmt: skip
+              cookies: Mapping[str, str], *, public: bool = False) -> tuple[int, str] | None:  # fmt: skip
         """The refusal of a request, ``(status, message)``, or ``None`` to let it through.
 
         The Host header first, then the token, then (unless the request names the token
-        itself) its origin.
+        itself) its origin. A ``public`` GET (the page's own script, style sheet and icon,
+        the same for everyone) needs no token: a page in another site's IFrame, whose
+        cookie the browser withholds, loads them too.
         """
         host = headers.get("Host")
         if not self.host_ok(host):
             return 403, (f"refused: Host '{(host or '')[:80]}' is not this server's name (a guard against DNS "
                          "rebinding); use the printed URL")
+        if public and method in _SAFE_METHODS:
+            return None
         if not self.token_ok(query, headers, cookies):
             return 403, "missing or wrong token: open the URL that `zfvis serve` printed (it ends in ?token=...)"
         if self.explicit_token(query, headers):
