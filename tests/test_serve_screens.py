@@ -68,7 +68,8 @@ def _reachable(d, css: str) -> None:
     assert r[2] > 0 and r[3] > 0 and r[0] >= -1 and r[1] <= width + 1, (css, r, width)
 
 
-@pytest.mark.parametrize("size", [(390, 844), (1366, 900), (2560, 1440)], ids=["phone", "laptop", "4k"])
+@pytest.mark.parametrize("size", [(360, 740), (390, 844), (1366, 900), (2560, 1440)],
+                         ids=["small", "phone", "laptop", "4k"])
 def test_every_screen(driver, server, size):
     d = driver
     d.set_window_size(*size)
