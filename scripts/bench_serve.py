@@ -10,11 +10,16 @@ In one run, back to back, against an explorer served in this process over HTTP o
   the direct projection's. p50 and p95.
   The same clicks again are answered from the cache: the server's own work per request
   (HTTP, parsing, checks, lookup), without the model.
+* concurrency: ``--concurrent`` clients (8), each on its own keep-alive connection, at
+  once: ``--per-client`` new clicks each (channels not clicked before: the model runs,
+  one call at a time), then as many cached ones (the server's own work under load).
+  p50 and p95 of each request's latency.
 * grids: ``--images`` new images (uploaded first, not timed); for each, a layer's map grid
   (``GET /api/maps`` then ``GET /api/maps.png``, the forward pass included) against a
   forward pass to that layer plus encoding the same sprite directly.
 
     python scripts/bench_serve.py [--threads 2] [--clicks 50] [--images 7] [--layers conv5_3,conv3_3]
+                                  [--concurrent 8] [--per-client 4]
 
 ``--model`` and ``--click-layer`` run it on another zoo model (random weights; the smoke test
 uses ``zfnet-cifar10`` at tiny counts).
@@ -27,6 +32,7 @@ import http.client
 import io
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,6 +113,32 @@ def _clicks(http: Http, dn: zfvis.Deconvnet, rec: zfvis.Recording, layer: str, c
         out["cached"].append(time.perf_counter() - t0)
 
 
+def bench_concurrent(server: zfvis.ExplorerServer, layer: str, clients: int, per_client: int,
+                     first_channel: int, channels: int) -> dict[str, list[float]]:
+    """``clients`` at once, each ``per_client`` new clicks then the same clicks again (cached)."""
+    out: dict[str, list[float]] = {"new": [], "cached": []}
+    lock = threading.Lock()
+    start = threading.Barrier(clients)
+
+    def client(k: int) -> None:
+        http = Http(server)
+        mine = [(first_channel + k * per_client + i) % channels for i in range(per_client)]
+        start.wait()
+        for kind in ("new", "cached"):
+            for c in mine:
+                t0 = time.perf_counter()
+                http.get(f"/api/project.png?image=chelsea&layer={layer}&channel={c}")
+                with lock:
+                    out[kind].append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 def bench_grids(server: zfvis.ExplorerServer, dn: zfvis.Deconvnet, layers: list[str], images: int) -> dict[str, list[float]]:
     """Per new image and layer: the served grid against a forward pass plus encoding."""
     http = Http(server)
@@ -143,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", default="conv5_3,conv3_3")
     ap.add_argument("--model", default="vgg16")
     ap.add_argument("--click-layer", default="conv5_3")
+    ap.add_argument("--concurrent", type=int, default=8)
+    ap.add_argument("--per-client", type=int, default=4)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, preprocess = zfvis.load_model(args.model, weights="random")
@@ -150,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     dn = zfvis.Deconvnet(model)
     with zfvis.serve(model, preprocess, images=[zfvis.default_image()], name=args.model) as server:
         clicks = bench_clicks(server, dn, x, args.clicks, args.click_layer)
+        channels = server.explorer.layer(args.click_layer).shape[0]
+        crowd = bench_concurrent(server, args.click_layer, args.concurrent, args.per_client, args.clicks + 1, channels)
         grids = bench_grids(server, dn, args.layers.split(","), args.images)
     ms = lambda v: f"{1000 * v:7.1f} ms"  # noqa: E731
     print(f"{args.model} (random weights), {tuple(x.shape[1:])}, CPU, {args.threads} threads, torch {torch.__version__}")
@@ -161,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  click / projection: p50 of ratios {statistics.median(ratio):.3f}; "
           f"p50/p50 {p(clicks['click'], .5) / p(clicks['direct'], .5):.3f}; p95/p95 "
           f"{p(clicks['click'], .95) / p(clicks['direct'], .95):.3f}   (goal <= 1.15)")
+    print(f"\n{args.concurrent} clients at once, {args.per_client} clicks each:      p50        p95")
+    print(f"  {'a new click (the model, one call at a time)':38s} {ms(p(crowd['new'], .5))} {ms(p(crowd['new'], .95))}")
+    print(f"  {'the same click again (cached)':38s} {ms(p(crowd['cached'], .5))} {ms(p(crowd['cached'], .95))}")
     print(f"\nmap grid of a new image, {args.images} images:          p50        p95   grid / (forward + encoding)")
     for layer in args.layers.split(","):
         d, g = grids[f"{layer} direct"], grids[f"{layer} grid"]

@@ -174,14 +174,20 @@ def test_a_person_explores(driver, setup):
     assert (view(d)["y"], view(d)["x"]) == ("4", "3")
     check(d, server.token, dn, x, "conv3", 5, position=(4, 3))
 
-    # keyboard: right = next channel, down = next layer
+    # keyboard: right = the next map as sorted (strongest first), down = the next named layer, same channel
+    maxima = dn.output(x, "conv3")[0].flatten(1).amax(1)
+    order = sorted(range(128), key=lambda c: (-float(maxima[c]), c))
+    after = order[order.index(5) + 1]
     d.find_element("tag name", "body").send_keys("\ue014")  # ArrowRight
     settle(d)
-    assert view(d)["channel"] == "6" and "y" not in view(d)
-    check(d, server.token, dn, x, "conv3", 6)
+    assert view(d)["channel"] == str(after) and "y" not in view(d)
+    check(d, server.token, dn, x, "conv3", after)
     d.find_element("tag name", "body").send_keys("\ue015")  # ArrowDown
     settle(d)
-    assert view(d)["layer"] != "conv3" and "channel" not in view(d)
+    assert view(d)["layer"] == "conv4" and view(d)["channel"] == str(after)  # a named layer, not a ReLU node
+    d.find_element("tag name", "body").send_keys("\ue013")  # ArrowUp
+    settle(d)
+    assert view(d)["layer"] == "conv3" and view(d)["channel"] == str(after)
 
     # a pasted link restores its view in a fresh page
     link = server.url + "&image=grace_hopper_face&layer=conv2&channel=9&y=4&x=4&rule=gradient"
@@ -233,7 +239,45 @@ def test_sort_top9_upload_and_occlusion(driver, setup, tmp_path):
         if len(d.find_elements("css selector", "#occ-result canvas")) == 2:
             break
         time.sleep(0.1)
+    d.execute_script("document.getElementById('occ-result').scrollIntoView()")
     shot(d, "07_occlusion")
     assert len(d.find_elements("css selector", "#occ-result canvas")) == 2
+    assert len(d.find_elements("css selector", "#occ-result .frame img")) == 2  # drawn over the image
+    assert len(d.find_elements("css selector", "#occ-result .colorbar")) == 2
     assert "positions in" in d.find_element("id", "occ-status").text
     assert not d.find_element("id", "error").is_displayed()
+
+
+def test_output_units_and_links_with_unknown_names(driver, setup):
+    d = driver
+    server, dn, preprocess = setup
+    d.set_window_size(1400, 1000)
+    d.get(server.url + "&layer=fc8&channel=3")
+    settle(d)
+    shot(d, "08_output_units")
+    rows = d.find_elements("css selector", "#maps .unitrow")
+    assert len(rows) == 10 and not d.find_elements("css selector", "#maps .t")  # no grey squares for classes
+    x = preprocess(zfvis.load_image(zfvis.default_image()))[None]
+    logits = dn.output(x, "fc8")[0]
+    probs = torch.softmax(logits, 0)
+    best = int(logits.argmax())
+    first = rows[0]  # strongest first: the top class, its name, rank and probability
+    assert int(first.get_attribute("data-channel")) == best
+    assert "#1" in first.text and setup_classes()[best] in first.text and f"{100 * float(probs[best]):.1f}%" in first.text
+    title = d.find_element("id", "unit-title").text
+    assert "“cat”" in title and "rank" in title and "probability" in title and " ," not in title
+    top5 = d.find_elements("css selector", "#predict li")
+    assert [int(li.get_attribute("data-class")) for li in top5] == logits.argsort(descending=True)[:5].tolist()
+
+    # a link naming a layer that does not exist: a visible error, not silently another layer
+    d.get(server.url + "&layer=conv9&channel=2")
+    settle(d)
+    error = d.find_element("id", "error")
+    assert error.is_displayed() and "no layer 'conv9'" in error.text
+    d.get(server.url + "&layer=conv3&channel=500")
+    settle(d)
+    assert "channel 500 is out of range" in d.find_element("id", "error").text
+
+
+def setup_classes() -> list[str]:
+    return ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -95,6 +95,21 @@ def test_maps_give_every_channel_and_its_maximum(client, model, dn):
     assert code == 200 and Image.open(io.BytesIO(body)).size == (8, 8)
 
 
+def test_predict_favicon_and_runs(client, model, dn):
+    top = client.json("/api/predict?image=chelsea")
+    logits = dn.output(cat(model), "fc8")[0]
+    probs = torch.softmax(logits.double(), 0)
+    order = logits.argsort(descending=True)[:5].tolist()
+    assert top["layer"] == "fc8" and [t["class"] for t in top["top"]] == order
+    assert [t["rank"] for t in top["top"]] == [1, 2, 3, 4, 5] and top["top"][0]["name"] == "abcdefghij"[order[0]]
+    assert top["top"][0]["probability"] == pytest.approx(float(probs[order[0]]), rel=1e-5)
+    code, headers, body = client.get("/favicon.ico")
+    assert code == 200 and headers["content-type"] == "image/svg+xml" and body.startswith(b"<svg")
+    runs = client.json("/api/runs")["runs"]
+    assert len(runs) == 1 and runs[0]["gallery"] == "/runs/0/index.html" and "conv3" in runs[0]["layers"]
+    client.error("GET", "/runs/%D9%A3/index.html", 404, "no run")  # an Arabic-Indic digit is not a run number
+
+
 def test_vector_layer_maps(client):
     g = client.json("/api/maps?image=chelsea&layer=fc8")
     assert g["vector"] and g["channels"] == 10 and g["argmax"] is None
@@ -177,6 +192,8 @@ def test_recording_cache_is_bounded(model):
     ("/api/project?image=chelsea&layer=conv3&channel=128", 400, ["channel 128", "128 channels"]),
     ("/api/project?image=chelsea&layer=conv3&channel=-1", 400, ["channel -1"]),
     ("/api/project?image=chelsea&layer=conv3&channel=five", 400, ["'channel' must be an integer"]),
+    ("/api/project?image=chelsea&layer=conv3&channel=%EF%BC%95", 400, ["'channel' must be an integer"]),
+    ("/api/maps?image=chelsea&layer=conv9", 404, ["conv9"]),
     ("/api/project?image=chelsea&layer=conv3", 400, ["missing parameter 'channel'"]),
     ("/api/project?image=chelsea&layer=conv3&channel=1&y=8&x=0", 400, ["outside", "8x8"]),
     ("/api/project?image=chelsea&layer=conv3&channel=1&y=1", 400, ["'x'"]),
@@ -237,8 +254,9 @@ def test_truncated_and_lengthless_bodies(server):
     assert reply.startswith(b"HTTP/1.1 411") and b"Content-Length" in reply
     reply = _raw(server.port, head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 411")
-    reply = _raw(server.port, head + b"Content-Length: -3\r\n\r\n")
-    assert reply.startswith(b"HTTP/1.1 413")
+    for bad in (b"-3", b"-5", b"\xef\xbc\x95", b"+5", b"5 5", b"0x10", b""):  # full-width 5, hex, ...
+        reply = _raw(server.port, head + b"Content-Length: " + bad + b"\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400") and b"bad Content-Length" in reply, (bad, reply[:200])
 
 
 def test_a_bug_is_a_500_with_one_line_and_the_traceback_on_the_terminal(server, client, monkeypatch, capfd):
@@ -285,10 +303,13 @@ def test_uploads_are_bounded(server, client):
 
 
 def test_token_is_required(client, server):
-    for path in ("/", "/api/layers", "/static/app.js", "/api/maps?image=chelsea&layer=conv3", "/runs/0/index.html"):
+    for path in ("/", "/api/layers", "/api/maps?image=chelsea&layer=conv3", "/runs/0/index.html", "/api/info"):
         client.error("GET", path, 403, "token", token=None)
         client.error("GET", path, 403, "token", token="wrong")
     assert client.get("/api/layers", token=None, headers={"X-Zfvis-Token": server.token})[0] == 200
+    for public in ("/static/app.js", "/static/style.css", "/favicon.ico"):  # the same files for everyone
+        assert client.get(public, token=None)[0] == 200
+    client.error("POST", "/static/app.js", 403, "token", token=None, body=b"")
     code, headers, body = client.get("/")
     assert code == 200 and b"zfvis explorer" in body
     cookie = headers["set-cookie"].split(";")[0]
@@ -454,11 +475,14 @@ def test_cli_prints_one_url_and_stops_cleanly_on_ctrl_c(tmp_path):
         port = int(url.split(":")[2].split("/")[0])
         with urllib.request.urlopen(url.replace("/?", "/api/info?"), timeout=30) as r:
             assert json.loads(r.read())["model"] == "zfnet-cifar10"
+        started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - started
     finally:
         proc.kill()
     assert proc.returncode == 0 and "stopped" in err and "Traceback" not in err and out == ""
+    assert took < 2.0, f"an idle server took {took:.1f} s to stop"
     with socket.socket() as s:  # nothing listens on the port any more (TIME_WAIT connections aside)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))

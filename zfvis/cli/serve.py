@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
 
-from ..explorer.server import serve
+from ..explorer.security import is_loopback
+from ..explorer.server import ExplorerServer, serve
 from ._analysis import class_names
 from ._common import CLIError, add_config_arg, add_model_args
 from .models import load_zoo_model, resolve_device
@@ -33,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a `zfvis mine` output folder of the same model: top 9 and gallery (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--no-token", action="store_true", help="no token in the URL (any local program can then use it)")
+    p.add_argument("--no-token", action="store_true", help="no token in the URL (loopback only: any program on this machine can then use it)")
     p.add_argument("--input-size", type=int, help="side of the square model input (default: the model's own)")
     p.add_argument("--cache-mb", type=int, default=512, help="memory for recorded forward passes (default 512)")
     p.add_argument("--verbose", action="store_true", help="log every request")
@@ -46,21 +49,29 @@ def _warn(text: str) -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM stops the server as Ctrl-C does (a clean exit)."""
-    def stop(signum: int, frame: Any) -> None:
-        """Raises KeyboardInterrupt in the main thread."""
-        raise KeyboardInterrupt
+def _stop_on_signals(server: ExplorerServer) -> Iterator[list[int]]:
+    """Ctrl-C (SIGINT) and SIGTERM ask the server to stop (a clean stop, exit 0); a second
+    one ends the wait for requests still running."""
+    seen: list[int] = []
 
+    def stop(signum: int, frame: Any) -> None:
+        """Stops the server (no exception thrown into whatever the main thread runs)."""
+        seen.append(signum)
+        if len(seen) > 1:
+            server.limits.grace = 0.0
+        server.stop()
+
+    olds = {}
     try:
-        old = signal.signal(signal.SIGTERM, stop)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            olds[sig] = signal.signal(sig, stop)
     except ValueError:  # not the main thread
-        yield
-        return
+        pass
     try:
-        yield
+        yield seen
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, old in olds.items():
+            signal.signal(sig, old)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--port must be in 0..65535, got {args.port}")
     if args.cache_mb < 16:
         raise CLIError(f"--cache-mb must be at least 16, got {args.cache_mb}")
+    if args.no_token and not is_loopback(args.host):
+        raise CLIError(f"--no-token is allowed only on loopback (127.0.0.1, ::1), not on --host {args.host!r}: "
+                       "beyond this machine a token is required; drop --no-token")
     device = resolve_device(args.device)
     model, preprocess = load_zoo_model(args.model, args.weights, device)
     if args.input_size is not None:
@@ -79,9 +93,24 @@ def run(args: argparse.Namespace) -> int:
     server.app.verbose = args.verbose
     print(server.url, flush=True)
     print("zfvis serve: open the URL above in a browser; Ctrl-C stops the server", file=sys.stderr, flush=True)
-    with _stop_on_sigterm():
+    with _stop_on_signals(server) as signals:
         try:
             server.serve_forever()
-        except KeyboardInterrupt:
-            print("zfvis serve: stopped", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:  # a Ctrl-C before the handlers were in place
+            server.close()
+    print("zfvis serve: stopped", file=sys.stderr, flush=True)
+    if signals or server.unfinished:
+        _exit_now()
     return 0
+
+
+def _exit_now() -> None:
+    """Ends the process at once, exit 0, after the exit handlers (temporary folders).
+
+    A stopped server has nothing left to write; the interpreter's own teardown of torch
+    takes seconds, and a model call still running in a C++ thread could abort it
+    (``terminate called without an active exception``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(0)

@@ -11,6 +11,6 @@ and JavaScript shipped here (:mod:`zfvis.explorer.routes` documents its HTTP API
 
 from __future__ import annotations
 
-from .server import ExplorerServer, default_images, serve
+from .server import ExplorerServer, Limits, default_images, serve
 
-__all__ = ["ExplorerServer", "default_images", "serve"]
+__all__ = ["ExplorerServer", "Limits", "default_images", "serve"]

@@ -233,6 +233,23 @@ class Explorer:
                           None if y < 0 else (y, x), patches.boxes()[0])
         return self.projections.put(key, proj)
 
+    def output_layer(self) -> LayerInfo | None:
+        """The model's output, where it is a vector (class scores); else ``None``."""
+        layers = self.layers()
+        return layers[-1] if layers and len(layers[-1].shape) == 1 else None
+
+    def predict(self, image_id: str, k: int = 5) -> list[dict[str, Any]] | None:
+        """The image's ``k`` strongest outputs: rank, class index, softmax probability, score
+        (``None`` where the model's output is not a vector)."""
+        out = self.output_layer()
+        if out is None:
+            return None
+        scores = torch.tensor(self.maps(image_id, out).maxima, dtype=torch.float64)
+        probs = torch.softmax(scores, dim=0)
+        top = torch.argsort(scores, descending=True, stable=True)[:k].tolist()
+        return [{"rank": r + 1, "class": c, "probability": float(probs[c]), "score": float(scores[c])}
+                for r, c in enumerate(top)]
+
     def forget(self, image_id: str) -> None:
         """Drops the cached results of an image."""
         for cache in (self.recordings, self.grids, self.projections):

@@ -8,6 +8,7 @@ oldest is forgotten once there are more than ``max_uploads``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -16,7 +17,8 @@ import secrets
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -24,9 +26,10 @@ from PIL import Image, UnidentifiedImageError
 
 from ..io.errors import UserInputError
 from ..io.images import load_image, to_rgb
+from .budget import Budget
 from .errors import ApiError, BadRequest, NotFound
 
-__all__ = ["ImageEntry", "ImageStore", "UPLOAD_FORMATS", "decode_upload"]
+__all__ = ["ImageEntry", "ImageStore", "UPLOAD_FORMATS", "decode_upload", "decoded_upload", "upload_size"]
 
 #: The formats an upload may have (Pillow's names).
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -59,33 +62,13 @@ class ImageEntry:
                 "height": self.size[1], "input": list(self.x.shape)}
 
 
-def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
-    """Decodes an uploaded image, refusing what is not a JPEG, PNG or WebP image of at
-    most ``max_pixels`` pixels.
-
-    Args:
-        data: The file's bytes.
-        max_pixels: The most pixels (width x height) accepted.
-
-    Returns:
-        The image, RGB.
-
-    Raises:
-        ApiError: 415 for a file that is not such an image, 413 for too many pixels, 400
-            for a truncated or corrupt one.
-    """
-    if not data:
-        raise BadRequest("the upload is empty; send the bytes of a JPEG, PNG or WebP image")
+@contextlib.contextmanager
+def _as_api_errors() -> Iterator[None]:
+    """Pillow's complaints about an upload as the API's errors (415, 413, 400)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
-                w, h = image.size
-                if w * h > max_pixels:
-                    raise ApiError(413, f"the image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,} "
-                                   "(downscale it first)")
-                image.load()
-                return to_rgb(image)
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ApiError(413, f"the image has more pixels than Pillow decodes safely ({Image.MAX_IMAGE_PIXELS:,}); "
                        "downscale it first") from None
@@ -95,6 +78,48 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         if isinstance(err, ApiError):
             raise
         raise BadRequest(f"the image cannot be decoded ({err}); the file may be truncated or corrupt") from None
+
+
+def upload_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """The (width, height) of an uploaded image, read from its header (no pixel decoded).
+
+    Raises:
+        ApiError: 400 empty, 415 not a JPEG, PNG or WebP image, 413 more than ``max_pixels``.
+    """
+    if not data:
+        raise BadRequest("the upload is empty; send the bytes of a JPEG, PNG or WebP image")
+    with _as_api_errors(), Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
+        w, h = image.size
+    if w * h > max_pixels:
+        raise ApiError(413, f"the image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,} "
+                       "(downscale it first)")
+    return w, h
+
+
+@contextlib.contextmanager
+def decoded_upload(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """An uploaded image, decoded, for the ``with`` block (its size checked first).
+
+    Raises:
+        ApiError: 415 for a file that is not a JPEG, PNG or WebP image, 413 for more than
+            ``max_pixels`` pixels, 400 for a truncated or corrupt one.
+    """
+    upload_size(data, max_pixels)
+    with _as_api_errors(), Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
+        image.load()
+        rgb = to_rgb(image)
+    yield rgb
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Decodes an uploaded image, refusing what is not a JPEG, PNG or WebP image of at
+    most ``max_pixels`` pixels (see :func:`decoded_upload`).
+
+    Raises:
+        ApiError: 415 not such an image, 413 too many pixels, 400 truncated or corrupt.
+    """
+    with decoded_upload(data, max_pixels) as image:
+        return image
 
 
 def _display_png(x: torch.Tensor, show: Callable[[torch.Tensor], torch.Tensor] | None) -> bytes:
@@ -127,16 +152,26 @@ class ImageStore:
         max_uploads: Uploads kept (the oldest is forgotten first).
         max_upload_bytes: The largest upload accepted.
         max_pixels: The most pixels an upload may have.
+        pixels: Pixels being decoded at once by every upload together (default: one
+            largest upload's worth).
+        wait: Seconds an upload waits for its pixels before a 503.
+
+    Uploads are decoded on one thread of their own: the memory a large decode leaves to
+    the allocator is reused by the next, not held once per request thread.
     """
 
     def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor],
                  show: Callable[[torch.Tensor], torch.Tensor] | None = None, *, max_uploads: int = 16,
-                 max_upload_bytes: int = 20 << 20, max_pixels: int = 40_000_000) -> None:  # fmt: skip
+                 max_upload_bytes: int = 20 << 20, max_pixels: int = 40_000_000,
+                 pixels: Budget | None = None, wait: float = 3.0) -> None:  # fmt: skip
         self.preprocess = preprocess
         self.show = show
         self.max_uploads = max_uploads
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
+        self.pixels = pixels or Budget(max_pixels, "pixels")
+        self.wait = wait
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="zfvis-decode")
         self._entries: OrderedDict[str, ImageEntry] = OrderedDict()
         self._uploads: list[str] = []
         self._lock = threading.Lock()
@@ -179,20 +214,26 @@ class ImageStore:
         """Adds an uploaded image (see :func:`decode_upload`).
 
         Raises:
-            ApiError: Too large (413), not an image (415), corrupt (400).
+            ApiError: Too large (413), not an image (415), corrupt (400), too many
+                pixels being decoded by others (503).
         """
         if len(data) > self.max_upload_bytes:
             raise ApiError(413, f"the upload is {len(data):,} bytes; the limit is {self.max_upload_bytes:,}")
-        image = decode_upload(data, self.max_pixels)
         name = re.sub(r"[^\w. -]+", "_", name)[:80] or "upload"
         entry_id = f"upload-{secrets.token_hex(4)}"
-        entry = self._entry(image, name, "upload", entry_id)
+        w, h = upload_size(data, self.max_pixels)
+        with self.pixels.share(w * h, self.wait, "images being decoded"):
+            entry = self._decoder.submit(self._decode, data, name, entry_id).result()
         with self._lock:
             self._entries[entry.id] = entry
             self._uploads.append(entry.id)
             while len(self._uploads) > self.max_uploads:
                 self._entries.pop(self._uploads.pop(0), None)
         return entry
+
+    def _decode(self, data: bytes, name: str, entry_id: str) -> ImageEntry:
+        with decoded_upload(data, self.max_pixels) as image:
+            return self._entry(image, name, "upload", entry_id)
 
     def get(self, image_id: str) -> ImageEntry:
         """The image with this id.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import secrets
 import threading
 import time
@@ -73,13 +74,17 @@ class OcclusionJob:
                 "seconds": round(time.monotonic() - self.started, 3)}
 
 
+_INT = re.compile(r"-?[0-9]{1,9}", re.ASCII)
+
+
 def _int(params: dict[str, Any], name: str, default: int | None) -> int | None:
+    """An integer parameter: a JSON integer, or a string of ASCII digits (full-width refused)."""
     value = params.get(name, default)
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**9):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _INT.fullmatch(value):
         return int(value)
-    raise BadRequest(f"'{name}' must be an integer, got {value!r}")
+    raise BadRequest(f"'{name}' must be an integer, got {str(value)[:40]!r}")
 
 
 class OcclusionJobs:
@@ -96,6 +101,7 @@ class OcclusionJobs:
         self._jobs: OrderedDict[str, OcclusionJob] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     def start(self, params: dict[str, Any]) -> OcclusionJob:
         """Checks the parameters and starts a job.
@@ -128,12 +134,16 @@ class OcclusionJobs:
         job = OcclusionJob(secrets.token_hex(4), image.id, layer, channel, target, patch, stride,  # type: ignore[arg-type]
                            len(tops) * len(lefts))
         with self._lock:
+            if self._stop.is_set():
+                raise ApiError(503, "the server is stopping")
             if any(j.state == "running" for j in self._jobs.values()):
                 raise ApiError(429, "an occlusion is already running; wait for it to finish")
             self._jobs[job.id] = job
             while len(self._jobs) > 8:
                 self._jobs.popitem(last=False)
-        threading.Thread(target=self._run, args=(job,), name=f"zfvis-occlusion-{job.id}", daemon=True).start()
+            thread = threading.Thread(target=self._run, args=(job,), name=f"zfvis-occlusion-{job.id}", daemon=True)
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+            thread.start()
         return job
 
     def get(self, job_id: str) -> OcclusionJob:
@@ -148,9 +158,23 @@ class OcclusionJobs:
             raise NotFound(f"no occlusion job '{job_id}'")
         return job
 
-    def close(self) -> None:
-        """Stops running jobs after their current batch."""
+    def cancel(self) -> None:
+        """Stops running jobs after their current batch (and refuses new ones); returns at once."""
         self._stop.set()
+
+    def close(self, wait: float = 5.0) -> None:
+        """Cancels running jobs and waits up to ``wait`` seconds for them to end."""
+        self.cancel()
+        with self._lock:
+            threads = list(self._threads)
+        end = time.monotonic() + wait
+        for t in threads:
+            t.join(timeout=max(0.0, end - time.monotonic()))
+
+    def running(self) -> int:
+        """Job threads still running."""
+        with self._lock:
+            return sum(t.is_alive() for t in self._threads)
 
     def _n_classes(self) -> int | None:
         last = self.ex.layers()[-1] if self.ex.layers() else None

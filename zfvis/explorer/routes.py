@@ -1,6 +1,7 @@
 """The explorer's addresses: the page, its assets, the HTTP API and the runs' files.
 
-The API (all JSON unless said; errors are ``{"error": ..., "status": ...}``):
+The API (all JSON unless said; errors are ``{"error": ..., "status": ...}``; who may call
+it: :mod:`zfvis.explorer.security`; docs/reference/http-api.md has it all):
 
 =======  ===============================  ===============================================
 GET      /api/info                        model, input shape, rules, images, runs, classes
@@ -19,12 +20,15 @@ GET      /api/project?image&layer&channel[&y&x][&rule]
 GET      /api/project.png?...             the projection as a PNG (headers X-Zfvis-Value,
                                           X-Zfvis-Position, X-Zfvis-Box)
 GET      /api/project.npy?...             the projection, float32 (C, H, W)
+GET      /api/predict?image               the image's top 5 outputs: rank, class,
+                                          softmax probability, score
 GET      /api/units?layer&channel         each run's top activations of the unit
 GET      /api/runs                        the mining runs
 POST     /api/occlusion                   start occlusion: {image, layer, channel,
                                           target, patch, stride}
 GET      /api/occlusion/<id>              its progress, then its maps
 GET      /runs/<n>/<path>                 a run's files (its gallery)
+GET      /, /static/<file>, /favicon.ico  the page
 =======  ===============================  ===============================================
 """
 
@@ -32,11 +36,10 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from .._version import __version__
 from . import encode
@@ -54,19 +57,20 @@ STATIC_FILES = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 _PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self' 'unsafe-inline'; "
              "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'")
 _RUN_CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self'; script-src 'none'; object-src 'none'"
 _JSON_LIMIT = 64 << 10
-_INT = re.compile(r"-?\d{1,9}")
+_INT = re.compile(r"-?[0-9]{1,9}", re.ASCII)
 
 
 def _int(query: dict[str, str], name: str) -> int:
     text = query.get(name)
     if text is None or text == "":
         raise BadRequest(f"missing parameter '{name}'")
-    if not _INT.fullmatch(text.strip()):
+    if not _INT.fullmatch(text):
         raise BadRequest(f"'{name}' must be an integer, got {text[:40]!r}")
     return int(text)
 
@@ -98,17 +102,19 @@ class App:
         self.name = name
         self.classes = classes
         self.verbose = False
-        self.slots = threading.BoundedSemaphore(32)
         self._get: dict[str, Callable[[Request], Response]] = {
             "/api/info": self.info, "/api/layers": self.layers, "/api/images": self.image_list,
             "/api/maps": self.maps, "/api/maps.png": self.maps_png, "/api/map.png": self.map_png,
             "/api/project": self.project, "/api/project.png": self.project_png,
             "/api/project.npy": self.project_npy, "/api/units": self.units, "/api/runs": self.run_list,
+            "/api/predict": self.predict,
         }
 
-    def body_limit(self, path: str) -> int:
-        """The largest body a POST to ``path`` may have."""
-        return self.ex.images.max_upload_bytes if path == "/api/images" else _JSON_LIMIT
+    def body_limit(self, method: str, target: str) -> int:
+        """The largest body a request may have (an upload's, a JSON body's, else none)."""
+        if method != "POST":
+            return 0
+        return self.ex.images.max_upload_bytes if urlsplit(target).path == "/api/images" else _JSON_LIMIT
 
     def route(self, r: Request) -> Response:
         """The response to a request (routes raise :class:`ApiError` to refuse)."""
@@ -125,6 +131,8 @@ class App:
             return self._get[path](r)
         if path == "/" or path == "/index.html":
             return self.static("index.html", r)
+        if path == "/favicon.ico":
+            return self.static("favicon.svg", r)
         if path.startswith("/static/"):
             return self.static(path[len("/static/"):], r)
         if path.startswith("/api/images/") and path.endswith(".png"):
@@ -158,6 +166,16 @@ class App:
     def layers(self, r: Request) -> Response:
         """Every layer in graph order."""
         return json_response({"input": list(self.ex.input_shape()), "layers": [x.info() for x in self.ex.layers()]})
+
+    def predict(self, r: Request) -> Response:
+        """The image's top 5 outputs (class names where known)."""
+        image = self.ex.images.get(r.query.get("image", "")).id
+        top = self.ex.predict(image)
+        out = self.ex.output_layer()
+        if top is not None:
+            for t in top:
+                t["name"] = self.classes[t["class"]] if self.classes and t["class"] < len(self.classes) else None
+        return json_response({"image": image, "layer": out.name if out else None, "top": top})
 
     # ---------------------------------------------------------------- images
     def image_list(self, r: Request) -> Response:
@@ -257,5 +275,4 @@ class App:
 def _meta_headers(meta: dict[str, Any]) -> dict[str, str]:
     pos = meta["position"]
     return {"X-Zfvis-Value": repr(float(meta["value"])), "X-Zfvis-Position": "" if pos is None else f"{pos[0]},{pos[1]}",
-            "X-Zfvis-Box": ",".join(str(v) for v in meta["box"]), "X-Zfvis-Meta": json.dumps(meta),
-            "Access-Control-Expose-Headers": "X-Zfvis-Value, X-Zfvis-Position, X-Zfvis-Box, X-Zfvis-Meta"}
+            "X-Zfvis-Box": ",".join(str(v) for v in meta["box"]), "X-Zfvis-Meta": json.dumps(meta)}

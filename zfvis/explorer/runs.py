@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,10 @@ class MiningRun:
         for rank, e in enumerate(entries):
             h, w = layout.sizes[rank]
             (t, lp), (_, lq) = layout.place(rank, False), layout.place(rank, True)
-            tiles.append({"rank": rank + 1, "image": e.get("image"), "value": e.get("value"),
+            image = str(e.get("image") or "")
+            parts = image.replace("\\", "/").split("/")
+            tiles.append({"rank": rank + 1, "image": e.get("image"), "file": parts[-1],
+                          "folder": parts[-2] if len(parts) > 1 else None, "value": e.get("value"),
                           "position": e.get("position"), "box": e.get("box"), "size": [h, w],
                           "projection_at": [t, lp], "patch_at": [t, lq]})
         return {"run": self.index, "mined": True, "layer": data["name"], "channel": channel, "sheet": sheet,
@@ -165,7 +169,7 @@ class RunSet:
         Raises:
             NotFound: No such run.
         """
-        if not index.isdigit() or int(index) >= len(self.runs):
+        if not re.fullmatch(r"[0-9]{1,6}", index, re.ASCII) or int(index) >= len(self.runs):
             raise NotFound(f"no run '{index}'; GET /api/runs lists them")
         return self.runs[int(index)]
 

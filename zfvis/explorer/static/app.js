@@ -5,7 +5,7 @@
   const params = new URLSearchParams(location.search);
   const TOKEN = params.get("token") || "";
   const S = { info: null, layers: [], grid: null, image: null, layer: null, channel: null, y: null, x: null,
-              rule: "deconvnet", sort: "channel", seq: 0, urls: [] };
+              rule: "deconvnet", sort: "strongest", seq: 0, urls: [], notice: null };
 
   // ------------------------------------------------------------------ plumbing
   function api(path, query) {
@@ -25,10 +25,12 @@
   const getJSON = async (path, query) => (await call(path, query)).json();
   function showError(err) {
     const box = $("error");
+    if (!err) err = S.notice;  // a link's unknown name stays visible until the view changes
     if (!err) { box.hidden = true; return; }
     box.textContent = String(err.message || err);
     box.hidden = false;
   }
+  const pct = (p) => p >= 0.995 ? (100 * p).toFixed(0) + "%" : p >= 0.001 ? (100 * p).toFixed(1) + "%" : "<0.1%";
   const fmt = (v) => (v === null || v === undefined) ? "" : (Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : v.toPrecision(2));
   function el(tag, attrs, kids) {
     const e = document.createElement(tag);
@@ -45,7 +47,7 @@
     const q = new URLSearchParams();
     if (TOKEN) q.set("token", TOKEN);
     for (const k of ["image", "layer", "channel", "y", "x", "rule", "sort"]) {
-      if (S[k] !== null && S[k] !== undefined && !(k === "sort" && S.sort === "channel")) q.set(k, S[k]);
+      if (S[k] !== null && S[k] !== undefined && !(k === "sort" && S.sort === "strongest")) q.set(k, S[k]);
     }
     const url = location.pathname + "?" + q.toString();
     if (url === location.pathname + location.search) return;
@@ -53,13 +55,23 @@
   }
   function readURL() {
     const q = new URLSearchParams(location.search);
-    const int = (k) => (q.get(k) !== null && q.get(k) !== "" && !isNaN(+q.get(k))) ? +q.get(k) : null;
-    const images = S.info.images.map((i) => i.id);
-    S.image = images.includes(q.get("image")) ? q.get("image") : images[0] || null;
-    S.layer = layerInfo(q.get("layer")) ? q.get("layer") : defaultLayer();
+    const int = (k) => (q.get(k) !== null && /^[0-9]{1,9}$/.test(q.get(k))) ? +q.get(k) : null;
+    const images = S.info.images.map((i) => i.id), problems = [];
+    const image = q.get("image"), layer = q.get("layer");
+    if (image !== null && !images.includes(image)) problems.push(`no image '${image}' (uploads are forgotten when the server restarts)`);
+    if (layer !== null && !layerInfo(layer)) problems.push(`no layer '${layer}' in this model`);
+    for (const k of ["channel", "y", "x"]) if (q.get(k) !== null && int(k) === null) problems.push(`'${k}' must be a whole number, not '${q.get(k)}'`);
+    S.image = images.includes(image) ? image : images[0] || null;
+    S.layer = layerInfo(layer) ? layer : defaultLayer();
     S.channel = int("channel"); S.y = int("y"); S.x = int("x");
+    const l = layerInfo(S.layer);
+    if (S.channel !== null && l && l.shape.length && S.channel >= l.shape[0]) {
+      problems.push(`channel ${S.channel} is out of range: ${S.layer} has ${l.shape[0]} (0..${l.shape[0] - 1})`);
+      S.channel = null; S.y = null; S.x = null;
+    }
     S.rule = ["deconvnet", "guided", "gradient", "all"].includes(q.get("rule")) ? q.get("rule") : "deconvnet";
-    S.sort = q.get("sort") === "strongest" ? "strongest" : "channel";
+    S.sort = q.get("sort") === "channel" ? "channel" : "strongest";
+    S.notice = problems.length ? "The link names " + problems.join("; ") + `. Showing ${S.image}, ${S.layer} instead; the layers are listed ${matchMedia("(max-width: 760px)").matches ? "under “layers ▾”" : "on the left"}.` : null;
   }
   function defaultLayer() {
     const maps = S.layers.filter((l) => l.shape.length === 3 && l.name !== l.node);
@@ -80,11 +92,12 @@
         el("span", { class: "nm" }, [el("span", { text: l.name + " " }), el("span", { class: "kind", text: l.name === l.node ? l.kind : l.node })]),
         el("span", { text: l.shape.join("×") }), el("span", { text: rf })]);
       if (l.name === S.layer) li.classList.add("on");
-      li.addEventListener("click", () => go({ layer: l.name, channel: null, y: null, x: null }));
+      li.addEventListener("click", () => { $("layers-panel").classList.remove("open"); go({ layer: l.name, channel: null, y: null, x: null }); });
       list.appendChild(li);
     }
     const on = list.querySelector("li.on");
-    if (on) on.scrollIntoView({ block: "nearest" });
+    if (on && $("layers-panel").offsetHeight > 0) on.scrollIntoView({ block: "nearest" });
+    $("layers-toggle").textContent = `${S.layer} ▾`;
   }
 
   // ------------------------------------------------------------------ images
@@ -125,25 +138,79 @@
     if (S.sort === "strongest") idx.sort((a, b) => S.grid.max[b] - S.grid.max[a] || a - b);
     return idx;
   }
+  const isOutput = (l) => !!(l && S.info.classes && l.shape.length === 1 && l.shape[0] === S.info.classes.length &&
+    S.layers.length && S.layers[S.layers.length - 1].name === l.name);
+  function softmax(v) {
+    const m = Math.max(...v), e = v.map((x) => Math.exp(x - m)), z = e.reduce((a, b) => a + b, 0);
+    return e.map((x) => x / z);
+  }
   function renderMaps() {
-    const g = S.grid, box = $("maps");
-    const [th, tw] = g.sprite.tile, side = g.channels > 256 ? 44 : 64;
-    const scale = g.vector ? side / 2 / Math.max(th, tw) : side / Math.max(th, tw);
-    const w = Math.round(tw * scale), h = Math.round(th * scale);
-    box.style.setProperty("--tile", (w + 10) + "px");
-    const what = g.vector ? `${g.channels} units (a vector)` : `${g.channels} feature maps of ${g.map_size[0]}×${g.map_size[1]}`;
-    $("maps-title").textContent = `${S.layer}: ${what}`;
+    const g = S.grid, box = $("maps"), l = layerInfo(S.layer);
     box.textContent = "";
+    box.className = "maps";
+    if (g.vector) { renderUnits(g, l); return; }
+    const [th, tw] = g.sprite.tile;
+    const side = g.channels > 1024 ? 26 : g.channels > 256 ? 36 : g.channels > 64 ? 52 : 64;
+    const dense = g.channels > 256;
+    const scale = side / Math.max(th, tw), w = Math.round(tw * scale), h = Math.round(th * scale);
+    box.style.setProperty("--tile", (w + (dense ? 2 : 10)) + "px");
+    if (dense) box.classList.add("dense");
+    $("maps-title").textContent = `${S.layer}: ${g.channels} feature maps of ${g.map_size[0]}×${g.map_size[1]}`;
+    $("maps-note").textContent = "each map scaled to its own maximum (black: zero)" + (dense ? "; hover a map for its number and maximum" : "; the number is its maximum");
     const rows = Math.ceil(g.channels / g.sprite.cols);
+    const frag = document.createDocumentFragment();
     for (const c of order()) {
       const col = c % g.sprite.cols, row = Math.floor(c / g.sprite.cols);
       const t = el("div", { class: "t", style: `width:${w}px;height:${h}px;background-image:url("${g.spriteURL}");` +
         `background-size:${g.sprite.cols * w}px ${rows * h}px;background-position:-${col * w}px -${row * h}px` });
-      const tile = el("div", { class: "tile" + (c === S.channel ? " on" : ""), "data-channel": c, title: `channel ${c}: maximum ${g.max[c]}` },
-        [t, el("div", { class: "c", text: "#" + c }), el("div", { class: "v", text: fmt(g.max[c]) })]);
+      const kids = dense ? [t] : [t, el("div", { class: "c", text: "#" + c }), el("div", { class: "v", text: fmt(g.max[c]) })];
+      const tile = el("div", { class: "tile" + (c === S.channel ? " on" : ""), "data-channel": c, title: `channel ${c}: maximum ${fmt(g.max[c])}` }, kids);
       tile.addEventListener("click", () => go({ channel: c, y: null, x: null }));
-      box.appendChild(tile);
+      frag.appendChild(tile);
     }
+    box.appendChild(frag);
+  }
+  function renderUnits(g, l) {
+    // a vector layer: one row per unit, a bar for its value; the output layer's units are classes
+    const box = $("maps"), classes = isOutput(l) ? S.info.classes : null;
+    const probs = classes ? softmax(g.max) : null;
+    const rank = new Map([...g.max.keys()].sort((a, b) => g.max[b] - g.max[a] || a - b).map((c, i) => [c, i + 1]));
+    const hi = Math.max(...g.max.map(Math.abs), 1e-12);
+    box.classList.add("units");
+    $("maps-title").textContent = classes ? `${S.layer}: the model's ${g.channels} class scores` : `${S.layer}: ${g.channels} units (a vector)`;
+    $("maps-note").textContent = classes ? "rank, class, softmax probability; the bar is the score; click one to project it" : "each unit's value (the bar: against the largest); click one to project it";
+    const frag = document.createDocumentFragment();
+    for (const c of order()) {
+      const label = classes ? `${classes[c]}` : `unit ${c}`;
+      const bar = el("span", { class: "bar" }, [el("i", { style: `width:${Math.max(0, 100 * g.max[c] / hi).toFixed(1)}%` }), el("b", { text: label })]);
+      const row = el("div", { class: "unitrow tile" + (c === S.channel ? " on" : ""), "data-channel": c,
+        title: classes ? `${classes[c]} (class ${c}): rank ${rank.get(c)}, probability ${pct(probs[c])}, score ${fmt(g.max[c])}` : `unit ${c}: ${g.max[c]}` },
+        [el("span", { class: "r", text: "#" + rank.get(c) }), bar, el("span", { class: "p", text: classes ? pct(probs[c]) : fmt(g.max[c]) })]);
+      row.addEventListener("click", () => go({ channel: c, y: null, x: null }));
+      frag.appendChild(row);
+    }
+    box.appendChild(frag);
+  }
+  async function loadPredict() {
+    const box = $("predict"), seq = S.seq;
+    const data = await getJSON("/api/predict", { image: S.image });
+    if (seq !== S.seq) return;
+    box.textContent = "";
+    if (!data.top) { box.hidden = true; return; }
+    box.hidden = false;
+    box.appendChild(el("h3", { text: `The model's top ${data.top.length} for this image (${data.layer})` }));
+    const list = el("ol");
+    for (const t of data.top) {
+      const name = t.name !== null && t.name !== undefined ? t.name : `class ${t.class}`;
+      const item = el("li", { "data-class": t.class, title: `${name}: class ${t.class}, rank ${t.rank}, probability ${pct(t.probability)}, score ${fmt(t.score)}` }, [
+        el("span", { class: "muted", text: String(t.rank) }),
+        el("span", { class: "bar" }, [el("i", { style: `width:${(100 * t.probability).toFixed(1)}%` }), el("b", { text: name })]),
+        el("span", { class: "p", text: pct(t.probability) })]);
+      item.style.cursor = "pointer";
+      item.addEventListener("click", () => go({ layer: data.layer, channel: t.class, y: null, x: null }));
+      list.appendChild(item);
+    }
+    box.appendChild(list);
   }
 
   // ------------------------------------------------------------------ one unit
@@ -160,7 +227,7 @@
     const seq = S.seq, l = layerInfo(S.layer);
     for (const u of S.urls.splice(0)) URL.revokeObjectURL(u);
     if (S.channel === null) {
-      $("unit-title").textContent = "Click a feature map below to project its strongest activation";
+      $("unit-title").textContent = l && l.shape.length === 1 ? "Click a unit to project it to pixel space" : "Click a feature map to project its strongest activation to pixel space";
       $("unit-caption").textContent = ""; $("projections").textContent = "";
       $("rf-box").hidden = true; $("map-figure").hidden = true; $("top9").hidden = true;
       return;
@@ -170,9 +237,19 @@
     for (const rule of rules) shots.push(await fetchProjection(rule));
     if (seq !== S.seq) return;
     const m = shots[0].meta, [H, W] = m.shape.slice(1);
-    const where = m.position ? `at (${m.position[0]}, ${m.position[1]})` : "";
-    const which = (S.y !== null) ? "the activation" : "its strongest activation";
-    $("unit-title").textContent = `${S.layer}, channel ${S.channel}: ${which} ${where}, projected to pixel space`;
+    const where = m.position ? ` at (${m.position[0]}, ${m.position[1]})` : "";
+    let title;
+    if (l.shape.length === 1) {
+      const classes = isOutput(l) ? S.info.classes : null;
+      if (classes && S.grid && S.grid.vector) {
+        const probs = softmax(S.grid.max), rank = S.grid.max.filter((v) => v > S.grid.max[S.channel]).length + 1;
+        title = `${S.layer}, class ${S.channel} “${classes[S.channel]}” (rank ${rank} of ${classes.length}, probability ${pct(probs[S.channel])}): its score, projected to pixel space`;
+      } else title = `${S.layer}, unit ${S.channel}: its value, projected to pixel space`;
+    } else {
+      const which = (S.y !== null) ? "the activation" : "its strongest activation";
+      title = `${S.layer}, channel ${S.channel}: ${which}${where}, projected to pixel space`;
+    }
+    $("unit-title").textContent = title;
     const [t, lft, b, r] = m.box;
     $("unit-caption").textContent = `value ${fmt(m.value)} · receptive field rows ${t}–${b - 1}, columns ${lft}–${r - 1} of the ${H}×${W} input · ` +
       (S.rule === "all" ? "three rules side by side" : `rule ${S.rule}`) + " · projections: zero is grey, scaled by the largest absolute value" +
@@ -227,12 +304,16 @@
       if (!run.mined) { box.appendChild(el("p", { class: "muted", text: run.reason })); continue; }
       title.appendChild(el("a", { href: api(run.page), target: "_blank", text: "gallery page ↗" }));
       const strip = el("div", { class: "top9" });
-      const k = 64 / Math.max(...run.entries.map((e) => Math.max(...e.size)));
+      const side = matchMedia("(max-width: 760px)").matches ? 72 : 96;  // every tile at one readable size
       for (const e of run.entries) {
-        const cut = (at) => el("div", { style: `width:${e.size[1] * k}px;height:${e.size[0] * k}px;background-image:url("${api(run.sheet)}");` +
-          `background-size:${run.sheet_size[1] * k}px ${run.sheet_size[0] * k}px;background-position:-${at[1] * k}px -${at[0] * k}px` });
-        strip.appendChild(el("div", { class: "pair", title: `${e.image} value ${e.value} at ${e.position}` },
-          [el("div", { class: "tiles" }, [cut(e.projection_at), cut(e.patch_at)]), el("span", { text: `#${e.rank} ${fmt(e.value)}` })]));
+        const k = side / Math.max(...e.size), ph = e.size[0] * k, pw = e.size[1] * k;
+        const cut = (at, what) => el("div", { title: what, style: `background-image:url("${api(run.sheet)}");` +
+          `background-size:${run.sheet_size[1] * k}px ${run.sheet_size[0] * k}px;background-position:${(side - pw) / 2 - at[1] * k}px ${(side - ph) / 2 - at[0] * k}px;` +
+          `clip-path:inset(${(side - ph) / 2}px ${(side - pw) / 2}px)` });
+        const label = e.file + (e.folder ? ` · ${e.folder}` : "");
+        strip.appendChild(el("div", { class: "pair", "data-rank": e.rank, title: `#${e.rank}: ${e.image}, value ${e.value} at ${e.position}` }, [
+          el("div", { class: "tiles" }, [cut(e.projection_at, "projection"), cut(e.patch_at, "image patch")]),
+          el("span", { text: `#${e.rank} ${fmt(e.value)}` }), el("span", { class: "file", text: label })]));
       }
       box.appendChild(strip);
     }
@@ -254,6 +335,7 @@
     const body = { image: S.image, layer: S.layer, channel: S.channel, patch: +$("occ-patch").value, stride: +$("occ-stride").value };
     if ($("occ-target").value !== "") body.target = +$("occ-target").value;
     const status = $("occ-status"), bar = $("occ-progress");
+    S.occImage = S.image;
     try {
       let job = await (await call("/api/occlusion", {}, { method: "POST", body: JSON.stringify(body),
         headers: { "X-Zfvis-Token": TOKEN, "Content-Type": "application/json" } })).json();
@@ -283,15 +365,28 @@
     ctx.putImageData(im, 0, 0);
     return c;
   }
+  function overlay(values, lo, hi, caption, kind, job) {
+    // the map over the image it was measured on, each cell centred where the occluder's centre was; a colour bar
+    const r = job.result, [H, W] = S.info.input.slice(1), half = job.patch / 2, st = job.stride;
+    const y0 = Math.max(0, r.tops[0] + half - st / 2), y1 = Math.min(H, r.tops[r.tops.length - 1] + half + st / 2);
+    const x0 = Math.max(0, r.lefts[0] + half - st / 2), x1 = Math.min(W, r.lefts[r.lefts.length - 1] + half + st / 2);
+    const map = heat(values, lo, hi);
+    Object.assign(map.style, { left: 100 * x0 / W + "%", top: 100 * y0 / H + "%", width: 100 * (x1 - x0) / W + "%",
+                               height: 100 * (y1 - y0) / H + "%" });
+    const frame = el("div", { class: "frame" }, [el("img", { src: api(`/api/images/${S.occImage}.png`), alt: "the input image" }), map]);
+    const bar = el("div", { class: "colorbar" }, [el("span", { text: fmt(lo) }), el("i"), el("span", { text: fmt(hi) })]);
+    return el("figure", { "data-kind": kind }, [frame, bar, el("figcaption", { text: caption })]);
+  }
   function drawOcclusion(job) {
     const r = job.result, box = $("occ-result"), flat = (m) => m.flat();
     box.textContent = "";
-    const name = r.target_name ? `"${r.target_name}"` : `class ${r.target}`;
+    const classes = S.info.classes;
+    const name = r.target_name ? `“${r.target_name}”` : (classes && classes[r.target] ? `“${classes[r.target]}”` : `class ${r.target}`);
     const act = flat(r.activation), p = flat(r.class_prob);
-    box.appendChild(el("figure", { "data-kind": "activation" }, [heat(r.activation, Math.min(...act), Math.max(...act)),
-      el("figcaption", { text: `total activation of ${job.layer} #${job.channel} with the occluder at each position (purple low, yellow high); unoccluded ${fmt(r.base_activation)}` })]));
-    box.appendChild(el("figure", { "data-kind": "probability" }, [heat(r.class_prob, 0, 1),
-      el("figcaption", { text: `probability of ${name} (0 purple, 1 yellow); unoccluded ${fmt(r.base_prob)}, lowest ${fmt(Math.min(...p))}` })]));
+    box.appendChild(overlay(r.activation, Math.min(...act), Math.max(...act),
+      `total activation of ${job.layer} #${job.channel} with the occluder centred at each place (unoccluded ${fmt(r.base_activation)})`, "activation", job));
+    box.appendChild(overlay(r.class_prob, 0, 1,
+      `probability of ${name} with the occluder there (unoccluded ${pct(r.base_prob)}, lowest ${pct(Math.min(...p))})`, "probability", job));
   }
 
   // ------------------------------------------------------------------ navigation
@@ -304,6 +399,7 @@
     renderImages();
     renderLayers();
     try {
+      if (S.predictFor !== S.image) { S.predictFor = S.image; await loadPredict(); }
       if (what.maps) await loadMaps(); else if (S.grid) renderMaps();
       await loadUnit();
       document.body.dataset.ready = String(S.seq);
@@ -311,6 +407,7 @@
   }
   function go(change, push = true) {
     const maps = "image" in change || "layer" in change;
+    S.notice = null;
     Object.assign(S, change);
     writeURL(push && !("sort" in change));
     render({ maps });
@@ -323,9 +420,15 @@
       const next = ids[Math.min(Math.max(at + (ev.key === "ArrowRight" ? 1 : -1), 0), ids.length - 1)];
       go({ channel: next, y: null, x: null }); ev.preventDefault();
     } else if (ev.key === "ArrowUp" || ev.key === "ArrowDown") {
-      const shown = [...document.querySelectorAll("#layers li")].map((li) => li.dataset.layer);
-      const at = shown.indexOf(S.layer), next = shown[Math.min(Math.max(at + (ev.key === "ArrowDown" ? 1 : -1), 0), shown.length - 1)];
-      if (next && next !== S.layer) go({ layer: next, channel: null, y: null, x: null });
+      const named = S.layers.filter((l) => l.name !== l.node);  // the model's named layers (conv1, ..., fc8)
+      const walk = (named.length >= 2 ? named : S.layers).map((l) => l.name);
+      const pos = (name) => S.layers.findIndex((l) => l.name === name), here = pos(S.layer);
+      const next = ev.key === "ArrowDown" ? walk.find((n) => pos(n) > here) : walk.filter((n) => pos(n) < here).pop();
+      if (next && next !== S.layer) {
+        const l = layerInfo(next), count = l.shape.length ? l.shape[0] : 0;
+        const channel = S.channel === null ? null : Math.min(S.channel, count - 1);  // the channel, or its nearest
+        go({ layer: next, channel, y: null, x: null });
+      }
       ev.preventDefault();
     }
   }
@@ -350,6 +453,11 @@
     document.title = `zfvis explorer: ${S.info.model}`;
     document.querySelectorAll(".rules button").forEach((b) => b.addEventListener("click", () => go({ rule: b.dataset.rule })));
     $("layer-filter").addEventListener("input", renderLayers);
+    $("layers-toggle").addEventListener("click", () => {
+      const open = $("layers-panel").classList.toggle("open");
+      $("layers-toggle").setAttribute("aria-expanded", String(open));
+      if (open) $("layer-filter").focus();
+    });
     $("sort").addEventListener("change", () => go({ sort: $("sort").value }));
     $("map-frame").addEventListener("click", mapClick);
     document.addEventListener("keydown", key);
