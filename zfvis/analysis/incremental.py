@@ -120,6 +120,12 @@ class IncrementalOcclusion:
     def __init__(self, graph: ModelGraph, image: torch.Tensor, layer: str | None, grid: torch.Tensor,
                  patch: tuple[int, int], fill: torch.Tensor) -> None:  # fmt: skip
         self.model, self.image, self.grid, self.patch, self.fill = graph.model, image, grid, patch, fill
+        # what the model runs, checked against the graph (marks in-place writes and hooked leaves)
+        # first: it may rewire the graph, whose users the plans below read
+        try:
+            verify(graph, image[None]).check(graph, [graph.nodes[-1]])
+        except CaptureMismatchError as err:
+            raise NotIncremental(str(err)) from None
         self.modules = dict(self.model.named_modules())
         self.nodes = list(graph.input.fx_node.graph.nodes)
         self.names = {gn.fx_node: gn.name for gn in graph.nodes}
@@ -128,11 +134,6 @@ class IncrementalOcclusion:
         order = {n: i for i, n in enumerate(self.nodes)}
         self.last_use = {n: max((order[u] for u in n.users), default=-1) for n in self.nodes}
         self.base: dict[fx.Node, Any] = {}
-        # what the model runs, checked against the graph (marks in-place writes and hooked leaves)
-        try:
-            verify(graph, image[None]).check(graph, [graph.nodes[-1]])
-        except CaptureMismatchError as err:
-            raise NotIncremental(str(err)) from None
         self.writes = {gn.fx_node for gn in graph.nodes if gn.writes}
         self._base_pass()
         self.base_logits = self.base[self.output]
@@ -147,8 +148,9 @@ class IncrementalOcclusion:
     def call(self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], owned: bool = False) -> Any:
         """Runs one node's operation; an in-place one gets a copy of its first argument
         unless the caller ``owned`` it (no one reads it afterwards)."""
-        if not owned and args and isinstance(args[0], torch.Tensor) and self._in_place(node):
-            args = (args[0].clone(), *args[1:])
+        if self._in_place(node):  # it writes what it is given: its own copies (the first, unless owned)
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) and (k or not owned) else a
+                         for k, a in enumerate(args))
         if node.op == "call_module":
             return self.modules[node.target](*args, **kwargs)  # type: ignore[index]
         if node.op == "call_function":

@@ -172,6 +172,7 @@ class _Recorder(TorchDispatchMode):
         self.calls: list[AtenCall] = []
         self.made: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # tensor -> call that made it
         self.wrote: dict[int, int] = {}  # storage address -> call that last wrote it
+        self.born: dict[int, int] = {}  # storage address -> call that allocated it
         self.node: GraphNode | None = None
         self.start = 0
         self.on_call: Any = None  # the graph run's check of each call
@@ -191,7 +192,7 @@ class _Recorder(TorchDispatchMode):
         reads = tuple(self.ref(t) for t in tensors)
         written = _written(func, args, kwargs)
         if self.on_call is not None:
-            self.on_call(tensors)
+            self.on_call(tensors, written)
         out = func(*args, **kwargs)
         for t in written:
             self.made[t] = i
@@ -203,6 +204,7 @@ class _Recorder(TorchDispatchMode):
                 ptr = storage(t)
                 if not view and ptr:
                     self.wrote[ptr] = i
+                    self.born[ptr] = i
         consts = tuple(_const(v) for v in flat if not isinstance(v, torch.Tensor))
         name = self.node.name if self.node is not None else None
         random = torch.Tag.nondeterministic_seeded in func.tags
@@ -235,6 +237,7 @@ class _GraphRun:
         self.rec: _Recorder | None = None
         self.declared: set[str] = set()
         self.constant: set[str] = set()  # nodes whose values are integers or booleans: no signal
+        self.writers: set[str] = set()  # nodes that write into memory they did not make
         self.failed: GraphNode | None = None  # the node where the forward pass failed
         self.first_dims: dict[str, int] = {}  # each tensor output's first dimension
 
@@ -249,13 +252,16 @@ class _GraphRun:
         node = rec.calls[call].node if 0 <= call < len(rec.calls) else None
         return f"node '{node}'" if node else "another node"
 
-    def on_call(self, tensors: list[torch.Tensor]) -> None:
+    def on_call(self, tensors: list[torch.Tensor], written: list[torch.Tensor]) -> None:
         """Checks that each tensor a call reads is the value, at its version, of a node the
         graph passes to the running node (or made or written inside that node). A write
-        matters only where something reads the memory afterwards: the reader's check finds it."""
+        matters only where something reads the memory afterwards: the reader's check finds it;
+        a node that writes memory it did not make is noted (:attr:`Verdict.writers`)."""
         rec, node = self.rec, self.graph_node
         if rec is None or node is None:
             return
+        if any(rec.born.get(storage(t), -1) < rec.start for t in written):
+            self.writers.add(node.name)
         for t in tensors:
             made, wrote = rec.ref(t)
             inside = [v for v in (made, wrote) if isinstance(v, int)]
@@ -488,6 +494,8 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
             graph_calls, graph_out = run.run(copy, _names(model, copy))
             if run.constant:
                 mark_constant(graph, run.constant)
+            for name in run.writers:  # an opaque call that writes into what it was given
+                graph.by_name[name].writes = True
             twins = _in_place_twins(graph, model_calls, graph_calls)
             if not twins:
                 break

@@ -10,6 +10,7 @@ squeeze-and-excitation block), on windows where the factors have the same shape.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,14 @@ def _per_seed(value: torch.Tensor, frame: Frame, windowed: bool) -> torch.Tensor
     return value[frame.image]
 
 
+def _saved_copies(writes: bool) -> Any:
+    """For a node that writes into tensors it was given (``y[:, :2] = f(y)``), autograd keeps
+    copies of what the backward needs, as they were when saved; else nothing changes."""
+    if not writes:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+
 class VectorJacobian(ReverseLayer):
     """The local vector-Jacobian product of one node at its recorded inputs.
 
@@ -47,9 +56,10 @@ class VectorJacobian(ReverseLayer):
             each seed's window of the map).
     """
 
-    def __init__(self, fn: Callable[..., Any], source: str, kind: str, *, windowed: bool = False) -> None:
+    def __init__(self, fn: Callable[..., Any], source: str, kind: str, *, windowed: bool = False,
+                 writes: bool = False) -> None:
         super().__init__()
-        self.source, self.kind, self.windowed = source, kind, windowed
+        self.source, self.kind, self.windowed, self.writes = source, kind, windowed, writes
         self._fn = fn
 
     def extra_repr(self) -> str:
@@ -60,7 +70,7 @@ class VectorJacobian(ReverseLayer):
         b = signal.shape[0]
         inputs = [_per_seed(t, frame, self.windowed).detach() for t in frame.state]
         inputs = [(t if t.shape[0] == b else t.expand(b, *t.shape[1:])).requires_grad_(True) for t in inputs]
-        with torch.enable_grad(), RuleMode(frame.rule):  # rectifiers inside a whole submodule: the rule
+        with torch.enable_grad(), RuleMode(frame.rule), _saved_copies(self.writes):  # rectifiers inside: the rule
             # fresh copies: an in-place operation must not write into the leaves
             out = self._fn(*(t.clone() for t in inputs))
             grads = torch.autograd.grad(out, inputs, signal.to(out.dtype), allow_unused=True)

@@ -156,7 +156,8 @@ def record_vjp(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: 
 def build_vjp(site: Site) -> deconv.ReverseLayer:
     if site.state is IDENTITY:
         return deconv.PassThrough(_source(site), site.node.kind)
-    return VectorJacobian(site.fn or live_call(site), _source(site), site.node.kind, windowed=site.cone == "same")
+    return VectorJacobian(site.fn or live_call(site), _source(site), site.node.kind, windowed=site.cone == "same",
+                          writes=site.node.writes)
 
 
 def build_whole_batch(site: Site) -> deconv.ReverseLayer:
