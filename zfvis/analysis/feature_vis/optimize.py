@@ -23,11 +23,15 @@ from ...io.checks import check_int, check_model, check_number, forward_failure
 from ...io.errors import InputTypeError, UserInputError, is_out_of_memory
 from .objectives import Objective, diversity_penalty
 from .param import PARAMS, ImageParam
-from .tap import LayerTap
+from .tap import LayerTap, redirected_relu
 from .transforms import Robustness
 from .units import make_objective
 
-__all__ = ["FeatureVisResult", "FeatureVisSettings", "feature_vis"]
+__all__ = ["REDIRECT_STEPS", "FeatureVisResult", "FeatureVisSettings", "feature_vis"]
+
+#: Steps at the start (at most a quarter of them) in which a ReLU layer passes the gradient of units
+#: that are off (:func:`.tap.redirected_relu`; Lucid's 16).
+REDIRECT_STEPS = 16
 
 
 @dataclasses.dataclass
@@ -213,8 +217,10 @@ def _model_place(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-def _forward(tap: LayerTap, rgb: torch.Tensor, s: FeatureVisSettings, model: nn.Module) -> torch.Tensor:
-    """The layer's output for [0, 1] RGB images (normalised as the model expects)."""
+def _forward(tap: LayerTap, rgb: torch.Tensor, s: FeatureVisSettings, model: nn.Module, *,
+             redirect: bool = False) -> torch.Tensor:  # fmt: skip
+    """The layer's output for [0, 1] RGB images (normalised as the model expects); with ``redirect``,
+    a layer's ReLU passes the gradient of units that are off (:func:`.tap.redirected_relu`)."""
     device, dtype = _model_place(model)
     rgb = rgb.to(device=device, dtype=dtype)
     mean = torch.tensor(s.mean, device=device, dtype=dtype).view(1, 3, 1, 1)
@@ -231,6 +237,8 @@ def _forward(tap: LayerTap, rgb: torch.Tensor, s: FeatureVisSettings, model: nn.
         raise forward_failure(err, model, x) from err
     if not isinstance(out, torch.Tensor):
         raise UserInputError(f"layer '{tap.layer or 'output'}' does not output one tensor")
+    if tap.rectify:
+        return redirected_relu(out) if redirect else torch.relu(out)
     return out
 
 
@@ -263,11 +271,12 @@ def _run_batch(tap: LayerTap, obj: Objective, param: ImageParam, rows: torch.Ten
     """Optimises one batch; returns its objective values per step (steps, B)."""
     opt = torch.optim.Adam([param.params], lr=s.lr)
     values = torch.empty(s.steps, len(rows))
+    redirect = min(REDIRECT_STEPS, s.steps // 4)
     for step in range(s.steps):
         img = param.image()
         if s.transforms is not None:
             img = s.transforms(img, gen)
-        acts = _forward(tap, img, s, tap.model)
+        acts = _forward(tap, img, s, tap.model, redirect=step < redirect)
         v = obj.values(acts, rows)
         loss = -v.sum()
         if s.diversity > 0 and s.images_per_unit > 1:

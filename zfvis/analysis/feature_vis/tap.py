@@ -6,11 +6,17 @@ called once, a forward hook on that module catches its output and stops the forw
 (the hook is removed in a ``finally``); any other node (a function call such as
 ``layer1.0.add``, a module called several times) runs through a copy of the traced graph
 cut after that node, a ``torch.fx.GraphModule`` sharing the model's modules.
+
+A layer that is a ReLU (``conv3`` of the zoo's models names the ReLU after the third
+convolution) is computed as the ReLU of its input, caught before the ReLU runs: so the
+optimisation may pass the gradient of a unit that is still off (:func:`redirected_relu`,
+Lucid's trick for the first steps), and an in-place ReLU never writes into the caught tensor.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -19,7 +25,27 @@ from torch import nn
 from ...core.deconvnet import Deconvnet
 from ...core.graph import GraphNode
 
-__all__ = ["LayerTap"]
+__all__ = ["LayerTap", "redirected_relu"]
+
+
+class _RedirectedReLU(torch.autograd.Function):
+    """ReLU whose gradient also passes where the input is negative, if it would raise the input."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - autograd's interface
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102 - autograd's interface
+        (x,) = ctx.saved_tensors
+        return torch.where((x > 0) | (grad < 0), grad, torch.zeros_like(grad))
+
+
+def redirected_relu(x: torch.Tensor) -> torch.Tensor:
+    """``relu(x)``, with a gradient that also flows into negative inputs where following it (descending
+    the loss) raises them: a unit that is off everywhere can still be turned on."""
+    return _RedirectedReLU.apply(x)
 
 
 class _Reached(Exception):
@@ -43,9 +69,14 @@ class LayerTap:
         self.node: GraphNode | None = None if layer is None else dn.layers.node(layer)
         self.module: nn.Module | None = None
         self.graph_module: fx.GraphModule | None = None
+        #: Whether the tap returns the input of the layer's ReLU (the caller rectifies it).
+        self.rectify = False
         node = self.node
         if node is None:
             return
+        live = [p for p in node.inputs if p.carries]
+        if node.op is not None and node.op.name == "relu" and len(live) == 1 and live[0] is not dn.graph.input:
+            node, self.rectify = live[0], True
         if node.module is not None and node.module_name is not None and node.module_name not in dn.graph.first_call:
             self.module = node.module
         else:
