@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=6, help="channels per layer (0 .. N-1)")
     p.add_argument("--layers", default=",".join(LAYERS))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("-o", "--output", default=str(Path(__file__).resolve().parent.parent / "docs" / "feature_vis_zfnet.png"))
+    default = Path(__file__).resolve().parent.parent / "docs" / "feature_vis_zfnet.png"
+    p.add_argument("-o", "--output", default=str(default))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, pre = zfvis.load_model("zfnet-cifar10")

@@ -12,7 +12,19 @@ from matplotlib.figure import Figure
 
 from ..analysis.feature_vis import FeatureVisResult
 from ..io.errors import InputTypeError, UserInputError
-from .layout import FONT_SMALL, FONT_TITLE, MARGIN, axes, finish, new_figure, show, text, text_height, text_width, title_band
+from .layout import (
+    FONT_SMALL,
+    FONT_TITLE,
+    MARGIN,
+    axes,
+    finish,
+    new_figure,
+    show,
+    text,
+    text_height,
+    text_width,
+    title_band,
+)
 from .render import _to_hwc
 
 __all__ = ["feature_vis_figure"]

@@ -256,7 +256,7 @@ def _optimize(tap: LayerTap, obj: Objective, s: FeatureVisSettings, layer: str |
     with _progress.progress(len(chunks) * s.steps, desc, "step", show=s.progress) as bar:
         for sl in chunks:
             param = ImageParam(s.param, start.params[sl].detach().clone().requires_grad_(True), s.size, s.decay)
-            vals = _run_batch(tap, obj, param, rows[sl].to(device), s, gen, bar)
+            vals = _run_batch(tap, obj, param, rows[sl].to(device), s, gen=gen, bar=bar)
             with torch.no_grad():
                 img = param.image()
                 final.append(obj.values(_forward(tap, img, s, tap.model), rows[sl].to(device)).float().cpu())
@@ -266,7 +266,7 @@ def _optimize(tap: LayerTap, obj: Objective, s: FeatureVisSettings, layer: str |
                             torch.cat(values, 1), torch.cat(final), s.param, s.seed, obj.position)
 
 
-def _run_batch(tap: LayerTap, obj: Objective, param: ImageParam, rows: torch.Tensor, s: FeatureVisSettings,
+def _run_batch(tap: LayerTap, obj: Objective, param: ImageParam, rows: torch.Tensor, s: FeatureVisSettings, *,
                gen: torch.Generator, bar: Any) -> torch.Tensor:  # fmt: skip
     """Optimises one batch; returns its objective values per step (steps, B)."""
     opt = torch.optim.Adam([param.params], lr=s.lr)

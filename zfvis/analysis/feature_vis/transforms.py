@@ -97,7 +97,8 @@ class Robustness:
         """The transformed batch (same shape); draws from ``generator`` (a CPU generator)."""
         n, _, h, w = x.shape
         p = self.width((h, w))
-        scales = torch.tensor(self.scales, dtype=torch.float64)[torch.randint(len(self.scales), (n,), generator=generator)]
+        pick = torch.randint(len(self.scales), (n,), generator=generator)
+        scales = torch.tensor(self.scales, dtype=torch.float64)[pick]
         degrees = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * self.degrees
         offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=generator)
         y = pad(x, p)
