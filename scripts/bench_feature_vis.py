@@ -57,7 +57,7 @@ def plain_loop(model: nn.Module, module: nn.Module, channel: int, *, steps: int,
             opt.step()
     finally:
         handle.remove()
-    return -float(loss)
+    return -float(loss.detach())
 
 
 def _time(fn, *args, **kwargs) -> tuple[float, object]:  # type: ignore[no-untyped-def]
@@ -114,12 +114,13 @@ def bench_reach(args: argparse.Namespace) -> None:
     layers = ["conv1", "conv2", "conv3", "conv4", "conv5"]
     data = top1(model, pre, layers, args.reach_images)
     dn = zfvis.Deconvnet(model)
-    k = args.reach_channels
-    print(f"(c) reach, zfnet-cifar10, channels 0-{k - 1} of each layer, {args.reach_steps} steps, against the top-1 "
+    which = f"channels 0-{args.reach_channels - 1}" if args.reach_channels else "all channels"
+    print(f"(c) reach, zfnet-cifar10, {which} of each layer, {args.reach_steps} steps, against the top-1 "
           f"over {args.reach_images} shipped sample images:")
     for layer in layers:
         row = []
-        for param in ("fourier", "pixel"):
+        k = args.reach_channels or int(data[layer].numel())
+        for param in args.reach_params.split(","):
             res = zfvis.feature_vis(model, layer, f"0-{k - 1}", steps=args.reach_steps, preprocess=pre, param=param,
                                     progress=False)
             x = (res.images - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
@@ -141,8 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vgg-channels", type=int, default=4)
     p.add_argument("--vgg-steps", type=int, default=16)
     p.add_argument("--vgg-size", type=int, default=224)
-    p.add_argument("--reach-channels", type=int, default=16)
+    p.add_argument("--reach-channels", type=int, default=16, help="the first N channels of each layer in (c); 0: all")
     p.add_argument("--reach-steps", type=int, default=256)
+    p.add_argument("--reach-params", default="fourier,pixel", help="parameterisations measured in (c)")
     p.add_argument("--reach-images", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: a, b, c")

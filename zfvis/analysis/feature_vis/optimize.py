@@ -157,7 +157,7 @@ def feature_vis(
         raise UserInputError("objective='logit' maximises the model's output; leave layer=None")
     tap = LayerTap(dn, layer)
     with eval_mode(dn.model):
-        probe = _forward(tap, torch.full((1, 3, *settings.size), 0.5), settings, dn.model)
+        probe = _forward(tap, torch.full((1, 3, *settings.size), 0.5), settings, dn.model, probe=True)
         obj = make_objective(objective, probe, channels=channels, position=position, direction=direction,
                              layer=layer)
         obj.default_position(probe)
@@ -218,9 +218,11 @@ def _model_place(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _forward(tap: LayerTap, rgb: torch.Tensor, s: FeatureVisSettings, model: nn.Module, *,
-             redirect: bool = False) -> torch.Tensor:  # fmt: skip
+             redirect: bool = False, probe: bool = False) -> torch.Tensor:  # fmt: skip
     """The layer's output for [0, 1] RGB images (normalised as the model expects); with ``redirect``,
-    a layer's ReLU passes the gradient of units that are off (:func:`.tap.redirected_relu`)."""
+    a layer's ReLU passes the gradient of units that are off (:func:`.tap.redirected_relu`). A failure
+    of the ``probe`` (the first forward, on the settings as given) is the user's input's
+    (:class:`~zfvis.ForwardPassError`); running out of memory is, always."""
     device, dtype = _model_place(model)
     rgb = rgb.to(device=device, dtype=dtype)
     mean = torch.tensor(s.mean, device=device, dtype=dtype).view(1, 3, 1, 1)
@@ -234,6 +236,8 @@ def _forward(tap: LayerTap, rgb: torch.Tensor, s: FeatureVisSettings, model: nn.
         if is_out_of_memory(err):
             raise UserInputError(f"out of memory with a batch of {x.shape[0]} images of {x.shape[-2]}x"
                                  f"{x.shape[-1]}; pass a smaller batch_size") from None
+        if not probe:
+            raise
         raise forward_failure(err, model, x) from err
     if not isinstance(out, torch.Tensor):
         raise UserInputError(f"layer '{tap.layer or 'output'}' does not output one tensor")
