@@ -309,6 +309,9 @@ def test_cli_writes_the_grid_and_the_summary(tmp_path: Path, capsys: pytest.Capt
     (["--layers", "conv9"], "not a layer"),
     (["--channels", "x"], "--channels"),
     (["--steps", "0"], "--steps"),
+    (["--seed", str(2**70)], "--seed"),
+    (["--layers", "fc6", "--input-size", "40"], "--input-size 40 does not fit"),
+    (["--input-size", "4"], "--input-size"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
                                              message: str) -> None:
@@ -322,6 +325,17 @@ def test_cli_keeps_a_persons_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["optimize", "--layers", "conv1", "--channels", "0", "--steps", "1", "--no-progress",
                  "-o", str(tmp_path)]) == 2
     assert (tmp_path / "feature_vis.png").read_text() == "mine" and "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_interrupted_leaves_no_new_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zfvis.cli.optimize as command
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "feature_vis", interrupted)
+    assert main(["optimize", "--channels", "0", "--no-progress", "-o", str(tmp_path / "new")]) == 130
+    assert not (tmp_path / "new").exists()
 
 
 def _script(name: str) -> ModuleType:

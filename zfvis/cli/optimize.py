@@ -20,7 +20,7 @@ from ..models.zoo import get_spec
 from ..viz.feature_vis import feature_vis_figure
 from ._analysis import write_results
 from ._common import CLIError, add_config_arg, add_model_args, parse_channels, whole
-from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
+from .models import feature_layers, fit_input_size, load_zoo_model, resolve_device, resolve_layer
 from .outputs import check_output
 
 __all__ = ["FIGURE", "add_parser", "run"]
@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=whole, default=256, help="optimisation steps (default 256)")
     p.add_argument("--param", choices=("fourier", "pixel", "both"), default="fourier",
                    help="image parameterisation; both: Fourier beside plain pixels (default fourier)")
-    p.add_argument("--size", type=whole, help="image side (default: the model's input size)")
+    p.add_argument("--input-size", type=whole, help="image side (default: the model's own input size)")
     p.add_argument("--batch-size", type=whole, default=32, help="images optimised together (default 32)")
     p.add_argument("--seed", type=whole, default=0, help="seed of the starting images and transformations (default 0)")
     p.add_argument("--no-transforms", action="store_true", help="no random jitter, scale and rotation")
@@ -61,10 +61,10 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.size is not None and not 8 <= args.size <= 4096:
-        raise CLIError(f"--size must be between 8 and 4096, got {args.size}")
-    if args.seed < 0:
-        raise CLIError(f"--seed must be at least 0, got {args.seed}")
+    if args.input_size is not None and not 8 <= args.input_size <= 4096:
+        raise CLIError(f"--input-size must be between 8 and 4096, got {args.input_size}")
+    if not 0 <= args.seed < 2**63:
+        raise CLIError(f"--seed must be between 0 and {2**63 - 1}, got {args.seed}")
     parse_channels(args.channels)
 
 
@@ -82,7 +82,8 @@ def _layers(args: argparse.Namespace, dn: Deconvnet) -> list[str]:
 
 def _channel_counts(dn: Deconvnet, layers: list[str], size: int, channels: str, device: torch.device) -> None:
     """Refuses channels out of range before any optimisation runs."""
-    outs = dn.forward_outputs(torch.zeros(1, 3, size, size, device=device), layers)
+    with torch.no_grad():
+        outs = dn.forward_outputs(torch.zeros(1, 3, size, size, device=device), layers)
     total = 0
     for layer in layers:
         total += len(check_channels(parse_channels(channels), outs[layer].shape[1], layer))
@@ -96,10 +97,32 @@ def run(args: argparse.Namespace) -> int:
     model, preprocess = load_zoo_model(args.model, args.weights, device)
     dn = Deconvnet(model)
     layers = _layers(args, dn)
-    size = args.size or preprocess.crop or 224
+    own = preprocess.crop or 224
+    size = args.input_size or own
+    for layer in layers:  # the size reaches every layer (and the model's own size is not at fault)
+        fit_input_size(dn, model, layer, size, own, args.model, memory=False)
     _channel_counts(dn, layers, size, args.channels, device)
+    new = not Path(args.output).exists()
     out_dir = check_output(args.output, directory=True)
-    out = check_output(out_dir / FIGURE, overwrite=args.overwrite)
+    try:
+        out = check_output(out_dir / FIGURE, overwrite=args.overwrite)
+        results = _optimize_all(args, dn, layers, size, preprocess)
+    except BaseException:
+        if new and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a start that fails (or Ctrl-C) before any result leaves no folder behind
+        raise
+    weights = args.weights or get_spec(args.model).default_weights
+    title = f"{args.model} ({weights}): images maximising each channel's mean, {args.steps} steps"
+    main, *other = results.values()
+    feature_vis_figure(main, compare=other[0] if other else None, title=title, path=out)
+    _write_json(out.with_suffix(".json"), args, results, layers=layers, size=size, weights=weights)
+    print(f"wrote {out} (objectives and settings in {out.with_suffix('.json').name})")
+    return 0
+
+
+def _optimize_all(args: argparse.Namespace, dn: Deconvnet, layers: list[str], size: int,
+                  preprocess: Any) -> dict[str, list[FeatureVisResult]]:  # fmt: skip
+    """Each layer's images, per parameterisation (Fourier first)."""
     params = ("fourier", "pixel") if args.param == "both" else (args.param,)
     results: dict[str, list[FeatureVisResult]] = {p: [] for p in params}
     for layer in layers:
@@ -109,13 +132,7 @@ def run(args: argparse.Namespace) -> int:
                               progress=not args.no_progress)
             results[param].append(res)
             print(res.summary())
-    weights = args.weights or get_spec(args.model).default_weights
-    title = f"{args.model} ({weights}): images maximising each channel's mean, {args.steps} steps"
-    main = results[params[0]]
-    feature_vis_figure(main, compare=results["pixel"] if len(params) == 2 else None, title=title, path=out)
-    _write_json(out.with_suffix(".json"), args, results, layers=layers, size=size, weights=weights)
-    print(f"wrote {out} (objectives and settings in {out.with_suffix('.json').name})")
-    return 0
+    return results
 
 
 def _write_json(path: Path, args: argparse.Namespace, results: dict[str, list[FeatureVisResult]], *,
