@@ -114,3 +114,25 @@ def test_position_and_images_are_checked(shipped64) -> None:
         zfvis.connections(model, "conv3", 0, images=x, position=(8, 0))
     with pytest.raises(zfvis.UserInputError, match="one image"):
         zfvis.connections(model, "conv3", 0, images=torch.cat([x, x]))
+
+
+
+
+@pytest.mark.parametrize("module", ["zfvis.analysis.connections", "zfvis.analysis.feature_vis.optimize"])
+def test_paper_names_are_known_without_the_zoo(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    """``zfvis.connections(vgg, "conv3_1")`` and ``zfvis.feature_vis(vgg, "conv2_1")`` on a VGG built by
+    torchvision, where the zoo was never loaded: importing each module registers the zoo's layer names."""
+    import importlib
+    import sys
+
+    import zfvis.core.aliases as aliases
+
+    registry: list = []
+    monkeypatch.setattr(aliases, "_REGISTRY", registry)
+    for name in ("zfvis.models.aliases", module):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delattr(zfvis.models, "aliases", raising=False)
+    parent, _, leaf = module.rpartition(".")
+    monkeypatch.setattr(sys.modules[parent], leaf, getattr(sys.modules[parent], leaf))  # restored afterwards
+    importlib.import_module(module)
+    assert any(cls.__name__ == "VGG" for cls, _ in registry)

@@ -29,6 +29,7 @@ from ..core.deconvnet import Deconvnet
 from ..core.graph import GraphNode, eval_mode
 from ..io.checks import check_channels, check_model
 from ..io.errors import UnsupportedModelError, UserInputError
+from ..models import aliases as _aliases  # noqa: F401 - registers the zoo's layer names (conv3, conv5_3, ...)
 
 __all__ = ["Connections", "connections"]
 

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ... import models as _models  # noqa: F401 - registers the zoo's layer aliases (conv3, conv5_3, ...)
 from ...core.deconvnet import Deconvnet
 from ...core.graph import eval_mode
 from ...io import progress as _progress
 from ...io.checks import check_int, check_model, check_number, forward_failure
 from ...io.errors import InputTypeError, UserInputError, is_out_of_memory
+from ...models import aliases as _aliases  # noqa: F401 - registers the zoo's layer names (conv3, conv5_3, ...)
 from .objectives import Objective, diversity_penalty
 from .param import PARAMS, ImageParam
 from .tap import LayerTap, redirected_relu
