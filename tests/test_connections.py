@@ -127,6 +127,7 @@ def test_paper_names_are_known_without_the_zoo(monkeypatch: pytest.MonkeyPatch, 
 
     import zfvis.core.aliases as aliases
 
+    importlib.import_module(module)  # (loaded once, so that everything below is put back afterwards)
     registry: list = []
     monkeypatch.setattr(aliases, "_REGISTRY", registry)
     for name in ("zfvis.models.aliases", module):
