@@ -20,7 +20,8 @@ import zfvis
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 #: Scripts whose smoke test lives in another file.
-TESTED_ELSEWHERE = {"train.py": "tests/test_train.py"}
+TESTED_ELSEWHERE = {"train.py": "tests/test_train.py", "bench_feature_vis.py": "tests/test_feature_vis.py",
+                    "make_feature_vis_figure.py": "tests/test_feature_vis.py"}
 
 
 def _script(name: str) -> ModuleType:

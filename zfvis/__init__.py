@@ -28,12 +28,17 @@ _EXPORTS: dict[str, str] = {
     "correspondence": "zfvis.analysis.correspondence",
     "default_parts_file": "zfvis.analysis.correspondence",
     "load_parts": "zfvis.analysis.correspondence",
+    "Connections": "zfvis.analysis.connections",
+    "connections": "zfvis.analysis.connections",
     "Evolution": "zfvis.analysis.evolution",
     "EvolutionCell": "zfvis.analysis.evolution",
     "ImageBatch": "zfvis.analysis.evolution",
     "evolution": "zfvis.analysis.evolution",
     "load_images": "zfvis.analysis.evolution",
     "sample_images": "zfvis.analysis.evolution",
+    "FeatureVisResult": "zfvis.analysis.feature_vis",
+    "Robustness": "zfvis.analysis.feature_vis",
+    "feature_vis": "zfvis.analysis.feature_vis",
     "InvarianceResult": "zfvis.analysis.invariance",
     "invariance": "zfvis.analysis.invariance",
     "transform_images": "zfvis.analysis.invariance",
@@ -72,6 +77,7 @@ _EXPORTS: dict[str, str] = {
     "invariance_figure": "zfvis.viz.analysis",
     "occlusion_figure": "zfvis.viz.analysis",
     "evolution_figure": "zfvis.viz.evolution",
+    "feature_vis_figure": "zfvis.viz.feature_vis",
     "filters_figure": "zfvis.viz.filters",
     "Selection": "zfvis.viz.projection",
     "projection_figure": "zfvis.viz.projection",
@@ -89,6 +95,7 @@ if TYPE_CHECKING:
         default_parts_file,
         load_parts,
     )
+    from .analysis.connections import Connections, connections
     from .analysis.evolution import (
         Evolution,
         EvolutionCell,
@@ -97,6 +104,7 @@ if TYPE_CHECKING:
         load_images,
         sample_images,
     )
+    from .analysis.feature_vis import FeatureVisResult, Robustness, feature_vis
     from .analysis.invariance import InvarianceResult, invariance, transform_images
     from .analysis.occlusion import OcclusionResult, occlude, occlusion
     from .core.aliases import layer_aliases, register_aliases
@@ -122,6 +130,7 @@ if TYPE_CHECKING:
     from .models.zoo import Preprocess, list_models, load_model
     from .viz.analysis import correspondence_figure, invariance_figure, occlusion_figure
     from .viz.evolution import evolution_figure
+    from .viz.feature_vis import feature_vis_figure
     from .viz.filters import filters_figure
     from .viz.projection import Selection, projection_figure, rules_figure
 

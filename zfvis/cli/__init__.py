@@ -29,7 +29,7 @@ import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from ..io.atomic import output_group  # noqa: E402
-from . import correspond, evolution, filters, invariance, layers, mine, occlude, project  # noqa: E402
+from . import correspond, evolution, filters, invariance, layers, mine, occlude, optimize, project  # noqa: E402
 from . import serve as serve_command  # noqa: E402
 from ._common import ArgumentParser  # noqa: E402
 from .boundary import report_error  # noqa: E402
@@ -45,7 +45,7 @@ __all__ = ["get_args_parser", "main"]
 #: the others write as they go (``mine``'s run folder is resumable, page by page).
 _GROUPED = frozenset({"project", "layers", "filters", "evolution", "occlude", "invariance", "correspond"})
 
-_COMMANDS = (project, layers, filters, evolution, mine, occlude, invariance, correspond, serve_command)
+_COMMANDS = (project, layers, filters, evolution, mine, occlude, invariance, correspond, optimize, serve_command)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
