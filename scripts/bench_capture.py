@@ -18,7 +18,8 @@ import torchvision
 import zfvis
 from zfvis.core.capture import verify
 
-LAYERS = {"vgg16": "features.28", "resnet50": "layer3", "efficientnet_b0": "features.6", "convnext_tiny": "features.5"}
+LAYERS = {"vgg16": "features.28", "resnet50": "layer3", "resnet18": "layer3", "efficientnet_b0": "features.6",
+          "convnext_tiny": "features.5"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:

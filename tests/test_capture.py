@@ -105,8 +105,8 @@ def test_a_verdict_is_made_again_when_hooks_change() -> None:
 def test_a_verdict_is_cached_per_input_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     dn = zfvis.Deconvnet(_Two().double().eval())
     calls = []
-    real = capture._model_run
-    monkeypatch.setattr(capture, "_model_run", lambda *a: calls.append(1) or real(*a))
+    real = capture.run_model
+    monkeypatch.setattr(capture, "run_model", lambda *a: calls.append(1) or real(*a))
     for size in (8, 8, 9, 8):
         dn.project(torch.randn(1, 3, size, size, dtype=torch.float64), "c2", 0)
     assert len(calls) == 2

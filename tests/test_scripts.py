@@ -52,6 +52,22 @@ def test_bench_project(capsys: pytest.CaptureFixture[str]) -> None:
     assert "layer3 x9" in out and "of the dense multiply-adds" in out
 
 
+def test_bench_capture(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _script("bench_capture").main(["--models", "resnet18", "--size", "32", "--repeats", "1",
+                                          "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("resnet18"))
+    assert len(row.split()) == 6 and float(row.split()[2]) > 0  # the check took time: it ran
+
+
+def test_bench_zoo(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("captum", reason="captum is a benchmark-only dependency (pip install captum --no-deps)")
+    assert _script("bench_zoo").main(["--models", "squeezenet1_1", "--size", "64", "--repeats", "1",
+                                      "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "squeezenet1_1" in out and "geometric mean" in out
+
+
 def test_bench_occlusion(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--rounds", "1", "--full", "--input-size", "64", "--patch", "32", "--stride", "32", "--batch-size", "4",
             "--threads", "1"]

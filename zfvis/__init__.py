@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "RULES": "zfvis.core.ops",
     "Recording": "zfvis.core.record",
     "ReverseStack": "zfvis.core.reverse",
+    "CaptureMismatchError": "zfvis.io.errors",
     "ForwardPassError": "zfvis.io.errors",
     "InputTypeError": "zfvis.io.errors",
     "UnsupportedModelError": "zfvis.io.errors",
@@ -115,6 +116,7 @@ if TYPE_CHECKING:
     from .core.reverse import ReverseStack
     from .explorer.server import ExplorerServer, serve
     from .io.errors import (
+        CaptureMismatchError,
         ForwardPassError,
         InputTypeError,
         UnsupportedModelError,

@@ -32,7 +32,6 @@ graph, and made again when any of these change.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterator
 from typing import Any
@@ -40,41 +39,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..io.errors import CaptureMismatchError
 from .graph import GraphNode, ModelGraph, eval_mode, is_shape_query, mark_constant, mark_in_place, run_node
 from .inplace import storage
+from .recorder import AtenCall, ModelRun, Recorder, names, run_model, same_output, stops, tensors_in
 
-__all__ = ["AtenCall", "Verdict", "verify", "hooked", "capture_key"]
-
-
-@dataclasses.dataclass(frozen=True)
-class AtenCall:
-    """One ATen call as it ran.
-
-    Attributes:
-        op: The op's name and overload, an in-place op named as its out-of-place twin
-            (``aten::add.Tensor`` for ``aten::add_.Tensor``).
-        in_place: Whether it wrote into one of its arguments (from the op's schema).
-        reads: For each tensor argument: (the call that made the tensor, the call that
-            last wrote its memory); a tensor no call made is named (``param:conv1.weight``,
-            ``input``) or described by shape and dtype.
-        consts: Its other arguments.
-        node: The graph node it ran in (the graph's run only).
-    """
-
-    op: str
-    in_place: bool
-    reads: tuple[Any, ...]
-    consts: tuple[Any, ...]
-    node: str | None = None
-    random: bool = False
-
-    def describe(self) -> str:
-        return f"{self.op}{' (in place)' if self.in_place else ''}"
+__all__ = ["Verdict", "verify", "hooked", "capture_key"]
 
 
 @dataclasses.dataclass
@@ -129,112 +101,15 @@ class Verdict:
                 )
 
 
-def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    """The tensors an ATen call writes into, from its schema."""
-    out: list[torch.Tensor] = []
-    schema = func._schema
-    for k, arg in enumerate(schema.arguments):
-        info = arg.alias_info
-        if info is None or not info.is_write:
-            continue
-        value = args[k] if k < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
-        for t in tree_flatten(value)[0]:
-            if isinstance(t, torch.Tensor):
-                out.append(t)
-    return out
-
-
-def _aliases_input(func: Any) -> bool:
-    """Whether an ATen call returns a view of an argument (``view``, ``slice``, ...)."""
-    return any(r.alias_info is not None for r in func._schema.returns)
-
-
-def _op_name(func: Any, in_place: bool) -> str:
-    name = func._schema.name
-    if in_place and name.endswith("_") and not name.endswith("__"):
-        name = name[:-1]
-    overload = func._overloadname
-    return f"{name}.{overload}" if overload and overload != "default" else name
-
-
-def _const(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str, complex)):
-        return v
-    return repr(v)
-
-
-class _Recorder(TorchDispatchMode):
-    """Records every ATen call run inside it (see :class:`AtenCall`)."""
-
-    def __init__(self, names: dict[int, str]) -> None:
-        super().__init__()
-        self.names = names
-        self.calls: list[AtenCall] = []
-        self.made: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # tensor -> call that made it
-        self.wrote: dict[int, int] = {}  # storage address -> call that last wrote it
-        self.born: dict[int, int] = {}  # storage address -> call that allocated it
-        self.node: GraphNode | None = None
-        self.start = 0
-        self.on_call: Any = None  # the graph run's check of each call
-
-    def ref(self, t: torch.Tensor) -> tuple[Any, Any]:
-        made = self.made.get(t)
-        ptr = storage(t)
-        if made is None:
-            made = self.names.get(ptr) or ("tensor", tuple(t.shape), str(t.dtype))
-        return made, self.wrote.get(ptr, made)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        i = len(self.calls)
-        flat = tree_flatten((args, kwargs))[0]
-        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
-        reads = tuple(self.ref(t) for t in tensors)
-        written = _written(func, args, kwargs)
-        if self.on_call is not None:
-            self.on_call(tensors, written)
-        out = func(*args, **kwargs)
-        for t in written:
-            self.made[t] = i
-            self.wrote[storage(t)] = i
-        view = _aliases_input(func)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not any(t is w for w in written):
-                self.made[t] = i
-                ptr = storage(t)
-                if not view and ptr:
-                    self.wrote[ptr] = i
-                    self.born[ptr] = i
-        consts = tuple(_const(v) for v in flat if not isinstance(v, torch.Tensor))
-        name = self.node.name if self.node is not None else None
-        random = torch.Tag.nondeterministic_seeded in func.tags
-        self.calls.append(AtenCall(_op_name(func, bool(written)), bool(written), reads, consts, name, random))
-        return out
-
-
-def _names(model: nn.Module, images: torch.Tensor) -> dict[int, str]:
-    names = {storage(images): "input"}
-    for kind, items in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
-        for n, t in items:
-            names.setdefault(storage(t), f"{kind}:{n}")
-    names.pop(0, None)
-    return names
-
-
-def _tensors_in(value: Any) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
-
-
 class _GraphRun:
     """Runs the whole graph under a recorder, checking each node's reads and writes."""
 
-    def __init__(self, graph: ModelGraph, hooked_nodes: frozenset[str]) -> None:
+    def __init__(self, graph: ModelGraph) -> None:
         self.graph = graph
-        self.hooked = hooked_nodes
         self.owner: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # tensor -> {node: write seen}
         self.violations: list[Violation] = []
         self.flagged: set[str] = set()
-        self.rec: _Recorder | None = None
+        self.rec: Recorder | None = None
         self.declared: set[str] = set()
         self.constant: set[str] = set()  # nodes whose values are integers or booleans: no signal
         self.writers: set[str] = set()  # nodes that write into memory they did not make
@@ -248,8 +123,7 @@ class _GraphRun:
 
     def _producer(self, call: int) -> str:
         rec = self.rec
-        assert rec is not None  # noqa: S101 - set for the run
-        node = rec.calls[call].node if 0 <= call < len(rec.calls) else None
+        node = rec.calls[call].node if rec is not None and 0 <= call < len(rec.calls) else None
         return f"node '{node}'" if node else "another node"
 
     def on_call(self, tensors: list[torch.Tensor], written: list[torch.Tensor]) -> None:
@@ -289,7 +163,7 @@ class _GraphRun:
         if rec is None or is_shape_query(node.fx_node):
             return
         for p in node.inputs:
-            for t in _tensors_in(env.get(p.fx_node)):
+            for t in tensors_in(env.get(p.fx_node)):
                 left = (self.owner.get(t) or {}).get(p.name)
                 wrote = rec.ref(t)[1]
                 if left is None or left == wrote:
@@ -304,10 +178,10 @@ class _GraphRun:
     def run(self, images: torch.Tensor, names: dict[int, str]) -> tuple[list[AtenCall], Any]:
         env: dict[fx.Node, Any] = {}
         model = self.graph.model
-        rec = self.rec = _Recorder(names)
+        rec = self.rec = Recorder(names)
         rec.on_call = self.on_call
         out: Any = None
-        with rec, _stops(self):
+        with rec, stops(self):
             for node in self.graph.nodes:
                 fxn = node.fx_node
                 if node is self.graph.input:
@@ -322,7 +196,7 @@ class _GraphRun:
                     out = run_node(node, model, args, kwargs)
                     self.failed = rec.node = self.graph_node = None
                 env[fxn] = out
-                found = _tensors_in(out)
+                found = tensors_in(out)
                 if isinstance(out, torch.Tensor):
                     self.first_dims[node.name] = int(out.shape[0]) if out.dim() else -1
                 if node.carries and found and not any(t.is_floating_point() or t.is_complex() for t in found):
@@ -334,44 +208,6 @@ class _GraphRun:
         output = next((n for n in reversed(self.graph.input.fx_node.graph.nodes) if n.op == "output"), None)
         value = fx.node.map_arg(output.args[0], lambda n: env.get(n)) if output is not None and not self.failed else None
         return rec.calls, value
-
-
-@contextlib.contextmanager
-def _stops(holder: Any) -> Iterator[None]:
-    """Ends a run quietly where the forward pass fails (another input size than the head
-    takes, say): what ran before is still compared; the recording itself reports the failure."""
-    try:
-        yield
-    except Exception:  # noqa: BLE001 - any failure of the model's own code; ``holder.failed`` says where
-        if holder.failed is None:
-            holder.failed = True
-
-
-class _ModelRun:
-    failed: Any = None
-    output: Any = None
-
-
-def _model_run(model: nn.Module, images: torch.Tensor, names: dict[int, str]) -> tuple[list[AtenCall], _ModelRun]:
-    rec, run = _Recorder(names), _ModelRun()
-    with rec, _stops(run):
-        run.output = model(images)
-    return rec.calls, run
-
-
-def _same_output(model_out: Any, graph_out: Any) -> bool:
-    """Whether the graph's output equals the model's (the same calls on the same values give
-    the same numbers; a GPU's reductions may differ in the last bits)."""
-    a, b = _tensors_in(model_out), _tensors_in(graph_out)
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if x.shape != y.shape or x.dtype != y.dtype:
-            return False
-        tol = 0.0 if x.device.type == "cpu" else 1e-5
-        if not torch.allclose(x, y, rtol=tol, atol=tol * float(x.abs().max()) if x.numel() else 0.0, equal_nan=True):
-            return False
-    return True
 
 
 def hooked(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -445,8 +281,8 @@ def _first_dims(graph: ModelGraph, images: torch.Tensor) -> dict[str, int]:
     it fails)."""
     env: dict[fx.Node, Any] = {}
     dims: dict[str, int] = {}
-    run = _ModelRun()
-    with _stops(run):
+    run = ModelRun()
+    with stops(run):
         for node in graph.nodes:
             fxn = node.fx_node
             if node is graph.input:
@@ -482,16 +318,17 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
     key = capture_key(model, images)
     cached = graph.verdicts.get(key)
     if cached is not None:
+        graph.set_hooked(cached.hooked)  # the hooks of this key (another key's may be set)
         return cached
     hooked_names = frozenset(name for name, _ in hooked(model))
     graph.set_hooked(hooked_names)
     with eval_mode(model), torch.no_grad():
         first = images.clone()
-        model_calls, model_run = _model_run(model, first, _names(model, first))
+        model_calls, model_run = run_model(model, first, names(model, first))
         for _ in range(len(graph.nodes)):
             copy = images.clone()
-            run = _GraphRun(graph, hooked_names)
-            graph_calls, graph_out = run.run(copy, _names(model, copy))
+            run = _GraphRun(graph)
+            graph_calls, graph_out = run.run(copy, names(model, copy))
             if run.constant:
                 mark_constant(graph, run.constant)
             for name in run.writers:  # an opaque call that writes into what it was given
@@ -505,7 +342,7 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
     i = _first_difference(graph, model_calls, graph_calls, stopped)
     if i is not None:
         violations.append(_difference(graph, i, model_calls, graph_calls))
-    elif not stopped and not any(c.random for c in graph_calls) and not _same_output(model_run.output, graph_out):
+    elif not stopped and not any(c.random for c in graph_calls) and not same_output(model_run.output, graph_out):
         violations.append(Violation(graph.nodes[-1], "the graph's output differs from the model's own", reads=False))
     violations.sort(key=lambda v: v.node.index)
     dims = run.first_dims
