@@ -137,12 +137,12 @@ def bench_grids(server: zfvis.ExplorerServer, dn: zfvis.Deconvnet, layers: list[
 def main(argv: list[str] | None = None) -> int:
     """Runs both benchmarks and prints the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--clicks", type=int, default=50)
-    ap.add_argument("--images", type=int, default=7)
-    ap.add_argument("--layers", default="conv5_3,conv3_3")
-    ap.add_argument("--model", default="vgg16")
-    ap.add_argument("--click-layer", default="conv5_3")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--clicks", type=int, default=50, help="clicks on maps timed (default 50)")
+    ap.add_argument("--images", type=int, default=7, help="new images whose map grid is timed (default 7)")
+    ap.add_argument("--layers", default="conv5_3,conv3_3", help="layers whose map grid is timed (default conv5_3,conv3_3)")
+    ap.add_argument("--model", default="vgg16", help="zoo model, with random weights (default vgg16)")
+    ap.add_argument("--click-layer", default="conv5_3", help="layer whose maps are clicked (default conv5_3)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, preprocess = zfvis.load_model(args.model, weights="random")

@@ -132,3 +132,9 @@ def test_mutants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sub_sign = next(m for m in mutants.MUTANTS if m.id == "sub-sign")
     assert mutants.apply(sub_sign, tmp_path).startswith("stale mutant: the snippet occurs 0 times")
     assert mutants.Result(sub_sign, "stale").failed and not mutants.Result(sub_sign, "killed").failed
+
+
+def test_bench_cli_startup(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _script("bench_cli_startup").main(["--repeats", "1"]) == 0  # 1 would mean torch was loaded
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("zfvis ")]
+    assert [r[1] for r in rows] == ["--help", "project", "--version"] and all(r[-1] == "False" for r in rows)
