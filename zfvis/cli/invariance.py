@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis.invariance import invariance
+    from ..core.deconvnet import Deconvnet
     from ..io.images import load_image
     from ..io.parse import parse_names
     from ..models.zoo import get_spec
