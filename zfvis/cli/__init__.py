@@ -82,6 +82,7 @@ def get_args_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentP
         commands: the commands whose modules are imported and whose options are known
             (default: every command); the others are listed by name and summary only.
     """
+    from .._version import __version__
     from ._common import HelpFormatter
 
     parser = ArgumentParser(  # usage errors are one line; sub-parsers inherit the class
@@ -92,7 +93,7 @@ def get_args_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentP
         "  zfvis project --help                    # a command's options and examples",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--version", action="version", version=f"zfvis {__version__}", help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also after COMMAND)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=_Commands)
     wanted = set(COMMANDS if commands is None else commands)
