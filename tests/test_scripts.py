@@ -138,3 +138,9 @@ def test_bench_cli_startup(capsys: pytest.CaptureFixture[str]) -> None:
     assert _script("bench_cli_startup").main(["--repeats", "1"]) == 0  # 1 would mean torch was loaded
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("zfvis ")]
     assert [r[1] for r in rows] == ["--help", "project", "--version"] and all(r[-1] == "False" for r in rows)
+
+
+def test_cli_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _script("cli_reference").main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("## zfvis\n") and out.count("```text") == 10 and "usage: zfvis correspond" in out
