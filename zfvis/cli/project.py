@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     _check_seeds(rec.output, layer, position, args.top_k)
     selection = Selection(channels, args.top_k, position)
     weights = args.weights or get_spec(args.model).default_weights
-    title = f"{args.model} ({weights}) / layer {layer} / {image_path.name} at {x.shape[-2]}x{x.shape[-1]}"
+    title = f"{args.model} ({weights}) / {layer} / {image_path.name} at {x.shape[-2]}x{x.shape[-1]}"
     if rule is None:
         rules_figure(dn, x, layer, selection, show=preprocess.denormalize, title=f"{title} / each rule", path=out)
     else:
