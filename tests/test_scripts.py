@@ -146,3 +146,11 @@ def test_cli_reference(capsys: pytest.CaptureFixture[str]) -> None:
     from zfvis.cli import COMMANDS
 
     assert out.startswith("## zfvis\n") and out.count("```text") == 1 + len(COMMANDS) and "usage: zfvis correspond" in out
+
+
+def test_docs_roles() -> None:
+    roles = _script("docs_roles")
+    html = "A name from :func:<code>list_models</code>; see :class:<code>~zfvis.core.deconvnet.Deconvnet</code>."
+    assert roles.strip_roles(html) == "A name from <code>list_models</code>; see <code>Deconvnet</code>."
+    assert roles.strip_roles("a :mod:<code>zfvis.core.graph</code> b") == "a <code>zfvis.core.graph</code> b"
+    assert roles.strip_roles("plain <code>x</code> and time 10:30") == "plain <code>x</code> and time 10:30"
