@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Draws the two figures of the README's "Why it works".
+"""Draws the two figures of docs/explanation/transposed-convolution.md ("Why a transposed convolution").
 
 - ``why.png``: a transposed convolution is a plain convolution of the signal with
   (stride - 1) zeros inserted between its pixels, padded by d*(k-1) - p, kernel flipped.
