@@ -272,6 +272,11 @@ def _scratch(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, bool
     return work, has_data
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread(single_thread):  # noqa: ANN001, ANN202 - small tensors on a busy machine: one thread is faster
+    yield
+
+
 @pytest.fixture()
 def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> tuple[Path, bool]:
     work, has_data = _scratch(tmp_path, request)

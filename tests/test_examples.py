@@ -27,6 +27,11 @@ WRITES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread(single_thread):  # noqa: ANN001, ANN202 - small tensors on a busy machine: one thread is faster
+    yield
+
+
 @pytest.fixture()
 def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "zfvis").symlink_to(REPO / "zfvis")

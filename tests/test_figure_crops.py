@@ -3,11 +3,17 @@ where the projection is non-negligible (and the figure says so); titles name mod
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import zfvis
 from zfvis.viz import grids
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread(single_thread):  # noqa: ANN001, ANN202 - small tensors on a busy machine: one thread is faster
+    yield
 
 
 def _spot(h: int = 32, w: int = 40, at: tuple[int, int] = (10, 25), size: int = 3) -> torch.Tensor:

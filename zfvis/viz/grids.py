@@ -82,10 +82,7 @@ def project_figure(
     img, projs = _displayed(image, projections, boxes, titles)
     n, (height, width) = len(projs), img.shape[:2]
     crops = [crop_box(p, b) for p, b in zip(projections, boxes)]
-    if any(support for _, support in crops):
-        note = (f"{note}; " if note else "") + (
-            f"dashed boxes: where a receptive field covers the whole image, the crops show instead where "
-            f"|projection| is at least {SUPPORT_SHARE:.0%} of its largest value")
+    note = _with_support_note(note, any(support for _, support in crops))
     blocks = 1 if n <= 4 else 2 if n <= 12 else 3
     rows = math.ceil(n / blocks)
     cell = {1: 2.8, 2: 2.2, 3: 1.8}[blocks]
@@ -124,6 +121,15 @@ def project_figure(
         text(fig, MARGIN, fig_h - MARGIN, note_txt, ha="left", va="bottom", fontsize=FONT_SMALL,
               color="#505050")
     return finish(fig, path)
+
+
+def _with_support_note(note: str | None, support: bool) -> str | None:
+    """The figure's note, saying what the dashed boxes are where some crop shows a projection's support."""
+    if not support:
+        return note
+    return (f"{note}; " if note else "") + (
+        "dashed boxes: where a receptive field covers the whole image, the crops show instead where "
+        f"|projection| is at least {SUPPORT_SHARE:.0%} of its largest value")
 
 
 def _displayed(image: torch.Tensor, projections: Sequence[torch.Tensor], boxes: Sequence[Sequence[int]],
