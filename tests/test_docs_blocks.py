@@ -324,14 +324,11 @@ def test_a_placeholder_path_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             Newcomer(tmp_path, run_data=False, where="case").block(block)
 
 
-def test_blocks_are_found_and_other_languages_are_not_run() -> None:
+def test_blocks_are_found_and_other_languages_are_not_run(tmp_path: Path) -> None:
     text = "a\n```bash\nzfvis layers\n```\n\n```text\nzfvis serve\n```\n```python\nx = 1\n```\n"
-    page = Path(__file__).parent / "_blocks_probe.md"
-    try:
-        page.write_text(text, encoding="utf-8")
-        blocks = page_blocks(page)
-    finally:
-        page.unlink()
+    page = tmp_path / "page.md"
+    page.write_text(text, encoding="utf-8")
+    blocks = page_blocks(page)
     assert [(b.lang, b.line) for b in blocks] == [("bash", 2), ("text", 6), ("python", 9)]
     assert bash_commands("a b \\\n  c && d {1,2}.pt # note\n") == [["a", "b", "c"], ["d", "1.pt", "2.pt"]]
 
