@@ -128,3 +128,29 @@ def test_make_why_figure_help_is_help_not_an_output_folder(tmp_path: Path) -> No
                          timeout=300)
     assert res.returncode == 0 and "OUT_DIR" in res.stdout and not res.stderr, res.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written, no folder named --help
+
+
+@pytest.fixture()
+def _one_thread_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread):  # noqa: ANN001, ANN202
+    (tmp_path / "zfvis").symlink_to(REPO / "zfvis")  # the examples name shipped files as from a checkout
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # offline, nothing cached
+    return tmp_path
+
+
+def test_every_help_example_runs_as_written(_one_thread_in: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Offline, in a folder laid out like a checkout; `serve` (which serves until Ctrl-C) is parsed above."""
+    from zfvis.cli import main
+
+    quiet = {"mine", "occlude", "invariance", "correspond"}  # no progress bars in the test's output
+    ran = 0
+    for name, parser in _commands().items():
+        if name == "serve":
+            continue
+        for line in (ln.strip() for ln in parser.epilog.splitlines()):
+            if line.startswith("zfvis "):
+                argv = shlex.split(line)[1:]
+                assert main(argv + (["--no-progress"] if name in quiet else [])) == 0, line
+                ran += 1
+    assert ran >= 2 * (len(COMMANDS) - 1)
+    capsys.readouterr()

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "checkpoint and projects it to pixel space: one row per feature map, one column per checkpoint. With no "
         "CHECKPOINT it draws the training snapshots shipped with zfvis (zfnet-cifar10 through conv2) over the "
         "500 CIFAR-10 test images shipped with it, offline.",
-        ["zfvis evolution -o zfvis_evolution.png             # the shipped snapshots, conv2, maps 0-15",
+        ["zfvis evolution --limit 200 -o zfvis_evolution.png  # the shipped snapshots, conv2, maps 0-15, 200 images",
          "zfvis evolution --channels 0-5 --limit 100 -o evo.png   # fewer maps, searched over 100 images"],
     )
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",

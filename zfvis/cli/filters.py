@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "colour (its three input channels as RGB); a later one, whose inputs are feature maps, as the mean over its "
         "input channels, in grey.",
         ["zfvis filters -o zfvis_filters.png                 # conv1 of the shipped zfnet-cifar10",
-         "zfvis filters --model alexnet --weights random --layer conv2 -o f.png   # any convolution of any zoo model"],
+         "zfvis filters --model resnet18 --weights random --layer conv1 -o f.png   # any convolution of any zoo model"],
     )
     add_model_args(p)
     p.add_argument("--layer", default="conv1", help="convolution (or its alias; default conv1)")
