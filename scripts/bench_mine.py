@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", help="CIFAR-10 test folder (default: extract ../shared/data/cifar10/cifar10-test.tar.gz)")
     ap.add_argument("--limit", type=int, default=2000, help="images for (a) and (b) (default 2000)")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     ap.add_argument("--memory-sizes", default="1000,10000", help="image counts for (c)")
     ap.add_argument("--repeats", type=int, default=2, help="timings of (a) and (b): best of this many")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared CPU)")

@@ -77,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=1, help="timed rounds (default 1; each takes minutes on a CPU)")
     ap.add_argument("--batch-size", type=int, default=32, help="positions per forward pass, both methods (default 32)")
-    ap.add_argument("--patch", type=int, default=32)
-    ap.add_argument("--stride", type=int, default=16)
+    ap.add_argument("--patch", type=int, default=32, help="occluder side in pixels (default 32)")
+    ap.add_argument("--stride", type=int, default=16, help="step between occluder positions (default 16)")
     ap.add_argument("--input-size", type=int, default=224, help="side of the random image (default 224)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
     ap.add_argument("--full", action="store_true", help="also time zfvis's brute-force method (the baseline "
                     "when captum is not installed)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and image (default 0)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

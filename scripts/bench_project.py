@@ -84,9 +84,9 @@ def windowed_fraction(dn: Deconvnet, x: torch.Tensor, layer: str, channel: int) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=sorted(SETUPS), default="resnet50")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", choices=sorted(SETUPS), default="resnet50", help="model and layers to time (default resnet50)")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds; each figure is the median (default 5)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and input (default 0)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
     ap.add_argument("--input-size", type=int, default=224, help="side of the random input (default 224)")
     args = ap.parse_args(argv)

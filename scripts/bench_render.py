@@ -183,8 +183,8 @@ def _timed(fn: Callable[[], None]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--channels", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--channels", type=int, default=128, help="channels mined and drawn (default 128)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; each figure is the median (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the projections (default 1)")
     ap.add_argument("--baseline", type=Path, help="an older render.py to time in the same rounds")
     ap.add_argument("--project", action="store_true", help="also time the projections, for reference")

@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv: list[str] | None = None) -> int:
     """Draws the figure; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("image", nargs="?", default=str(zfvis.default_image()))
-    parser.add_argument("-o", "--out", default=str(ROOT / "docs" / "rules_efficientnet.png"))
+    parser.add_argument("image", nargs="?", default=str(zfvis.default_image()), help="image (default: the shipped photo)")
+    parser.add_argument("-o", "--out", default=str(ROOT / "docs" / "rules_efficientnet.png"),
+                        help="PNG to write (default docs/rules_efficientnet.png)")
     parser.add_argument("--weights", default="random", help="random, DEFAULT (torchvision's), or a state dict file")
-    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--input-size", type=int, default=64, help="side of the model input (default 64)")
     args = parser.parse_args(argv)
     model, pre = zfvis.load_model("efficientnet_b0", weights=args.weights)
     pre = pre.with_size(args.input_size)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Draws the two figures of the README's "Why it works".
+"""Draws the two figures of docs/explanation/transposed-convolution.md ("Why a transposed convolution").
 
 - ``why.png``: a transposed convolution is a plain convolution of the signal with
   (stride - 1) zeros inserted between its pixels, padded by d*(k-1) - p, kernel flipped.
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -166,12 +167,24 @@ def why_matrix(out: Path) -> None:
     _save(fig, out)
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    """The script's options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", nargs="?", default="docs", metavar="OUT_DIR",
+                   help="folder to write why.png and why_matrix.png to (default docs)")
+    return p
+
+
 def main(out_dir: str = "docs") -> int:
+    """Draws both figures into ``out_dir``; returns the exit status."""
     folder = Path(out_dir)
+    if not folder.is_dir():
+        print(f"make_why_figure.py: error: '{folder}' is not a folder; pass an existing OUT_DIR", file=sys.stderr)
+        return 2
     why_transposed(folder / "why.png")
     why_matrix(folder / "why_matrix.png")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    sys.exit(main(get_args_parser().parse_args().out_dir))

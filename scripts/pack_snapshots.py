@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="zfnet-cifar10", help="zoo architecture of the run")
     p.add_argument("--through", default="conv2", help="deepest layer to keep (a name or alias)")
     p.add_argument("--command", default="", help="the training command, recorded in the file")
-    p.add_argument("-o", "--out", required=True)
+    p.add_argument("-o", "--out", required=True, help="the .pt file to write")
     return p
 
 

@@ -55,7 +55,7 @@ def test_deconvnet_figure_is_what_zfvis_project_writes(tmp_path: Path, argv: lis
     out = tmp_path / "p.png"
     assert main(["project", "--layer", "conv3", *argv, "-o", str(out)]) == 0
     dn, x, pre = _shipped()
-    title = "zfnet-cifar10 (packaged) / layer conv3 / chelsea.png at 96x96 / deconvnet"
+    title = "zfnet-cifar10 (packaged) / conv3 / chelsea.png at 96x96 / deconvnet"
     fig = figures.projection_figure(dn, x, "conv3", figures.Selection(**options), show=pre.denormalize, title=title)
     assert np.array_equal(_pixels(out), _drawn(fig))  # the same figure, pixel for pixel
     # and without a title, the same panels and row titles (only the figure title is zfvis project's own)

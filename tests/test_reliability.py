@@ -378,13 +378,13 @@ def test_mine_leaves_the_callers_model_as_given(tmp_path: Path) -> None:
 
 def test_internal_errors_ask_for_a_report_and_debug_shows_the_traceback(tmp_path: Path, capsys,
                                                                         monkeypatch) -> None:
-    import zfvis.cli.project as project_cli
+    import zfvis.viz.projection as projection  # zfvis project imports it when it runs
 
     for bug in (TypeError("unsupported operand"), KeyError("lost"), ValueError("bad state"), RuntimeError("oops")):
         def broken(*args, bug=bug, **kwargs):
             raise bug
 
-        monkeypatch.setattr(project_cli, "projection_figure", broken)
+        monkeypatch.setattr(projection, "projection_figure", broken)
         rc, err = run_cli(capsys, "project", "--layer", "conv1", "-o", tmp_path / "p.png")
         line = one_line(err)
         assert rc == 1 and line.startswith(f"zfvis: internal error: {type(bug).__name__}") and "report" in line
@@ -397,13 +397,13 @@ def test_internal_errors_ask_for_a_report_and_debug_shows_the_traceback(tmp_path
 def test_usage_errors_and_warnings_leave_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
     rc, err = run_cli(capsys, "project", "--top-k", "x")
     assert rc == 2 and one_line(err).startswith("zfvis project: error: argument --top-k: invalid int value")
-    import zfvis.cli.project as project_cli
+    import zfvis.io.images as images  # zfvis project imports it when it runs
 
     def noisy(path):
         warnings.warn("a torch warning", UserWarning, stacklevel=2)
         raise UserInputError(f"cannot decode image '{path}'")
 
-    monkeypatch.setattr(project_cli, "load_image", noisy)
+    monkeypatch.setattr(images, "load_image", noisy)
     rc, err = run_cli(capsys, "project", "-o", tmp_path / "p.png")
     assert rc == 2 and one_line(err).startswith("zfvis: error: cannot decode")
 

@@ -149,3 +149,25 @@ def test_mutants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sub_sign = next(m for m in mutants.MUTANTS if m.id == "sub-sign")
     assert mutants.apply(sub_sign, tmp_path).startswith("stale mutant: the snippet occurs 0 times")
     assert mutants.Result(sub_sign, "stale").failed and not mutants.Result(sub_sign, "killed").failed
+
+
+def test_bench_cli_startup(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _script("bench_cli_startup").main(["--repeats", "1"]) == 0  # 1 would mean torch was loaded
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("zfvis ")]
+    assert [r[1] for r in rows] == ["--help", "project", "--version"] and all(r[-1] == "False" for r in rows)
+
+
+def test_cli_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _script("cli_reference").main([]) == 0
+    out = capsys.readouterr().out
+    from zfvis.cli import COMMANDS
+
+    assert out.startswith("## zfvis\n") and out.count("```text") == 1 + len(COMMANDS) and "usage: zfvis correspond" in out
+
+
+def test_docs_roles() -> None:
+    roles = _script("docs_roles")
+    html = "A name from :func:<code>list_models</code>; see :class:<code>~zfvis.core.deconvnet.Deconvnet</code>."
+    assert roles.strip_roles(html) == "A name from <code>list_models</code>; see <code>Deconvnet</code>."
+    assert roles.strip_roles("a :mod:<code>zfvis.core.graph</code> b") == "a <code>zfvis.core.graph</code> b"
+    assert roles.strip_roles("plain <code>x</code> and time 10:30") == "plain <code>x</code> and time 10:30"

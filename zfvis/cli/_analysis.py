@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..io.parse import parse_names, parse_number
-from ..io.parse import parse_target as _parse_target
-from ..models.zoo import Preprocess, get_spec
 from ._common import CLIError
 from .outputs import settings_record, write_json
+
+if TYPE_CHECKING:  # torch loads when a command runs, not for --help
+    import torch
+
+    from ..models.zoo import Preprocess
 
 __all__ = [
     "FILL_HELP",
@@ -28,9 +28,13 @@ __all__ = [
 FILL_HELP = "occluder colour: mean (the data set's mean colour), gray, black, or a VALUE in model input space (default mean)"
 
 
-def parse_fill(text: str, preprocess: Preprocess, dtype: torch.dtype = torch.float32) -> float | torch.Tensor:
+def parse_fill(text: str, preprocess: Preprocess, dtype: torch.dtype | None = None) -> float | torch.Tensor:
     """``mean`` -> 0.0 (the mean after normalisation); ``gray``/``black`` -> 0.5/0 normalised;
-    or a number, finite and representable in the model's ``dtype``."""
+    or a number, finite and representable in the model's ``dtype`` (default float32)."""
+    import torch
+
+    from ..io.parse import parse_number
+
     name = str(text).strip().lower()
     mean, std = torch.tensor(preprocess.mean), torch.tensor(preprocess.std)
     if name == "mean":
@@ -41,17 +45,21 @@ def parse_fill(text: str, preprocess: Preprocess, dtype: torch.dtype = torch.flo
         return -mean / std
     if not name or not (name[0].isdigit() or name[0] in "+-." or name in ("nan", "inf", "infinity")):
         raise CLIError(f"--fill must be mean, gray, black or a number, got '{text}'")
-    return parse_number(text, "--fill", dtype=dtype)
+    return parse_number(text, "--fill", dtype=torch.float32 if dtype is None else dtype)
 
 
 def fill_rgb(fill: float | torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     """The occluder colour as shown (3,) in [0, 1]."""
+    import torch
+
     value = torch.as_tensor(fill, dtype=torch.float32).expand(3)
     return (value * torch.tensor(preprocess.std) + torch.tensor(preprocess.mean)).clamp(0, 1)
 
 
 def class_names(model: str, weights: str | None) -> list[str] | None:
     """Output class names of a zoo model with these weights, where known."""
+    from ..models.zoo import get_spec
+
     spec = get_spec(model)
     if spec.classes is not None:
         return list(spec.classes)
@@ -84,6 +92,8 @@ def no_class_names(model: str, weights: str | None) -> str:
 def parse_target(text: str | None, names: Sequence[str] | None, *, why: str | None = None) -> int | None:
     """A class number or (case-insensitive) name (:func:`zfvis.io.parse.parse_target`);
     ``None`` stays ``None``. ``why``: why ``names`` is ``None`` (:func:`no_class_names`)."""
+    from ..io.parse import parse_target as _parse_target
+
     if text is None:
         return None
     return _parse_target(text, names, "--target", why=why)
@@ -91,6 +101,8 @@ def parse_target(text: str | None, names: Sequence[str] | None, *, why: str | No
 
 def parse_layers(text: str | None, default: list[str]) -> list[str]:
     """``--layers``: ``None`` (not given) is ``default``; anything given must name a layer."""
+    from ..io.parse import parse_names
+
     return list(default) if text is None else parse_names(text, "--layers", example="conv5,fc7")
 
 

@@ -6,37 +6,30 @@ import argparse
 import csv
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..analysis.correspondence import (
-    CorrespondenceResult,
-    PartImages,
-    correspondence,
-    default_parts_file,
-    load_parts,
-    read_parts,
-)
-from ..core.deconvnet import Deconvnet
-from ..io.atomic import atomic_write_text
-from ..io.parse import check_seed
-from ..models.zoo import get_spec
-from ..viz.analysis import correspondence_figure
 from ._analysis import FILL_HELP, parse_fill, parse_layers, write_results
-from ._common import CLIError, add_config_arg, add_model_args, add_output_args, whole
-from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
+from ._common import CLIError, add_config_arg, add_model_args, add_output_args, command_parser, whole
 from .outputs import add_inputs, check_output
+
+if TYPE_CHECKING:  # torch loads when the command runs, not for --help
+    from ..analysis.correspondence import CorrespondenceResult, PartImages
+    from ..core.deconvnet import Deconvnet
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "correspond",
-        help="part correspondence across images: sign-change consistency of occluded parts (ZF Table 1)",
-        description="Occludes the same part (given as boxes per image in a JSON file: image -> part name -> "
+    p = command_parser(
+        sub, "correspond",
+        "Occludes the same part (given as boxes per image in a JSON file: image -> part name -> "
         "[top, left, bottom, right]) in every image, and a box of the same size at a random place as a baseline, "
         "and measures how consistently the feature vectors change: Delta, the sum over image pairs of the "
         "normalised Hamming distance between the signs of the changes (lower: more consistent). Prints the "
         "table, writes it as CSV and JSON, and draws the parts and scores.",
+        ["zfvis correspond -o zfvis_correspondence.csv       # the shipped faces: eyes, nose, mouth; conv5 and fc7",
+         "zfvis correspond zfvis/assets/faces.json --layers conv3,fc6 --no-random -o parts.csv"
+         "   # other layers, no baseline"],
     )
     p.add_argument("boxes", nargs="?", metavar="BOXES.json",
                    help="part boxes (default: the three faces shipped with zfvis)")
@@ -47,13 +40,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=whole, default=0, help="seed of the random baseline boxes (default 0)")
     p.add_argument("--no-random", action="store_true", help="leave out the random baseline")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_output_args(p, "zfvis_correspondence.csv",
-                    "CSV table to write; the results (.json) and the figure (.png) go beside it")
+    add_output_args(p, "zfvis_correspondence.csv", "CSV table to write",
+                    beside="the results and settings (.json) and the figure (.png) go beside it")
     add_config_arg(p)
     p.set_defaults(func=run)
 
 
 def _default_layers(dn: Deconvnet) -> list[str]:
+    from .models import feature_layers
+
     convs, fcs = feature_layers(dn)
     if "fc7" in fcs and convs:
         return [convs[-1], "fc7"]
@@ -62,6 +57,13 @@ def _default_layers(dn: Deconvnet) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..analysis.correspondence import correspondence, default_parts_file, load_parts, read_parts
+    from ..core.deconvnet import Deconvnet
+    from ..io.parse import check_seed
+    from ..models.zoo import get_spec
+    from ..viz.analysis import correspondence_figure
+    from .models import load_zoo_model, resolve_device, resolve_layer
+
     device = resolve_device(args.device)
     seed = check_seed(args.seed, "--seed")
     if Path(args.output).suffix.lower() != ".csv":
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_csv(path: Path, result: CorrespondenceResult) -> None:
+    from ..io.atomic import atomic_write_text
+
     buf = io.StringIO()
     records = result.records()
     writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")

@@ -13,33 +13,31 @@ from __future__ import annotations
 import argparse
 import itertools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from ..analysis.evolution import evolution, load_images, sample_images
-from ..core.deconvnet import Deconvnet
-from ..io.checks import check_input_size, check_int, check_memory
-from ..io.images import default_dataset, default_image
-from ..models.checkpoints import check_checkpoint_file
-from ..models.snapshots import Snapshots, training_snapshots
-from ..models.zoo import Preprocess, get_spec
-from ..viz.evolution import evolution_figure
-from ._common import CLIError, add_config_arg, add_output_args, parse_channels, whole
-from .models import (
-    check_model_name,
-    fit_input_size,
-    load_zoo_model,
-    resolve_device,
-    resolve_layer,
-)
+from ._common import CLIError, add_config_arg, add_output_args, command_parser, parse_channels, whole
 from .outputs import check_output, write_settings
+
+if TYPE_CHECKING:  # torch loads when the command runs, not for --help
+    import torch
+    from torch import nn
+
+    from ..models.snapshots import Snapshots
+    from ..models.zoo import Preprocess
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evolution", help="strongest projection of each feature map at each training checkpoint")
+    p = command_parser(
+        sub, "evolution",
+        "For each feature map of a layer, finds its strongest activation over a set of images at each "
+        "checkpoint and projects it to pixel space: one row per feature map, one column per checkpoint. With no "
+        "CHECKPOINT it draws the training snapshots shipped with zfvis (zfnet-cifar10 through conv2) over the "
+        "500 CIFAR-10 test images shipped with it, offline.",
+        ["zfvis evolution --limit 200 -o zfvis_evolution.png  # the shipped snapshots, conv2, maps 0-15, 200 images",
+         "zfvis evolution --channels 0-5 --limit 100 -o evo.png   # fewer maps, searched over 100 images"],
+    )
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
                    help="state dicts / checkpoints, in training order (default: the training snapshots shipped with "
                    "zfvis, zfnet-cifar10 after epochs 1, 2, 3 and 5 of a short run)")
@@ -51,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels", default="0-15", help="feature maps to show, e.g. 0-15,32 (default 0-15)")
     p.add_argument("--limit", type=whole, default=512, help="use at most N images, evenly spread over the data set (default 512)")
     p.add_argument("--input-size", type=whole, help="side of the square input (default: the model's own)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     add_output_args(p, "zfvis_evolution.png")
     add_config_arg(p)
     p.set_defaults(func=run)
@@ -59,12 +57,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _image_paths(args: argparse.Namespace) -> list[Path]:
     """The images to search: ``limit`` evenly spaced over the data set (every class, the last included)."""
+    from ..analysis.evolution import sample_images
+    from ..io.images import default_dataset, default_image
+
     if args.dataset is not None:
         return sample_images(args.dataset, args.limit)
     return sample_images(default_dataset(), args.limit) if args.model == "zfnet-cifar10" else [default_image()]
 
 
 def _check_args(args: argparse.Namespace) -> list[tuple[int, int]]:
+    from ..io.checks import check_input_size, check_int
+    from ..models.checkpoints import check_checkpoint_file
+    from .models import check_model_name
+
     check_model_name(args.model)
     if not args.checkpoints and args.model != "zfnet-cifar10":
         raise CLIError(f"zfvis ships training snapshots of zfnet-cifar10 only: pass the checkpoints of a "
@@ -81,6 +86,12 @@ def _check_args(args: argparse.Namespace) -> list[tuple[int, int]]:
 
 def _snapshots(args: argparse.Namespace, device: torch.device) -> Snapshots:
     """The shipped snapshots, on ``device``; the layer must lie within the layers they hold."""
+    import torch
+
+    from ..core.deconvnet import Deconvnet
+    from ..models.snapshots import training_snapshots
+    from .models import resolve_layer
+
     snaps = training_snapshots()
     args.layer = args.layer or snaps.through
     dn = Deconvnet(snaps.models[0])
@@ -97,6 +108,13 @@ def _snapshots(args: argparse.Namespace, device: torch.device) -> Snapshots:
 def _first_model(args: argparse.Namespace, device: torch.device, count: int, *,
                  model: nn.Module | None = None) -> tuple[nn.Module, Preprocess]:
     """The first checkpoint's model, with the layer and input size checked, and the preprocessing to use."""
+    import torch
+
+    from ..core.deconvnet import Deconvnet
+    from ..io.checks import check_memory
+    from ..models.zoo import get_spec
+    from .models import fit_input_size, load_zoo_model, resolve_layer
+
     if model is None:
         model, preprocess = load_zoo_model(args.model, args.checkpoints[0], device)
     else:
@@ -113,6 +131,10 @@ def _first_model(args: argparse.Namespace, device: torch.device, count: int, *,
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..analysis.evolution import evolution, load_images
+    from ..viz.evolution import evolution_figure
+    from .models import load_zoo_model, resolve_device
+
     out = check_output(args.output, overwrite=args.overwrite)
     device = resolve_device(args.device)
     ranges = _check_args(args)

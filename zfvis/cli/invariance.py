@@ -5,26 +5,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..analysis.correspondence import default_parts_file
-from ..analysis.invariance import (
-    TRANSFORMS,
-    InvarianceResult,
-    check_amount,
-    invariance,
-    transform_images,
-)
-from ..core.deconvnet import Deconvnet
 from ..io.errors import UserInputError
-from ..io.images import default_image, load_image
-from ..io.parse import parse_names, parse_range
-from ..models.zoo import get_spec
-from ..viz.analysis import invariance_figure
 from ._analysis import (
-    FILL_HELP,
     class_names,
     no_class_names,
     parse_fill,
@@ -32,28 +16,38 @@ from ._analysis import (
     parse_target,
     write_results,
 )
-from ._common import CLIError, add_config_arg, add_model_args, add_output_args
-from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
+from ._common import CLIError, add_config_arg, add_model_args, add_output_args, command_parser
 from .outputs import check_output
+
+if TYPE_CHECKING:  # torch loads when the command runs, not for --help
+    import torch
+
+    from ..analysis.invariance import InvarianceResult
+    from ..core.deconvnet import Deconvnet
 
 __all__ = [
     "DEFAULT_RANGES",
+    "TRANSFORMS",
     "add_parser",
-    "parse_range",
     "run",
 ]
+
+#: The transformations (:data:`zfvis.analysis.invariance.TRANSFORMS`, which loads torch; a test keeps them equal).
+TRANSFORMS = ("translation", "scale", "rotation")
 
 #: Default ranges (start, stop, step; stop included). Translation is a fraction of the side.
 DEFAULT_RANGES = {"translation": (-0.27, 0.27, None), "scale": (1.0, 1.8, 0.05), "rotation": (0.0, 360.0, 15.0)}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "invariance",
-        help="how features and the class probability change as images move, scale and rotate (ZF Fig. 5)",
-        description="Translates (vertically), scales and rotates each image over a range and plots, per "
+    p = command_parser(
+        sub, "invariance",
+        "Translates (vertically), scales and rotates each image over a range and plots, per "
         "transformation, the Euclidean distance between the transformed and the original image's feature vector "
         "at a low and a high layer, and the probability of the image's class: one curve per image.",
+        ["zfvis invariance -o zfvis_invariance.png           # the three faces shipped with zfvis, conv1 and fc7",
+         "zfvis invariance zfvis/assets/chelsea.png --transform rotation --rotations 0:360:30 -o rot.png"
+         "   # one image, one transform"],
     )
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the three faces shipped with zfvis)")
     add_model_args(p)
@@ -67,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rotations", help="angles START:STOP:STEP in degrees (default 0:360:15)")
     p.add_argument("--target", action="append", help="class number or name of the images (once for all, or once "
                    "per image; default: each image's top class)")
-    p.add_argument("--fill", default="mean", help=FILL_HELP.replace("occluder", "colour of uncovered pixels"))
+    p.add_argument("--fill", default="mean", help="colour of the pixels a transformation uncovers: mean (the data "
+                   "set's mean colour), gray, black, or a VALUE in model input space (default mean)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_output_args(p, "zfvis_invariance.png")
     add_config_arg(p)
@@ -75,6 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _amounts(args: argparse.Namespace, transform: str, side: int) -> list[float]:
+    from ..io.parse import parse_range
+
     given = {"translation": args.translations, "scale": args.scales, "rotation": args.rotations}[transform]
     if given is not None:
         return _parse_amounts(given, transform)
@@ -89,6 +86,9 @@ def _amounts(args: argparse.Namespace, transform: str, side: int) -> list[float]
 def _parse_amounts(text: str, transform: str) -> list[float]:
     """``--translations``/``--scales``/``--rotations``: a range or list (:func:`zfvis.io.parse.parse_range`),
     each amount checked as the transformation needs it (whole pixels, positive factors)."""
+    from ..analysis.invariance import check_amount
+    from ..io.parse import parse_range
+
     option = f"--{transform}s"
     values = parse_range(text, option)
     try:
@@ -100,11 +100,16 @@ def _parse_amounts(text: str, transform: str) -> list[float]:
 
 
 def _default_images() -> list[Path]:
+    from ..analysis.correspondence import default_parts_file
+    from ..io.images import default_image
+
     folder = default_parts_file().parent
     return [default_image(), folder / "astronaut_face.jpg", folder / "grace_hopper_face.jpg"]
 
 
 def _default_layers(dn: Deconvnet) -> list[str]:
+    from .models import feature_layers
+
     convs, fcs = feature_layers(dn)
     if "fc7" in fcs and convs:
         return [convs[0], "fc7"]
@@ -113,12 +118,24 @@ def _default_layers(dn: Deconvnet) -> list[str]:
 
 
 def _examples(x: torch.Tensor, transform: str, amounts: list[float], denorm: Any, fill: Any) -> list[tuple[str, torch.Tensor]]:
+    from ..analysis.invariance import transform_images
+
     picks = [amounts[round(k * (len(amounts) - 1) / 3)] for k in range(4)] if len(amounts) >= 4 else amounts
     unit = {"translation": " px", "scale": "x", "rotation": "°"}[transform]
     return [(f"{v:g}{unit}", denorm(transform_images(x[None], transform, v, fill=fill)[0])) for v in picks]
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..analysis.invariance import invariance
+    from ..core.deconvnet import Deconvnet
+    from ..io.images import load_image
+    from ..io.parse import parse_names
+    from ..models.zoo import get_spec
+    from ..viz.analysis import invariance_figure
+    from .models import load_zoo_model, resolve_device, resolve_layer
+
     device = resolve_device(args.device)
     out = check_output(args.output, overwrite=args.overwrite)
     transforms = parse_names(args.transform, "--transform", example=",".join(TRANSFORMS))

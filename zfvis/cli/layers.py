@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from ..core.deconvnet import Deconvnet
-from ..io.checks import check_input_size
-from ._common import add_config_arg, whole
-from .models import check_model_name, fit_input_size, load_zoo_model, shapes_only
+from ._common import ZOO_MODELS, add_config_arg, command_parser, whole
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("layers", help="list a model's layers, output shapes and receptive fields")
-    p.add_argument("--model", default="zfnet-cifar10", help="zoo model (default zfnet-cifar10)")
+    p = command_parser(
+        sub, "layers",
+        "Prints every layer a projection can start from, in graph order: its name, its paper alias (conv3, "
+        "layer2, ...), its type, its output shape and its receptive field (size / jump in input pixels). "
+        "No weights are needed: the model is built with random weights, and shapes are computed without "
+        "allocating the maps where the model allows.",
+        ["zfvis layers                                       # the shipped zfnet-cifar10",
+         "zfvis layers --model resnet18 --input-size 64      # any zoo model, at any input size"],
+    )
+    p.add_argument("--model", default="zfnet-cifar10",
+                   help=f"zoo model ({', '.join(ZOO_MODELS)}; or timm:NAME; default zfnet-cifar10)")
     p.add_argument("--input-size", type=whole, help="side of the square input (default: the model's own)")
     add_config_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..core.deconvnet import Deconvnet
+    from ..io.checks import check_input_size
+    from .models import check_model_name, fit_input_size, load_zoo_model, shapes_only
+
     check_model_name(args.model)
     if args.input_size is not None:
         check_input_size(args.input_size)

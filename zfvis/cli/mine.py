@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..core.deconvnet import Deconvnet
-from ..core.ops import RULES
-from ..io.checks import check_input_size, check_int
-from ..io.images import check_data_set
-from ..mining.pipeline import MineSettings, mine
-from ..models.zoo import get_spec
-from ._common import CLIError, add_config_arg, add_model_args, parse_channels, whole
-from .models import fit_input_size, load_zoo_model, resolve_device, resolve_layer
+from ._common import RULES, CLIError, add_config_arg, add_model_args, command_parser, parse_channels, whole
 
 __all__ = ["MAX_TOP", "add_parser", "run"]
 
@@ -21,13 +14,16 @@ MAX_TOP = 1000
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "mine",
-        help="top-k activations per channel over a data set, with projections (ZF Fig. 2)",
-        description="Streams a data set through the model, keeps the k strongest activations of every "
+    p = command_parser(
+        sub, "mine",
+        "Streams a data set through the model, keeps the k strongest activations of every "
         "channel (at most one per image), projects them to pixel space and writes topk.json, one "
         "figure per layer (pages of 64 channels), the tiles and a static HTML gallery (index.html). "
         "Interrupted (Ctrl-C, kill), the same command resumes the run.",
+        ["zfvis mine zfvis/assets/cifar10_sample --layers conv3 --channels 0-7 --limit 100 -o runs/mine-demo"
+         "   # the shipped images",
+         "zfvis mine zfvis/assets/cifar10_sample --layers conv1,conv5 --top 4 --limit 50 -o runs/mine-small"
+         "   # two layers, top 4"],
     )
     p.add_argument("dataset", nargs="?", metavar="DATASET", help="folder of images (searched recursively) or a text file of paths")
     add_model_args(p)
@@ -51,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check_args(args: argparse.Namespace) -> tuple[Path, list[str], Path]:
     """The checks that need no model: numbers, the data set's kind, the output's kind."""
+    from ..io.checks import check_input_size, check_int
+    from ..io.images import check_data_set
+
     check_int("--top", args.top, 1, MAX_TOP)
     check_int("--batch-size", args.batch_size, 1, 1 << 16)
     check_int("--workers", args.workers, 0, 256)
@@ -76,6 +75,11 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, list[str], Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.deconvnet import Deconvnet
+    from ..mining.pipeline import MineSettings, mine
+    from ..models.zoo import get_spec
+    from .models import fit_input_size, load_zoo_model, resolve_device, resolve_layer
+
     dataset, layers, out = _check_args(args)
     channels = parse_channels(args.channels) if args.channels else None
     device = resolve_device(args.device)

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..analysis.occlusion import OcclusionResult, occlusion
-from ..core.deconvnet import Deconvnet
-from ..io.images import default_image, load_image
-from ..models.zoo import get_spec
-from ..viz.analysis import occlusion_figure
 from ._analysis import (
     FILL_HELP,
     class_names,
@@ -23,9 +16,14 @@ from ._analysis import (
     parse_target,
     write_results,
 )
-from ._common import CLIError, add_config_arg, add_model_args, add_output_args, whole
-from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
+from ._common import CLIError, add_config_arg, add_model_args, add_output_args, command_parser, whole
 from .outputs import check_output
+
+if TYPE_CHECKING:  # torch loads when the command runs, not for --help
+    import torch
+
+    from ..analysis.occlusion import OcclusionResult
+    from ..core.deconvnet import Deconvnet
 
 __all__ = ["TOP_K", "add_parser", "run"]
 
@@ -36,12 +34,13 @@ TOP_K = 4
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "occlude",
-        help="occlusion sensitivity of an image: what the network looks at (ZF Fig. 7)",
-        description="Slides an occluder over the image and maps, per position, the total activation of one "
+    p = command_parser(
+        sub, "occlude",
+        "Slides an occluder over the image and maps, per position, the total activation of one "
         "feature map, the probability of the target class and the most probable class; draws the figure of "
         "Zeiler & Fergus Fig. 7 with that feature map's strongest activations projected to pixel space.",
+        ["zfvis occlude -o zfvis_occlusion.png               # the shipped cat and model: conv5, patch 8, stride 2",
+         "zfvis occlude --patch 12 --stride 4 --target cat --fill gray -o occ.png   # a larger grey occluder"],
     )
     p.add_argument("image", nargs="?", help="image file (default: the photo shipped with zfvis)")
     add_model_args(p)
@@ -84,6 +83,13 @@ def _projections(dn: Deconvnet, x: torch.Tensor, layer: str, channel: int, shown
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..analysis.occlusion import occlusion
+    from ..core.deconvnet import Deconvnet
+    from ..io.images import default_image, load_image
+    from ..models.zoo import get_spec
+    from ..viz.analysis import occlusion_figure
+    from .models import feature_layers, load_zoo_model, resolve_device, resolve_layer
+
     device = resolve_device(args.device)
     out = check_output(args.output, overwrite=args.overwrite)
     if args.batch_size < 1:

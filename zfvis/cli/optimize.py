@@ -19,7 +19,7 @@ from ..io.checks import check_channels
 from ..models.zoo import get_spec
 from ..viz.feature_vis import feature_vis_figure
 from ._analysis import write_results
-from ._common import CLIError, add_config_arg, add_model_args, parse_channels, whole
+from ._common import CLIError, add_config_arg, add_model_args, command_parser, parse_channels, whole
 from .models import feature_layers, fit_input_size, load_zoo_model, resolve_device, resolve_layer
 from .outputs import check_output
 
@@ -32,12 +32,13 @@ MAX_IMAGES = 512
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "optimize",
-        help="synthetic images that maximise channels (feature visualization by optimization)",
-        description="Optimises an image per channel so that it maximises the channel's mean activation "
+    p = command_parser(
+        sub, "optimize",
+        "Optimises an image per channel so that it maximises the channel's mean activation "
         "(decorrelated Fourier parameterisation, random jitter, scale and rotation: Olah et al., Distill 2017), "
         f"and writes OUTDIR/{FIGURE} and OUTDIR/feature_vis.json.",
+        ["zfvis optimize --layers conv3 --channels 0-3 --steps 16 -o fv/          # four conv3 channels, shipped model",
+         "zfvis optimize --layers conv1 --channels 0 --steps 8 --param both -o fv2/  # Fourier beside plain pixels"],
     )
     add_model_args(p)
     p.add_argument("--layers", help="comma-separated layers (default: the middle conv layer)")

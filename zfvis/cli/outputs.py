@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io.atomic import atomic_write_text
 from ..io.errors import (
     UserInputError,
     show_path,
@@ -203,6 +202,8 @@ def settings_record(settings: dict[str, Any]) -> dict[str, Any]:
 def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
     """Writes ``data`` as JSON, atomically and recorded as zfvis's. NaN and infinity are
     refused (a :class:`ValueError`, a bug): no output holds them unasked."""
+    from ..io.atomic import atomic_write_text  # loads torch: not at import (zfvis --help stays light)
+
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n", own=True)
 
 

@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..core.deconvnet import Deconvnet
-from ..core.ops import RULES
-from ..io.checks import check_channels, check_int
-from ..io.images import default_image, load_image
-from ..models.zoo import get_spec
-from ..viz.projection import (
-    Selection,
-    projection_figure,
-    rules_figure,
-    strongest_channels,
-)
-from ._common import CLIError, add_config_arg, add_model_args, add_output_args, whole
-from .models import (
-    feature_layers,
-    fit_input_size,
-    load_zoo_model,
-    resolve_device,
-    resolve_layer,
-)
+from ._common import RULES, CLIError, add_config_arg, add_model_args, add_output_args, command_parser, whole
 from .outputs import check_output, write_settings
+
+if TYPE_CHECKING:  # torch loads when the command runs, not for --help
+    import torch
+
+    from ..core.deconvnet import Deconvnet
 
 __all__ = ["SMALL_MODEL_INPUT", "MAX_PANELS", "add_parser", "default_layer", "run"]
 
@@ -37,12 +23,13 @@ MAX_PANELS = 32
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "project",
-        help="project a layer's strongest activations for an image to pixel space (the default command)",
-        description="Projects activations of one layer back to pixel space with a deconvnet and writes a figure: "
+    p = command_parser(
+        sub, "project",
+        "Projects activations of one layer back to pixel space with a deconvnet and writes a figure: "
         "the input, each projection, and both cropped to the activation's receptive field. Projections are shown "
         "with zero as mid-grey, scaled by their largest absolute value.",
+        ["zfvis project -o zfvis_project.png                 # the shipped model and photo: conv3's 9 strongest channels",
+         "zfvis project --layer conv2 --channel 5 --top-k 4 --rule all -o p.png   # 4 activations, each rule"],
     )
     p.add_argument("image", nargs="?", help="image file (default: the photo shipped with zfvis)")
     add_model_args(p)
@@ -66,6 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def default_layer(dn: Deconvnet) -> str:
     """The middle feature-map layer (``conv3`` of ZF Net, ``conv3_3`` of VGG16, ``layer2``
     of a ResNet; a model without paper names: its middle convolution)."""
+    from .models import feature_layers
+
     maps, _ = feature_layers(dn)
     if not maps:
         raise CLIError("the model has no convolution; pass --layer")
@@ -87,6 +76,8 @@ def _parse_position(text: str) -> tuple[int, int]:
 
 def _check_args(args: argparse.Namespace) -> tuple[int, int] | None:
     """The checks that need no model; returns the position, if any."""
+    from ..io.checks import check_int
+
     check_int("--top-k", args.top_k, 1, MAX_PANELS)
     if args.top_channels is not None:
         check_int("--top-channels", args.top_channels, 1, MAX_PANELS)
@@ -101,6 +92,9 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int] | None:
 
 
 def _choose_channels(args: argparse.Namespace, out_map: torch.Tensor, layer: str) -> list[int]:
+    from ..io.checks import check_channels
+    from ..viz.projection import strongest_channels
+
     n_channels = out_map.shape[1]
     if args.channel:
         return check_channels(list(dict.fromkeys(args.channel)), n_channels, layer)
@@ -122,6 +116,12 @@ def _check_seeds(out_map: torch.Tensor, layer: str, position: tuple[int, int] | 
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.deconvnet import Deconvnet
+    from ..io.images import default_image, load_image
+    from ..models.zoo import get_spec
+    from ..viz.projection import Selection, projection_figure, rules_figure
+    from .models import fit_input_size, load_zoo_model, resolve_device, resolve_layer
+
     device = resolve_device(args.device)
     out = check_output(args.output, overwrite=args.overwrite)
     position = _check_args(args)
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     _check_seeds(rec.output, layer, position, args.top_k)
     selection = Selection(channels, args.top_k, position)
     weights = args.weights or get_spec(args.model).default_weights
-    title = f"{args.model} ({weights}) / layer {layer} / {image_path.name} at {x.shape[-2]}x{x.shape[-1]}"
+    title = f"{args.model} ({weights}) / {layer} / {image_path.name} at {x.shape[-2]}x{x.shape[-1]}"
     if rule is None:
         rules_figure(dn, x, layer, selection, show=preprocess.denormalize, title=f"{title} / each rule", path=out)
     else:

@@ -9,26 +9,27 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..explorer.security import is_loopback
-from ..explorer.server import ExplorerServer, serve
 from ._analysis import class_names
-from ._common import CLIError, add_config_arg, add_model_args
-from .models import load_zoo_model, resolve_device
+from ._common import CLIError, add_config_arg, add_model_args, command_parser
+
+if TYPE_CHECKING:
+    from ..explorer.server import ExplorerServer
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Registers ``zfvis serve``."""
-    p = sub.add_parser(
-        "serve",
-        help="explore a model live in the browser: click a feature map, see what excited it",
-        description="Serves a page on which you pick an image and a layer, see every feature map, click one to "
+    p = command_parser(
+        sub, "serve",
+        "Serves a page on which you pick an image and a layer, see every feature map, click one to "
         "see its strongest activation (or any point of it) projected to pixel space with its receptive field, "
         "switch rules, compare with the unit's top 9 from a mining run (--run), and run occlusion. Prints one "
         "URL (with a token) and serves until Ctrl-C.",
+        ["zfvis serve --port 0                               # the shipped model and photos, on a free port",
+         "zfvis serve zfvis/assets/chelsea.png --model alexnet --weights random --port 8000   # any zoo model"],
     )
     p.add_argument("images", nargs="*", metavar="IMAGE", help="images to offer (default: the photos shipped with zfvis)")
     add_model_args(p)
@@ -80,9 +81,14 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--port must be in 0..65535, got {args.port}")
     if args.cache_mb < 16:
         raise CLIError(f"--cache-mb must be at least 16, got {args.cache_mb}")
+    from ..explorer.security import is_loopback
+
     if args.no_token and not is_loopback(args.host):
         raise CLIError(f"--no-token is allowed only on loopback (127.0.0.1, ::1), not on --host {args.host!r}: "
                        "beyond this machine a token is required; drop --no-token")
+    from ..explorer.server import serve
+    from .models import load_zoo_model, resolve_device
+
     device = resolve_device(args.device)
     model, preprocess = load_zoo_model(args.model, args.weights, device)
     if args.input_size is not None:

@@ -33,7 +33,13 @@ from .layout import (
 )
 from .render import _to_hwc, normalize_projection
 
-__all__ = ["project_figure", "grid_figure"]
+__all__ = ["project_figure", "grid_figure", "crop_box", "SUPPORT_SHARE", "COVERS_SHARE"]
+
+#: Where an activation's receptive field covers this share of the image or more, its crop is
+#: the region where the projection is non-negligible instead (the whole image repeated shows nothing).
+COVERS_SHARE = 0.9
+#: Non-negligible: at least this share of the projection's largest absolute value (summed over channels).
+SUPPORT_SHARE = 0.05
 
 
 def project_figure(
@@ -75,6 +81,8 @@ def project_figure(
     """
     img, projs = _displayed(image, projections, boxes, titles)
     n, (height, width) = len(projs), img.shape[:2]
+    crops = [crop_box(p, b) for p, b in zip(projections, boxes)]
+    note = _with_support_note(note, any(support for _, support in crops))
     blocks = 1 if n <= 4 else 2 if n <= 12 else 3
     rows = math.ceil(n / blocks)
     cell = {1: 2.8, 2: 2.2, 3: 1.8}[blocks]
@@ -99,18 +107,29 @@ def project_figure(
         x0 = MARGIN + b * (block_w + block_gap)
         y0 = top0 + r * (cell + row_gap)
         top, left, bottom, right = _clip_box(boxes[k], height, width)
+        (c_top, c_left, c_bottom, c_right), support = crops[k]
         label_y = y0 + cell * min(1.0, height / max(width, 1)) / 2  # middle of the input panel
         text(fig, x0 + label_w - 0.12, label_y, titles[k], ha="right", va="center", fontsize=FONT_LABEL,
               linespacing=1.25)
-        panels = (img, projs[k], img[top:bottom, left:right], projs[k][top:bottom, left:right])
+        panels = (img, projs[k], img[c_top:c_bottom, c_left:c_right], projs[k][c_top:c_bottom, c_left:c_right])
         for c, arr in enumerate(panels):
             ax = axes(fig, x0 + label_w + c * (cell + gap), y0, cell, cell)
             _panel(ax, arr, cell, header=headers[c] if r == 0 else None,
-                   box=(top, left, bottom, right) if c < 2 else None)
+                   box=(top, left, bottom, right) if c < 2 else None,
+                   support=(c_top, c_left, c_bottom, c_right) if c < 2 and support else None)
     if note_txt:
         text(fig, MARGIN, fig_h - MARGIN, note_txt, ha="left", va="bottom", fontsize=FONT_SMALL,
               color="#505050")
     return finish(fig, path)
+
+
+def _with_support_note(note: str | None, support: bool) -> str | None:
+    """The figure's note, saying what the dashed boxes are where some crop shows a projection's support."""
+    if not support:
+        return note
+    return (f"{note}; " if note else "") + (
+        "dashed boxes: where a receptive field covers the whole image, the crops show instead where "
+        f"|projection| is at least {SUPPORT_SHARE:.0%} of its largest value")
 
 
 def _displayed(image: torch.Tensor, projections: Sequence[torch.Tensor], boxes: Sequence[Sequence[int]],
@@ -133,8 +152,10 @@ def _displayed(image: torch.Tensor, projections: Sequence[torch.Tensor], boxes: 
     return img, projs
 
 
-def _panel(ax: Axes, arr: np.ndarray, cell: float, *, header: str | None, box: tuple[int, int, int, int] | None) -> None:
-    """One panel of a row: the array (or a blank for an empty window), its header, the box drawn on it."""
+def _panel(ax: Axes, arr: np.ndarray, cell: float, *, header: str | None, box: tuple[int, int, int, int] | None,
+           support: tuple[int, int, int, int] | None = None) -> None:
+    """One panel of a row: the array (or a blank for an empty window), its header, the box drawn on
+    it, and the support window the crops show instead (dashed), where there is one."""
     ax.set_anchor("N")  # non-square panels shrink from below, keeping titles level
     if header is not None:
         ax.set_title(header, fontsize=FONT_SMALL, color="#404040", pad=4)
@@ -146,6 +167,57 @@ def _panel(ax: Axes, arr: np.ndarray, cell: float, *, header: str | None, box: t
         top, left, bottom, right = box
         ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
                                edgecolor=BOX_COLOR, linewidth=1.8))
+    if support is not None:
+        top, left, bottom, right = support
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                               edgecolor=BOX_COLOR, linewidth=1.5, linestyle=(0, (3, 2))))
+
+
+def crop_box(projection: torch.Tensor, box: Sequence[int]) -> tuple[tuple[int, int, int, int], bool]:
+    """The window to crop a projection and its input to, and whether it is the projection's support.
+
+    The receptive-field ``box`` (top, left, bottom, right), clipped to the image, unless it covers
+    :data:`COVERS_SHARE` of the image or more (deep layers, global pooling, gates): then the
+    bounding box of the pixels where the projection's absolute value, summed over channels, is at
+    least :data:`SUPPORT_SHARE` of its largest, with a margin of 2 pixels and at least 4 pixels a
+    side. A projection that is zero everywhere, or non-negligible over nearly all of the image,
+    keeps the box.
+
+    Args:
+        projection: A raw projection (C, H, W).
+        box: Its receptive field in pixels, bottom and right exclusive.
+
+    Returns:
+        The window, and True when it is the support rather than the receptive field.
+    """
+    height, width = projection.shape[-2:]
+    clipped = _clip_box(box, height, width)
+    top, left, bottom, right = clipped
+    if (bottom - top) * (right - left) < COVERS_SHARE * height * width:
+        return clipped, False
+    magnitude = projection.detach().float().abs().sum(dim=0)
+    peak = float(magnitude.max())
+    if not peak > 0:
+        return clipped, False
+    rows = torch.nonzero((magnitude >= SUPPORT_SHARE * peak).any(dim=1)).flatten()
+    cols = torch.nonzero((magnitude >= SUPPORT_SHARE * peak).any(dim=0)).flatten()
+    t, b = int(rows.min()) - 2, int(rows.max()) + 3
+    l_, r = int(cols.min()) - 2, int(cols.max()) + 3
+    t, b = _at_least(t, b, 4, height)
+    l_, r = _at_least(l_, r, 4, width)
+    if (b - t) * (r - l_) >= COVERS_SHARE * height * width:
+        return clipped, False
+    return (t, l_, b, r), True
+
+
+def _at_least(lo: int, hi: int, size: int, limit: int) -> tuple[int, int]:
+    """``[lo, hi)`` clipped to ``[0, limit)`` and widened about its middle to ``size`` where it is smaller."""
+    lo, hi = max(0, lo), min(limit, hi)
+    if hi - lo < size:
+        mid = (lo + hi) // 2
+        lo = max(0, min(mid - size // 2, limit - size))
+        hi = min(limit, lo + size)
+    return lo, hi
 
 
 def _clip_box(box: Sequence[int], height: int, width: int) -> tuple[int, int, int, int]:

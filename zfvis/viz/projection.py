@@ -87,7 +87,7 @@ def _shown(image: torch.Tensor, show: Show | None) -> torch.Tensor:
 
 def projection_figure(dn: Deconvnet, images: torch.Tensor, layer: str, selection: Selection | None = None, *,
                       rule: str | None = None, show: Show | None = None, title: str | None = None,
-                      path: str | os.PathLike[str] | None = None) -> Figure:
+                      model_name: str | None = None, path: str | os.PathLike[str] | None = None) -> Figure:
     """The figure of ``zfvis project`` for the first image of ``images``.
 
     Args:
@@ -98,8 +98,13 @@ def projection_figure(dn: Deconvnet, images: torch.Tensor, layer: str, selection
         rule: The ReLU rule (default: the Deconvnet's).
         show: Maps the model input (C, H, W) to a displayable [0, 1] RGB image, e.g.
             ``preprocess.denormalize``; by default each image is min-max scaled.
-        title: The figure title (default: the layer, rule and input size).
+        title: The figure title (default: the model, layer, rule and input size).
+        model_name: The model's name in the default title (default: its class name).
         path: Where to write the PNG (atomically); ``None`` writes nothing.
+
+    Where an activation's receptive field covers (nearly) the whole image, the crops show
+    where its projection is non-negligible instead (:func:`zfvis.viz.grids.crop_box`), drawn
+    dashed and said so on the figure.
 
     Returns:
         The figure.
@@ -109,16 +114,20 @@ def projection_figure(dn: Deconvnet, images: torch.Tensor, layer: str, selection
     rule = dn.rule if rule is None else rule
     seeds, _ = choose_seeds(dn, x, layer, selection, rule=rule)
     patches = dn.reverse(dn.record(x, layer, rule=rule), seeds)
-    title = title or f"layer {layer} ({rule}) at {x.shape[-2]}x{x.shape[-1]}"
+    title = title or f"{model_name or type(dn.model).__name__} / {layer} ({rule}) at {x.shape[-2]}x{x.shape[-1]}"
     return grids.project_figure(_shown(x[0], show), [p.float() for p in patches.full().cpu()], patches.boxes(),
                                  _titles(seeds), title, path, note=_NOTE.format(rule=rule))
 
 
 def rules_figure(dn: Deconvnet, images: torch.Tensor, layer: str, selection: Selection | None = None, *,
-                 show: Show | None = None, title: str | None = None,
+                 show: Show | None = None, title: str | None = None, model_name: str | None = None,
                  path: str | os.PathLike[str] | None = None) -> Figure:
     """The same activations projected under each rule, side by side: a row per
     activation, columns input (receptive field cropped), deconvnet, guided, gradient.
+
+    Where an activation's receptive field covers (nearly) the whole image, its row is cropped
+    to where the deconvnet projection is non-negligible instead (:func:`zfvis.viz.grids.crop_box`),
+    and its label says so.
 
     Args:
         dn: The deconvnet.
@@ -126,7 +135,8 @@ def rules_figure(dn: Deconvnet, images: torch.Tensor, layer: str, selection: Sel
         layer: A layer name or alias.
         selection: Which activations (default: the 9 most active channels' strongest).
         show: Maps the model input to a displayable [0, 1] RGB image.
-        title: The figure title.
+        title: The figure title (default: the model and the layer).
+        model_name: The model's name in the default title (default: its class name).
         path: Where to write the PNG; ``None`` writes nothing.
     """
     selection = selection or Selection()
@@ -134,17 +144,21 @@ def rules_figure(dn: Deconvnet, images: torch.Tensor, layer: str, selection: Sel
     seeds, _ = choose_seeds(dn, x, layer, selection)
     shown = _shown(x[0], show)
     columns: list[list[torch.Tensor]] = []
-    boxes: list[tuple[int, int, int, int]] = []
+    crops: list[tuple[tuple[int, int, int, int], bool]] = []
     for rule in RULES:
         patches = dn.reverse(dn.record(x, layer, rule=rule), seeds)
-        boxes = patches.boxes()
-        columns.append([render.normalize_projection(p.float()) for p in patches.full().cpu()])
+        full = [p.float() for p in patches.full().cpu()]
+        if not crops:  # the deconvnet's: the windows every rule's row is cropped to
+            crops = [grids.crop_box(p, box) for p, box in zip(full, patches.boxes())]
+        columns.append([render.normalize_projection(p) for p in full])
     cells: list[list[torch.Tensor | None]] = []
-    for i, (t, l_, b, r) in enumerate(boxes):
+    for i, ((t, l_, b, r), _) in enumerate(crops):
         cells.append([shown[:, t:b, l_:r]] + [col[i][:, t:b, l_:r] for col in columns])
+    labels = [s.replace("\n", ", ") + ("\n(cropped to where\n|projection| is large)" if support else "")
+              for s, (_, support) in zip(_titles(seeds), crops)]
+    name = model_name or type(dn.model).__name__
     return grids.grid_figure(
-        cells, path, row_labels=[s.replace("\n", ", ") for s in _titles(seeds)],
-        col_labels=["input (receptive field)", *RULES],
-        title=title or f"layer {layer}: the same activations under each rule (cropped to the receptive field)",
+        cells, path, row_labels=labels, col_labels=["input (receptive field)", *RULES],
+        title=title or f"{name} / {layer}: the same activations under each rule (cropped to the receptive field)",
         cell_inches=1.6,
     )
