@@ -39,12 +39,12 @@ def high_frequency_share(images: torch.Tensor) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--steps", type=int, default=256, help="optimisation steps (default 256)")
     p.add_argument("--channels", type=int, default=6, help="channels per layer (0 .. N-1)")
-    p.add_argument("--layers", default=",".join(LAYERS))
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--layers", default=",".join(LAYERS), help="comma-separated layers (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     default = Path(__file__).resolve().parent.parent / "docs" / "feature_vis_zfnet.png"
-    p.add_argument("-o", "--output", default=str(default))
+    p.add_argument("-o", "--output", default=str(default), help="the PNG written (default: docs/feature_vis_zfnet.png)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, pre = zfvis.load_model("zfnet-cifar10")

@@ -230,7 +230,9 @@ class Newcomer:
                 self._stand_in_checkpoints(args.checkpoints)
         assert main([*argv, *(["--no-progress"] if args.command == "mine" else [])]) == 0, f"{self.where}: {argv}"
         if output and args.command != "mine":
-            assert (self.work / str(output)).is_file(), f"{self.where}: `{' '.join(words)}` wrote no {output}"
+            written = self.work / str(output)  # a file, or a folder of them (zfvis optimize -o OUTDIR)
+            assert written.is_file() or (written.is_dir() and any(written.iterdir())), \
+                f"{self.where}: `{' '.join(words)}` wrote no {output}"
         self.ran.append(" ".join(argv))
 
     def script_command(self, words: list[str]) -> None:

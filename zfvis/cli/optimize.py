@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..analysis.feature_vis import FeatureVisResult, feature_vis
-from ..core.deconvnet import Deconvnet
-from ..io.checks import check_channels
-from ..models.zoo import get_spec
-from ..viz.feature_vis import feature_vis_figure
-from ._analysis import write_results
 from ._common import CLIError, add_config_arg, add_model_args, command_parser, parse_channels, whole
-from .models import feature_layers, fit_input_size, load_zoo_model, resolve_device, resolve_layer
 from .outputs import check_output
+
+if TYPE_CHECKING:  # torch loads when the command runs, not for --help
+    import torch
+
+    from ..analysis.feature_vis import FeatureVisResult
+    from ..core.deconvnet import Deconvnet
 
 __all__ = ["FIGURE", "add_parser", "run"]
 
@@ -70,6 +67,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _layers(args: argparse.Namespace, dn: Deconvnet) -> list[str]:
+    from .models import feature_layers, resolve_layer
+
     if args.layers is None:
         maps, _ = feature_layers(dn)
         if not maps:
@@ -83,6 +82,10 @@ def _layers(args: argparse.Namespace, dn: Deconvnet) -> list[str]:
 
 def _channel_counts(dn: Deconvnet, layers: list[str], size: int, channels: str, device: torch.device) -> None:
     """Refuses channels out of range before any optimisation runs."""
+    import torch
+
+    from ..io.checks import check_channels
+
     with torch.no_grad():
         outs = dn.forward_outputs(torch.zeros(1, 3, size, size, device=device), layers)
     total = 0
@@ -93,6 +96,11 @@ def _channel_counts(dn: Deconvnet, layers: list[str], size: int, channels: str, 
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.deconvnet import Deconvnet
+    from ..models.zoo import get_spec
+    from ..viz.feature_vis import feature_vis_figure
+    from .models import fit_input_size, load_zoo_model, resolve_device
+
     _check_args(args)
     device = resolve_device(args.device)
     model, preprocess = load_zoo_model(args.model, args.weights, device)
@@ -124,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
 def _optimize_all(args: argparse.Namespace, dn: Deconvnet, layers: list[str], size: int,
                   preprocess: Any) -> dict[str, list[FeatureVisResult]]:  # fmt: skip
     """Each layer's images, per parameterisation (Fourier first)."""
+    from ..analysis.feature_vis import feature_vis
+
     params = ("fourier", "pixel") if args.param == "both" else (args.param,)
     results: dict[str, list[FeatureVisResult]] = {p: [] for p in params}
     for layer in layers:
@@ -138,6 +148,8 @@ def _optimize_all(args: argparse.Namespace, dn: Deconvnet, layers: list[str], si
 
 def _write_json(path: Path, args: argparse.Namespace, results: dict[str, list[FeatureVisResult]], *,
                 layers: list[str], size: int, weights: str) -> None:  # fmt: skip
+    from ._analysis import write_results
+
     settings: dict[str, Any] = dict(vars(args))
     settings.update(layers=layers, size=size, weights=weights, output=str(path.with_suffix(".png")))
     every = max(1, args.steps // 32)
