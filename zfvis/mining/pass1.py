@@ -12,7 +12,8 @@ import torch
 
 from ..analysis.topk import EMPTY as _EMPTY
 from ..analysis.topk import empty_topk, image_maxima, merge_topk
-from ..io.atomic import atomic_torch_save
+from ..io import ownership
+from ..io.atomic import atomic_torch_save, flush_recording
 from ..io.errors import MiningInterrupted
 from ..io.progress import progress
 from .run import Files, Progress, Run, loader
@@ -118,7 +119,8 @@ def merge_ranks(run: Run, prog: Progress) -> Progress:
     r.check()  # the final state is on disk before any rank drops its part
     r.finish()
     if run.part_path != run.state_path:
-        run.part_path.unlink(missing_ok=True)
+        flush_recording()  # the part file joins the ledger, to be deleted as the run's own
+        ownership.delete_own([run.part_path], run.run_id)
     return merged
 
 

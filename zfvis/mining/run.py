@@ -99,6 +99,7 @@ class Run:
     ranks: Ranks
     k: int = 0  # top-k slots kept: min(top, images chosen)
     fingerprint: str = ""
+    run_id: str = ""  # the id its files are recorded under (settings.json keeps it)
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     resume: Progress | None = None
     taps: Taps | None = None
