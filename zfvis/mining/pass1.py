@@ -16,6 +16,7 @@ from ..io import ownership
 from ..io.atomic import atomic_torch_save, flush_recording
 from ..io.errors import MiningInterrupted
 from ..io.progress import progress
+from .identity import hash_files
 from .run import Files, Progress, Run, loader
 
 __all__ = ["Saver", "pass1", "merge_ranks", "topk_table"]
@@ -35,7 +36,7 @@ class Saver:
 
     def save(self, prog: Progress) -> None:
         if prog.batches != self.saved:
-            atomic_torch_save(prog.to_state(self.run.fingerprint), self.run.part_path)
+            atomic_torch_save(self.run.state(prog), self.run.part_path)
             self.saved, self.last = prog.batches, time.monotonic()
 
 
@@ -115,7 +116,9 @@ def merge_ranks(run: Run, prog: Progress) -> Progress:
         skipped = tuple(sorted((s for g in parts for s in g["skipped"]), key=lambda s: s["index"]))
         merged = Progress(tops, skipped, sum(int(g["images"]) for g in parts), prog.batches, True)
     if r.rank == 0:
-        atomic_torch_save(merged.to_state(run.fingerprint), run.state_path)
+        won = [int(i) for t in merged.tops.values() for i in t["index"].flatten().tolist() if i != _EMPTY]
+        run.winners = hash_files(run.root, run.files, won)
+        atomic_torch_save(run.state(merged), run.state_path)
     r.check()  # the final state is on disk before any rank drops its part
     r.finish()
     if run.part_path != run.state_path:
@@ -143,7 +146,8 @@ def topk_table(run: Run, prog: Progress) -> dict[str, Any]:
                     break
                 p = int(t["pos"][c, r])
                 entries.append({"image": run.files[i], "index": i, "value": float(t["values"][c, r]),
-                                "position": [p // layer.width, p % layer.width] if p >= 0 else None})
+                                "position": [p // layer.width, p % layer.width] if p >= 0 else None,
+                                "sha256": run.winners.get(i)})
             ranked.append(entries)
         topk["layers"][name] = {"module": layer.module, "channel_count": layer.shape[0],
                                 "channel_ids": layer.channels, "channels": ranked}

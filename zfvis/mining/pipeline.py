@@ -54,6 +54,7 @@ from ..io.errors import MiningInterrupted
 from ..models.zoo import Preprocess
 from ..viz import render, sheets
 from . import pages as mining_figures
+from .identity import changed_files, check_unchanged
 from .pass1 import merge_ranks, pass1, topk_table
 from .pass2 import pass2, tile
 from .ranks import Ranks
@@ -119,14 +120,24 @@ def _claim(run: Run) -> Iterator[list[Path]]:
 
 
 def _load_resume(run: Run) -> Progress | None:
-    """This rank's saved progress for this run, if any (the merged final state first)."""
+    """This rank's saved progress for this run, if any (the merged final state first).
+
+    Raises:
+        DataSetChanged: An image changed since the state was saved (nothing is mixed).
+    """
     layers = list(run.layers)
     final = load_state(run.state_path)
     if final is not None and final["fingerprint"] == run.fingerprint and final.get("done"):
-        return Progress.from_state(final, layers)
-    state = final if run.part_path == run.state_path else load_state(run.part_path)
-    if state is None or state["fingerprint"] != run.fingerprint:
-        return None
+        state = final
+    else:
+        state = final if run.part_path == run.state_path else load_state(run.part_path)
+        if state is None or state["fingerprint"] != run.fingerprint:
+            return None
+    if run.identity is not None:
+        changed = changed_files(run.root, run.files, run.chosen, state, run.identity)
+        check_unchanged(run.out, changed, run.s.flag("restart"))
+    if isinstance(state.get("winners"), dict):
+        run.winners = dict(state["winners"])
     return Progress.from_state(state, layers)
 
 

@@ -21,6 +21,7 @@ from ..io.checks import check_channels, check_device, check_memory
 from ..io.errors import InputTypeError, UserInputError, first_line
 from ..io.images import evenly_spaced, list_images, load_image, resolve
 from ..models.zoo import Preprocess
+from .identity import stat_files
 from .ranks import Ranks
 from .run_folder import STATE_VERSION
 from .settings import MineSettings
@@ -105,6 +106,12 @@ class Run:
     taps: Taps | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
     projecting: float = 0.0  # pass 2's seconds spent projecting (the rest is drawing)
+    identity: torch.Tensor | None = None  # (len(chosen), 2): each image's size and mtime (ns)
+    winners: dict[int, str] = dataclasses.field(default_factory=dict)  # winner image -> SHA-256
+
+    def state(self, prog: Progress) -> dict[str, Any]:
+        """The state saved for ``prog``, with what the data set was (:mod:`zfvis.mining.identity`)."""
+        return {**prog.to_state(self.fingerprint), "identity": self.identity, "winners": dict(self.winners)}
 
     @property
     def show(self) -> bool:
@@ -257,6 +264,7 @@ def plan(model: nn.Module, preprocess: Preprocess, dataset: str | os.PathLike[st
         "preprocess": repr(preprocess), "dataset": str(root.resolve()),
     }
     run.fingerprint = _fingerprint(run.settings, [files[i] for i in chosen], model)
+    run.identity = stat_files(root, [files[i] for i in chosen])
     return run
 
 
