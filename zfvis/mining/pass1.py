@@ -14,7 +14,7 @@ from ..analysis.topk import EMPTY as _EMPTY
 from ..analysis.topk import empty_topk, image_maxima, merge_topk
 from ..io import ownership
 from ..io.atomic import atomic_torch_save, flush_recording
-from ..io.errors import MiningInterrupted
+from ..io.errors import MiningInterrupted, UserInputError
 from ..io.progress import progress
 from .identity import hash_files
 from .run import Files, Progress, Run, loader
@@ -144,8 +144,12 @@ def topk_table(run: Run, prog: Progress) -> dict[str, Any]:
                 i = int(t["index"][c, r])
                 if i == _EMPTY:
                     break
-                p = int(t["pos"][c, r])
-                entries.append({"image": run.files[i], "index": i, "value": float(t["values"][c, r]),
+                p, value = int(t["pos"][c, r]), float(t["values"][c, r])
+                if not math.isfinite(value):
+                    raise UserInputError(f"layer '{name}' channel {layer.channels[c]}: its activation on "
+                                         f"'{run.files[i]}' is {value}, not a finite number (the model overflows in "
+                                         f"{run.dtype}?); nothing is ranked: use a wider dtype or check the model")
+                entries.append({"image": run.files[i], "index": i, "value": value,
                                 "position": [p // layer.width, p % layer.width] if p >= 0 else None,
                                 "sha256": run.winners.get(i)})
             ranked.append(entries)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from ..core.deconvnet import Deconvnet
 from ..io.checks import check_channels, check_device, check_memory
 from ..io.errors import InputTypeError, UserInputError, first_line
 from ..io.images import evenly_spaced, list_images, load_image, resolve
+from ..models.checkpoints import check_finite
 from ..models.zoo import Preprocess
 from .identity import stat_files
 from .ranks import Ranks
@@ -212,6 +214,7 @@ def placed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     if any(h.type == "meta" for h in homes):
         raise UserInputError("the model's parameters are on the meta device (they hold no values); load its "
                              "weights first (Module.to_empty() and load_state_dict())")
+    check_finite(itertools.chain(model.named_parameters(), model.named_buffers()), "the model's weights")
     if len(homes) > 1:
         raise UserInputError(f"the model's parameters lie on several devices ({sorted(map(str, homes))}); "
                              "put it on one device first")
