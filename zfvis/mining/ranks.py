@@ -125,7 +125,7 @@ class LostContactError(RankFailedError):
         lost = others[0] if len(others) == 1 else -1
         RuntimeError.__init__(self)
         self.rank, self.world, self.reason = lost, ranks.world, detail
-        who = (f"rank {lost} of {ranks.world}, {ranks.places[lost]}," if lost >= 0 else
+        who = (f"rank {lost} of {ranks.world}, {ranks.places[lost]}" if lost >= 0 else
                f"one of ranks {', '.join(f'{r} ({ranks.places[r]})' for r in others)} of {ranks.world}")
         self.args = (f"lost contact with {who} (its process or node stopped: {detail}); every rank stopped: run "
                      "the same command again on every node to resume",)
