@@ -76,17 +76,25 @@ def _kill_node(agent: subprocess.Popen[str]) -> None:
     agent.wait()
 
 
-def test_two_nodes_equal_one_process(tmp_path: Path) -> None:
-    extra = ("--limit", "60", "--batch-size", "4", "--no-progress")
-    _finish(_agents(tmp_path / "nodes", *extra))
-    assert _result(tmp_path / "nodes") == _single(tmp_path / "one", *extra)
+#: One setting for every run here: pass 1 takes a few seconds, long enough to kill a node in it.
+EXTRA = ("--limit", "200", "--batch-size", "1", "--state-every", "1", "--input-size", "64")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The ``topk.json`` of a single process (no torchrun)."""
+    return _single(tmp_path_factory.mktemp("one") / "run", *EXTRA, "--no-progress")
+
+
+def test_two_nodes_equal_one_process(tmp_path: Path, single: dict) -> None:
+    _finish(_agents(tmp_path / "nodes", *EXTRA, "--no-progress"))
+    assert _result(tmp_path / "nodes") == single
     assert not list((tmp_path / "nodes").glob("state.rank*"))
 
 
-def test_a_killed_node_stops_the_other_and_the_rerun_resumes(tmp_path: Path) -> None:
+def test_a_killed_node_stops_the_other_and_the_rerun_resumes(tmp_path: Path, single: dict) -> None:
     out = tmp_path / "nodes"
-    extra = ("--batch-size", "1", "--state-every", "1", "--input-size", "64")
-    procs = _agents(out, *extra, "--no-progress")
+    procs = _agents(out, *EXTRA, "--no-progress")
     t0 = time.monotonic()
     parts = [out / f"state.rank{r}-of-2.pt" for r in range(2)]
     while not all(p.exists() for p in parts):  # both nodes are in pass 1, with progress saved
@@ -103,6 +111,6 @@ def test_a_killed_node_stops_the_other_and_the_rerun_resumes(tmp_path: Path) -> 
     assert "topk.json" not in os.listdir(out)  # it stopped in pass 1
     assert stopped < 20, stopped
     assert workers  # (both nodes had started their worker)
-    logs = _finish(_agents(out, *extra))  # with progress: it says where it resumes
+    logs = _finish(_agents(out, *EXTRA))  # with progress: it says where it resumes
     assert any("resuming pass 1 from" in log for log in logs), logs
-    assert _result(out) == _single(tmp_path / "one", *extra, "--no-progress")
+    assert _result(out) == single
