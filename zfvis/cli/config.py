@@ -27,7 +27,8 @@ class _Unset(list):  # type: ignore[type-arg]
 def _read_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read()
+        return tomllib.loads(data.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))  # a BOM (Notepad's) is no TOML
     except FileNotFoundError:
         raise CLIError(f"config file '{path}' does not exist") from None
     except IsADirectoryError:

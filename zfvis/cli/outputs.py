@@ -20,7 +20,7 @@ from ..io.errors import (
     UserInputError,
     show_path,
 )
-from ..io.ownership import is_ours
+from ..io.ownership import check_ledger, check_target, is_ours
 from ._common import CLIError
 
 __all__ = ["Invocation", "invocation", "invoked", "check_output", "write_settings"]
@@ -121,7 +121,8 @@ def check_output(path: str | os.PathLike[str], *, directory: bool = False, overw
     Every file the output writes (``path``, its ``.json`` settings, its companions
     ``also``) is checked before any work starts: none may be a folder or a file that the
     command reads (an image, a checkpoint, a part file or an image it names, the config
-    file: see :class:`Invocation`), ``--overwrite`` or not; and none may replace a file
+    file: see :class:`Invocation`) or a device, FIFO or socket, ``--overwrite`` or not;
+    the folder's ledger must be readable (:mod:`zfvis.io.ownership`); and none may replace a file
     that is not exactly as zfvis wrote it (:func:`zfvis.io.ownership.is_ours`) unless
     ``overwrite``.
 
@@ -147,6 +148,9 @@ def check_output(path: str | os.PathLike[str], *, directory: bool = False, overw
             raise CLIError(f"cannot write {show_path(path)}: {show_path(folder)} {what}")
         written = _written_files(path, also)
         _refuse_folders(path, written)
+        for f in written:
+            check_target(f)  # a device, FIFO or socket: never replaced, --overwrite or not
+        check_ledger(folder)  # a ledger zfvis cannot read: refused before anything is written
         _refuse_inputs(path, written)
         if overwrite is False:
             _refuse_foreign(path, written)

@@ -287,8 +287,21 @@ class Deconvnet:
             raise UserInputError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}{hint}")
         if not images.is_floating_point():
             raise InputTypeError(f"images must be a floating-point tensor, got {images.dtype}")
+        if images.is_meta:
+            raise InputTypeError("images are on the meta device (a shape without values); give a tensor that holds "
+                                 "pixel values (on the CPU or a GPU)")
         if images.shape[0] == 0:
             raise UserInputError("images is an empty batch (N = 0); give at least one image")
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if isinstance(images, FakeTensor):  # a shapes-only pass: no values to check
+            return images
+        finite = torch.isfinite(images)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero()[0].tolist()
+            nans = int(torch.isnan(images).sum())
+            raise UserInputError(f"images hold {nans} NaN and {int((~finite).sum()) - nans} infinite value(s) (the "
+                                 f"first at index {tuple(bad)}); every pixel must be a finite number")
         return images
 
     # -------------------------------------------------------------- selection

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import errno
 import itertools
 import os
 import tempfile
@@ -37,8 +36,19 @@ __all__ = [
 _STAGE: contextvars.ContextVar[_Stage | None] = contextvars.ContextVar("zfvis_output_group", default=None)
 #: Files read while an :func:`output_group` is open: none of them may become an output.
 _READS: contextvars.ContextVar[set[Path] | None] = contextvars.ContextVar("zfvis_reads", default=None)
-#: Files written while :func:`recording` collects them for the ledgers, if it does.
-_RECORD: contextvars.ContextVar[list[tuple[Path, str]] | None] = contextvars.ContextVar("zfvis_record", default=None)
+#: The :class:`_Recording` that collects the files written for the ledgers, if one does.
+_RECORD: contextvars.ContextVar[_Recording | None] = contextvars.ContextVar("zfvis_record", default=None)
+
+
+@dataclasses.dataclass
+class _Recording:
+    """What a :func:`recording` block wrote (not yet in the ledgers) and what it kept."""
+
+    run: str
+    replace_foreign: bool
+    written: dict[Path, str] = dataclasses.field(default_factory=dict)
+    #: Existing files that are not the run's (edited since, or a person's): left as they are.
+    kept: list[Path] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -75,6 +85,8 @@ class _Stage:
                     self.discard()
                     raise UserInputError(f"{show_path(path)} is a file this command read (an input, or one an input "
                                          "file names); it is never an output: choose another output name")
+        for path in self.staged:
+            ownership.check_target(path)  # a device or FIFO put there since the check
         existed = {p: p.exists() for p in self.staged}
         done = []
         try:
@@ -122,33 +134,55 @@ def note_read(path: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[None]:
+def recording(run: str | None = None, *, replace_foreign: bool = False) -> Iterator[list[Path]]:
     """Records every file written atomically in the block in its folder's ledger
-    (:mod:`zfvis.io.ownership`), at the block's end however it ends: what a long job such
-    as a mining run wrote, so that a restart deletes exactly that."""
-    written: list[tuple[Path, str]] = []
-    token = _RECORD.set(written)
+    (:mod:`zfvis.io.ownership`) as the run ``run``'s (default: the current run), at the
+    block's end however it ends: what a long job such as a mining run wrote, so that a
+    restart deletes exactly that.
+
+    An existing file is replaced only when this run wrote it and it is still as written
+    (:func:`zfvis.io.ownership.is_ours`), or with ``replace_foreign`` (``--overwrite``);
+    any other (an edited page, a person's file under a name the run writes) is kept as it
+    is and added to the list the block is given, for the run to say so. Devices, FIFOs
+    and sockets are never replaced.
+    """
+    rec = _Recording(run or ownership.current_run(), replace_foreign)
+    token = _RECORD.set(rec)
     try:
-        yield
+        with ownership.using_run(rec.run):
+            yield rec.kept
     finally:
         _RECORD.reset(token)
-        ownership.record(written)
+        ownership.record(rec.written.items(), rec.run)
 
 
 def flush_recording() -> None:
     """Records what the current :func:`recording` has collected so far (at a checkpoint of a
     long job, so that a kill loses at most what came after it)."""
-    written = _RECORD.get()
-    if written:
-        ownership.record(written)
-        written.clear()
+    rec = _RECORD.get()
+    if rec is not None and rec.written:
+        ownership.record(rec.written.items(), rec.run)
+        rec.written.clear()
 
 
 def _check_target(path: Path) -> None:
-    """Refuses a target that is a folder before a temporary file is made beside it
-    (``path='/tmp'`` would otherwise write into ``/``)."""
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "Is a directory (give a file name)", str(path))
+    """Refuses a target that is a folder (``path='/tmp'`` would otherwise write into ``/``)
+    or a device, FIFO or socket, before a temporary file is made beside it; checks the
+    folder's ledger where zfvis records what it writes."""
+    ownership.check_target(path)
+    if _RECORD.get() is not None:
+        ownership.check_ledger(path.parent)
+
+
+def _may_replace(rec: _Recording, path: Path) -> bool:
+    """Whether the :func:`recording` ``rec`` may put its file at ``path`` (see there)."""
+    if not os.path.lexists(path) or rec.replace_foreign:
+        return True
+    if path in rec.written:  # written by this block, not yet in the ledger
+        with contextlib.suppress(OSError):
+            return os.path.isfile(path) and not os.path.islink(path) and ownership.digest_file(path) == rec.written[path]
+        return False
+    return ownership.is_ours(path, rec.run)
 
 
 def _named(err: OSError, path: Path) -> OSError:
@@ -165,10 +199,15 @@ def _done(tmp: Path, path: Path, sha: str, own: bool) -> None:
     if stage is not None:
         stage.add(tmp, path, sha)
         return
+    rec = _RECORD.get()
+    if rec is not None and not _may_replace(rec, path):
+        os.unlink(tmp)
+        rec.kept.append(path)
+        return
+    ownership.check_target(path)
     os.replace(tmp, path)
-    written = _RECORD.get()
-    if written is not None:
-        written.append((path, sha))
+    if rec is not None:
+        rec.written[path] = sha
     elif own:
         ownership.record([(path, sha)])
 
@@ -188,8 +227,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", *, own: bool = F
     _check_target(path)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise _named(err, path) from None
+    except OSError as err:  # named by the output, not by the temporary file it could not make
+        raise type(err)(err.errno, err.strerror or str(err), str(path)) from None
     tmp = Path(name)
     with _removed_on_failure(tmp, path):
         os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
@@ -243,8 +282,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, sync: bool 
             fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             tmp = Path(name)
             os.chmod(tmp, 0o666 & ~_umask())
-    except OSError as err:
-        raise _named(err, path) from None
+    except OSError as err:  # named by the output, not by the temporary file
+        raise type(err)(err.errno, err.strerror or str(err), str(path)) from None
     with _removed_on_failure(tmp, path):
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

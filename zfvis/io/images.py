@@ -43,10 +43,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        lo, hi = image.getextrema()
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        image = image.convert("F").point(lambda v: (v - lo) * scale).convert("L")
-        mode = "L"
+        image, mode = _deep_grey(image), "L"
     if mode in ("LA", "RGBA", "La", "RGBa", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -80,6 +77,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                _check_aspect(path, image)
                 image.load()
                 return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -94,6 +92,32 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise UserInputError(f"'{path}' is not an image file Pillow can read (PNG, JPEG, ...)") from None
     except (OSError, SyntaxError) as err:  # truncated or corrupt data
         raise UserInputError(f"cannot decode image '{path}' ({err}); the file may be truncated or corrupt") from None
+
+
+def _deep_grey(image: Image.Image) -> Image.Image:
+    """16- and 32-bit greyscale as 8-bit, scaled from its type's range (a mid-grey 16-bit
+    image stays mid-grey): 0..65535 for 16-bit (and 32-bit integers within it), 0..1 for
+    floats within it; other 32-bit data from its own range."""
+    lo, hi = image.getextrema()
+    if image.mode.startswith("I;16") or (image.mode == "I" and 0 <= lo and hi <= 65535):
+        lo, hi = 0, 65535
+    elif image.mode == "F" and 0.0 <= lo and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return image.convert("F").point(lambda v: (v - lo) * scale).convert("L")
+
+
+#: The longest side an image may have per pixel of its shortest (a preprocess that
+#: resizes the short side would blow a thinner one up to gigabytes).
+MAX_ASPECT = 100
+
+
+def _check_aspect(path: Path, image: Image.Image) -> None:
+    """Refuses an image too thin to resize (1 x 300,000 pixels), before it is decoded."""
+    w, h = image.size
+    if min(w, h) == 0 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise UserInputError(f"image {show_path(path)} is {w}x{h} pixels, an aspect ratio beyond {MAX_ASPECT}:1; "
+                             "resizing its short side to the model's input would make it enormous: crop it first")
 
 
 def check_data_set(root: str | os.PathLike[str]) -> Path:

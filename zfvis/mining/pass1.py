@@ -12,9 +12,11 @@ import torch
 
 from ..analysis.topk import EMPTY as _EMPTY
 from ..analysis.topk import empty_topk, image_maxima, merge_topk
-from ..io.atomic import atomic_torch_save
-from ..io.errors import MiningInterrupted
+from ..io import ownership
+from ..io.atomic import atomic_torch_save, flush_recording
+from ..io.errors import MiningInterrupted, UserInputError
 from ..io.progress import progress
+from .identity import hash_files
 from .run import Files, Progress, Run, loader
 
 __all__ = ["Saver", "pass1", "merge_ranks", "topk_table"]
@@ -34,7 +36,7 @@ class Saver:
 
     def save(self, prog: Progress) -> None:
         if prog.batches != self.saved:
-            atomic_torch_save(prog.to_state(self.run.fingerprint), self.run.part_path)
+            atomic_torch_save(self.run.state(prog), self.run.part_path)
             self.saved, self.last = prog.batches, time.monotonic()
 
 
@@ -114,11 +116,14 @@ def merge_ranks(run: Run, prog: Progress) -> Progress:
         skipped = tuple(sorted((s for g in parts for s in g["skipped"]), key=lambda s: s["index"]))
         merged = Progress(tops, skipped, sum(int(g["images"]) for g in parts), prog.batches, True)
     if r.rank == 0:
-        atomic_torch_save(merged.to_state(run.fingerprint), run.state_path)
+        won = [int(i) for t in merged.tops.values() for i in t["index"].flatten().tolist() if i != _EMPTY]
+        run.winners = hash_files(run.root, run.files, won)
+        atomic_torch_save(run.state(merged), run.state_path)
     r.check()  # the final state is on disk before any rank drops its part
     r.finish()
     if run.part_path != run.state_path:
-        run.part_path.unlink(missing_ok=True)
+        flush_recording()  # the part file joins the ledger, to be deleted as the run's own
+        ownership.delete_own([run.part_path], run.run_id)
     return merged
 
 
@@ -139,9 +144,14 @@ def topk_table(run: Run, prog: Progress) -> dict[str, Any]:
                 i = int(t["index"][c, r])
                 if i == _EMPTY:
                     break
-                p = int(t["pos"][c, r])
-                entries.append({"image": run.files[i], "index": i, "value": float(t["values"][c, r]),
-                                "position": [p // layer.width, p % layer.width] if p >= 0 else None})
+                p, value = int(t["pos"][c, r]), float(t["values"][c, r])
+                if not math.isfinite(value):
+                    raise UserInputError(f"layer '{name}' channel {layer.channels[c]}: its activation on "
+                                         f"'{run.files[i]}' is {value}, not a finite number (the model overflows in "
+                                         f"{run.dtype}?); nothing is ranked: use a wider dtype or check the model")
+                entries.append({"image": run.files[i], "index": i, "value": value,
+                                "position": [p // layer.width, p % layer.width] if p >= 0 else None,
+                                "sha256": run.winners.get(i)})
             ranked.append(entries)
         topk["layers"][name] = {"module": layer.module, "channel_count": layer.shape[0],
                                 "channel_ids": layer.channels, "channels": ranked}

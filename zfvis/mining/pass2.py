@@ -158,7 +158,7 @@ def pass2(run: Run, topk: dict[str, Any], prog: Progress) -> list[Path]:
                     f"in '{run.state_path}': run the same command again to resume") from None
             if page not in done:
                 prog = dataclasses.replace(prog, pages={**prog.pages, page.key: boxes})
-                atomic_torch_save(prog.to_state(run.fingerprint), run.state_path)
+                atomic_torch_save(run.state(prog), run.state_path)
                 flush_recording()  # the page's files join the run's manifest
             for c, channel_boxes in zip(page.slots, boxes):
                 ranked = info["channels"][c]

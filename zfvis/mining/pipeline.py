@@ -54,6 +54,7 @@ from ..io.errors import MiningInterrupted
 from ..models.zoo import Preprocess
 from ..viz import render, sheets
 from . import pages as mining_figures
+from .identity import changed_files, check_unchanged
 from .pass1 import merge_ranks, pass1, topk_table
 from .pass2 import pass2, tile
 from .ranks import Ranks
@@ -101,25 +102,42 @@ def _probe(run: Run) -> None:
 
 
 @contextlib.contextmanager
-def _claim(run: Run) -> Iterator[None]:
+def _claim(run: Run) -> Iterator[list[Path]]:
     """Rank 0 claims the output folder (:func:`zfvis.mining.run_folder.claim`); every rank then
-    loads its saved progress, if any."""
+    takes the run's id and loads its saved progress, if any. The block records what it
+    writes as the run's and is given the list of existing files it kept, not being the run's."""
     request = FolderRequest(run.out, run.fingerprint, run.settings, run.s.record, run.s.restart, run.s.overwrite,
                             run.s.flag, reads=run.root)
-    with claim(request, lead=run.ranks.rank == 0, sync=run.ranks.check):
+    ranks = run.ranks
+
+    def share(run_id: str) -> str:
+        return str(ranks.gather(run_id)[0]) if ranks.active else run_id
+
+    with claim(request, lead=ranks.rank == 0, sync=ranks.check, share=share) as run.run_id, \
+            recording(run.run_id, replace_foreign=run.s.overwrite) as kept:
         run.resume = _load_resume(run)
-        yield
+        yield kept
 
 
 def _load_resume(run: Run) -> Progress | None:
-    """This rank's saved progress for this run, if any (the merged final state first)."""
+    """This rank's saved progress for this run, if any (the merged final state first).
+
+    Raises:
+        DataSetChanged: An image changed since the state was saved (nothing is mixed).
+    """
     layers = list(run.layers)
     final = load_state(run.state_path)
     if final is not None and final["fingerprint"] == run.fingerprint and final.get("done"):
-        return Progress.from_state(final, layers)
-    state = final if run.part_path == run.state_path else load_state(run.part_path)
-    if state is None or state["fingerprint"] != run.fingerprint:
-        return None
+        state = final
+    else:
+        state = final if run.part_path == run.state_path else load_state(run.part_path)
+        if state is None or state["fingerprint"] != run.fingerprint:
+            return None
+    if run.identity is not None:
+        changed = changed_files(run.root, run.files, run.chosen, state, run.identity)
+        check_unchanged(run.out, changed, run.s.flag("restart"))
+    if isinstance(state.get("winners"), dict):
+        run.winners = dict(state["winners"])
     return Progress.from_state(state, layers)
 
 
@@ -160,10 +178,15 @@ def _resumable(run: Run) -> Iterator[None]:
 # --------------------------------------------------------------------------- phase 7: outputs
 
 
-def _finish(run: Run, topk: dict[str, Any], outputs: list[Path]) -> list[Path]:
-    """Writes ``topk.json`` and prints the summary (rank 0)."""
-    atomic_write_text(run.out / "topk.json", json.dumps(topk, indent=1) + "\n")
+def _finish(run: Run, topk: dict[str, Any], outputs: list[Path], kept: list[Path]) -> list[Path]:
+    """Writes ``topk.json`` and prints the summary (rank 0), and names the files it kept."""
+    atomic_write_text(run.out / "topk.json", json.dumps(topk, indent=1, allow_nan=False) + "\n")
     outputs.insert(0, run.out / "topk.json")
+    if kept:
+        shown = ", ".join(_shown(run.out, p) for p in kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        print(f"kept {len(kept)} file(s) as they are, not written over: they were changed since this run wrote them, "
+              f"or are not zfvis's ({shown}); move them away and run again to have zfvis's versions",
+              file=sys.stderr)
     if run.show:
         skipped = topk["skipped"]
         figs = [p for p in outputs if p.suffix == ".png" and p.parent == run.out]
@@ -178,6 +201,13 @@ def _finish(run: Run, topk: dict[str, Any], outputs: list[Path]) -> list[Path]:
         if len(skipped) > 10:
             print(f"  ... and {len(skipped) - 10} more (see topk.json)", file=sys.stderr)
     return outputs
+
+
+def _shown(out: Path, p: Path) -> str:
+    try:
+        return str(p.relative_to(out))
+    except ValueError:
+        return str(p)
 
 
 # --------------------------------------------------------------------------- the run
@@ -235,7 +265,7 @@ def mine(
             if s.probe:
                 _probe(run)
             ranks.check()
-            with recording(), _claim(run), _sigterm_as_interrupt(), _resumable(run):
+            with _claim(run) as kept, _sigterm_as_interrupt(), _resumable(run):
                 prog, seconds, resumed = pass1(run)
                 prog = merge_ranks(run, prog)
                 if ranks.rank != 0:
@@ -243,7 +273,7 @@ def mine(
                                         [], resumed, seconds)
                 topk = topk_table(run, prog)
                 topk["timings"] = {"pass1": round(seconds, 3)}
-                outputs = _finish(run, topk, pass2(run, topk, prog) if s.figures else [])
+                outputs = _finish(run, topk, pass2(run, topk, prog) if s.figures else [], kept)
         return MiningResult(topk, run.out, prog.images, list(prog.skipped), time.perf_counter() - t0, outputs,
                             resumed, seconds)
     except BaseException as err:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ..io.errors import RankFailedError, first_line
 
-__all__ = ["Ranks"]
+__all__ = ["Ranks", "LostContactError"]
 
 
 class Ranks:
@@ -39,6 +39,8 @@ class Ranks:
         self.rank, self.world, self.owned = rank, world, owned
         self.device = device or torch.device("cpu")
         self.active = world > 1
+        #: Each rank's place, for messages: ``"node 1 (host h, pid 123)"``.
+        self.places: list[str] = [_place()] * world
 
     @classmethod
     def setup(cls, device: torch.device) -> Ranks:
@@ -51,7 +53,9 @@ class Ranks:
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend=backend)
-            return cls(dist.get_rank(), dist.get_world_size(), True, _collective_device(device))
+            ranks = cls(dist.get_rank(), dist.get_world_size(), True, _collective_device(device))
+            ranks.places = [str(p) for p in ranks.gather(_place())]
+            return ranks
         return cls()
 
     def _exchange(self, failed: bool, reason: str = "") -> None:
@@ -67,7 +71,7 @@ class Ranks:
             self.active = False
             if failed:
                 return
-            raise RankFailedError(-1, self.world, f"lost contact with another rank ({first_line(err)})") from None
+            raise LostContactError(self, first_line(err)) from None
         self.active = False
         if not failed:
             raise RankFailedError(first, self.world, reasons[first] or "")
@@ -101,3 +105,30 @@ def _collective_device(device: torch.device) -> torch.device:
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def _place() -> str:
+    """Where this process runs: its node (torchrun's ``GROUP_RANK``), host and pid."""
+    import socket
+
+    node = os.environ.get("GROUP_RANK")
+    return f"{'node ' + node + ' ' if node is not None else ''}(host {socket.gethostname()}, pid {os.getpid()})"
+
+
+class LostContactError(RankFailedError):
+    """Another rank vanished (its node was killed or lost): the backend's connection broke.
+
+    With two ranks the lost one is the other; with more, every other rank is named as
+    a candidate (the backend does not say which peer it lost).
+    """
+
+    def __init__(self, ranks: Ranks, detail: str) -> None:
+        others = [r for r in range(ranks.world) if r != ranks.rank]
+        lost = others[0] if len(others) == 1 else -1
+        RuntimeError.__init__(self)
+        self.rank, self.world, self.reason = lost, ranks.world, detail
+        who = (f"rank {lost} of {ranks.world}, {ranks.places[lost]}" if lost >= 0 else
+               f"one of ranks {', '.join(f'{r} ({ranks.places[r]})' for r in others)} of {ranks.world}")
+        self.args = (f"lost contact with {who} (its process or node stopped: {detail}); every rank stopped: run "
+                     "the same command again on every node to resume",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])

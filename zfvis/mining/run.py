@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -16,11 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.aliases import layer_aliases
 from ..core.deconvnet import Deconvnet
 from ..io.checks import check_channels, check_device, check_memory
 from ..io.errors import InputTypeError, UserInputError, first_line
 from ..io.images import evenly_spaced, list_images, load_image, resolve
+from ..models.checkpoints import check_finite
 from ..models.zoo import Preprocess
+from .identity import stat_files
 from .ranks import Ranks
 from .run_folder import STATE_VERSION
 from .settings import MineSettings
@@ -99,11 +103,18 @@ class Run:
     ranks: Ranks
     k: int = 0  # top-k slots kept: min(top, images chosen)
     fingerprint: str = ""
+    run_id: str = ""  # the id its files are recorded under (settings.json keeps it)
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     resume: Progress | None = None
     taps: Taps | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
     projecting: float = 0.0  # pass 2's seconds spent projecting (the rest is drawing)
+    identity: torch.Tensor | None = None  # (len(chosen), 2): each image's size and mtime (ns)
+    winners: dict[int, str] = dataclasses.field(default_factory=dict)  # winner image -> SHA-256
+
+    def state(self, prog: Progress) -> dict[str, Any]:
+        """The state saved for ``prog``, with what the data set was (:mod:`zfvis.mining.identity`)."""
+        return {**prog.to_state(self.fingerprint), "identity": self.identity, "winners": dict(self.winners)}
 
     @property
     def show(self) -> bool:
@@ -204,6 +215,7 @@ def placed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     if any(h.type == "meta" for h in homes):
         raise UserInputError("the model's parameters are on the meta device (they hold no values); load its "
                              "weights first (Module.to_empty() and load_state_dict())")
+    check_finite(itertools.chain(model.named_parameters(), model.named_buffers()), "the model's weights")
     if len(homes) > 1:
         raise UserInputError(f"the model's parameters lie on several devices ({sorted(map(str, homes))}); "
                              "put it on one device first")
@@ -229,7 +241,7 @@ def plan(model: nn.Module, preprocess: Preprocess, dataset: str | os.PathLike[st
     """Checks everything that can be checked without writing: layers, data set, the first
     readable image, layer shapes, channels, memory. Returns the run's shared state."""
     device = check_device(s.device, s.name("device"))
-    dn = Deconvnet(model, aliases=s.aliases, rule=s.rule)
+    dn = _deconvnet(model, s)
     layers = list(dict.fromkeys(s.layers))
     modules = {layer: dn.resolve(layer) for layer in layers}
     if isinstance(s.channels, dict) and set(s.channels) - set(layers):
@@ -256,7 +268,25 @@ def plan(model: nn.Module, preprocess: Preprocess, dataset: str | os.PathLike[st
         "preprocess": repr(preprocess), "dataset": str(root.resolve()),
     }
     run.fingerprint = _fingerprint(run.settings, [files[i] for i in chosen], model)
+    run.identity = stat_files(root, [files[i] for i in chosen])
     return run
+
+
+def _deconvnet(model: nn.Module, s: MineSettings) -> Deconvnet:
+    """The deconvnet of ``model``, with the aliases given, else the zoo's aliases of its
+    architecture less those that do not fit it (a subclass with a module of its own named
+    ``conv1``): aliases the caller never gave never refuse a model."""
+    if s.aliases is not None:
+        return Deconvnet(model, aliases=s.aliases, rule=s.rule)
+    try:
+        return Deconvnet(model, rule=s.rule)
+    except UserInputError as err:
+        if not str(err).startswith("alias '"):
+            raise
+    plain = Deconvnet(model, aliases={}, rule=s.rule)
+    names = set(plain.layer_names(aliases=False))
+    fitting = {a: t for a, t in layer_aliases(model).items() if t in names and a not in names}
+    return Deconvnet(model, aliases=fitting, rule=s.rule)
 
 
 def _first_readable(root: Path, rels: Sequence[str], preprocess: Preprocess) -> torch.Tensor:

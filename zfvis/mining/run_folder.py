@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,31 +132,35 @@ def _contents(out: Path) -> list[str]:
                   and not (p.name.startswith(".") and p.name.endswith(".tmp")))
 
 
-def _check_folder(req: FolderRequest) -> None:
+def _check_folder(req: FolderRequest) -> str | None:
     """Refuses a folder that holds anything but a zfvis run with the same settings, unless
-    the person asked; clears the outputs of a zfvis run that is replaced."""
+    the person asked; clears the outputs of a zfvis run that is replaced. Returns the id of
+    the run that goes on in the folder (``None``: a new run)."""
     entries = _contents(req.out)
     if not entries:
-        return
+        return None
     marker = _run_marker(req.out)
     if marker is None:
         if req.overwrite:
-            return
+            return None
         shown = ", ".join(entries[:4]) + (f", ... ({len(entries)} in all)" if len(entries) > 4 else "")
         raise OutputFolderError(
             f"output folder '{req.out}' already holds files that zfvis did not write ({shown}); use a new or empty "
             f"folder, or {req.flag('overwrite')} to write into it anyway"
         )
+    old_run = marker.get("run_id") if isinstance(marker.get("run_id"), str) else None
     same = marker.get("fingerprint") == req.fingerprint
     if same and not req.restart:
-        return
+        return old_run
     if not same and not (req.restart or req.overwrite):
         raise OutputFolderError(
             f"output folder '{req.out}' holds a zfvis mining run with other settings"
             f"{_differences(marker.get('run'), req.run)}; use another folder, or {req.flag('restart')} to replace "
             "that run"
         )
-    _discard_run(req.out)
+    if old_run is not None:
+        _discard_run(req.out, old_run)
+    return None
 
 
 def _differences(old: Any, new: dict[str, Any]) -> str:
@@ -166,79 +171,85 @@ def _differences(old: Any, new: dict[str, Any]) -> str:
     return f" (different: {', '.join(keys)})" if keys else " (other image files or other weights)"
 
 
-def _discard_run(out: Path) -> None:
+def _discard_run(out: Path, run: str) -> None:
     """Removes the outputs of an earlier zfvis run that is being replaced: exactly the files
-    its manifest (the ledgers of :mod:`zfvis.io.ownership`) lists and that are still as it
-    wrote them, then the folders that this leaves empty. A person's own files in the run
-    folder (notes, a changed figure) stay, and so do the folders that hold them."""
-    listed = list(ownership.ledgers_under(out))
-    emptied: set[Path] = set()
-    for p in listed:
-        if ownership.is_ours(p):
-            p.unlink(missing_ok=True)
-            emptied.update(f for f in p.parents if out in f.parents)
-    ownership.forget(listed)
-    for folder in sorted(emptied, key=lambda f: len(f.parts), reverse=True):  # the deepest first
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only if nothing is left in it
+    that its ledgers (:mod:`zfvis.io.ownership`) list as that run's and that are still as
+    it wrote them, then the folders that this leaves empty. A person's own files (notes,
+    a changed figure), other commands' outputs, other runs' folders and whatever a copied
+    ledger claims stay; the files of the run that changed since are named."""
+    done = ownership.discard(out, run)
+    if done.kept:
+        shown = ", ".join(str(p.relative_to(out)) for p in done.kept[:5])
+        more = f" and {len(done.kept) - 5} more" if len(done.kept) > 5 else ""
+        print(f"kept {len(done.kept)} file(s) of the earlier run that were changed since it wrote them: "
+              f"{shown}{more}", file=sys.stderr)
 
 
-def _write_settings(req: FolderRequest) -> None:
+def _write_settings(req: FolderRequest, run_id: str) -> None:
     from .._version import __version__
 
-    marker = {"command": "mine", "version": __version__, "fingerprint": req.fingerprint}
+    marker = {"command": "mine", "version": __version__, "fingerprint": req.fingerprint, "run_id": run_id}
     settings = {**{k: v for k, v in req.record.items() if not callable(v)}, "zfvis": marker, "run": req.run}
-    atomic_write_text(req.out / "settings.json", json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+    text = json.dumps(settings, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+    with ownership.using_run(run_id):
+        atomic_write_text(req.out / "settings.json", text, own=True)
 
 
 def _has_results(out: Path) -> bool:
     return (out / "state.pt").exists() or (out / "topk.json").exists() or any(out.glob("state.rank*-of-*.pt"))
 
 
-def _undo(out: Path, created: list[Path], fresh_settings: bool) -> None:
+def _undo(out: Path, created: list[Path], fresh_settings: bool, run_id: str) -> None:
     """Undoes a start that failed before any result: its ``settings.json`` (if there was
-    none before), then the folders it created (each only if empty)."""
+    none before, and still as this run wrote it), then the folders it created (each only
+    if empty)."""
     if _has_results(out):
         return
     if fresh_settings:
-        (out / "settings.json").unlink(missing_ok=True)
-        ownership.forget([out / "settings.json"])
+        ownership.delete_own([out / "settings.json"], run_id)
     for folder in reversed(created):
         with contextlib.suppress(OSError):
             folder.rmdir()
 
 
 @contextlib.contextmanager
-def claim(req: FolderRequest, *, lead: bool = True, sync: Callable[[], None] = lambda: None) -> Iterator[None]:
-    """Claims the output folder for the duration of the block.
+def claim(req: FolderRequest, *, lead: bool = True, sync: Callable[[], None] = lambda: None,
+          share: Callable[[str], str] = lambda run_id: run_id) -> Iterator[str]:  # fmt: skip
+    """Claims the output folder for the duration of the block, which is given the run's id
+    (kept in ``settings.json``: a resumed run goes on with its id, a new one has a new id).
 
-    The lead process creates and locks the folder, checks what it holds and writes
-    ``settings.json``; then every process calls ``sync`` (under torchrun, the ranks'
-    check-in, which also tells the others if the lead refused). On a failure before any
-    result, what this run made is removed.
+    The lead process creates and locks the folder, checks every ledger in it
+    (:mod:`zfvis.io.ownership`) and what it holds, and writes ``settings.json``; then every
+    process calls ``sync`` (under torchrun, the ranks' check-in, which also tells the
+    others if the lead refused) and ``share`` (the lead's run id to every process). On a
+    failure before any result, what this run made is removed.
 
     Raises:
         OutputFolderError: The folder holds what the run may not replace, cannot be
             created, or another run holds its lock.
+        LedgerError: A ledger in the folder cannot be trusted (nothing is written then).
     """
     created: list[Path] = []
     lock: FolderLock | None = None
     fresh = False
+    run_id = ""
     try:
         if lead:
             _refuse_data_set(req)
             created = _make_folder(req.out)
             lock = FolderLock(req.out, busy=OutputFolderError)
             lock.acquire()
-            _check_folder(req)
+            ownership.check_ledgers_under(req.out)
+            run_id = _check_folder(req) or ownership.new_run_id()
             fresh = not (req.out / "settings.json").exists()
-            _write_settings(req)
+            _write_settings(req, run_id)
         sync()
-        yield
+        run_id = share(run_id)
+        yield run_id
     except BaseException:
         if lock is not None:
             lock.release()
-            _undo(req.out, created, fresh)
+            _undo(req.out, created, fresh, run_id)
         raise
     finally:
         if lock is not None:

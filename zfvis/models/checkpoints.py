@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ from ..io.atomic import note_read
 from ..io.checks import check_path
 from ..io.errors import UserInputError
 
-__all__ = ["EXPECTED", "check_checkpoint_file", "read_checkpoint", "extract_state_dict", "apply_state_dict"]
+__all__ = ["EXPECTED", "check_checkpoint_file", "read_checkpoint", "extract_state_dict", "apply_state_dict",
+           "check_finite"]
 
 #: What a weights file should be, for messages.
 EXPECTED = "a PyTorch state dict or checkpoint written by torch.save (a .pt file)"
@@ -166,5 +167,23 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
                 f"weights '{source}' do not match the model: '{k}' has shape {tuple(v.shape)}, "
                 f"the model expects {tuple(own[k].shape)}"
             )
+    check_finite(state.items(), f"weights '{source}'")
     model.load_state_dict(state)
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """Refuses weights that hold NaN or infinite values (every output would be NaN).
+
+    Raises:
+        UserInputError: Naming the tensors that do, and how many values.
+    """
+    bad = []
+    with torch.no_grad():
+        for name, t in tensors:
+            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+                bad.append(f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()})")
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise UserInputError(f"{what} hold NaN or infinite values in {shown}; every activation would be NaN: "
+                             "use weights saved from a model whose training did not diverge")
 
