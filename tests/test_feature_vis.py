@@ -328,12 +328,12 @@ def test_cli_keeps_a_persons_file(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_cli_interrupted_leaves_no_new_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import zfvis.cli.optimize as command
+    import zfvis.analysis.feature_vis as package  # the command imports it when it runs
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(command, "feature_vis", interrupted)
+    monkeypatch.setattr(package, "feature_vis", interrupted)
     assert main(["optimize", "--channels", "0", "--no-progress", "-o", str(tmp_path / "new")]) == 130
     assert not (tmp_path / "new").exists()
 
