@@ -4,8 +4,8 @@ held to the contract of ``tests/capture_contract.py``: equal to the float64 orac
 the model's out-of-place twin) or a typed refusal, the model unchanged; and incremental
 occlusion equal to the full method and to the oracle's occlusion, or refused.
 
-``ZFVIS_GRAMMAR_N`` models (default 150, about 55 s on two busy cores); ``ZFVIS_SLOW=1`` adds
-300 more. A failure prints the model's program (``GenModel.describe()``) and its seed:
+``ZFVIS_GRAMMAR_N`` models (default 80, about 15 s on an idle 2-core machine); ``ZFVIS_SLOW=1``
+adds 300 more. A failure prints the model's program (``GenModel.describe()``) and its seed:
 ``generate(seed)`` rebuilds it.
 """
 
@@ -25,7 +25,7 @@ from zfvis.io.errors import ZfvisError
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny float64 tensors on a busy machine
 
-N = int(os.environ.get("ZFVIS_GRAMMAR_N", "150"))
+N = int(os.environ.get("ZFVIS_GRAMMAR_N", "80"))
 SLOW = 300 if os.environ.get("ZFVIS_SLOW") else 0
 SEEDS = list(range(N + SLOW))
 
