@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..io.errors import CaptureMismatchError
@@ -277,16 +278,17 @@ def _difference(graph: ModelGraph, i: int, model_calls: list[AtenCall], graph_ca
 
 
 def _first_dims(graph: ModelGraph, images: torch.Tensor) -> dict[str, int]:
-    """Each node's tensor output's first dimension on ``images`` (a plain run, up to where
-    it fails)."""
+    """Each node's tensor output's first dimension on ``images``, from shapes alone (fake
+    tensors: nothing is computed), up to where that fails (a submodule that reads values)."""
     env: dict[fx.Node, Any] = {}
     dims: dict[str, int] = {}
     run = ModelRun()
-    with stops(run):
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, stops(run):
+        fake = mode.from_tensor(images)
         for node in graph.nodes:
             fxn = node.fx_node
             if node is graph.input:
-                out: Any = images
+                out: Any = fake
             else:
                 args = fx.node.map_arg(fxn.args, lambda n: env[n])
                 kwargs = fx.node.map_arg(fxn.kwargs, lambda n: env[n])
@@ -301,7 +303,7 @@ def _not_batch(graph: ModelGraph, images: torch.Tensor, dims: dict[str, int]) ->
     """The nodes whose first dimension is not the batch: it is not the batch size on
     ``images``, or does not grow by one on one more image."""
     n = int(images.shape[0])
-    more = _first_dims(graph, torch.cat([images, images[:1]]))
+    more = _first_dims(graph, images.new_empty((n + 1, *images.shape[1:])))
     return frozenset(name for name, d in dims.items() if d != n or more.get(name, n + 1) != n + 1)
 
 
