@@ -32,7 +32,9 @@ graph, and made again when any of these change.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -277,13 +279,26 @@ def _difference(graph: ModelGraph, i: int, model_calls: list[AtenCall], graph_ca
     return Violation(node, what, reads=False)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Fake tensors log an error (with a traceback) where a shape does not fit, as a
+    classifier head after another input size; the probe stops there by design."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = disabled
+
+
 def _first_dims(graph: ModelGraph, images: torch.Tensor) -> dict[str, int]:
     """Each node's tensor output's first dimension on ``images``, from shapes alone (fake
     tensors: nothing is computed), up to where that fails (a submodule that reads values)."""
     env: dict[fx.Node, Any] = {}
     dims: dict[str, int] = {}
     run = ModelRun()
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, stops(run):
+    with _quiet(), FakeTensorMode(allow_non_fake_inputs=True) as mode, stops(run):
         fake = mode.from_tensor(images)
         for node in graph.nodes:
             fxn = node.fx_node
