@@ -89,6 +89,10 @@ def test_a_model_s_own_conv1_is_not_refused_for_an_alias_never_given(tmp_path: P
     res = zfvis.mining.mine(model, preprocess, data, ["features.0"], out_dir=tmp_path / "run", progress=False,
                             top=1, channels=[0], figures=False)
     assert res.topk is not None and res.topk["layers"]["features.0"]["channels"][0]
+    dn = zfvis.Deconvnet(model)  # the API and `zfvis project` alike: the zoo's aliases that fit, no refusal
+    assert set(dn.aliases) < set(zfvis.layer_aliases(model)) and dn.resolve("features.0") == "features.0"
+    with pytest.raises(zfvis.UserInputError, match="alias 'x'"):
+        zfvis.Deconvnet(model, aliases={"x": "nope"})  # an alias the caller gives is still checked
 
 
 def test_a_uniform_mid_grey_16_bit_png_loads_as_mid_grey(tmp_path: Path) -> None:

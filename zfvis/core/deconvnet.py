@@ -106,7 +106,10 @@ class Deconvnet:
         self.chunk_size = chunk_size
         self.windowed = windowed
         self.graph: ModelGraph = trace_model(model)
-        self.layers = LayerNames(self.graph, dict(layer_aliases(model) if aliases is None else aliases))
+        # the zoo's aliases of the model's architecture that fit it (a subclass may have a module of
+        # its own named conv1): aliases the caller never gave never refuse a model; given ones are checked
+        given = dict(aliases) if aliases is not None else LayerNames.fitting(self.graph, layer_aliases(model))
+        self.layers = LayerNames(self.graph, given)
         self.aliases = self.layers.aliases
 
     # ----------------------------------------------------------------- layers

@@ -37,6 +37,12 @@ class LayerNames:
             if alias in self.table and self.table[alias] is not self.table[target]:
                 raise UserInputError(f"alias '{alias}' would hide the model's own layer '{alias}'; choose another alias")
 
+    @classmethod
+    def fitting(cls, graph: ModelGraph, aliases: dict[str, str]) -> dict[str, str]:
+        """The aliases that name a layer of ``graph`` and hide none of its own."""
+        table = cls(graph, {}).table
+        return {a: t for a, t in aliases.items() if t in table and (a not in table or table[a] is table[t])}
+
     def names(self, *, aliases: bool = True) -> list[str]:
         """Names accepted as ``layer``: the aliases (if any), then every graph node in
         execution order (torchvision's node names), then module names that are not node

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.aliases import layer_aliases
 from ..core.deconvnet import Deconvnet
 from ..io.checks import check_channels, check_device, check_memory
 from ..io.errors import InputTypeError, UserInputError, first_line
@@ -241,7 +240,7 @@ def plan(model: nn.Module, preprocess: Preprocess, dataset: str | os.PathLike[st
     """Checks everything that can be checked without writing: layers, data set, the first
     readable image, layer shapes, channels, memory. Returns the run's shared state."""
     device = check_device(s.device, s.name("device"))
-    dn = _deconvnet(model, s)
+    dn = Deconvnet(model, aliases=s.aliases, rule=s.rule)
     layers = list(dict.fromkeys(s.layers))
     modules = {layer: dn.resolve(layer) for layer in layers}
     if isinstance(s.channels, dict) and set(s.channels) - set(layers):
@@ -270,23 +269,6 @@ def plan(model: nn.Module, preprocess: Preprocess, dataset: str | os.PathLike[st
     run.fingerprint = _fingerprint(run.settings, [files[i] for i in chosen], model)
     run.identity = stat_files(root, [files[i] for i in chosen])
     return run
-
-
-def _deconvnet(model: nn.Module, s: MineSettings) -> Deconvnet:
-    """The deconvnet of ``model``, with the aliases given, else the zoo's aliases of its
-    architecture less those that do not fit it (a subclass with a module of its own named
-    ``conv1``): aliases the caller never gave never refuse a model."""
-    if s.aliases is not None:
-        return Deconvnet(model, aliases=s.aliases, rule=s.rule)
-    try:
-        return Deconvnet(model, rule=s.rule)
-    except UserInputError as err:
-        if not str(err).startswith("alias '"):
-            raise
-    plain = Deconvnet(model, aliases={}, rule=s.rule)
-    names = set(plain.layer_names(aliases=False))
-    fitting = {a: t for a, t in layer_aliases(model).items() if t in names and a not in names}
-    return Deconvnet(model, aliases=fitting, rule=s.rule)
 
 
 def _first_readable(root: Path, rels: Sequence[str], preprocess: Preprocess) -> torch.Tensor:
