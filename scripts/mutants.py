@@ -214,19 +214,22 @@ MUTANTS: list[Mutant] = [
            (_CAPT, "-k", "hook_is_part")),
     Mutant("capture-undeclared-write-allowed", _CAP, "if declared and writer is not None:",
            "if declared and writer is not None and False:",
-           "a tensor overwritten in place by a node the graph does not show blamed on its reader, who cannot help it",
-           (_CAPT, "-k", "untraceable_write")),
+           "a tensor overwritten in place by a node the graph does not show blamed on its reader. EQUIVALENT: "
+           "the check at the start of each node (_check_versions) finds the same overwrite first and names the "
+           "writer", (_CAPT, "-k", "untraceable_write"), equivalent=True),
     Mutant("capture-read-version-ignored", _CAP, "if any(name in self.declared and w == wrote for",
            "if any(name in self.declared or w == wrote for",
-           "a value read after another node overwrote its memory passes the check",
-           ("tests/test_engine.py", "-k", "name_the_node_and_line")),
+           "a value kept between calls (not passed by the graph) passes the check",
+           (_CAPT, "-k", "kept_between")),
     Mutant("capture-masks-carry", _CAP, "if run.constant:", "if False:",
            "a mask (x > 0) carries the signal and is refused as having no gradient",
            (_CAPT, "-k", "masks")),
     Mutant("capture-calls-unchecked", _CAP, "if a.op != b.op or (a.in_place != b.in_place and not twin)",
            "if a.op != b.op and (a.in_place != b.in_place and not twin)",
-           "calls that differ between the model and the graph pass the check",
-           (_CAPT, "-k", "source_text or hook_is_part")),
+           "calls that differ in op between the model and the graph pass the check. EQUIVALENT: a call that "
+           "differs in op also differs in what it reads or in what later calls read (the index of its maker), so "
+           "the comparison of reads finds it at the same call or the next", (_CAPT, "-k", "kept_between"),
+           equivalent=True),
     Mutant("whole-batch-seed-image", _REVG, "seed[i] = signal[j].to(out.dtype)", "seed[0] = signal[j].to(out.dtype)",
            "a seed's signal sent back from the first image of a folded stretch",
            (_CAPT, "-k", "folded and 3")),

@@ -318,3 +318,68 @@ def test_video_models_are_refused_as_such() -> None:
     model = nn.Sequential(nn.Conv3d(3, 4, 3), nn.ReLU())
     with pytest.raises(UnsupportedModelError, match="Conv3d.*video and volume models"):
         zfvis.Deconvnet(model)
+
+
+class _Keeps(nn.Module):
+    """fx cannot trace it; it keeps its output for another module to read later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: torch.Tensor | None = None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if y.sum() > -1e9:
+            y = y * 2
+            self.kept = y
+        return y
+
+
+class _ReadsKept(nn.Module):
+    def __init__(self, keeper: _Keeps, traceable: bool) -> None:
+        super().__init__()
+        self.keeper, self.traceable = [keeper], traceable  # a list: not a submodule
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        kept = self.keeper[0].kept
+        if self.traceable:  # fx bakes this branch in when it traces, before anything was kept
+            return y + kept if kept is not None else y
+        return y + kept if y.sum() > -1e9 else y  # fx cannot trace it: kept whole
+
+
+class _KeptBetweenCalls(nn.Module):
+    def __init__(self, traceable: bool) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.keep = _Keeps()
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.read = _ReadsKept(self.keep, traceable)
+        self.out = nn.Conv2d(4, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.keep(self.c1(x))
+        return self.out(F.relu(self.read(self.c2(F.relu(y)))))
+
+
+@pytest.mark.parametrize(("traceable", "message"), [
+    (False, r"node 'read' \(_ReadsKept\).*reads a value made by node 'keep'"),
+    (True, r"the model ran aten::add.Tensor where the graph runs"),
+])
+def test_a_value_kept_between_calls_is_refused(traceable: bool, message: str) -> None:
+    """Read by a submodule kept whole: the read is caught; read by traced code: fx baked the
+    branch it saw at trace time, and the model's own run differs from the graph's."""
+    dn = zfvis.Deconvnet(_KeptBetweenCalls(traceable).double().eval())
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(CaptureMismatchError, match=message):
+        dn.project(x, "out", 0)
+    assert dn.project(x, "c1", 0).shape == (1, 3, 8, 8)  # before it: fine
+
+
+def test_a_hook_on_a_container_is_traced_into_the_graph() -> None:
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), nn.Conv2d(4, 5, 3, padding=1))
+    model = model.double().eval()
+    handle = model[0].register_forward_hook(lambda m, i, o: o * 3)
+    try:
+        _exact(model, "1")
+        assert "0.mul" in zfvis.Deconvnet(model).layer_names()
+    finally:
+        handle.remove()
