@@ -75,6 +75,9 @@ class GraphNode:
         derived: An integer or boolean value computed from the images (a mask ``x > 0``):
             it carries no signal, but differs per image.
         traced_op: The op-table entry the trace found (``op`` differs while ``hooked``).
+        replayed: Code of the model's own kept whole (a submodule fx could not trace, a
+            function of the model's, a hooked leaf): reversed by replaying the ATen calls it
+            made in the forward pass (:mod:`zfvis.core.program`), not by running it again.
     """
 
     name: str
@@ -91,6 +94,7 @@ class GraphNode:
     hooked: bool = False
     derived: bool = False
     traced_op: ops.Op | None = None
+    replayed: bool = False
     inputs: list[GraphNode] = dataclasses.field(default_factory=list)
     users: list[GraphNode] = dataclasses.field(default_factory=list)
 
@@ -164,6 +168,7 @@ class ModelGraph:
         for n in self.nodes:
             n.hooked = n.carries and n.module_name in modules and n.traced_op is not None
             n.op = ops.OPS[ops.GENERIC] if n.hooked else n.traced_op
+            n.replayed = n.hooked or _own_code(n, self.opaque)
 
     def signal_path(self, seed: GraphNode) -> list[GraphNode]:
         """The nodes a reverse pass from ``seed`` runs through, in execution order: those
@@ -366,12 +371,32 @@ def _classify(nodes: list[GraphNode], opaque: dict[str, str]) -> None:
         gn.carries = True
         if gn.module_name in opaque:  # kept whole: reversed by its gradient
             gn.op = ops.OPS[ops.GENERIC]
+            gn.replayed = True
             continue
         gn.op, why = lookup(gn)
+        gn.replayed = _own_code(gn, opaque)
         if why is not None:
             where = f" at {gn.source}" if gn.source else ""
             gn.problem = (f"node '{gn.name}' ({gn.kind}){where}: {why}. Hint: layers before it can still be "
                           "projected; see `zfvis layers` for the supported operations")
+
+
+#: Where the functions a graph calls come from when they are PyTorch's or Python's own.
+_LIBRARY = ("torch", "_operator", "operator", "builtins", "math", "einops")
+
+
+def _own_code(gn: GraphNode, opaque: dict[str, str]) -> bool:
+    """Whether a node runs the model's own Python, reversed by replay: a module kept whole,
+    or a function (kept whole by the trace) that is not PyTorch's or Python's."""
+    if not gn.carries or gn.op is None or gn.op.name != ops.GENERIC:
+        return False
+    fxn = gn.fx_node
+    if fxn.op == "call_module":
+        return gn.module_name in opaque
+    if fxn.op != "call_function":
+        return False
+    where = getattr(fxn.target, "__module__", None) or ""
+    return where.split(".")[0] not in _LIBRARY
 
 
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "type", "get_device", "element_size", "stride"})

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RuleMode"]
+__all__ = ["RuleMode", "follows_rule"]
 
 
 class _Rectifier(torch.autograd.Function):
@@ -92,6 +92,18 @@ _RECTIFIERS: dict[Any, tuple[Callable[..., torch.Tensor], float | None, bool, in
 }
 
 
+def _is_relu6(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if func not in (F.hardtanh, F.hardtanh_):
+        return False
+    lo, hi = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+    return (float(lo), float(hi)) == (0.0, 6.0)
+
+
+def follows_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether :class:`RuleMode` changes this call's backward (a rectifier, or LRN)."""
+    return func in _RECTIFIERS or func is F.local_response_norm or _is_relu6(func, args, kwargs)
+
+
 class RuleMode(TorchFunctionMode):
     """Inside it, rectifiers pass the signal back by ``rule`` and LRN by the identity."""
 
@@ -101,11 +113,9 @@ class RuleMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in (F.hardtanh, F.hardtanh_):
-            lo, hi = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
-            if (float(lo), float(hi)) == (0.0, 6.0):
-                inplace = func is F.hardtanh_ or bool(_arg(args, kwargs, 3, "inplace", False))
-                return _Rectifier.apply(args[0], _relu6, self.rule, 6.0, inplace)
+        if _is_relu6(func, args, kwargs):
+            inplace = func is F.hardtanh_ or bool(_arg(args, kwargs, 3, "inplace", False))
+            return _Rectifier.apply(args[0], _relu6, self.rule, 6.0, inplace)
         entry = _RECTIFIERS.get(func)
         if entry is not None:
             fn, cap, always, at = entry

@@ -1,0 +1,89 @@
+"""The model's own code is reversed by replaying what it ran (zfvis.core.program), not by running it.
+
+A submodule fx cannot trace, or a leaf with hooks, runs once per forward pass; its ATen
+calls are recorded then and replayed for its gradient. Each test is against the float64
+oracle (``tests/oracle.py``, no zfvis code), on a module whose Python would answer
+differently if the reverse pass ran it again (at another batch size, or a second time).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zfvis
+
+from capture_contract import Query, check_projection
+
+
+CALLS = [0]  # runs of _BatchShaped.forward (outside the model: the model must not change)
+
+
+class _BatchShaped(nn.Module):
+    """Untraceable (branches on a value); computes something else on a batch of one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        CALLS[0] += 1
+        y = self.conv(x)
+        if float(y.detach().sum()) > -1e30 and x.shape[0] == 1:
+            y[:, :2] = F.relu(y[:, :2], inplace=False) * 2  # written in place, into its own tensor
+            return F.relu(y)
+        return torch.tanh(y)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.inner = _BatchShaped()
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.inner(F.relu(self.conv1(x)))))
+
+
+def _net(seed: int) -> _Net:
+    torch.manual_seed(seed)
+    return _Net().double().eval()
+
+
+@pytest.mark.parametrize("rule", ["deconvnet", "guided", "gradient"])
+@pytest.mark.parametrize("seed", range(2))
+def test_an_untraceable_submodule_is_reversed_as_it_ran(seed: int, rule: str) -> None:
+    """Six seeds from one image: running the submodule again on the seeds (a batch of 6)
+    would take its other branch; the replay of what ran on the one image does not."""
+    model = _net(seed)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    outcome = check_projection(zfvis.Deconvnet(model), model, x, Query("conv2", seed % 5, top_k=6, rule=rule))
+    assert outcome.status == "exact", outcome.message
+
+
+def test_the_reverse_pass_never_runs_the_model_code() -> None:
+    """After the capture check (cached per input key), each projection runs the submodule
+    exactly once: in its forward pass."""
+    model = _net(0)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    dn = zfvis.Deconvnet(model)
+    dn.project(x, "conv2", 0, top_k=4)
+    before = CALLS[0]
+    dn.project(x, "conv2", 1, top_k=4)
+    assert CALLS[0] - before == 1
+
+
+class _Random(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.detach().sum()) > -1e30:  # untraceable
+            return x * torch.rand_like(x)
+        return x
+
+
+def test_a_submodule_that_does_not_replay_is_refused_naming_it() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _Random(), nn.ReLU(), nn.Conv2d(4, 2, 3)).double().eval()
+    with pytest.raises(zfvis.ZfvisError, match="'1'"):
+        zfvis.Deconvnet(model).project(torch.rand(1, 3, 8, 8, dtype=torch.float64), "3", 0)

@@ -1,0 +1,266 @@
+"""A node's computation as PyTorch ran it, replayed for its gradient.
+
+Code of the model's own that the graph keeps whole (a submodule fx could not trace, a leaf
+with forward hooks, a function of the model's) runs once, in the forward pass, with every
+ATen call it makes recorded (:func:`record_program`): the op, its other arguments, and for
+each tensor it reads whether it is one of the node's inputs, the output of an earlier call,
+or a tensor from outside (a parameter, a buffer). The reverse pass differentiates the
+:class:`Program`, those calls run again in order at the recorded inputs (views and in-place
+writes included, so autograd sees the same aliasing), never the model's Python: what is
+differentiated is what ran. Control flow on values (``.item()``) is replayed as it went,
+which is exact at the recorded inputs, the only ones the reverse pass uses.
+
+Rectifiers and local response normalisation are recorded as their ``torch`` function
+calls (:func:`zfvis.core.rule_mode.follows_rule`), so that, replayed under
+:class:`~zfvis.core.rule_mode.RuleMode`, they pass the signal back by the rule.
+
+A program is checked when recorded: replayed at once, it must give the node's output
+exactly; a node that does not (random in eval mode, reading state that its call changed)
+or that writes into tensors from outside is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..io.errors import UnsupportedModelError
+from .recorder import _written
+from .rule_mode import follows_rule
+
+__all__ = ["Program", "Replay", "record_program", "replay_node", "kept_tensors"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """A tensor in a program: input ``k``, item ``j`` of step ``k``'s output, or constant ``k``."""
+
+    kind: str
+    k: int
+    j: int = 0
+
+
+@dataclasses.dataclass
+class _Step:
+    func: Callable[..., Any]
+    args: Any
+    kwargs: Any
+
+
+@dataclasses.dataclass
+class Program:
+    """The ATen calls (and rule-following ``torch`` calls) one node made, in order.
+
+    Attributes:
+        name: The node's name (for messages).
+        steps: The calls, tensors as references.
+        consts: Tensors from outside the node (parameters, buffers, other values).
+        out: The node's output, tensors as references.
+        writes: Whether a call writes in place (autograd then saves copies of what it needs,
+            as they were when saved, not as a later call left them).
+    """
+
+    name: str
+    steps: list[_Step]
+    consts: list[torch.Tensor]
+    out: Any
+    writes: bool = False
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        """Runs the calls again on ``inputs`` (copied first: the node may write into them)."""
+        ins = [t.clone() for t in inputs]
+        outs: list[list[Any]] = []
+
+        def get(v: Any) -> Any:
+            if not isinstance(v, _Ref):
+                return v
+            if v.kind == "input":
+                return ins[v.k]
+            if v.kind == "const":
+                return self.consts[v.k]
+            return outs[v.k][v.j]
+
+        with _saved_copies() if self.writes else contextlib.nullcontext():
+            for step in self.steps:
+                out = step.func(*tree_map(get, step.args), **tree_map(get, step.kwargs))
+                outs.append(tree_flatten(out)[0])
+        return tree_map(get, self.out)
+
+
+def _saved_copies() -> Any:
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+
+class _Tracker:
+    """Names every tensor a node's calls read: an input, a call's output, or a constant."""
+
+    def __init__(self, name: str, inputs: list[torch.Tensor], kept: set[int]) -> None:
+        self.name = name
+        self.refs: dict[int, _Ref] = {id(t): _Ref("input", k) for k, t in enumerate(inputs)}
+        self.alive: list[Any] = list(inputs)  # keeps ids unique while recording
+        self.steps: list[_Step] = []
+        self.consts: list[torch.Tensor] = []
+        self.kept = kept  # ids of the model's parameters and buffers: held by reference
+        self.paused = 0
+        self.writes = False  # some call writes in place (autograd must save copies)
+        self.problem: str | None = None
+
+    def ref(self, v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        found = self.refs.get(id(v))
+        if found is None:  # from outside the node: a value of the pass is copied, it may be overwritten
+            self.consts.append(v.detach() if id(v) in self.kept else v.detach().clone())
+            self.alive.append(v)
+            found = self.refs[id(v)] = _Ref("const", len(self.consts) - 1)
+        return found
+
+    def add(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        k = len(self.steps)
+        self.steps.append(_Step(func, args, kwargs))
+        for j, t in enumerate(tree_flatten(out)[0]):
+            if isinstance(t, torch.Tensor) and id(t) not in self.refs:  # an in-place call returns its argument
+                self.refs[id(t)] = _Ref("step", k, j)
+                self.alive.append(t)
+
+    def check_writes(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for t in _written(func, args, kwargs):
+            self.writes = True
+            if self.refs.get(id(t), _Ref("const", -1)).kind == "const" and self.problem is None:
+                self.problem = (f"it writes into a tensor it did not make and was not given ({func}), state "
+                                "kept between calls")
+
+
+class _AtenCalls(TorchDispatchMode):
+    def __init__(self, tracker: _Tracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        tr = self.tracker
+        if tr.paused:
+            return func(*args, **kwargs)
+        if hasattr(func, "_schema"):
+            tr.check_writes(func, args, kwargs)
+        targs, tkwargs = tree_map(tr.ref, args), tree_map(tr.ref, kwargs)
+        out = func(*args, **kwargs)
+        tr.add(func, targs, tkwargs, out)
+        return out
+
+
+class _RuleCalls(TorchFunctionMode):
+    """Records a rectifier or LRN as its ``torch`` call (what runs inside it is not recorded)."""
+
+    def __init__(self, tracker: _Tracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        tr = self.tracker
+        if tr.paused or not follows_rule(func, args, kwargs):
+            return func(*args, **kwargs)
+        targs, tkwargs = tree_map(tr.ref, args), tree_map(tr.ref, kwargs)
+        tr.paused += 1
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            tr.paused -= 1
+        tr.writes = tr.writes or (bool(args) and out is args[0])  # in place
+        tr.add(func, targs, tkwargs, out)
+        return out
+
+
+@dataclasses.dataclass
+class Replay:
+    """A replayed node as the forward pass recorded it.
+
+    Attributes:
+        program: Its calls (``None`` where it cannot be replayed: ``problem`` says why).
+        values: Its inputs that carry the signal, as they were when it ran.
+        problem: Why it cannot be reversed.
+    """
+
+    program: Program | None
+    values: list[torch.Tensor]
+    problem: UnsupportedModelError | None = None
+
+
+def kept_tensors(model: torch.nn.Module) -> set[int]:
+    """``id`` of every parameter and buffer of a model (a program holds them by reference)."""
+    return {id(t) for t in (*model.parameters(), *model.buffers())}
+
+
+def replay_node(name: str, call: Callable[[], Any], live: list[Any], kept: set[int], writes: bool) -> tuple[Any, Replay]:
+    """Runs a node of the model's own code, recording its program.
+
+    Args:
+        name: The node's name.
+        call: Runs the node.
+        live: Its inputs that carry the signal.
+        kept: :func:`kept_tensors` of the model.
+        writes: Whether the node writes into memory it did not make (its inputs are copied first).
+
+    Returns:
+        (the node's output, its :class:`Replay`).
+    """
+    before = [t.detach().clone() for t in live] if writes else None
+    try:
+        out, program = record_program(name, call, live, kept, before)
+    except UnsupportedModelError as err:
+        return err.out, Replay(None, [], err)  # type: ignore[attr-defined]
+    return out, Replay(program, before or [t.detach() for t in live])
+
+
+def record_program(name: str, call: Callable[[], Any], inputs: list[torch.Tensor], kept: set[int],
+                   before: list[torch.Tensor] | None = None) -> tuple[Any, Program]:
+    """Runs ``call`` (the node, on ``inputs``) and records its program.
+
+    Args:
+        name: The node's name.
+        call: Runs the node.
+        inputs: The tensors it reads that carry the signal, in the order the program takes them.
+        kept: ``id`` of every parameter and buffer of the model (held by reference).
+        before: Copies of ``inputs`` made before the call, for a node that writes into them.
+
+    Returns:
+        (the node's output, its program).
+
+    Raises:
+        UnsupportedModelError: Replayed, the program does not give the node's output, or the
+            node writes into a tensor from outside.
+    """
+    tracker = _Tracker(name, inputs, kept)
+    with _RuleCalls(tracker), _AtenCalls(tracker):
+        out = call()
+    program = Program(name, tracker.steps, tracker.consts, tree_map(tracker.ref, out), tracker.writes)
+    if tracker.problem is None and not _same(program(*(before or inputs)), out):
+        tracker.problem = ("run again as recorded, its calls give other values (random in eval mode, or reading "
+                           "state that the call changes)")
+    if tracker.problem is not None:
+        err = UnsupportedModelError(f"node '{name}': {tracker.problem}; zfvis cannot reverse it. Hint: make it "
+                                    "deterministic in eval mode and free of state, or project a layer before it")
+        err.out = out  # type: ignore[attr-defined]  # the forward pass goes on with it
+        raise err
+    return out, program
+
+
+def _same(a: Any, b: Any) -> bool:
+    la, lb = tree_flatten(a)[0], tree_flatten(b)[0]
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor) and (x.shape != y.shape or not torch.allclose(x, y, rtol=0, atol=0,
+                                                                                      equal_nan=True)):
+            return False
+    return True
