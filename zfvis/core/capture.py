@@ -271,6 +271,9 @@ def _difference(graph: ModelGraph, i: int, model_calls: list[AtenCall], graph_ca
                 "(the model's own hooks or code outside forward())")
     elif a.op != b.op or a.in_place != b.in_place:
         what = f"the model ran {a.describe()} where the graph runs {b.describe()}"
+        after = graph_calls[i - 1].node if i > 0 else None
+        if after and after != name:  # the model's extra (or missing) call may belong to the node before
+            what += f", right after node '{after}' ({graph.by_name[after].kind}), whose code (a hook?) may differ"
     elif a.consts != b.consts:
         what = f"the model ran {a.op} with other arguments than the graph ({a.consts} against {b.consts})"
     else:
