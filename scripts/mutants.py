@@ -79,6 +79,7 @@ _OCC = "zfvis/core/ops/incremental_rules.py"
 _GEO = "zfvis/core/geometry.py"
 _CAP = "zfvis/core/capture.py"
 _GRAPH = "zfvis/core/graph.py"
+_PROG = "zfvis/core/program.py"
 
 # test selections
 _CNN = "tests/test_every_cnn.py"
@@ -244,8 +245,18 @@ MUTANTS: list[Mutant] = [
            (_CAPT, "-k", "constant_map")),
     Mutant("vjp-train-mode", "zfvis/core/ops/args.py", "            with _eval(module):",
            "            with contextlib.nullcontext():",
-           "a submodule fx cannot trace reversed in training mode (batch statistics, dropout)",
-           ("tests/test_capture_cases.py", "-k", "train")),
+           "a PyTorch leaf without an entry (MultiheadAttention) reversed in training mode (its dropout on)",
+           ("tests/test_capture_cases.py", "-k", "train and pytorch_leaf")),
+    Mutant("program-rule-ignored", _PROG, "if tr.paused or not follows_rule(func, args, kwargs):", "if True:",
+           "rectifiers inside replayed code (an untraceable submodule) sent back by their true backward, not the rule",
+           ("tests/test_program.py", "-k", "as_it_ran and deconvnet")),
+    Mutant("program-replay-unchecked", _PROG, "if tracker.problem is None and not _same(",
+           "if False and not _same(", "a submodule whose replay gives other values (random in eval mode) reversed",
+           ("tests/test_program.py", "-k", "does_not_replay")),
+    Mutant("program-saved-copies-off", _PROG, "with _saved_copies() if self.writes else",
+           "with contextlib.nullcontext() if self.writes else",
+           "replayed code that writes in place into a tensor autograd saved (an untraceable in-place write)",
+           ("tests/test_capture_property.py", "-k", "contract and 33")),
     # ------------------------------------------------------------------ recording
     Mutant("record-inputs-not-copied", _REC, "inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]",
            "inputs = list(inputs)", "an in-place rectifier's f' taken at the overwritten input (its output)",

@@ -285,6 +285,26 @@ def test_a_model_in_train_mode_is_projected_with_eval_semantics_or_refused_and_l
     assert model.training and model.block.bn.training
 
 
+class _Attention(_Classifier):
+    """PyTorch's own leaf without an entry (reversed by calling it again), with dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, dropout=0.5, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x)
+        q = t.flatten(2).transpose(1, 2)
+        a, _ = self.attn(q, q, q, need_weights=False)
+        return self.classify(a.transpose(1, 2).reshape(t.shape))
+
+
+def test_a_pytorch_leaf_in_train_mode_is_reversed_with_eval_semantics() -> None:
+    model = _ready(_Attention(), seed=5).train()
+    _run(model, _images(2), "head")
+    assert model.training and model.attn.training
+
+
 class _Floor(nn.Module):
     def __init__(self, size: int) -> None:
         super().__init__()
