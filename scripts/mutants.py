@@ -250,9 +250,14 @@ MUTANTS: list[Mutant] = [
     Mutant("program-rule-ignored", _PROG, "if tr.paused or not follows_rule(func, args, kwargs):", "if True:",
            "rectifiers inside replayed code (an untraceable submodule) sent back by their true backward, not the rule",
            ("tests/test_program.py", "-k", "as_it_ran and deconvnet")),
-    Mutant("program-replay-unchecked", _PROG, "if tracker.problem is None and not _same(",
-           "if False and not _same(", "a submodule whose replay gives other values (random in eval mode) reversed",
+    Mutant("program-random-allowed", _PROG, "if self.problem is None and _random(func, args, kwargs):",
+           "if False:", "a submodule that draws random numbers in eval mode replayed (with other numbers)",
            ("tests/test_program.py", "-k", "does_not_replay")),
+    Mutant("program-replay-unchecked", _PROG, "if check and tracker.problem is None and not _same(",
+           "if False and not _same(", "a submodule whose replay gives other values reversed. EQUIVALENT: what makes "
+           "a replay differ (random calls, writes into tensors kept between calls) is refused first when recorded; "
+           "the replay against the output, once per input key, is a second line",
+           ("tests/test_program.py", "-k", "does_not_replay"), equivalent=True),
     Mutant("program-saved-copies-off", _PROG, "with _saved_copies() if self.writes else",
            "with contextlib.nullcontext() if self.writes else",
            "replayed code that writes in place into a tensor autograd saved (an untraceable in-place write)",

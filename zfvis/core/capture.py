@@ -72,12 +72,15 @@ class Verdict:
             (windows or heads folded into it, an axis permuted before it), found by running
             the graph on one more image the first time it is asked for (the deconvnet asks;
             occlusion, which never reverses, does not).
+        replayed: Nodes of the model's own code whose recorded calls were replayed and gave
+            its output (:mod:`zfvis.core.program`), checked once per key.
     """
 
     violations: list[Violation]
     hooked: frozenset[str]
     probe: Any = dataclasses.field(default=None, repr=False)  # () -> not_batch, run once when first asked
     _not_batch: frozenset[str] | None = dataclasses.field(default=None, repr=False)
+    replayed: set[str] = dataclasses.field(default_factory=set)
 
     @property
     def not_batch(self) -> frozenset[str]:

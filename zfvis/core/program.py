@@ -14,9 +14,9 @@ Rectifiers and local response normalisation are recorded as their ``torch`` func
 calls (:func:`zfvis.core.rule_mode.follows_rule`), so that, replayed under
 :class:`~zfvis.core.rule_mode.RuleMode`, they pass the signal back by the rule.
 
-A program is checked when recorded: replayed at once, it must give the node's output
-exactly; a node that does not (random in eval mode, reading state that its call changed)
-or that writes into tensors from outside is refused.
+A node that calls a random op (in eval mode) or writes into a tensor from outside (state
+kept between calls) is refused when recorded. The first time a node is recorded for an
+input key, its program is also replayed at once and must give the node's output exactly.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ..io.errors import UnsupportedModelError
 from .recorder import _written
 from .rule_mode import follows_rule
 
-__all__ = ["Program", "Replay", "record_program", "replay_node", "kept_tensors"]
+__all__ = ["Program", "Replay", "Replays", "record_program", "replay_node"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +89,24 @@ class Program:
 
         with _saved_copies() if self.writes else contextlib.nullcontext():
             for step in self.steps:
-                out = step.func(*tree_map(get, step.args), **tree_map(get, step.kwargs))
-                outs.append(tree_flatten(out)[0])
+                out = step.func(*_fill(step.args, get), **_fill(step.kwargs, get))
+                outs.append(_items(out))
         return tree_map(get, self.out)
+
+
+def _items(out: Any) -> list[Any]:
+    """A call's outputs in order (an ATen call returns a tensor, or a tuple or list of them)."""
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _fill(args: Any, get: Callable[[Any], Any]) -> Any:
+    if isinstance(args, _Ref):
+        return get(args)
+    if isinstance(args, (list, tuple)):
+        return type(args)(_fill(a, get) for a in args)
+    if isinstance(args, dict):
+        return {k: _fill(a, get) for k, a in args.items()}
+    return args
 
 
 def _saved_copies() -> Any:
@@ -112,6 +127,16 @@ class _Tracker:
         self.writes = False  # some call writes in place (autograd must save copies)
         self.problem: str | None = None
 
+    def refs_of(self, args: Any) -> Any:
+        """``args`` (an ATen call's: tensors, scalars, lists of them) with tensors as references."""
+        if isinstance(args, torch.Tensor):
+            return self.ref(args)
+        if isinstance(args, (list, tuple)) and any(isinstance(a, (torch.Tensor, list, tuple)) for a in args):
+            return type(args)(self.refs_of(a) for a in args)
+        if isinstance(args, dict):
+            return {k: self.refs_of(a) for k, a in args.items()}
+        return args
+
     def ref(self, v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
             return v
@@ -125,17 +150,32 @@ class _Tracker:
     def add(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         k = len(self.steps)
         self.steps.append(_Step(func, args, kwargs))
-        for j, t in enumerate(tree_flatten(out)[0]):
+        for j, t in enumerate(_items(out)):
             if isinstance(t, torch.Tensor) and id(t) not in self.refs:  # an in-place call returns its argument
                 self.refs[id(t)] = _Ref("step", k, j)
                 self.alive.append(t)
 
-    def check_writes(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def check_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Notes a random call, or a write into a tensor from outside (it cannot be replayed)."""
+        if self.problem is None and _random(func, args, kwargs):
+            self.problem = f"it calls {func}, random in eval mode"
         for t in _written(func, args, kwargs):
             self.writes = True
             if self.refs.get(id(t), _Ref("const", -1)).kind == "const" and self.problem is None:
                 self.problem = (f"it writes into a tensor it did not make and was not given ({func}), state "
                                 "kept between calls")
+
+
+def _random(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether an ATen call draws random numbers: tagged so, and not switched off by its
+    arguments (attention or dropout with probability 0, dropout not training)."""
+    if torch.Tag.nondeterministic_seeded not in func.tags:
+        return False
+    for k, arg in enumerate(func._schema.arguments):
+        value = args[k] if k < len(args) and not arg.kwarg_only else kwargs.get(arg.name, arg.default_value)
+        if (arg.name in ("dropout_p", "p") and value == 0) or (arg.name in ("train", "training") and value is False):
+            return False
+    return True
 
 
 class _AtenCalls(TorchDispatchMode):
@@ -148,9 +188,8 @@ class _AtenCalls(TorchDispatchMode):
         tr = self.tracker
         if tr.paused:
             return func(*args, **kwargs)
-        if hasattr(func, "_schema"):
-            tr.check_writes(func, args, kwargs)
-        targs, tkwargs = tree_map(tr.ref, args), tree_map(tr.ref, kwargs)
+        tr.check_call(func, args, kwargs)
+        targs, tkwargs = tr.refs_of(args), tr.refs_of(kwargs)
         out = func(*args, **kwargs)
         tr.add(func, targs, tkwargs, out)
         return out
@@ -168,7 +207,7 @@ class _RuleCalls(TorchFunctionMode):
         tr = self.tracker
         if tr.paused or not follows_rule(func, args, kwargs):
             return func(*args, **kwargs)
-        targs, tkwargs = tree_map(tr.ref, args), tree_map(tr.ref, kwargs)
+        targs, tkwargs = tr.refs_of(args), tr.refs_of(kwargs)
         tr.paused += 1
         try:
             out = func(*args, **kwargs)
@@ -194,34 +233,60 @@ class Replay:
     problem: UnsupportedModelError | None = None
 
 
-def kept_tensors(model: torch.nn.Module) -> set[int]:
-    """``id`` of every parameter and buffer of a model (a program holds them by reference)."""
-    return {id(t) for t in (*model.parameters(), *model.buffers())}
+class Replays:
+    """The replayed nodes of one forward pass.
+
+    Attributes:
+        found: Each replayed node's :class:`Replay`, by its fx node.
+        checked: Names of the nodes already replayed against their output for this input
+            key (:attr:`zfvis.core.capture.Verdict.replayed`; each is checked once).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.found: dict[Any, Replay] = {}
+        self.checked: set[str] = set()
+        self._kept: set[int] | None = None
+
+    def run(self, node: Any, live: list[Any], call: Callable[[], Any]) -> Any:
+        """Runs a node of the model's own code (a :class:`~zfvis.core.graph.GraphNode`) on
+        its live inputs, recording its program; tuples of tensors: run as traced."""
+        if not all(isinstance(t, torch.Tensor) for t in live):
+            return call()
+        if self._kept is None:  # parameters and buffers: held by reference
+            self._kept = {id(t) for t in (*self.model.parameters(), *self.model.buffers())}
+        out, replay = replay_node(node.name, call, live, self._kept, node.writes, node.name not in self.checked)
+        self.found[node.fx_node] = replay
+        if replay.problem is None:
+            self.checked.add(node.name)
+        return out
 
 
-def replay_node(name: str, call: Callable[[], Any], live: list[Any], kept: set[int], writes: bool) -> tuple[Any, Replay]:
+def replay_node(name: str, call: Callable[[], Any], live: list[Any], kept: set[int], writes: bool,
+                check: bool = True) -> tuple[Any, Replay]:
     """Runs a node of the model's own code, recording its program.
 
     Args:
         name: The node's name.
         call: Runs the node.
         live: Its inputs that carry the signal.
-        kept: :func:`kept_tensors` of the model.
+        kept: ``id`` of every parameter and buffer of the model.
         writes: Whether the node writes into memory it did not make (its inputs are copied first).
+        check: Whether to replay the program at once and compare with the node's output.
 
     Returns:
         (the node's output, its :class:`Replay`).
     """
     before = [t.detach().clone() for t in live] if writes else None
     try:
-        out, program = record_program(name, call, live, kept, before)
+        out, program = record_program(name, call, live, kept, before, check)
     except UnsupportedModelError as err:
         return err.out, Replay(None, [], err)  # type: ignore[attr-defined]
     return out, Replay(program, before or [t.detach() for t in live])
 
 
 def record_program(name: str, call: Callable[[], Any], inputs: list[torch.Tensor], kept: set[int],
-                   before: list[torch.Tensor] | None = None) -> tuple[Any, Program]:
+                   before: list[torch.Tensor] | None = None, check: bool = True) -> tuple[Any, Program]:
     """Runs ``call`` (the node, on ``inputs``) and records its program.
 
     Args:
@@ -230,6 +295,7 @@ def record_program(name: str, call: Callable[[], Any], inputs: list[torch.Tensor
         inputs: The tensors it reads that carry the signal, in the order the program takes them.
         kept: ``id`` of every parameter and buffer of the model (held by reference).
         before: Copies of ``inputs`` made before the call, for a node that writes into them.
+        check: Whether to replay the program at once and compare with the node's output.
 
     Returns:
         (the node's output, its program).
@@ -242,7 +308,7 @@ def record_program(name: str, call: Callable[[], Any], inputs: list[torch.Tensor
     with _RuleCalls(tracker), _AtenCalls(tracker):
         out = call()
     program = Program(name, tracker.steps, tracker.consts, tree_map(tracker.ref, out), tracker.writes)
-    if tracker.problem is None and not _same(program(*(before or inputs)), out):
+    if check and tracker.problem is None and not _same(program(*(before or inputs)), out):
         tracker.problem = ("run again as recorded, its calls give other values (random in eval mode, or reading "
                            "state that the call changes)")
     if tracker.problem is not None:

@@ -38,7 +38,7 @@ from .layouts import hold_channels_first
 from .ops import GENERIC, OPS, SUPPORTED_TYPES, WHOLE_BATCH, Live, Op, Site
 from .ops.args import live_call
 from .ops.grad import RULES_WITHOUT_INPUTS, recorded_inputs
-from .program import Replay, kept_tensors, replay_node
+from .program import Replays
 
 __all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "prepared_site", "SUPPORTED_TYPES",
            "eval_mode"]
@@ -261,7 +261,7 @@ class _Stretches:
     folds: dict[fx.Node, _Fold]
     sites: dict[str, Site]
     recorded: _SharedRecords
-    replays: dict[fx.Node, Replay]
+    replays: Replays
 
     def _folded(self, node: GraphNode, out: Any) -> bool:
         """Whether a node's tensor output does not have the batch as its first dimension."""
@@ -274,7 +274,7 @@ class _Stretches:
         has the batch first again, the stretch ends there and gets its site."""
         live = [p for p in node.inputs if p.carries]
         folds = [self.folds[p.fx_node] for p in live if p.fx_node in self.folds]
-        replay = self.replays.get(node.fx_node)
+        replay = self.replays.found.get(node.fx_node)
         if replay is not None and replay.problem is not None:
             raise replay.problem
         roots: list[GraphNode] = []
@@ -354,8 +354,7 @@ class _Pass(_Stretches):
         self.bundles: dict[fx.Node, Site] = {}
         self.recorded = _SharedRecords()
         self.batch = 0
-        self.replays: dict[fx.Node, Replay] = {}
-        self.kept: set[int] | None = None
+        self.replays = Replays(graph.model)
 
     def run(self, images: torch.Tensor) -> None:
         env: dict[fx.Node, Any] = {}
@@ -378,7 +377,8 @@ class _Pass(_Stretches):
                     self.recorded.copy_before_write((args, kwargs))
                 elif node.writes and args:  # an in-place op writes its first argument
                     self.recorded.copy_before_write(args[0])
-                out = self._replay(node, env, lambda: run_node(node, model, args, kwargs)) if node.replayed \
+                out = self.replays.run(node, [env[p.fx_node] for p in node.inputs if p.carries],
+                                       lambda: run_node(node, model, args, kwargs)) if node.replayed \
                     else run_node(node, model, args, kwargs)
                 if node.carries:
                     self._record(node, env, out, inputs)
@@ -389,16 +389,6 @@ class _Pass(_Stretches):
                 if self.last_use.get(p.fx_node) == i:
                     env.pop(p.fx_node, None)
         self.recorded.copy_before_write(images)  # the caller's tensor
-
-    def _replay(self, node: GraphNode, env: dict[fx.Node, Any], call: Callable[[], Any]) -> Any:
-        """Runs a node of the model's own code, its ATen calls recorded to be replayed."""
-        if self.kept is None:
-            self.kept = kept_tensors(self.graph.model)
-        live = [env[p.fx_node] for p in node.inputs if p.carries]
-        if not all(isinstance(t, torch.Tensor) for t in live):  # tuples: run as traced (a function of them)
-            return call()
-        out, self.replays[node.fx_node] = replay_node(node.name, call, live, self.kept, node.writes)
-        return out
 
     def _check_inplace(self, node: GraphNode, args: Any, env: dict[fx.Node, Any], i: int) -> None:
         # the values still held (read later) in the pass's order, not every node of the pass
@@ -422,7 +412,8 @@ class _Pass(_Stretches):
         # a mask computed from the images, several images: reversed over the whole batch, where it
         # stands for each image
         per_image = self.batch > 1 and any(p.derived for p in node.inputs)
-        if per_image or node.fx_node in self.replays or any(p.fx_node in self.folds for p in node.inputs) or self._folded(node, out):
+        replayed = node.fx_node in self.replays.found  # reversed over the whole batch, as recorded
+        if per_image or replayed or any(p.fx_node in self.folds for p in node.inputs) or self._folded(node, out):
             try:
                 self._fold(node, env, out)
             except UnsupportedModelError as err:
@@ -483,6 +474,7 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
         images = images.to(device=device, dtype=dtype)
     verdict = verify(graph, images) if _real(images) else None  # what the model runs, against the graph
     p = _Pass(graph, list(targets), rule, verdict.not_batch if verdict is not None else frozenset())
+    p.replays.checked = verdict.replayed if verdict is not None else p.replays.checked
     # a model already in eval mode (all its modules) is left alone: switching and restoring
     # every module's flag costs about a millisecond per pass
     training = any(m.training for m in graph.model.modules())
