@@ -326,7 +326,8 @@
   const synthQuery = (job) => ({ layer: job.layer, channel: job.channel, steps: job.steps, seed: job.seed, param: job.param });
   function showSynth(job) {
     const img = $("synth-image"), bar = $("synth-progress"), status = $("synth-status"), busy = job.state === "queued" || job.state === "running";
-    $("synth-run").disabled = busy || job.state === "done";
+    $("synth-run").disabled = busy;
+    $("synth-run").hidden = job.state === "done";
     bar.hidden = !busy;
     bar.max = job.total; bar.value = job.done;
     if (job.state === "done") {
