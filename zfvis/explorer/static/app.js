@@ -330,6 +330,7 @@
     $("synth-run").hidden = job.state === "done";
     bar.hidden = !busy;
     bar.max = job.total; bar.value = job.done;
+    S.synthShown = job.state === "done" ? `${job.layer}/${job.channel}/${job.steps}` : null;
     if (job.state === "done") {
       const src = api("/api/synthetic.png", synthQuery(job));
       if (img.getAttribute("src") !== src) img.src = src;
@@ -346,6 +347,8 @@
     const l = layerInfo(S.layer);
     $("synth-figure").hidden = !l || !l.shape.length;
     if ($("synth-figure").hidden) return;
+    const key = `${S.layer}/${S.channel}/${$("synth-steps").value}`;
+    if (S.cam && S.synthShown === key) return;  // a camera frame: the unit's synthetic image does not change
     try {
       const job = await getJSON("/api/synthetic", { layer: S.layer, channel: S.channel, steps: $("synth-steps").value });
       if (seq !== S.seq) return;
