@@ -71,6 +71,7 @@ def test_synthetic_image_is_a_job_with_progress_then_cached(setup):
     cached = post(client, "/api/synthetic", {"layer": "conv3", "channel": "7", "steps": "96"}, 200)
     assert time.monotonic() - t < 0.5
     assert cached["state"] == "done" and cached["cached"] and cached["result"] == job["result"]
+    assert client.json(f"/api/synthetic/{cached['id']}")["state"] == "done"
     assert client.json("/api/synthetic?layer=conv3&channel=7&steps=96")["state"] == "done"
     assert server.app.synthetic.optimisations == calls + 1
     # other settings are another image
@@ -85,7 +86,7 @@ def test_synthetic_refuses_bad_requests_with_one_line(setup):
     body = lambda d: json.dumps(d).encode()  # noqa: E731
     for data, status, word in (({"layer": "conv3", "channel": 128}, 400, "0..127"),
                                ({"layer": "conv9", "channel": 0}, 404, "conv9"),
-                               ({"layer": "conv3"}, 400, "channel"),
+                               ({"layer": "conv3"}, 400, "missing parameter 'channel'"),
                                ({"layer": "conv3", "channel": 0, "steps": 0}, 400, "steps"),
                                ({"layer": "conv3", "channel": 0, "steps": 10**6}, 400, "steps"),
                                ({"layer": "conv3", "channel": 0, "param": "cppn"}, 400, "fourier"),
@@ -122,6 +123,27 @@ def test_synthetic_jobs_are_bounded_and_cancelled_on_shutdown():
     assert jobs.get(long["id"]).state == "cancelled" and 0 < jobs.get(long["id"]).done < 1024
     assert jobs.get(waiting["id"]).state == "cancelled" and jobs.get(waiting["id"]).done == 0
     assert jobs.optimisations == 1
+
+
+def test_a_model_that_cannot_be_copied_is_optimised_under_the_lock(monkeypatch):
+    import zfvis.explorer.synthetic_jobs as sj
+    from zfvis.explorer.explorer import Explorer
+
+    def refuse(model):
+        raise TypeError("cannot pickle this module")
+
+    monkeypatch.setattr(sj, "twin", refuse)
+    model, preprocess = zfvis.load_model("zfnet-cifar10")
+    ex = Explorer(model, preprocess, [zfvis.default_image()])
+    jobs = sj.SyntheticJobs(ex)
+    job = jobs.start({"layer": "conv2", "channel": 3, "steps": 8})
+    end = time.monotonic() + 30
+    while job.state in ("queued", "running"):
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    assert job.state == "done" and job.done == 8 and jobs._twin is ex.dn
+    assert not any(m._forward_hooks for m in model.modules()) and not model.training
+    jobs.close()
 
 
 def test_twin_shares_weights_but_not_modules():

@@ -10,11 +10,13 @@ answers at once.
 The optimisation runs on a shallow twin of the model: its own modules (so that the forward hooks
 and the eval mode of the optimisation never touch the model the other requests use) sharing the
 model's parameters and buffers (no memory copied, nothing written to them). It therefore does not
-take the explorer's lock: clicks, projections and camera frames are answered while it runs.
+take the explorer's lock: clicks, projections and camera frames are answered while it runs. (A
+model that cannot be copied is optimised on as it is, under the lock.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -38,7 +40,7 @@ from .cache import LRUCache
 from .errors import ApiError, BadRequest, NotFound
 from .explorer import Explorer, LayerInfo
 
-__all__ = ["SyntheticJob", "SyntheticJobs", "SyntheticLimits", "SyntheticResult"]
+__all__ = ["SyntheticJob", "SyntheticJobs", "SyntheticLimits", "SyntheticResult", "twin"]
 
 _log = logging.getLogger("zfvis.explorer")
 
@@ -137,8 +139,10 @@ class SyntheticJob:
         return out
 
 
-def _int(params: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+def _int(params: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int:
     value = params.get(name, default)
+    if value is None or value == "":
+        raise BadRequest(f"missing parameter '{name}'")
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 10:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -195,7 +199,7 @@ class SyntheticJobs:
         layer = self.ex.layer(str(params.get("layer", "")))
         if len(layer.shape) not in (1, 3):
             raise BadRequest(f"layer '{layer.name}' has no channels to visualise")
-        channel = _int(params, "channel", -1, 0, layer.shape[0] - 1)
+        channel = _int(params, "channel", None, 0, layer.shape[0] - 1)
         steps = _int(params, "steps", self.limits.steps, 1, self.limits.max_steps)
         seed = _int(params, "seed", 0, 0, 2**31 - 1)
         param = params.get("param", "fourier")
@@ -231,6 +235,9 @@ class SyntheticJobs:
             ApiError: Bad parameters (400/404), the queue is full (429), the server stops (503).
         """
         job = self.lookup(params)
+        if job.state == "done":
+            with self._lock:
+                self._remember(job)
         if job.state != "none":
             return job
         with self._lock:
@@ -245,14 +252,18 @@ class SyntheticJobs:
             if waiting >= self.limits.queued:
                 raise ApiError(429, f"{waiting} synthetic images are already waiting behind the one being computed; "
                                     "wait for them to finish, then ask again")
-            self._jobs[job.id] = job
-            while len(self._jobs) > 32:
-                self._jobs.popitem(last=False)
+            self._remember(job)
             self._queue.append(job)
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._work, name="zfvis-synthetic", daemon=True)
                 self._worker.start()
         return job
+
+    def _remember(self, job: SyntheticJob) -> None:
+        """Lists the job under its id (the last 32 are kept); call with the lock held."""
+        self._jobs[job.id] = job
+        while len(self._jobs) > 32:
+            self._jobs.popitem(last=False)
 
     def get(self, job_id: str) -> SyntheticJob:
         """The job with this id.
@@ -324,10 +335,17 @@ class SyntheticJobs:
                 _log.exception("synthetic-image job %s failed", job.id)
                 job.error = f"internal error: {type(err).__name__}: {first_line(err)}"
 
-    def _model(self) -> Deconvnet:
+    def _model(self) -> tuple[Deconvnet, Any]:
+        """The network to optimise on and the lock to hold meanwhile: the twin and none, or, for a
+        model that cannot be copied, the explorer's own under its lock (clicks then wait)."""
         if self._twin is None:
-            self._twin = Deconvnet(twin(self.ex.model))
-        return self._twin
+            try:
+                self._twin = Deconvnet(twin(self.ex.model))
+            except Exception as err:  # noqa: BLE001 - any model's deepcopy may refuse; the shared model still works
+                _log.info("synthetic images use the explorer's model under its lock (%s: %s)", type(err).__name__,
+                          first_line(err))
+                self._twin = self.ex.dn
+        return self._twin, (self.ex.lock if self._twin is self.ex.dn else contextlib.nullcontext())
 
     def _compute(self, job: SyntheticJob) -> SyntheticResult:
         def step(done: int, total: int) -> None:
@@ -339,8 +357,9 @@ class SyntheticJobs:
         norm = pre if hasattr(pre, "mean") and hasattr(pre, "std") else None
         start = time.monotonic()
         self.optimisations += 1
-        res = feature_vis(self._model(), job.layer.node, [job.channel], steps=job.steps, seed=job.seed,
-                          param=job.param, size=tuple(self.ex.input_shape()[1:]), preprocess=norm,
-                          progress=False, on_step=step)
+        dn, lock = self._model()
+        with lock:
+            res = feature_vis(dn, job.layer.node, [job.channel], steps=job.steps, seed=job.seed, param=job.param,
+                              size=tuple(self.ex.input_shape()[1:]), preprocess=norm, progress=False, on_step=step)
         return SyntheticResult(_png(res.images[0]), float(res.final[0]), float(res.values[0].mean()),
                                float(res.values[-1].mean()), time.monotonic() - start)
