@@ -130,6 +130,7 @@ class Explorer:
         self.lock = threading.RLock()
         self.images = ImageStore(preprocess, show or getattr(preprocess, "denormalize", None))
         self.images.add_files(images)
+        self.images.on_forget = self.forget
         self.recordings: LRUCache[Any] = LRUCache(cache_bytes, max_items=64, size=_recording_bytes)
         self.grids: LRUCache[MapGrid] = LRUCache(cache_bytes // 4, max_items=64)
         self.projections: LRUCache[Projection] = LRUCache(64 << 20, max_items=256)

@@ -43,7 +43,7 @@ class ImageEntry:
     Attributes:
         id: Its name in addresses (letters, digits, ``-`` and ``_``).
         name: What the page calls it (the file name, or the upload's).
-        source: ``"file"`` or ``"upload"``.
+        source: ``"file"``, ``"upload"`` or ``"camera"`` (a live frame).
         x: The model input (C, H, W), on the CPU.
         png: The model input as a person sees it (denormalised), a PNG.
         size: (width, height) of the original image.
@@ -149,7 +149,8 @@ class ImageStore:
     Args:
         preprocess: PIL image -> model input (C, H, W).
         show: Model input -> [0, 1] RGB for display (``preprocess.denormalize``), or None.
-        max_uploads: Uploads kept (the oldest is forgotten first).
+        max_uploads: Uploads kept (the oldest is forgotten first); camera frames are kept
+            apart, the last ``max_live`` (4).
         max_upload_bytes: The largest upload accepted.
         max_pixels: The most pixels an upload may have.
         pixels: Pixels being decoded at once by every upload together (default: one
@@ -174,6 +175,10 @@ class ImageStore:
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="zfvis-decode")
         self._entries: OrderedDict[str, ImageEntry] = OrderedDict()
         self._uploads: list[str] = []
+        self._live: list[str] = []
+        self.max_live = 4
+        self.live_frames = 0
+        self.on_forget: Callable[[str], None] = lambda image_id: None
         self._lock = threading.Lock()
 
     def _entry(self, image: Image.Image, name: str, source: str, image_id: str) -> ImageEntry:
@@ -210,8 +215,12 @@ class ImageStore:
             added.append(entry)
         return added
 
-    def upload(self, data: bytes, name: str = "upload") -> ImageEntry:
+    def upload(self, data: bytes, name: str = "upload", *, live: bool = False) -> ImageEntry:
         """Adds an uploaded image (see :func:`decode_upload`).
+
+        A ``live`` frame (the page's camera) is kept apart from the uploads: only the last
+        :attr:`max_live` are, and they never push a person's uploads out; ``live_frames``
+        counts them.
 
         Raises:
             ApiError: Too large (413), not an image (415), corrupt (400), too many
@@ -220,20 +229,25 @@ class ImageStore:
         if len(data) > self.max_upload_bytes:
             raise ApiError(413, f"the upload is {len(data):,} bytes; the limit is {self.max_upload_bytes:,}")
         name = re.sub(r"[^\w. -]+", "_", name)[:80] or "upload"
-        entry_id = f"upload-{secrets.token_hex(4)}"
+        entry_id = f"{'camera' if live else 'upload'}-{secrets.token_hex(4)}"
         w, h = upload_size(data, self.max_pixels)
         with self.pixels.share(w * h, self.wait, "images being decoded"):
-            entry = self._decoder.submit(self._decode, data, name, entry_id).result()
+            entry = self._decoder.submit(self._decode, data, name, entry_id, "camera" if live else "upload").result()
+        kept, limit = (self._live, self.max_live) if live else (self._uploads, self.max_uploads)
         with self._lock:
             self._entries[entry.id] = entry
-            self._uploads.append(entry.id)
-            while len(self._uploads) > self.max_uploads:
-                self._entries.pop(self._uploads.pop(0), None)
+            kept.append(entry.id)
+            gone = [kept.pop(0) for _ in range(max(0, len(kept) - limit))]
+            for old in gone:
+                self._entries.pop(old, None)
+            self.live_frames += live
+        for old in gone:
+            self.on_forget(old)
         return entry
 
-    def _decode(self, data: bytes, name: str, entry_id: str) -> ImageEntry:
+    def _decode(self, data: bytes, name: str, entry_id: str, source: str) -> ImageEntry:
         with decoded_upload(data, self.max_pixels) as image:
-            return self._entry(image, name, "upload", entry_id)
+            return self._entry(image, name, source, entry_id)
 
     def get(self, image_id: str) -> ImageEntry:
         """The image with this id.
@@ -251,9 +265,9 @@ class ImageStore:
         return entry
 
     def all(self) -> list[ImageEntry]:
-        """Every image, given ones first, then uploads by age."""
+        """Every image, given ones first, then uploads by age (camera frames left out)."""
         with self._lock:
-            return list(self._entries.values())
+            return [e for e in self._entries.values() if e.source != "camera"]
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self._entries

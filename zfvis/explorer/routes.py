@@ -8,7 +8,8 @@ GET      /api/info                        model, input shape, rules, images, run
 GET      /api/layers                      every layer in graph order: name, node, kind,
                                           output shape, receptive field
 GET      /api/images                      the images
-POST     /api/images                      upload an image (the body: JPEG, PNG or WebP)
+POST     /api/images[?live=1]             upload an image (the body: JPEG, PNG or WebP);
+                                          live=1: a camera frame (kept apart, the last 4)
 GET      /api/images/<id>.png             the model's input as a person sees it
 GET      /api/maps?image&layer            the layer's maps: each channel's maximum and
                                           its position, the sprite's layout
@@ -27,6 +28,14 @@ GET      /api/runs                        the mining runs
 POST     /api/occlusion                   start occlusion: {image, layer, channel,
                                           target, patch, stride}
 GET      /api/occlusion/<id>              its progress, then its maps
+POST     /api/synthetic                   start a unit's synthetic image: {layer, channel,
+                                          steps, seed, param} (at once if cached)
+GET      /api/synthetic?layer&channel...  what is known of it, starting nothing
+GET      /api/synthetic/<id>              a job's progress, then its result
+GET      /api/synthetic.png?layer&channel...  the image (once computed)
+GET      /api/connections?image&layer&channel[&y&x][&k]
+                                          the unit's top inputs from the layer below, by
+                                          weight and by contribution on the image
 GET      /runs/<n>/<path>                 a run's files (its gallery)
 GET      /, /static/<file>, /favicon.ico  the page
 =======  ===============================  ===============================================
@@ -49,6 +58,8 @@ from .handler import Request, Response, json_response
 from .occlusion_jobs import OcclusionJobs
 from .runs import CONTENT_TYPES, RunSet, resolve_inside
 from .security import Guard
+from .synthetic_jobs import SyntheticJobs
+from .unit_links import TOP, unit_links
 
 __all__ = ["App", "STATIC_FILES"]
 
@@ -91,14 +102,16 @@ class App:
         jobs: The occlusion jobs.
         name: The model's name for the page.
         classes: The model's class names, if known.
+        synthetic: The synthetic-image jobs (default: new ones for ``explorer``).
     """
 
     def __init__(self, explorer: Explorer, runs: RunSet, guard: Guard, jobs: OcclusionJobs, *, name: str,
-                 classes: list[str] | None = None) -> None:  # fmt: skip
+                 classes: list[str] | None = None, synthetic: SyntheticJobs | None = None) -> None:  # fmt: skip
         self.ex = explorer
         self.runs = runs
         self.guard = guard
         self.jobs = jobs
+        self.synthetic = synthetic or SyntheticJobs(explorer)
         self.name = name
         self.classes = classes
         self.verbose = False
@@ -107,7 +120,8 @@ class App:
             "/api/maps": self.maps, "/api/maps.png": self.maps_png, "/api/map.png": self.map_png,
             "/api/project": self.project, "/api/project.png": self.project_png,
             "/api/project.npy": self.project_npy, "/api/units": self.units, "/api/runs": self.run_list,
-            "/api/predict": self.predict,
+            "/api/predict": self.predict, "/api/synthetic": self.synthetic_lookup,
+            "/api/synthetic.png": self.synthetic_png, "/api/connections": self.connections,
         }
 
     def body_limit(self, method: str, target: str) -> int:
@@ -124,6 +138,9 @@ class App:
                 return self.upload(r)
             if path == "/api/occlusion":
                 return json_response(self.jobs.start(r.json()).info(), 202)
+            if path == "/api/synthetic":
+                job = self.synthetic.start(r.json())
+                return json_response(job.info(), 200 if job.state == "done" else 202)
             raise ApiError(405 if path in self._get else 404, f"POST {path} is not part of the API")
         if r.method != "GET":
             raise ApiError(405, f"method {r.method} is not allowed; use GET or POST")
@@ -139,6 +156,8 @@ class App:
             return Response(200, self.ex.images.get(path[len("/api/images/"):-4]).png, "image/png")
         if path.startswith("/api/occlusion/"):
             return json_response(self.jobs.get(path[len("/api/occlusion/"):]).info())
+        if path.startswith("/api/synthetic/"):
+            return json_response(self.synthetic.get(path[len("/api/synthetic/"):]).info())
         if path.startswith("/runs/"):
             return self.run_file(path[len("/runs/"):])
         if path in ("/api/images", "/api/occlusion"):
@@ -185,7 +204,10 @@ class App:
     def upload(self, r: Request) -> Response:
         """Adds an uploaded image; the body is the file."""
         name = r.query.get("name") or r.headers.get("X-Filename") or "upload"
-        entry = self.ex.images.upload(r.body, name)
+        live = r.query.get("live", "")
+        if live not in ("", "0", "1"):
+            raise BadRequest(f"'live' must be 0 or 1, got {live[:20]!r}")
+        entry = self.ex.images.upload(r.body, name, live=live == "1")
         return json_response(entry.info(), 201)
 
     # ------------------------------------------------------------------ maps
@@ -249,6 +271,21 @@ class App:
         meta, proj = self._projection(r)
         return Response(200, encode.npy(proj.array), "application/octet-stream",
                         {**_meta_headers(meta), "Content-Disposition": "attachment; filename=projection.npy"})
+
+    # ------------------------------------------------------------- unit views
+    def synthetic_lookup(self, r: Request) -> Response:
+        """What is known of a unit's synthetic image (cached, being computed, or none), starting nothing."""
+        return json_response(self.synthetic.lookup(dict(r.query)).info())
+
+    def synthetic_png(self, r: Request) -> Response:
+        """A unit's synthetic image, once computed."""
+        return Response(200, self.synthetic.png(dict(r.query)), "image/png")
+
+    def connections(self, r: Request) -> Response:
+        """A unit's top inputs from the layer below (or why it has none the explorer can show)."""
+        image, layer = self._unit(r)
+        k = _int(r.query, "k") if r.query.get("k") else TOP
+        return json_response(unit_links(self.ex, image, layer, _int(r.query, "channel"), _position(r.query), k))
 
     # ------------------------------------------------------------------ runs
     def run_list(self, r: Request) -> Response:

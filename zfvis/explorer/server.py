@@ -3,8 +3,8 @@
 Connections are read by one loop and answered by a bounded pool of threads
 (:mod:`zfvis.explorer.connections`); model calls take the explorer's lock. Stopping
 (:meth:`ExplorerServer.close`, Ctrl-C, SIGTERM) stops accepting, cancels a running
-occlusion, lets started requests finish within a few seconds and answers the rest with
-503; nothing is left behind (uploads live in memory only).
+occlusion and synthetic image, lets started requests finish within a few seconds and answers
+the rest with 503; nothing is left behind (uploads live in memory only).
 """
 
 from __future__ import annotations
@@ -111,8 +111,10 @@ class ExplorerServer:
 
     def stop(self) -> None:
         """Asks the server to stop and returns at once (safe in a signal handler): no new
-        connections, the running occlusion cancelled after its batch."""
+        connections, the running occlusion cancelled after its batch, the running synthetic image
+        after its step."""
         self.app.jobs.cancel()
+        self.app.synthetic.cancel()
         self._loop.stop()
 
     def close(self) -> None:
@@ -132,7 +134,8 @@ class ExplorerServer:
             return
         self._closed = True
         self.app.jobs.close(wait=self.limits.grace)
-        self.unfinished = self._loop.unfinished + self.app.jobs.running()
+        self.app.synthetic.close(wait=self.limits.grace)
+        self.unfinished = self._loop.unfinished + self.app.jobs.running() + self.app.synthetic.running()
 
     def __enter__(self) -> ExplorerServer:
         return self

@@ -10,6 +10,7 @@ is left exactly as it was given (parameters, buffers, gradients, modes, hooks).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -112,6 +113,7 @@ def feature_vis(
     decay: float = 1.0,
     preprocess: Any = None,
     progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> FeatureVisResult:
     """Synthetic images that maximise units of a layer (Olah et al., Distill 2017).
 
@@ -140,6 +142,8 @@ def feature_vis(
         preprocess: The model's preprocessing (``zfvis.load_model``'s second value: its ``mean``, ``std`` and
             ``crop`` are used), a ``(mean, std)`` pair, or ``None`` (the model takes [0, 1] RGB).
         progress: Show a progress bar.
+        on_step: Called after every step with (steps done, steps in all, over every batch); an
+            exception it raises stops the optimisation and propagates (a caller's cancellation).
 
     Returns:
         The :class:`FeatureVisResult`.
@@ -162,7 +166,7 @@ def feature_vis(
                              layer=layer)
         obj.default_position(probe)
         obj.check(probe, layer or "output")
-        return _optimize(tap, obj, settings, layer)
+        return _optimize(tap, obj, settings, layer, on_step)
 
 
 def _settings(**kw: Any) -> FeatureVisSettings:
@@ -246,7 +250,21 @@ def _forward(tap: LayerTap, rgb: torch.Tensor, s: FeatureVisSettings, model: nn.
     return out
 
 
-def _optimize(tap: LayerTap, obj: Objective, s: FeatureVisSettings, layer: str | None) -> FeatureVisResult:
+class _Steps:
+    """A progress bar that also tells ``on_step`` how many steps are done."""
+
+    def __init__(self, bar: Any, on_step: Callable[[int, int], None] | None, total: int) -> None:
+        self.bar, self.on_step, self.total, self.done = bar, on_step, total, 0
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        if self.on_step is not None:
+            self.on_step(self.done, self.total)
+
+
+def _optimize(tap: LayerTap, obj: Objective, s: FeatureVisSettings, layer: str | None,
+              on_step: Callable[[int, int], None] | None = None) -> FeatureVisResult:  # fmt: skip
     """Every unit's images, ``batch_size`` at a time (a batch holds whole groups of a unit's images)."""
     k = s.images_per_unit
     rows = torch.arange(len(obj.units)).repeat_interleave(k)
@@ -257,7 +275,8 @@ def _optimize(tap: LayerTap, obj: Objective, s: FeatureVisSettings, layer: str |
     chunks = [slice(i, min(i + per_batch, len(rows))) for i in range(0, len(rows), per_batch)]
     images, values, final = [], [], []
     desc = f"feature vis {layer or 'logits'}"
-    with _progress.progress(len(chunks) * s.steps, desc, "step", show=s.progress) as bar:
+    with _progress.progress(len(chunks) * s.steps, desc, "step", show=s.progress) as shown:
+        bar = _Steps(shown, on_step, len(chunks) * s.steps)
         for sl in chunks:
             param = ImageParam(s.param, start.params[sl].detach().clone().requires_grad_(True), s.size, s.decay)
             vals = _run_batch(tap, obj, param, rows[sl].to(device), s, gen=gen, bar=bar)

@@ -230,6 +230,7 @@
       $("unit-title").textContent = l && l.shape.length === 1 ? "Click a unit to project it to pixel space" : "Click a feature map to project its strongest activation to pixel space";
       $("unit-caption").textContent = ""; $("projections").textContent = "";
       $("rf-box").hidden = true; $("map-figure").hidden = true; $("top9").hidden = true;
+      $("synth-figure").hidden = true; $("links").hidden = true;
       return;
     }
     const rules = S.rule === "all" ? ["deconvnet", "guided", "gradient"] : [S.rule];
@@ -269,6 +270,7 @@
     }
     showMap(l, m);
     loadTop9(seq);
+    await Promise.all([loadSynthetic(seq), loadLinks(seq)]);
     $("occlusion-panel").dataset.ready = "1";
   }
   function showMap(l, m) {
@@ -318,6 +320,158 @@
       box.appendChild(strip);
     }
     box.hidden = false;
+  }
+
+  // ------------------------------------------------------------------ synthetic image (feature visualization)
+  const synthQuery = (job) => ({ layer: job.layer, channel: job.channel, steps: job.steps, seed: job.seed, param: job.param });
+  function showSynth(job) {
+    const img = $("synth-image"), bar = $("synth-progress"), status = $("synth-status"), busy = job.state === "queued" || job.state === "running";
+    $("synth-run").disabled = busy;
+    $("synth-run").hidden = job.state === "done";
+    bar.hidden = !busy;
+    bar.max = job.total; bar.value = job.done;
+    S.synthShown = job.state === "done" ? `${job.layer}/${job.channel}/${job.steps}` : null;
+    if (job.state === "done") {
+      const src = api("/api/synthetic.png", synthQuery(job));
+      if (img.getAttribute("src") !== src) img.src = src;
+      img.hidden = false; $("synth-empty").hidden = true;
+      const r = job.result;
+      status.textContent = `objective ${fmt(r.first)} → ${fmt(r.value)} in ${job.steps} steps` + (job.cached ? " (cached)" : ` (${r.seconds.toFixed(1)} s)`);
+    } else {
+      img.hidden = true; img.removeAttribute("src"); $("synth-empty").hidden = false;
+      status.textContent = job.state === "queued" ? "waiting for the images asked for before" : job.state === "running" ? `step ${job.done} of ${job.total}` :
+        job.state === "none" ? `${job.steps} steps of gradient ascent from noise (Olah et al. 2017)` : `${job.state}: ${job.error || ""}`;
+    }
+  }
+  async function loadSynthetic(seq) {
+    const l = layerInfo(S.layer);
+    $("synth-figure").hidden = !l || !l.shape.length;
+    if ($("synth-figure").hidden) return;
+    const key = `${S.layer}/${S.channel}/${$("synth-steps").value}`;
+    if (S.cam && S.synthShown === key) return;  // a camera frame: the unit's synthetic image does not change
+    try {
+      const job = await getJSON("/api/synthetic", { layer: S.layer, channel: S.channel, steps: $("synth-steps").value });
+      if (seq !== S.seq) return;
+      showSynth(job);
+      if (job.state === "queued" || job.state === "running") followSynth(job);
+    } catch (err) { if (seq === S.seq) $("synth-status").textContent = err.message; }
+  }
+  const isShown = (job) => job.layer === S.layer && job.channel === S.channel && String(job.steps) === $("synth-steps").value;
+  async function followSynth(job) {
+    if (S.following === job.id) return;  // one poll loop per job
+    S.following = job.id;
+    try {
+      while (job.state === "queued" || job.state === "running") {
+        await new Promise((ok) => setTimeout(ok, 250));
+        if (!isShown(job)) return;  // the page moved on; the job goes on and its image is cached
+        job = await getJSON(`/api/synthetic/${job.id}`);
+        if (isShown(job)) showSynth(job);
+      }
+    } catch (err) { $("synth-status").textContent = err.message; } finally { if (S.following === job.id) S.following = null; }
+  }
+  async function runSynthetic() {
+    if (S.channel === null) return;
+    try {
+      const body = { layer: S.layer, channel: S.channel, steps: +$("synth-steps").value };
+      const job = await (await call("/api/synthetic", {}, { method: "POST", body: JSON.stringify(body),
+        headers: { "X-Zfvis-Token": TOKEN, "Content-Type": "application/json" } })).json();
+      if (!isShown(job)) return;
+      showSynth(job);
+      followSynth(job);
+    } catch (err) { $("synth-status").textContent = err.message; }
+  }
+
+  // ------------------------------------------------------------------ connections to the layer below
+  async function loadLinks(seq) {
+    const q = { image: S.image, layer: S.layer, channel: S.channel };
+    if (S.y !== null && S.x !== null) { q.y = S.y; q.x = S.x; }
+    const box = $("links-lists"), note = $("links-note");
+    let d;
+    try { d = await getJSON("/api/connections", q); } catch (err) { if (seq === S.seq) { box.textContent = ""; note.textContent = err.message; $("links").hidden = false; } return; }
+    if (seq !== S.seq) return;
+    $("links").hidden = false;
+    box.textContent = "";
+    if (!d.supported) {
+      $("links-title").textContent = `Connections of ${S.layer} #${S.channel}`;
+      note.textContent = d.reason;
+      return;
+    }
+    $("links-title").textContent = `Inputs of ${S.layer} #${S.channel} from ${d.below} (top ${d.by_weight.length} of ${d.inputs})`;
+    note.textContent = `at (${d.position[0]}, ${d.position[1]}) of its map: pre-activation ${fmt(d.preactivation)} = bias ${fmt(d.bias)} + the ${d.inputs} contributions (${fmt(d.contribution_sum)}). ` +
+      `Thumbnails: each input's feature map on this image. Click one to walk down to it.`;
+    const lists = [["by weight (‖filter slice‖)", d.by_weight, "weight"], ["by contribution on this image", d.by_contribution, "contribution"]];
+    for (const [title, entries, kind] of lists) {
+      const row = el("div", { class: "link-tiles", "data-kind": kind });
+      for (const e of entries) {
+        const tile = el("div", { class: "link", "data-channel": e.channel, "data-layer": d.below, role: "button", tabindex: "0",
+          title: `${d.below} #${e.channel}: ${kind} ${fmt(e.value)}; ${kind === "weight" ? "contribution" : "weight"} ${fmt(e.other)}; map maximum ${fmt(e.max)}` }, [
+          el("img", { src: api("/api/map.png", { image: S.image, layer: d.below, channel: e.channel }), alt: `${d.below} channel ${e.channel}` }),
+          el("span", { text: "#" + e.channel }), el("span", { class: "v", text: fmt(e.value) })]);
+        const walk = () => go({ layer: d.below, channel: e.channel, y: null, x: null });
+        tile.addEventListener("click", walk);
+        tile.addEventListener("keydown", (ev) => { if (ev.key === "Enter") walk(); });
+        row.appendChild(tile);
+      }
+      box.appendChild(el("div", { class: "links-row" }, [el("h4", { text: title }), row]));
+    }
+  }
+
+  // ------------------------------------------------------------------ live camera
+  function setupCamera() {
+    const ok = window.isSecureContext && navigator.mediaDevices && navigator.mediaDevices.getUserMedia;
+    if (!ok) {
+      $("camera-start").hidden = true;
+      $("camera-status").textContent = "camera: open the explorer at http://127.0.0.1 or localhost to use it (browsers allow cameras only there or over HTTPS)";
+      return;
+    }
+    $("camera-start").addEventListener("click", startCamera);
+    $("camera-stop").addEventListener("click", stopCamera);
+  }
+  async function startCamera() {
+    if (S.cam) return;
+    let stream;
+    try { stream = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 320 }, height: { ideal: 240 } }, audio: false }); }
+    catch (err) { showError("camera: " + (err.message || err.name)); return; }
+    const video = $("camera-video");
+    video.srcObject = stream;
+    video.hidden = false;
+    try { await video.play(); } catch (e) { /* muted video plays; if not, frames wait for data */ }
+    S.cam = { stream, busy: false, sent: 0, dropped: 0, since: performance.now(), timer: setInterval(grabFrame, 400) };
+    $("camera-start").hidden = true; $("camera-stop").hidden = false;
+    document.body.dataset.camera = "on";
+  }
+  function stopCamera() {
+    const cam = S.cam;
+    if (!cam) return;
+    clearInterval(cam.timer);
+    for (const t of cam.stream.getTracks()) t.stop();  // the camera's light goes off
+    const video = $("camera-video");
+    video.pause(); video.srcObject = null; video.hidden = true;
+    S.cam = null;
+    $("camera-start").hidden = false; $("camera-stop").hidden = true;
+    $("camera-status").textContent = `camera stopped after ${cam.sent} frames`;
+    document.body.dataset.camera = "off";
+  }
+  async function grabFrame() {
+    const cam = S.cam, video = $("camera-video");
+    if (!cam) return;
+    if (cam.busy || video.readyState < 2 || !video.videoWidth) { cam.dropped += 1; return; }  // one frame in flight at most
+    cam.busy = true;
+    try {
+      const k = Math.min(1, 320 / Math.max(video.videoWidth, video.videoHeight));
+      const c = el("canvas", { width: Math.round(video.videoWidth * k), height: Math.round(video.videoHeight * k) });
+      c.getContext("2d").drawImage(video, 0, 0, c.width, c.height);
+      const blob = await new Promise((ok) => c.toBlob(ok, "image/jpeg", 0.85));
+      const r = await call("/api/images", { live: 1, name: "camera" }, { method: "POST", body: blob,
+        headers: { "X-Zfvis-Token": TOKEN, "Content-Type": "image/jpeg" } });
+      const entry = await r.json();
+      if (S.cam !== cam) return;  // stopped meanwhile
+      cam.sent += 1;
+      S.image = entry.id;
+      await render({ maps: true, live: true, first: cam.sent === 1 });
+      const fps = cam.sent / ((performance.now() - cam.since) / 1000);
+      $("camera-status").textContent = `live: ${cam.sent} frames, ${fps.toFixed(1)} per second` + (cam.dropped ? `, ${cam.dropped} skipped while busy` : "");
+    } catch (err) { showError("camera: " + err.message); } finally { cam.busy = false; }
   }
 
   // ------------------------------------------------------------------ occlusion
@@ -396,8 +550,7 @@
     document.querySelectorAll(".rules button").forEach((b) => b.classList.toggle("on", b.dataset.rule === S.rule));
     $("sort").value = S.sort;
     $("input-image").src = api(`/api/images/${S.image}.png`);
-    renderImages();
-    renderLayers();
+    if (!what.live || what.first) { renderImages(); renderLayers(); }
     try {
       if (S.predictFor !== S.image) { S.predictFor = S.image; await loadPredict(); }
       if (what.maps) await loadMaps(); else if (S.grid) renderMaps();
@@ -464,6 +617,9 @@
     window.addEventListener("popstate", () => { readURL(); render({ maps: true }); });
     setupDrop();
     setupOcclusion();
+    setupCamera();
+    $("synth-run").addEventListener("click", runSynthetic);
+    $("synth-steps").addEventListener("change", () => loadSynthetic(S.seq));
     readURL();
     writeURL(false);
     render({ maps: true });
