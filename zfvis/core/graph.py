@@ -477,8 +477,6 @@ def is_shape_query(fxn: Any) -> bool:
     return False
 
 
-
-
 def _qualified(target: Any) -> str:
     """``module.name`` of a function (empty for method names and other targets)."""
     return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}" if callable(target) else ""
