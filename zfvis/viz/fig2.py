@@ -92,7 +92,30 @@ def mining_figure(
         raise ValueError(f"columns must be at least 1, got {columns}")
     if synthetic is not None and len(synthetic) != len(channels):
         raise ValueError(f"synthetic must have one image (or None) per channel: {len(channels)}, got {len(synthetic)}")
-    columns = min(columns, len(channels))
+    page, lay = _grid(channels, min(columns, len(channels)), cell_inches, synthetic)
+    fig_w = (lay.width + 2 * lay.margin) / DPI
+    sup, sup_h = title_band(layer_title, fig_w)
+    sub_h = text_height(1, FONT_SMALL) + 0.1
+    head_px = math.ceil((sup_h + sub_h) * DPI)
+    fig_h = (lay.margin + head_px + lay.height + lay.margin) / DPI
+    fig = new_figure(fig_w, fig_h)
+    if sup:
+        text(fig, fig_w / 2, MARGIN, sup, ha="center", va="top", fontsize=FONT_TITLE, fontweight="bold")
+    text(fig, fig_w / 2, MARGIN + sup_h, _LEGEND[synthetic is not None], ha="center", va="top", fontsize=FONT_SMALL,
+         color="#505050")
+    pixel_image(fig, page, lay.margin, lay.margin + head_px)
+    fig._zfvis_layout = lay  # type: ignore[attr-defined]  # where each cell and label is, for tests and tools
+    return finish(fig, path)
+
+
+_LEGEND = ("left: projections (0 = grey, each scaled by its max |value|)    right: input patches",
+           "left: synthetic image (feature visualization)    middle: projections (0 = grey, each scaled by its "
+           "max |value|)    right: input patches")
+
+
+def _grid(channels: Sequence[Channel], columns: int, cell_inches: float,
+          synthetic: Sequence[torch.Tensor | None] | None) -> tuple[np.ndarray, _MiningLayout]:  # fmt: skip
+    """The page's grid as one RGB image, with its layout: the channels' blocks and labels."""
     target = max(1, round(max(0.2, cell_inches) * DPI))
     blocks = [_channel_cells(index, projections, patches, target) for index, projections, patches, _ in channels]
     cell = max(b.side for b in blocks)
@@ -105,22 +128,7 @@ def mining_figure(
     lay.labels = [f"ch {index}" + (f"   max {max(float(v) for v in values):.3g}" if len(values) else "")
                   for index, _, _, values in channels]
     lay.write_labels(page)
-
-    fig_w = (lay.width + 2 * lay.margin) / DPI
-    sup, sup_h = title_band(layer_title, fig_w)
-    sub_h = text_height(1, FONT_SMALL) + 0.1
-    head_px = math.ceil((sup_h + sub_h) * DPI)
-    fig_h = (lay.margin + head_px + lay.height + lay.margin) / DPI
-    fig = new_figure(fig_w, fig_h)
-    if sup:
-        text(fig, fig_w / 2, MARGIN, sup, ha="center", va="top", fontsize=FONT_TITLE, fontweight="bold")
-    legend = ("left: projections (0 = grey, each scaled by its max |value|)    right: input patches"
-              if synthetic is None else "left: synthetic image (feature visualization)    middle: projections "
-              "(0 = grey, each scaled by its max |value|)    right: input patches")
-    text(fig, fig_w / 2, MARGIN + sup_h, legend, ha="center", va="top", fontsize=FONT_SMALL, color="#505050")
-    pixel_image(fig, page, lay.margin, lay.margin + head_px)
-    fig._zfvis_layout = lay  # type: ignore[attr-defined]  # where each cell and label is, for tests and tools
-    return finish(fig, path)
+    return page, lay
 
 
 @dataclasses.dataclass
