@@ -23,9 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ["zfvis mine zfvis/assets/cifar10_sample --layers conv3 --channels 0-7 --limit 100 -o runs/mine-demo"
          "   # the shipped images",
          "zfvis mine zfvis/assets/cifar10_sample --layers conv1,conv5 --top 4 --limit 50 -o runs/mine-small"
-         "   # two layers, top 4",
-         "zfvis mine zfvis/assets/cifar10_sample --layers conv3 --channels 0-7 --limit 100 --feature-vis "
-         "--feature-vis-steps 64 -o runs/mine-fv   # with synthetic images"],
+         "   # two layers, top 4"],
     )
     p.add_argument("dataset", nargs="?", metavar="DATASET", help="folder of images (searched recursively) or a text file of paths")
     add_model_args(p)

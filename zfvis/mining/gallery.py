@@ -73,7 +73,7 @@ text-align:center;font-size:12px;color:#333}
 .tile{display:block;background-repeat:no-repeat;image-rendering:pixelated}
 .thumbs .cell{width:97px;height:48px}
 .thumbs .v{display:block;color:#777;font-size:11px}
-.pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax(384px,1fr));gap:14px;margin-top:0.8em}
+.pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(384px,100%),1fr));gap:14px;margin-top:0.8em}
 figure{margin:0;background:#fff;border:1px solid #ddd;border-radius:4px;padding:8px}
 figure .imgs{display:flex;gap:6px;justify-content:center}
 figure .cell{width:160px;height:160px}
@@ -83,7 +83,7 @@ figcaption b{font-variant-numeric:tabular-nums}
 .thumbs .syn{width:48px;height:48px;margin-top:3px}
 .synth{display:flex;gap:12px;align-items:center;margin:0.8em 0;max-width:560px}
 .synth .cell{width:160px;height:160px;flex:none}
-.synth figcaption{margin-top:0}
+.synth figcaption{margin-top:0;word-break:normal}
 """
 
 
@@ -374,8 +374,10 @@ class _LayerSite:
             body.append('<div class="pager">' + "".join(
                 f'<span class="here">{p + 1}</span>' if p == page else f'<a href="{_layer_page_file(p)}">{p + 1}</a>'
                 for p in range(self.n_pages)) + "</div>")
+        below = (" Below it: the channel's synthetic image, optimised to excite it most (on the Fig. 2 pages, left "
+                 "of the grids)." if any(g.get("synthetic") for g in chunk) else "")
         body.append('<p class="meta">Each thumbnail: the channel\'s strongest activation projected to pixel '
-                    "space (left) and its image patch (right). Open a channel for its top "
+                    f"space (left) and its image patch (right).{below} Open a channel for its top "
                     f"{len(chunk[0]['entries']) if chunk and chunk[0]['entries'] else 9}.</p>")
         body.append('<div class="thumbs">')
         body += [self._thumb(g) for g in chunk]
