@@ -8,6 +8,7 @@ import html.parser
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_mining import LAYERS, PRE, _run, make_dataset, tiny_model
@@ -167,3 +168,32 @@ def test_cli_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert main([*common, "--config", str(cfg), "-o", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_page_draws_each_synthetic_image_left_of_its_grids() -> None:
+    """On the Fig. 2 page's grid (the pixels shown), each channel's synthetic image sits at its
+    block's left, enlarged by a whole factor, and the projection grid moves right by one grid."""
+    from zfvis.viz import fig2
+
+    g = torch.Generator().manual_seed(3)
+    tiles = [(torch.rand(3, 5, 5, generator=g) * 255).to(torch.uint8) for _ in range(9)]
+    channels = [(c, tiles, tiles, [1.0] * 9) for c in range(3)]
+    synthetic = [(torch.rand(3, 8, 8, generator=g) * 255).to(torch.uint8), None,
+                 (torch.rand(3, 8, 8, generator=g) * 255).to(torch.uint8)]
+    plain = fig2.mining_figure("t", channels, columns=3)
+    fig = fig2.mining_figure("t", channels, columns=3, synthetic=synthetic)
+    lay, base = fig._zfvis_layout, plain._zfvis_layout
+    grid = torch.as_tensor(np.asarray(fig.axes[0].images[0].get_array()))  # (H, W, 3) uint8, as drawn
+    f = lay.grid // 8
+    for k, img in enumerate(synthetic):
+        x, y = lay.origin(k)
+        y += lay.label
+        off = (lay.grid - 8 * f) // 2
+        shown = grid[y + off : y + off + 8 * f : f, x + off : x + off + 8 * f : f].permute(2, 0, 1)
+        if img is None:
+            assert int(shown.min()) == int(shown.max()) == 240  # a grey blank
+        else:
+            assert torch.equal(shown, img)
+    assert lay.width == base.width + 3 * (lay.grid + lay.mid_gap)
+    with pytest.raises(ValueError, match="one image"):
+        fig2.mining_figure("t", channels, synthetic=synthetic[:2])
