@@ -62,10 +62,17 @@ def _refs(page: Path) -> list[str]:
     return parser.refs
 
 
-def test_synthetic_images_written_recorded_and_shown(data: Path, tmp_path: Path) -> None:
+def test_synthetic_images_written_recorded_and_shown(data: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     out = tmp_path / "fv"
-    res = _run(data, out, feature_vis=True, feature_vis_steps=STEPS)
+    res = _run(data, out, feature_vis=True, feature_vis_steps=STEPS, progress=True)
+    summary = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("feature vis: 9 synthetic")]
     topk = json.loads((out / "topk.json").read_text())
+    reach = {n: sum(p >= c[0]["value"] for p, c in zip(topk["layers"][n]["synthetic"]["peak"],
+                                                       topk["layers"][n]["channels"])) for n in LAYERS}
+    assert len(summary) == 1 and "(9 computed, 0 resumed)" in summary[0]
+    assert all(f"{n} median" in summary[0] and f"{reach[n]}/{len(topk['layers'][n]['channels'])} reach the top-1"
+               in summary[0] for n in LAYERS), summary
     assert "feature_vis" in topk["timings"]
     model = tiny_model()
     for layer in LAYERS:
@@ -81,6 +88,9 @@ def test_synthetic_images_written_recorded_and_shown(data: Path, tmp_path: Path)
             assert out / f in res.outputs
             saved = sheets.read_png(out / f)
             assert torch.equal(saved, (ref.images[c].clamp(0, 1) * 255).round().to(torch.uint8))
+            x = (saved.float() / 255 - torch.tensor(PRE.mean).view(3, 1, 1)) / torch.tensor(PRE.std).view(3, 1, 1)
+            with torch.no_grad():  # the peak: the image's strongest activation of its channel, as written
+                assert made["peak"][c] == pytest.approx(float(model[: int(layer) + 1](x[None])[0, c].max()), abs=1e-5)
             page = out / "layers" / layer / f"c{c:04d}.html"  # the channel's page shows its image
             assert f"../../{f}" in _refs(page)
         layer_refs = _refs(out / "layers" / layer / "index.html")

@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..analysis.feature_vis import feature_vis
 from ..io.atomic import atomic_torch_save, flush_recording
 from ..io.errors import MiningInterrupted
 from ..io.progress import progress
-from ..viz import render
+from ..viz import render, sheets
 from .run import FEATURE_VIS_CHUNK, FEATURE_VIS_PARAM, FEATURE_VIS_SEED, Progress, Run
 from .run_folder import safe_name
 
@@ -47,8 +49,10 @@ def _done(run: Run, prog: Progress, layer: str, channel: int) -> bool:
 
 def synthesize(run: Run, topk: dict[str, Any], prog: Progress) -> Progress:
     """Computes and writes the synthetic image of every mined channel that has none yet; records
-    per layer ``{"steps", "param", "files", "objective"}`` under ``topk["layers"][layer]["synthetic"]``
-    (in ``channel_ids`` order) and the seconds under ``topk["timings"]["feature_vis"]``.
+    per layer ``{"steps", "param", "seed", "files", "objective", "peak"}`` under
+    ``topk["layers"][layer]["synthetic"]`` (in ``channel_ids`` order; ``peak``: the image's strongest
+    activation of its channel, comparable with the top-1) and the seconds under
+    ``topk["timings"]["feature_vis"]``.
 
     Returns:
         The progress, with the objective of every synthetic image.
@@ -88,25 +92,49 @@ def synthesize(run: Run, topk: dict[str, Any], prog: Progress) -> Progress:
     _record(run, topk, prog)
     topk.setdefault("timings", {})["feature_vis"] = round(seconds, 3)
     if run.show:
-        print(_summary(run, prog, left, total, seconds), file=sys.stderr)
+        print(_summary(run, topk, left, total, seconds), file=sys.stderr)
     return prog
+
+
+def _peaks(run: Run, layer: str, files: list[str], channels: list[int]) -> list[float]:
+    """Each synthetic image's strongest activation of its channel (the largest over positions), as
+    written (the PNG), through the model's normalisation: comparable with mining's top-1."""
+    pre = run.preprocess
+    mean = torch.tensor(getattr(pre, "mean", None) or (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
+    std = torch.tensor(getattr(pre, "std", None) or (1.0, 1.0, 1.0)).view(1, 3, 1, 1)
+    peaks: list[float] = []
+    for s in range(0, len(files), run.s.batch_size):
+        images = torch.stack([sheets.read_png(run.out / f) for f in files[s : s + run.s.batch_size]]).float() / 255
+        with torch.no_grad():
+            out = run.dn.forward_outputs(run.batch((images - mean) / std), [layer])[layer]
+        for i, c in enumerate(channels[s : s + run.s.batch_size]):
+            peaks.append(float(out[i, c].max()))
+    return peaks
 
 
 def _record(run: Run, topk: dict[str, Any], prog: Progress) -> None:
     for layer in run.layers:
         info = topk["layers"][layer]
         reached = prog.synthetic[layer]
+        ids = info["channel_ids"]
+        files = [synthetic_file(layer, c) for c in ids]
         info["synthetic"] = {"steps": run.s.feature_vis_steps, "param": FEATURE_VIS_PARAM, "seed": FEATURE_VIS_SEED,
-                             "files": [synthetic_file(layer, c) for c in info["channel_ids"]],
-                             "objective": [reached[c] for c in info["channel_ids"]]}
+                             "files": files, "objective": [reached[c] for c in ids],
+                             "peak": _peaks(run, layer, files, ids)}
 
 
-def _summary(run: Run, prog: Progress, computed: int, total: int, seconds: float) -> str:
-    """One line: how many images, how long, and per layer the median and largest objective reached."""
+def _summary(run: Run, topk: dict[str, Any], computed: int, total: int, seconds: float) -> str:
+    """One line: how many images, how long, and per layer the median objective reached and how many
+    images excite their channel at least as much as the data set's strongest activation (top-1)."""
     parts = []
     for layer in run.layers:
-        values = sorted(prog.synthetic[layer].values())
-        parts.append(f"{layer} median {values[len(values) // 2]:.3g} (max {values[-1]:.3g})")
+        info = topk["layers"][layer]
+        made = info["synthetic"]
+        values = sorted(made["objective"])
+        pairs = [(p, ranked[0]["value"]) for p, ranked in zip(made["peak"], info["channels"]) if ranked]
+        reach = sum(p >= top for p, top in pairs)
+        parts.append(f"{layer} median {values[len(values) // 2]:.3g}, {reach}/{len(pairs)} reach the top-1")
     return (f"feature vis: {total} synthetic image(s) ({computed} computed, {total - computed} resumed), "
-            f"{run.s.feature_vis_steps} steps each, in {seconds:.1f} s; objective (the channel's mean): "
-            + "; ".join(parts) + f"; written under {Path(run.out) / 'synthetic'}")
+            f"{run.s.feature_vis_steps} steps each, in {seconds:.1f} s; objective (the channel's mean) and "
+            "channels whose image's peak reaches the data set's top-1: " + "; ".join(parts)
+            + f"; written under {Path(run.out) / 'synthetic'}")
