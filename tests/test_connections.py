@@ -85,7 +85,9 @@ def test_weights_only_without_an_image(shipped64) -> None:
         c.top()
 
 
-class _Residual(nn.Module):
+class _Product(nn.Module):
+    """A gate (a product of branches): not a chain, a concatenation or a sum."""
+
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 4, 3, padding=1)
@@ -94,12 +96,12 @@ class _Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.a(x))
-        return self.c(F.relu(self.b(y) + y))
+        return self.c(F.relu(self.b(y) * y))
 
 
 @pytest.mark.parametrize(("model", "layer", "error", "match"), [
     (_Chain(), "features.0", zfvis.UnsupportedModelError, "layer 'features.0'.*the input image"),
-    (_Residual(), "c", zfvis.UnsupportedModelError, "layer 'c'.*'add'"),
+    (_Product(), "c", zfvis.UnsupportedModelError, "layer 'c'.*'mul'"),
     (_Chain(), "features.2", zfvis.UserInputError, "not a convolution"),
     (_Chain(), "features.3", zfvis.UserInputError, "out of range"),
 ])

@@ -171,3 +171,13 @@ def test_docs_roles() -> None:
     assert roles.strip_roles(html) == "A name from <code>list_models</code>; see <code>Deconvnet</code>."
     assert roles.strip_roles("a :mod:<code>zfvis.core.graph</code> b") == "a <code>zfvis.core.graph</code> b"
     assert roles.strip_roles("plain <code>x</code> and time 10:30") == "plain <code>x</code> and time 10:30"
+
+
+def test_make_feature_vis_vs_top9(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "f.png"
+    assert _script("make_feature_vis_vs_top9").main(["--dataset", str(tiny_folder), "--limit", "8", "--steps", "2",
+                                                     "--channels", "1", "--layers", "conv5",
+                                                     "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.stat().st_size > 1000 and "conv5: channel mean reached, Fourier" in text and "top-1 activation" in text
+    assert _script("make_feature_vis_vs_top9").main(["--dataset", str(tmp_path / "none"), "-o", str(out)]) == 2

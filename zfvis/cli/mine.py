@@ -37,6 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-every", type=whole, default=20, help="save resumable state every N batches, and at least every minute (default 20)")
     p.add_argument("--rule", default="deconvnet", choices=list(RULES),
                    help="how ReLUs pass the signal back in the projections: deconvnet (default), guided, gradient")
+    p.add_argument("--feature-vis", action="store_true",
+                   help="also optimise, for every mined channel, a synthetic image that maximises it (feature "
+                        "visualization), shown beside its top 9 in the figures and the gallery")
+    p.add_argument("--feature-vis-steps", type=whole, default=256,
+                   help="optimisation steps of each synthetic image (default 256; with --feature-vis)")
     p.add_argument("--restart", action="store_true", help="start again: discard a saved state in OUTDIR, also of a run with other settings")
     p.add_argument("--overwrite", action="store_true", help="write into an OUTDIR that holds files zfvis did not write")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or summary")
@@ -54,6 +59,7 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, list[str], Path]:
     check_int("--batch-size", args.batch_size, 1, 1 << 16)
     check_int("--workers", args.workers, 0, 256)
     check_int("--state-every", args.state_every, 1)
+    check_int("--feature-vis-steps", args.feature_vis_steps, 1, 100_000)
     if args.limit is not None:
         check_int("--limit", args.limit, 1)
     if args.input_size is not None:
@@ -97,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         layers=layers, out_dir=out, top=args.top, channels=channels, batch_size=args.batch_size,
         workers=args.workers, device=device, limit=args.limit, state_every=args.state_every,
         progress=not args.no_progress, restart=args.restart, overwrite=args.overwrite, model_name=args.model,
-        rule=args.rule,
+        rule=args.rule, feature_vis=args.feature_vis, feature_vis_steps=args.feature_vis_steps,
         weights=args.weights or f"{get_spec(args.model).default_weights} (default)", record=record,
         option_names=True,
     )

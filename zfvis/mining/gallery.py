@@ -15,6 +15,7 @@ Layout under ``out_dir`` (tiles and figures are mining's; the rest is written he
     layers/<layer>/c0042.html      one channel
     tiles/<layer>/c0042.png        a channel's projections and patches (its sheet, from mining)
     tiles/<layer>/c0042_top.png    its strongest activation's pair (its thumbnail, from mining)
+    synthetic/<layer>/c0042.png    an image that maximises the channel (mining with feature_vis)
     <layer>.png, <layer>_p2.png    the Fig. 2 pages (from mining)
 
 ``<layer>`` is the layer name with every character other than a letter, a digit, ``-``
@@ -72,13 +73,17 @@ text-align:center;font-size:12px;color:#333}
 .tile{display:block;background-repeat:no-repeat;image-rendering:pixelated}
 .thumbs .cell{width:97px;height:48px}
 .thumbs .v{display:block;color:#777;font-size:11px}
-.pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax(384px,1fr));gap:14px;margin-top:0.8em}
+.pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(384px,100%),1fr));gap:14px;margin-top:0.8em}
 figure{margin:0;background:#fff;border:1px solid #ddd;border-radius:4px;padding:8px}
 figure .imgs{display:flex;gap:6px;justify-content:center}
 figure .cell{width:160px;height:160px}
 figcaption{font-size:12.5px;margin-top:6px;line-height:1.45;word-break:break-all}
 figcaption b{font-variant-numeric:tabular-nums}
 .empty{color:#777;font-style:italic}
+.thumbs .syn{width:48px;height:48px;margin-top:3px}
+.synth{display:flex;gap:12px;align-items:center;margin:0.8em 0;max-width:560px}
+.synth .cell{width:160px;height:160px;flex:none}
+.synth figcaption{margin-top:0;word-break:normal}
 """
 
 
@@ -106,7 +111,9 @@ def write_site(
             ``{"channel": int, "entries": [{"image", "index", "value", "position",
             "box"}, ...], "figure": "conv3.png"}``, the figure relative to ``out_dir``;
             a channel with entries has its sheet and thumbnail (:mod:`zfvis.viz.sheets`) in
-            ``out_dir/tiles/<layer>/``, laid out by the entries' boxes.
+            ``out_dir/tiles/<layer>/``, laid out by the entries' boxes. Optionally
+            ``"synthetic": {"file", "objective", "steps"}``: an image that maximises the
+            channel (the file relative to ``out_dir``), shown on its page and thumbnail.
         layer_info: Optional, per layer: ``{"shape": [C, H, W],
             "receptive_field": {"size": [h, w], "jump": [..], "offset": [..]} or None}``.
         data_file: The raw data the model page links to, relative to ``out_dir``
@@ -367,8 +374,10 @@ class _LayerSite:
             body.append('<div class="pager">' + "".join(
                 f'<span class="here">{p + 1}</span>' if p == page else f'<a href="{_layer_page_file(p)}">{p + 1}</a>'
                 for p in range(self.n_pages)) + "</div>")
+        below = (" Below it: the channel's synthetic image, optimised to excite it most (on the Fig. 2 pages, left "
+                 "of the grids)." if any(g.get("synthetic") for g in chunk) else "")
         body.append('<p class="meta">Each thumbnail: the channel\'s strongest activation projected to pixel '
-                    "space (left) and its image patch (right). Open a channel for its top "
+                    f"space (left) and its image patch (right).{below} Open a channel for its top "
                     f"{len(chunk[0]['entries']) if chunk and chunk[0]['entries'] else 9}.</p>")
         body.append('<div class="thumbs">')
         body += [self._thumb(g) for g in chunk]
@@ -381,6 +390,10 @@ class _LayerSite:
         imgs = self._thumb_img(g) if g["entries"] else ""
         value = (f'<span class="v">max {_value(g["entries"][0]["value"])}</span>' if g["entries"]
                  else '<span class="v">never active</span>')
+        syn = g.get("synthetic")
+        if syn:
+            imgs += (f'<br><span class="cell syn"><img class="fit smooth" loading="lazy" '
+                     f'src="{_url("..", "..", str(syn["file"]))}" alt="synthetic image"></span>')
         return f'<a id="c{ch:04d}" href="{_channel_file(ch)}">{imgs}<br>ch {ch}{value}</a>'
 
     def _thumb_img(self, g: Mapping[str, Any]) -> str:
@@ -439,8 +452,10 @@ class _LayerSite:
             return text.format(other), _channel_file(other)
 
         body = [f"<h1>{_e(self.layer)} · channel {ch}</h1>",
-                _pager(near(i - 1, "← channel {}"), (f"all of {self.layer}", back), near(i + 1, "channel {} →")),
-                '<div class="pairs">']
+                _pager(near(i - 1, "← channel {}"), (f"all of {self.layer}", back), near(i + 1, "channel {} →"))]
+        if g.get("synthetic"):
+            body.append(_synthetic(g["synthetic"]))
+        body.append('<div class="pairs">')
         if not g["entries"]:
             body.append('<p class="empty">No activations were recorded for this channel.</p>')
         for r, entry in enumerate(g["entries"]):
@@ -464,6 +479,15 @@ class _LayerSite:
         return (f'<figure><div class="imgs">{imgs}</div>'
                 f"<figcaption>#{r + 1} · value <b>{_value(entry['value'])}</b>{_e(where)}<br>"
                 f"{_e(str(entry.get('image', '')))}{box_txt}</figcaption></figure>")
+
+
+def _synthetic(syn: Mapping[str, Any]) -> str:
+    """A channel's synthetic image, large, with what it is."""
+    return (f'<figure class="synth"><span class="cell"><img class="fit" src="{_url("..", "..", str(syn["file"]))}" '
+            f'alt="synthetic image"></span><figcaption><b>What the channel wants</b>: an image optimised to '
+            f"maximise the channel's mean activation (feature visualization by optimization, "
+            f"{int(syn['steps'])} steps), reaching <b>{_value(syn['objective'])}</b>. Below: the data set's images "
+            "that excite it most.</figcaption></figure>")
 
 
 def _longest_side(channels: Sequence[Mapping[str, Any]]) -> int | None:

@@ -44,10 +44,14 @@ def page_file(layer: str, page: int, pages: int) -> str:
     return f"{safe_name(layer)}.png" if pages == 1 else f"{safe_name(layer)}_p{page}.png"
 
 
-def draw_page(title: str, entries: Sequence[fig2.Channel], path: str | os.PathLike[str] | None = None) -> Figure:
+def draw_page(title: str, entries: Sequence[fig2.Channel], path: str | os.PathLike[str] | None = None, *,
+              synthetic: Sequence[Any] | None = None) -> Figure:
     """One Fig. 2 page: ``(channel, projections, patches, values)`` per channel
-    (:func:`zfvis.fig2.mining_figure`, 4 channels a row, 0.6-inch tiles)."""
-    return fig2.mining_figure(title, entries, path, columns=min(4, len(entries)), cell_inches=0.6)
+    (:func:`zfvis.fig2.mining_figure`, 4 channels a row, 0.6-inch tiles; 3 a row with
+    ``synthetic``, one image per channel drawn left of its grids)."""
+    columns = 4 if synthetic is None else 3
+    return fig2.mining_figure(title, entries, path, columns=min(columns, len(entries)), cell_inches=0.6,
+                              synthetic=synthetic)
 
 
 def _read_topk(run: str | os.PathLike[str]) -> tuple[Path, Mapping[str, Any]]:
@@ -70,12 +74,14 @@ def mining_page(run: str | os.PathLike[str], layer: str, *, page: int = 1,
         path: Where to write the PNG (atomically); ``None`` writes nothing.
 
     Returns:
-        The figure, the same as the run's ``<layer>.png`` (or ``<layer>_p<page>.png``).
+        The figure, the same as the run's ``<layer>.png`` (or ``<layer>_p<page>.png``): with
+        each channel's synthetic image left of its grids when the run computed them.
 
     Raises:
         UserInputError: No ``topk.json`` there, a layer that was not mined, or a page
             out of range.
-        FileNotFoundError: A tile sheet is missing (the run was mined without figures).
+        FileNotFoundError: A tile sheet is missing (the run was mined without figures), or a
+            synthetic image of a run mined with ``feature_vis``.
     """
     folder, topk = _read_topk(run)
     layers = topk.get("layers", {})
@@ -99,4 +105,6 @@ def mining_page(run: str | os.PathLike[str], layer: str, *, page: int = 1,
     shown = [e[0] for e in entries]
     title = page_title(str(topk.get("model", "model")), layer, int(topk.get("top", FIGURE_TOP)),
                        str(topk.get("rule", "deconvnet")), shown, page=page, pages=pages)
-    return draw_page(title, entries, path)
+    made = info.get("synthetic")
+    synthetic = None if not made else [sheets.read_png(folder / f) for f in made["files"][first : first + per_page]]
+    return draw_page(title, entries, path, synthetic=synthetic)

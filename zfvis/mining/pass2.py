@@ -120,7 +120,9 @@ def _draw(run: Run, page: _Page, info: dict[str, Any], bar: Any) -> list[list[li
                         [e["value"] for e in ranked[:n]]))
     title = mining_figures.page_title(run.s.model_name, page.layer.name, run.s.top, run.s.rule,
                                       [ids[c] for c in page.slots], page=page.number + 1, pages=page.count)
-    mining_figures.draw_page(title, entries, run.out / page.figure)
+    made = info.get("synthetic")  # feature visualization's images (zfvis.mining.synthesis), if asked
+    synthetic = None if not made else [sheets.read_png(run.out / made["files"][c]) for c in page.slots]
+    mining_figures.draw_page(title, entries, run.out / page.figure, synthetic=synthetic)
     return boxes
 
 
@@ -164,8 +166,12 @@ def pass2(run: Run, topk: dict[str, Any], prog: Progress) -> list[Path]:
                 ranked = info["channels"][c]
                 for e, box in zip(ranked, channel_boxes):
                     e["box"] = list(box)
-                gallery[page.layer.name].append({"channel": info["channel_ids"][c], "figure": page.figure,
-                                                 "entries": ranked})
+                entry = {"channel": info["channel_ids"][c], "figure": page.figure, "entries": ranked}
+                if info.get("synthetic"):
+                    made = info["synthetic"]
+                    entry["synthetic"] = {"file": made["files"][c], "objective": made["objective"][c],
+                                          "steps": made["steps"]}
+                gallery[page.layer.name].append(entry)
     outputs = [run.out / p.figure for p in pages]
     outputs += write_site(run.out, topk, gallery, layer_info=_layer_info(run))
     timings = topk.setdefault("timings", {})

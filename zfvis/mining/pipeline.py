@@ -19,11 +19,13 @@ A run goes through named phases, each a function of one :class:`Run`:
    every ``state_seconds``, and on Ctrl-C; the same call resumes it.
 5. **merge** (:func:`merge_ranks`): under ``torch.distributed`` (torchrun), the per-rank top-k
    lists are gathered and merged exactly.
-6. **pass 2** (:func:`pass2`): project every winner with its own image's switches, only
+6. **feature visualization** (:func:`~zfvis.mining.synthesis.synthesize`, only when asked:
+   ``feature_vis``): a synthetic image per mined channel, resumed chunk by chunk.
+7. **pass 2** (:func:`pass2`): project every winner with its own image's switches, only
    over its receptive field; crop projection and image to it; tiles, figures, gallery. It
    goes a figure page (64 channels) at a time and saves each page's boxes in the state, so
    an interrupted pass 2 resumes at the page it was on.
-7. **outputs** (:func:`_finish`): ``topk.json`` and a summary.
+8. **outputs** (:func:`_finish`): ``topk.json`` and a summary.
 
 Under torchrun every rank checks in with the others at each phase boundary and after
 every batch of pass 1: when one rank fails, the others stop at their next check with a
@@ -47,6 +49,7 @@ from typing import Any
 
 from torch import nn
 
+from ..analysis.feature_vis import feature_vis
 from ..analysis.topk import crop_winners, image_maxima, make_seeds, merge_topk
 from ..io.atomic import atomic_write_text, recording
 from ..io.checks import check_device
@@ -61,6 +64,7 @@ from .ranks import Ranks
 from .run import Progress, Run, placed, plan
 from .run_folder import FolderRequest, claim, load_state
 from .settings import MineSettings, MiningResult, check_inputs, resolve_settings
+from .synthesis import synthesize
 
 __all__ = [
     "MineSettings",
@@ -82,7 +86,7 @@ def _probe(run: Run) -> None:
     does (:func:`crop_winners`), and a tile; then one figure page (all drawn into a
     temporary folder, so nothing is written where the person looks)."""
     x = run.batch(run.probe_image.unsqueeze(0))
-    entry = None
+    entry, synthetic = None, None
     with tempfile.TemporaryDirectory(prefix="zfvis-probe-") as tmp:
         for layer in run.layers.values():
             best = run.dn.select(run.dn.record(x, layer.name), layer.channels[0])
@@ -94,8 +98,14 @@ def _probe(run: Run) -> None:
                 render.save_image(sheets.make_thumb(pu8, iu8), Path(tmp) / "thumb.png")
                 n = min(run.k, mining_figures.FIGURE_TOP)
                 entry = entry or (layer.channels[0], [pu8] * n, [iu8] * n, [1.0] * n)
+            if run.s.feature_vis:  # two steps of the optimisation, so that a layer it cannot reach fails now
+                made = feature_vis(run.dn, layer.name, [layer.channels[0]], steps=2,
+                                   size=tuple(int(v) for v in run.probe_image.shape[1:]), preprocess=run.preprocess,
+                                   progress=False)
+                synthetic = synthetic or [made.images[0]]
         if entry is not None:
-            mining_figures.draw_page(f"{run.s.model_name} / probe", [entry], Path(tmp) / "page.png")
+            mining_figures.draw_page(f"{run.s.model_name} / probe", [entry], Path(tmp) / "page.png",
+                                     synthetic=synthetic)
 
 
 # --------------------------------------------------------------------------- phase 3: claim the folder
@@ -175,7 +185,7 @@ def _resumable(run: Run) -> Iterator[None]:
                                 "resume") from None
 
 
-# --------------------------------------------------------------------------- phase 7: outputs
+# --------------------------------------------------------------------------- phase 8: outputs
 
 
 def _finish(run: Run, topk: dict[str, Any], outputs: list[Path], kept: list[Path]) -> list[Path]:
@@ -273,7 +283,12 @@ def mine(
                                         [], resumed, seconds)
                 topk = topk_table(run, prog)
                 topk["timings"] = {"pass1": round(seconds, 3)}
-                outputs = _finish(run, topk, pass2(run, topk, prog) if s.figures else [], kept)
+                if s.feature_vis:
+                    prog = synthesize(run, topk, prog)
+                outputs = pass2(run, topk, prog) if s.figures else []
+                outputs += [run.out / f for info in topk["layers"].values()
+                            for f in (info.get("synthetic") or {}).get("files", [])]
+                outputs = _finish(run, topk, outputs, kept)
         return MiningResult(topk, run.out, prog.images, list(prog.skipped), time.perf_counter() - t0, outputs,
                             resumed, seconds)
     except BaseException as err:

@@ -28,9 +28,16 @@ from .ranks import Ranks
 from .run_folder import STATE_VERSION
 from .settings import MineSettings
 
-__all__ = ["Layer", "Progress", "Winner", "Run", "Files", "collate", "loader", "Taps", "placed", "plan"]
+__all__ = ["FEATURE_VIS_PARAM", "FEATURE_VIS_SEED", "FEATURE_VIS_CHUNK", "Layer", "Progress", "Winner", "Run", "Files", "collate", "loader", "Taps", "placed", "plan"]
 
 _PROBE_FILES = 50  # files tried for a readable first image
+
+#: How a mining run's synthetic images are optimised (:mod:`zfvis.mining.synthesis`): the
+#: parameterisation, the seed, and the channels optimised together (a fixed split, so that a
+#: resumed run computes the same images as an uninterrupted one).
+FEATURE_VIS_PARAM = "fourier"
+FEATURE_VIS_SEED = 0
+FEATURE_VIS_CHUNK = 32
 
 
 @dataclasses.dataclass
@@ -59,16 +66,18 @@ class Progress:
     batches: int
     done: bool = False
     pages: dict[str, list[list[list[int]]]] = dataclasses.field(default_factory=dict)  # pass 2: page -> boxes
+    synthetic: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)  # layer -> channel -> objective
 
     def to_state(self, fingerprint: str) -> dict[str, Any]:
         return {"version": STATE_VERSION, "fingerprint": fingerprint, "batches": self.batches,
                 "images": self.images, "skipped": list(self.skipped), "topk": self.tops, "done": self.done,
-                "pages": self.pages}
+                "pages": self.pages, "synthetic": self.synthetic}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], layers: Sequence[str]) -> Progress:
         return cls({layer: dict(state["topk"][layer]) for layer in layers}, tuple(state["skipped"]),
-                   int(state["images"]), int(state["batches"]), bool(state.get("done")), dict(state.get("pages") or {}))
+                   int(state["images"]), int(state["batches"]), bool(state.get("done")), dict(state.get("pages") or {}),
+                   {layer: dict(done) for layer, done in (state.get("synthetic") or {}).items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +275,9 @@ def plan(model: nn.Module, preprocess: Preprocess, dataset: str | os.PathLike[st
         "batch_size": s.batch_size, "limit": s.limit, "input_shape": list(image.shape),
         "preprocess": repr(preprocess), "dataset": str(root.resolve()),
     }
+    if s.feature_vis:  # (absent without it: a run without synthetic images keeps its fingerprint)
+        run.settings["feature_vis"] = {"steps": s.feature_vis_steps, "param": FEATURE_VIS_PARAM,
+                                       "seed": FEATURE_VIS_SEED, "chunk": FEATURE_VIS_CHUNK}
     run.fingerprint = _fingerprint(run.settings, [files[i] for i in chosen], model)
     run.identity = stat_files(root, [files[i] for i in chosen])
     return run

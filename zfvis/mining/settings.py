@@ -53,6 +53,11 @@ class MineSettings:
         record: Further settings to record in ``settings.json`` (the command line's).
         option_names: Name settings in messages as command-line options (``--top``)
             rather than as arguments (``top``).
+        feature_vis: Also compute, for every mined channel, a synthetic image that maximises
+            it (feature visualization by optimization, :func:`zfvis.feature_vis`), written to
+            ``synthetic/<layer>/c0042.png`` and shown beside the channel's top 9 in the figures
+            and the gallery.
+        feature_vis_steps: Optimisation steps of each synthetic image.
     """
 
     layers: Sequence[str]
@@ -77,6 +82,8 @@ class MineSettings:
     stop_after_batches: int | None = None
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
     option_names: bool = False
+    feature_vis: bool = False
+    feature_vis_steps: int = 256
 
     def name(self, field: str) -> str:
         """How the person calls a setting: ``--batch-size`` or ``batch_size``."""
@@ -109,7 +116,8 @@ class MineSettings:
                                              and all(isinstance(k, str) and isinstance(v, str)
                                                      for k, v in self.aliases.items())):
             raise InputTypeError(f"aliases must be a dict of layer names (alias -> layer), got {self.aliases!r}")
-        for flag in ("progress", "restart", "overwrite", "figures", "probe"):
+        check_int(self.name("feature_vis_steps"), self.feature_vis_steps, 1, 100_000)
+        for flag in ("progress", "restart", "overwrite", "figures", "probe", "feature_vis"):
             if not isinstance(getattr(self, flag), bool):
                 raise UserInputError(f"{self.name(flag)} must be true or false, got {getattr(self, flag)!r}")
 

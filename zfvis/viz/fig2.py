@@ -41,6 +41,7 @@ def mining_figure(
     *,
     columns: int = 4,
     cell_inches: float = 0.42,
+    synthetic: Sequence[torch.Tensor | None] | None = None,
 ) -> Figure:
     """Draws top activations per channel as in Zeiler & Fergus (2014), Fig. 2.
 
@@ -72,6 +73,9 @@ def mining_figure(
         path: Target PNG (its folder must exist), or None to write nothing.
         columns: Channels per figure row.
         cell_inches: Side of one thumbnail; at least 0.35 keeps it readable.
+        synthetic: Optional, per channel, an image that maximises it ((3, H, W) uint8 or in
+            [0, 1]; ``None``: a grey blank), drawn left of its grids as large as one grid
+            (feature visualization, :func:`zfvis.feature_vis`).
 
     Returns:
         The figure (written to ``path`` first, when given). Its one axes holds the
@@ -79,25 +83,16 @@ def mining_figure(
 
     Raises:
         ValueError: No channels, ``columns < 1``, more than 9 tiles for a channel, or
-            wrong shapes.
+            wrong shapes, or ``synthetic`` not one per channel.
         OSError: The folder is missing or cannot be written.
     """
     if not channels:
         raise ValueError("mining_figure needs at least one channel")
     if columns < 1:
         raise ValueError(f"columns must be at least 1, got {columns}")
-    columns = min(columns, len(channels))
-    target = max(1, round(max(0.2, cell_inches) * DPI))
-    blocks = [_channel_cells(index, projections, patches, target) for index, projections, patches, _ in channels]
-    cell = max(b.side for b in blocks)
-    lay = _MiningLayout(cell, columns, math.ceil(len(channels) / columns))
-    page = np.full((lay.height, lay.width, 3), 255, dtype=np.uint8)  # white RGB
-    for k, cells in enumerate(blocks):
-        lay.paste(page, k, cells)
-    lay.labels = [f"ch {index}" + (f"   max {max(float(v) for v in values):.3g}" if len(values) else "")
-                  for index, _, _, values in channels]
-    lay.write_labels(page)
-
+    if synthetic is not None and len(synthetic) != len(channels):
+        raise ValueError(f"synthetic must have one image (or None) per channel: {len(channels)}, got {len(synthetic)}")
+    page, lay = _grid(channels, min(columns, len(channels)), cell_inches, synthetic)
     fig_w = (lay.width + 2 * lay.margin) / DPI
     sup, sup_h = title_band(layer_title, fig_w)
     sub_h = text_height(1, FONT_SMALL) + 0.1
@@ -106,11 +101,34 @@ def mining_figure(
     fig = new_figure(fig_w, fig_h)
     if sup:
         text(fig, fig_w / 2, MARGIN, sup, ha="center", va="top", fontsize=FONT_TITLE, fontweight="bold")
-    text(fig, fig_w / 2, MARGIN + sup_h, "left: projections (0 = grey, each scaled by its max |value|)"
-          "    right: input patches", ha="center", va="top", fontsize=FONT_SMALL, color="#505050")
+    text(fig, fig_w / 2, MARGIN + sup_h, _LEGEND[synthetic is not None], ha="center", va="top", fontsize=FONT_SMALL,
+         color="#505050")
     pixel_image(fig, page, lay.margin, lay.margin + head_px)
     fig._zfvis_layout = lay  # type: ignore[attr-defined]  # where each cell and label is, for tests and tools
     return finish(fig, path)
+
+
+_LEGEND = ("left: projections (0 = grey, each scaled by its max |value|)    right: input patches",
+           "left: synthetic image (feature visualization)    middle: projections (0 = grey, each scaled by its "
+           "max |value|)    right: input patches")
+
+
+def _grid(channels: Sequence[Channel], columns: int, cell_inches: float,
+          synthetic: Sequence[torch.Tensor | None] | None) -> tuple[np.ndarray, _MiningLayout]:  # fmt: skip
+    """The page's grid as one RGB image, with its layout: the channels' blocks and labels."""
+    target = max(1, round(max(0.2, cell_inches) * DPI))
+    blocks = [_channel_cells(index, projections, patches, target) for index, projections, patches, _ in channels]
+    cell = max(b.side for b in blocks)
+    lay = _MiningLayout(cell, columns, math.ceil(len(channels) / columns), lead=synthetic is not None)
+    page = np.full((lay.height, lay.width, 3), 255, dtype=np.uint8)  # white RGB
+    for k, cells in enumerate(blocks):
+        lay.paste(page, k, cells)
+        if synthetic is not None:
+            lay.paste_synthetic(page, k, synthetic[k])
+    lay.labels = [f"ch {index}" + (f"   max {max(float(v) for v in values):.3g}" if len(values) else "")
+                  for index, _, _, values in channels]
+    lay.write_labels(page)
+    return page, lay
 
 
 @dataclasses.dataclass
@@ -195,15 +213,24 @@ class _MiningLayout:
     label: int = round((text_height(1, FONT_LABEL) + 0.06) * DPI)
     margin: int = round(MARGIN * DPI)
     labels: list[str] = dataclasses.field(default_factory=list)  # block k's label, drawn above its grids
+    lead: bool = False  # a synthetic image, one grid large, left of each block's grids
 
     @property
     def grid(self) -> int:
         return 3 * self.cell + 2 * self.gap
 
     @property
+    def shift(self) -> int:
+        """Where a block's projection grid begins, from the block's left edge."""
+        return self.grid + self.mid_gap if self.lead else 0
+
+    @property
+    def block(self) -> int:
+        return self.shift + 2 * self.grid + self.mid_gap
+
+    @property
     def width(self) -> int:
-        block = 2 * self.grid + self.mid_gap
-        return self.columns * block + (self.columns - 1) * self.block_gap
+        return self.columns * self.block + (self.columns - 1) * self.block_gap
 
     @property
     def height(self) -> int:
@@ -212,7 +239,7 @@ class _MiningLayout:
     def origin(self, k: int) -> tuple[int, int]:
         """Top-left pixel ``(x, y)`` of block ``k`` (its label's top) in the grid image."""
         r, c = divmod(k, self.columns)
-        return c * (2 * self.grid + self.mid_gap + self.block_gap), r * (self.label + self.grid + self.block_gap)
+        return c * (self.block + self.block_gap), r * (self.label + self.grid + self.block_gap)
 
     def write_labels(self, page: np.ndarray) -> None:
         """Writes every block's label in black into its band of ``page`` (H, W, 3), in
@@ -222,7 +249,7 @@ class _MiningLayout:
         per label costs a few milliseconds, 64 of them more than the rest of a page.
         """
         font = label_font(round(FONT_LABEL * DPI / 72.0))
-        width = 2 * self.grid + self.mid_gap + self.block_gap  # up to the next block
+        width = self.block + self.block_gap  # up to the next block
         for k, label in enumerate(self.labels):
             x, y = self.origin(k)
             mask = Image.new("L", (min(width, page.shape[1] - x), self.label))
@@ -234,6 +261,7 @@ class _MiningLayout:
     def paste(self, page: np.ndarray, k: int, cells: _Cells) -> None:
         """Writes block ``k``'s two groups of 9 tiles into ``page``, each canvas centred in its cell."""
         x0, y0 = self.origin(k)
+        x0 += self.shift
         f = cells.factor
         ch, cw = cells.canvas[0] * f, cells.canvas[1] * f
         for g, (tiles, offsets) in enumerate(zip(cells.groups, cells.offsets)):
@@ -242,3 +270,21 @@ class _MiningLayout:
                 top = gy + (i // 3) * (self.cell + self.gap) + (self.cell - ch) // 2 + oy * f
                 left = gx + (i % 3) * (self.cell + self.gap) + (self.cell - cw) // 2 + ox * f
                 _put(page, top, left, t, f)
+
+    def paste_synthetic(self, page: np.ndarray, k: int, image: torch.Tensor | None) -> None:
+        """Writes block ``k``'s synthetic image left of its grids, enlarged by the largest whole
+        factor that fits one grid (sharp pixels), or reduced to it (Lanczos); ``None``: a grey blank."""
+        x0, y0 = self.origin(k)
+        y0 += self.label
+        if image is None:
+            page[y0 : y0 + self.grid, x0 : x0 + self.grid] = _GREY_BLANK
+            return
+        arr = _u8(image)
+        h, w = arr.shape[:2]
+        f = self.grid // max(h, w)
+        tile = arr
+        if f < 1:  # larger than a grid: reduced
+            size = (max(1, round(w * self.grid / max(h, w))), max(1, round(h * self.grid / max(h, w))))
+            tile, f = np.asarray(Image.fromarray(arr).resize(size, Image.LANCZOS)), 1
+        th, tw = tile.shape[0] * f, tile.shape[1] * f
+        _put(page, y0 + (self.grid - th) // 2, x0 + (self.grid - tw) // 2, tile, f)
