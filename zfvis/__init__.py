@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "load_parts": "zfvis.analysis.correspondence",
     "Connections": "zfvis.analysis.connections",
     "connections": "zfvis.analysis.connections",
+    "Source": "zfvis.analysis.connections",
     "Evolution": "zfvis.analysis.evolution",
     "EvolutionCell": "zfvis.analysis.evolution",
     "ImageBatch": "zfvis.analysis.evolution",
@@ -96,7 +97,7 @@ if TYPE_CHECKING:
         default_parts_file,
         load_parts,
     )
-    from .analysis.connections import Connections, connections
+    from .analysis.connections import Connections, Source, connections
     from .analysis.evolution import (
         Evolution,
         EvolutionCell,
