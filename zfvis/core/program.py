@@ -32,10 +32,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..io.errors import UnsupportedModelError
-from .recorder import _written
+from .recorder import written_by
 from .rule_mode import follows_rule
 
-__all__ = ["Program", "Replay", "Replays", "record_program", "replay_node"]
+__all__ = ["Program", "Replay", "Replays", "record_program"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +159,7 @@ class _Tracker:
         """Notes a random call, or a write into a tensor from outside (it cannot be replayed)."""
         if self.problem is None and _random(func, args, kwargs):
             self.problem = f"it calls {func}, random in eval mode"
-        for t in _written(func, args, kwargs):
+        for t in written_by(func, args, kwargs):
             self.writes = True
             if self.refs.get(id(t), _Ref("const", -1)).kind == "const" and self.problem is None:
                 self.problem = (f"it writes into a tensor it did not make and was not given ({func}), state "
@@ -255,38 +255,21 @@ class Replays:
             return call()
         if self._kept is None:  # parameters and buffers: held by reference
             self._kept = {id(t) for t in (*self.model.parameters(), *self.model.buffers())}
-        out, replay = replay_node(node.name, call, live, self._kept, node.writes, node.name not in self.checked)
-        self.found[node.fx_node] = replay
-        if replay.problem is None:
+        before = [t.detach().clone() for t in live] if node.writes else None  # it writes into them
+        out, program, problem = record_program(node.name, call, live, self._kept, before,
+                                               check=node.name not in self.checked)
+        if problem is None:
             self.checked.add(node.name)
+            self.found[node.fx_node] = Replay(program, before or [t.detach() for t in live])
+        else:
+            self.found[node.fx_node] = Replay(None, [], UnsupportedModelError(
+                f"node '{node.name}': {problem}; zfvis cannot reverse it. Hint: make it deterministic in eval mode "
+                "and free of state, or project a layer before it"))
         return out
 
 
-def replay_node(name: str, call: Callable[[], Any], live: list[Any], kept: set[int], writes: bool,
-                check: bool = True) -> tuple[Any, Replay]:
-    """Runs a node of the model's own code, recording its program.
-
-    Args:
-        name: The node's name.
-        call: Runs the node.
-        live: Its inputs that carry the signal.
-        kept: ``id`` of every parameter and buffer of the model.
-        writes: Whether the node writes into memory it did not make (its inputs are copied first).
-        check: Whether to replay the program at once and compare with the node's output.
-
-    Returns:
-        (the node's output, its :class:`Replay`).
-    """
-    before = [t.detach().clone() for t in live] if writes else None
-    try:
-        out, program = record_program(name, call, live, kept, before, check)
-    except UnsupportedModelError as err:
-        return err.out, Replay(None, [], err)  # type: ignore[attr-defined]
-    return out, Replay(program, before or [t.detach() for t in live])
-
-
 def record_program(name: str, call: Callable[[], Any], inputs: list[torch.Tensor], kept: set[int],
-                   before: list[torch.Tensor] | None = None, check: bool = True) -> tuple[Any, Program]:
+                   before: list[torch.Tensor] | None = None, check: bool = True) -> tuple[Any, Program, str | None]:
     """Runs ``call`` (the node, on ``inputs``) and records its program.
 
     Args:
@@ -298,11 +281,8 @@ def record_program(name: str, call: Callable[[], Any], inputs: list[torch.Tensor
         check: Whether to replay the program at once and compare with the node's output.
 
     Returns:
-        (the node's output, its program).
-
-    Raises:
-        UnsupportedModelError: Replayed, the program does not give the node's output, or the
-            node writes into a tensor from outside.
+        (the node's output, its program, why it cannot be replayed or ``None``: it calls a
+        random op, writes into a tensor from outside, or, replayed, does not give its output).
     """
     tracker = _Tracker(name, inputs, kept)
     with _RuleCalls(tracker), _AtenCalls(tracker):
@@ -311,12 +291,7 @@ def record_program(name: str, call: Callable[[], Any], inputs: list[torch.Tensor
     if check and tracker.problem is None and not _same(program(*(before or inputs)), out):
         tracker.problem = ("run again as recorded, its calls give other values (random in eval mode, or reading "
                            "state that the call changes)")
-    if tracker.problem is not None:
-        err = UnsupportedModelError(f"node '{name}': {tracker.problem}; zfvis cannot reverse it. Hint: make it "
-                                    "deterministic in eval mode and free of state, or project a layer before it")
-        err.out = out  # type: ignore[attr-defined]  # the forward pass goes on with it
-        raise err
-    return out, program
+    return out, program, tracker.problem
 
 
 def _same(a: Any, b: Any) -> bool:

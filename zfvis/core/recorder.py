@@ -22,7 +22,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .inplace import storage
 
-__all__ = ["AtenCall", "Recorder", "ModelRun", "run_model", "names", "tensors_in", "stops", "same_output"]
+__all__ = ["AtenCall", "Recorder", "ModelRun", "run_model", "names", "tensors_in", "stops", "same_output", "written_by"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class AtenCall:
 
 
 
-def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+def written_by(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The tensors an ATen call writes into, from its schema."""
     out: list[torch.Tensor] = []
     schema = func._schema
@@ -113,7 +113,7 @@ class Recorder(TorchDispatchMode):
         flat = tree_flatten((args, kwargs))[0]
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         reads = tuple(self.ref(t) for t in tensors)
-        written = _written(func, args, kwargs)
+        written = written_by(func, args, kwargs)
         if self.on_call is not None:
             self.on_call(tensors, written)
         out = func(*args, **kwargs)
