@@ -23,7 +23,7 @@ from zfvis.core.cone import Window
 from zfvis.core.ops.grad import IDENTITY, derivative
 from zfvis.core.reverse import Frame, PassThrough, ReverseConv2d
 from zfvis.core.reverse_average import AverageUnpool
-from zfvis.core.reverse_grad import VectorJacobian
+from zfvis.core.reverse_grad import WholeBatchVectorJacobian
 
 RTOL = 1e-6
 
@@ -203,7 +203,7 @@ def test_a_node_returning_its_input_passes_through_and_one_writing_it_does_not()
     assert rec.sites["_passes_through"].state is IDENTITY and rec.sites["_passes_through"].cone == "same"
     layers = {s.node: s.layer for s in dn.reverse_stack(rec).steps}
     assert isinstance(layers["_passes_through"], PassThrough)
-    assert isinstance(layers["_rectifies_in_place"], VectorJacobian)
+    assert isinstance(layers["_rectifies_in_place"], WholeBatchVectorJacobian)  # replayed as it ran
     for rule in RULES:
         got = dn.project(x, "conv2", channel=1, position=(4, 4), rule=rule)[0]
         ref = oracle_projection(model, x, "conv2", (1, 4, 4), rule)

@@ -73,6 +73,12 @@ class Program:
     out: Any
     writes: bool = False
 
+    @property
+    def identity(self) -> bool:
+        """Whether the node returned its one input untouched, calling nothing (as
+        ``StochasticDepth`` does in eval mode): reversed by passing the signal through."""
+        return not self.steps and self.out == _Ref("input", 0)
+
     def __call__(self, *inputs: torch.Tensor) -> Any:
         """Runs the calls again on ``inputs`` (copied first: the node may write into them)."""
         ins = [t.clone() for t in inputs]
@@ -238,6 +244,7 @@ class Replays:
 
     Attributes:
         found: Each replayed node's :class:`Replay`, by its fx node.
+        identities: Nodes that returned their one input, calling nothing (passed through).
         checked: Names of the nodes already replayed against their output for this input
             key (:attr:`zfvis.core.capture.Verdict.replayed`; each is checked once).
     """
@@ -246,6 +253,7 @@ class Replays:
         self.model = model
         self.found: dict[Any, Replay] = {}
         self.checked: set[str] = set()
+        self.identities: set[Any] = set()
         self._kept: set[int] | None = None
 
     def run(self, node: Any, live: list[Any], call: Callable[[], Any]) -> Any:
@@ -258,7 +266,9 @@ class Replays:
         before = [t.detach().clone() for t in live] if node.writes else None  # it writes into them
         out, program, problem = record_program(node.name, call, live, self._kept, before,
                                                check=node.name not in self.checked)
-        if problem is None:
+        if problem is None and program.identity and len(live) == 1:
+            self.identities.add(node.fx_node)
+        elif problem is None:
             self.checked.add(node.name)
             self.found[node.fx_node] = Replay(program, before or [t.detach() for t in live])
         else:

@@ -37,7 +37,7 @@ from .inplace import overwritten, storage
 from .layouts import hold_channels_first
 from .ops import GENERIC, OPS, SUPPORTED_TYPES, WHOLE_BATCH, Live, Op, Site
 from .ops.args import live_call
-from .ops.grad import RULES_WITHOUT_INPUTS, recorded_inputs
+from .ops.grad import IDENTITY, RULES_WITHOUT_INPUTS, recorded_inputs
 from .program import Replays
 
 __all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "prepared_site", "SUPPORTED_TYPES",
@@ -431,7 +431,9 @@ class _Pass(_Stretches):
                 self.sites[node.name] = site
                 return
             op = _prepare(site)
-            if op.record is not None:
+            if node.fx_node in self.replays.identities:  # returned its input, calling nothing
+                site.state, site.cone = IDENTITY, "same"
+            elif op.record is not None:
                 site.state = op.record(site, inputs, out, self.rule)
                 self.recorded.watch(site)
             self.sites[node.name] = site
