@@ -25,8 +25,15 @@ def _record_switches(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, 
     stride = a["stride"]
     if isinstance(stride, (list, tuple)) and not stride:
         stride = None
-    return F.max_pool2d(inputs[0], a["kernel_size"], stride, a["padding"], a["dilation"], ceil_mode=a["ceil_mode"],
-                        return_indices=True)[1]
+    x = inputs[0]
+    if x.dim() == 4 and x.device.type == "cpu":
+        # on CPUs the channels-last kernel is vectorized over the channels, up to 10x faster than
+        # the one for contiguous maps; both scan each window in the same order and keep the first
+        # maximum (a NaN wins), so the switches are the same
+        x = x.contiguous(memory_format=torch.channels_last)
+    idx = F.max_pool2d(x, a["kernel_size"], stride, a["padding"], a["dilation"], ceil_mode=a["ceil_mode"],
+                       return_indices=True)[1]
+    return idx.contiguous()
 
 
 def _record_relu(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> torch.Tensor | None:

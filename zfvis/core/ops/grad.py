@@ -118,6 +118,8 @@ def _check_gradient(site: Site, fn: Callable[..., Any], inputs: list[torch.Tenso
     if y.shape != out[:1].shape:
         raise site.fail("its output mixes the images of the batch (the batch dimension changes), which zfvis "
                         "cannot reverse per image")
+    if y.dtype == out.dtype and torch.equal(y, out[:1]):  # the same values (the usual case, and a tenth of allclose's cost)
+        return
     scale = float(out.abs().max()) if out.numel() else 0.0
     if not torch.allclose(y, out[:1], rtol=1e-4, atol=1e-5 * scale + 1e-30):
         raise site.fail("its output for one image depends on the other images of the batch or is random in eval "
