@@ -367,3 +367,39 @@ def test_a_max_pool_run_with_its_switches_keeps_the_models_output_and_hooks(hook
             position = (int(seeds.y[i]), int(seeds.x[i]))
             ref = oracle_projection(model, x[i : i + 1], "4", (channel, *position), rule)
             assert ref.abs().max() > 0 and _rel_err(got[i], ref) < RTOL
+
+
+class _Splits(nn.Module):
+    """Parts of splits: by constants (their slices found once per input shape), by a size the
+    model computes (found on every call), and of the map (reversed by autograd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        a, b = h.chunk(2, dim=1)
+        c, d = torch.split(h, [h.shape[1] // 4, 3 * h.shape[1] // 4], dim=1)
+        top, bottom = h.split(h.shape[2] // 2, dim=2)
+        mixed = torch.cat([b, a], 1) + torch.cat([d, c], 1) + torch.cat([bottom, top], 2)
+        return F.relu(self.conv2(mixed))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_split_parts_found_once_per_shape_match_the_oracle(rule: str) -> None:
+    """The slices of a split's parts are kept per input shape: projections at two sizes, in
+    turn, each equal the oracle's."""
+    model = _double(_Splits(), 5)
+    dn = Deconvnet(model)
+    for size in (10, 8, 10, 8):
+        x = torch.randn(1, 3, size, size, dtype=torch.float64)
+        rec = dn.record(x, "conv2")
+        channel = int(rec.output.amax(dim=(0, 2, 3)).argmax())
+        seeds = dn.select(rec, channel)
+        got = dn.project(x, "conv2", channel=channel, rule=rule)[0]
+        ref = oracle_projection(model, x, "conv2", (channel, int(seeds.y[0]), int(seeds.x[0])), rule)
+        assert ref.abs().max() > 0 and _rel_err(got, ref) < RTOL
+    kept = [n.fx_node.meta.get("zfvis_part_of") for n in dn.graph.nodes]
+    assert any(k and len(k) == 2 for k in kept)  # the chunk's parts: one slice per input shape
