@@ -37,7 +37,7 @@ from .inplace import overwritten, storage
 from .layouts import hold_channels_first
 from .ops import GENERIC, OPS, SUPPORTED_TYPES, WHOLE_BATCH, Live, Op, Site
 from .ops.args import live_call
-from .ops.build import pool_with_switches
+from .ops.build import plain_max_pool, pool_arguments, pool_with_switches
 from .ops.grad import RULES_WITHOUT_INPUTS, recorded_inputs
 
 __all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "prepared_site", "SUPPORTED_TYPES",
@@ -372,8 +372,8 @@ class _Pass(_Stretches):
                     self.recorded.copy_before_write((args, kwargs))
                 elif node.writes and args:  # an in-place op writes its first argument
                     self.recorded.copy_before_write(args[0])
-                if node.carries and _plain_max_pool(node, args, kwargs):  # its output and switches at once
-                    out, self.switches[fxn] = pool_with_switches(args[0], *_pool_call(node.module))
+                if node.carries and plain_max_pool(node.module, args, kwargs):  # output and switches at once
+                    out, self.switches[fxn] = pool_with_switches(args[0], *pool_arguments(node.module))
                 else:
                     out = run_node(node, model, args, kwargs)
                 if node.carries:
@@ -435,34 +435,6 @@ class _Pass(_Stretches):
             self.sites[node.name] = site
         except UnsupportedModelError as err:
             self.problems[node.name] = err
-
-
-def _plain_max_pool(node: GraphNode, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether a node is an ``nn.MaxPool2d`` call that :func:`pool_with_switches` may run in its
-    place, giving the same output and the switches at once: no hooks (its own or global), one
-    contiguous CPU map as its only argument."""
-    m = node.module
-    if type(m) is not nn.MaxPool2d or m.return_indices or kwargs:
-        return False
-    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-        return False
-    if _global_module_hooks():
-        return False
-    x = args[0] if len(args) == 1 else None
-    return (isinstance(x, torch.Tensor) and type(x) is torch.Tensor and x.dim() == 4 and x.device.type == "cpu"
-            and x.is_floating_point() and x.is_contiguous() and not x.requires_grad)
-
-
-def _pool_call(m: nn.MaxPool2d) -> tuple[Any, ...]:
-    """The arguments ``nn.MaxPool2d.forward`` passes to ``F.max_pool2d`` after the input."""
-    return m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
-
-
-def _global_module_hooks() -> bool:
-    from torch.nn.modules import module as mod
-
-    return any(getattr(mod, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                      "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
