@@ -315,3 +315,91 @@ def test_one_seed_windows_planned_in_numbers_equal_the_tensor_plan(rule: tuple) 
             assert one.size == ref.size
             for a, b in zip((one.top, one.left, *one.cone), (ref.top, ref.left, *ref.cone)):
                 assert a.dtype == b.dtype and a.tolist() == b[:1].tolist()
+
+
+def test_switches_from_channels_last_memory_equal_the_contiguous_kernels() -> None:
+    """Max-pooling runs on channels-last memory (vectorized on CPUs): with ties, NaN, -inf,
+    padding, dilation and ceil mode, its output and switches are the contiguous kernel's."""
+    from zfvis.core.ops.build import pool_with_switches
+
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for _ in range(200):
+        k, s, d = (torch.randint(1, 4, (2,), generator=gen) for _ in range(3))
+        k, s, d = tuple(k.tolist()), tuple(s.clamp(max=3).tolist()), tuple(d.clamp(max=2).tolist())
+        p = tuple(int(torch.randint(0, kk // 2 + 1, (1,), generator=gen)) for kk in k)
+        ceil = bool(torch.randint(0, 2, (1,), generator=gen))
+        c = int(torch.randint(1, 20, (1,), generator=gen))
+        x = torch.randint(-2, 3, (2, c, 11, 9), generator=gen).double()  # many ties
+        x[torch.rand(x.shape, generator=gen) < 0.05] = float("nan")
+        x[torch.rand(x.shape, generator=gen) < 0.2] = float("-inf")
+        try:
+            want, want_idx = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil, return_indices=True)
+        except RuntimeError:  # padding over half the dilated kernel
+            continue
+        out, idx = pool_with_switches(x, k, s, p, d, ceil)
+        assert torch.equal(idx, want_idx) and out.is_contiguous() and idx.is_contiguous()
+        assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.nan_to_num(), want.nan_to_num())
+        checked += 1
+    assert checked > 100
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_a_max_pool_run_with_its_switches_keeps_the_models_output_and_hooks(hooked: bool) -> None:
+    """A plain MaxPool2d is run with its switches at once; one with a hook runs as the model
+    runs it (the hook's change is in the recorded output, and in the projection)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+                          nn.Conv2d(6, 5, 3), nn.ReLU()).double().eval()
+    if hooked:
+        model[2].register_forward_hook(lambda m, i, o: o * 3)
+    x = torch.randn(2, 3, 13, 12, dtype=torch.float64)
+    dn = Deconvnet(model)
+    rec = dn.record(x, "4")
+    with torch.no_grad():
+        want = model(x)
+    assert torch.equal(rec.output, want)
+    for rule in RULES:
+        channel = int(rec.output.amax(dim=(2, 3)).amin(dim=0).argmax())  # alive in both images
+        got = dn.project(x, "4", channel=channel, rule=rule)
+        seeds = dn.select(rec, channel)
+        for i in range(2):
+            position = (int(seeds.y[i]), int(seeds.x[i]))
+            ref = oracle_projection(model, x[i : i + 1], "4", (channel, *position), rule)
+            assert ref.abs().max() > 0 and _rel_err(got[i], ref) < RTOL
+
+
+class _Splits(nn.Module):
+    """Parts of splits: by constants (their slices found once per input shape), by a size the
+    model computes (found on every call), and of the map (reversed by autograd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        a, b = h.chunk(2, dim=1)
+        c, d = torch.split(h, [h.shape[1] // 4, 3 * h.shape[1] // 4], dim=1)
+        top, bottom = h.split(h.shape[2] // 2, dim=2)
+        mixed = torch.cat([b, a], 1) + torch.cat([d, c], 1) + torch.cat([bottom, top], 2)
+        return F.relu(self.conv2(mixed))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_split_parts_found_once_per_shape_match_the_oracle(rule: str) -> None:
+    """The slices of a split's parts are kept per input shape: projections at two sizes, in
+    turn, each equal the oracle's."""
+    model = _double(_Splits(), 5)
+    dn = Deconvnet(model)
+    for size in (10, 8, 10, 8):
+        x = torch.randn(1, 3, size, size, dtype=torch.float64)
+        rec = dn.record(x, "conv2")
+        channel = int(rec.output.amax(dim=(0, 2, 3)).argmax())
+        seeds = dn.select(rec, channel)
+        got = dn.project(x, "conv2", channel=channel, rule=rule)[0]
+        ref = oracle_projection(model, x, "conv2", (channel, int(seeds.y[0]), int(seeds.x[0])), rule)
+        assert ref.abs().max() > 0 and _rel_err(got, ref) < RTOL
+    kept = [n.fx_node.meta.get("zfvis_part_of") for n in dn.graph.nodes]
+    assert any(k and len(k) == 2 for k in kept)  # the chunk's parts: one slice per input shape

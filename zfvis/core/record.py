@@ -33,12 +33,14 @@ from ..io.errors import (
 from .cone import ReceptiveField
 from .capture import verify
 from .graph import GraphNode, ModelGraph, eval_mode, run_node
-from .inplace import overwritten, storage
+from .inplace import overwritten
 from .layouts import hold_channels_first
 from .ops import GENERIC, OPS, SUPPORTED_TYPES, WHOLE_BATCH, Live, Op, Site
 from .ops.args import live_call
+from .ops.build import plain_max_pool, pool_arguments, pool_with_switches
 from .ops.grad import IDENTITY, RULES_WITHOUT_INPUTS, recorded_inputs
 from .program import Replays
+from .shared_records import SharedRecords
 
 __all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "prepared_site", "SUPPORTED_TYPES",
            "eval_mode"]
@@ -203,45 +205,6 @@ def _reads_inputs(node: GraphNode, rule: str) -> bool:
     return op is not None and op.reads_inputs and rule not in RULES_WITHOUT_INPUTS.get(op.record, ())  # type: ignore[arg-type]
 
 
-class _SharedRecords:
-    """Recorded tensors that share memory with the forward pass's values (an op's recorded
-    inputs are not copied when recorded): each is copied just before a node that may write
-    into its memory runs, and at the end if it is the caller's images."""
-
-    def __init__(self) -> None:
-        self.by_storage: dict[int, list[tuple[Any, int | None]]] = {}
-
-    def watch(self, site: Site) -> None:
-        """Watches the tensors of a site's state (a tensor, or a list of them)."""
-        state = site.state
-        if isinstance(state, torch.Tensor):
-            entries: list[tuple[Any, int | None, torch.Tensor]] = [(site, None, state)]
-        elif isinstance(state, list):
-            entries = [(state, k, t) for k, t in enumerate(state) if isinstance(t, torch.Tensor)]
-        else:
-            return
-        for holder, key, t in entries:
-            ptr = storage(t)
-            if ptr:
-                self.by_storage.setdefault(ptr, []).append((holder, key))
-
-    def copy_before_write(self, values: Any) -> None:
-        """Copies the watched tensors that share memory with any tensor in ``values``."""
-        if not self.by_storage:
-            return
-        found: list[torch.Tensor] = []
-        if isinstance(values, torch.Tensor):
-            found.append(values)
-        else:
-            fx.node.map_aggregate(values, lambda v: found.append(v) if isinstance(v, torch.Tensor) else None)
-        for v in found:
-            for holder, key in self.by_storage.pop(storage(v), []):
-                if key is None:
-                    holder.state = holder.state.clone()
-                else:
-                    holder[key] = holder[key].clone()
-
-
 def _fold_fn(fold: _Fold, roots: list[GraphNode]) -> Callable[[tuple[torch.Tensor, ...]], Any]:
     where = [roots.index(r) for r in fold.roots]
     return lambda ts: fold.fn(*(ts[i] for i in where))
@@ -260,7 +223,7 @@ class _Stretches:
     not_batch: frozenset[str]
     folds: dict[fx.Node, _Fold]
     sites: dict[str, Site]
-    recorded: _SharedRecords
+    recorded: SharedRecords
     replays: Replays
 
     def _folded(self, node: GraphNode, out: Any) -> bool:
@@ -352,9 +315,10 @@ class _Pass(_Stretches):
         self.problems: dict[str, UnsupportedModelError] = {}
         self.outputs: dict[fx.Node, torch.Tensor] = {}
         self.bundles: dict[fx.Node, Site] = {}
-        self.recorded = _SharedRecords()
+        self.recorded = SharedRecords()
         self.batch = 0
         self.replays = Replays(graph.model)
+        self.switches: dict[fx.Node, torch.Tensor] = {}  # of max-pooling modules run with them
 
     def run(self, images: torch.Tensor) -> None:
         env: dict[fx.Node, Any] = {}
@@ -377,9 +341,13 @@ class _Pass(_Stretches):
                     self.recorded.copy_before_write((args, kwargs))
                 elif node.writes and args:  # an in-place op writes its first argument
                     self.recorded.copy_before_write(args[0])
-                out = self.replays.run(node, [env[p.fx_node] for p in node.inputs if p.carries],
-                                       lambda: run_node(node, model, args, kwargs)) if node.replayed \
-                    else run_node(node, model, args, kwargs)
+                if node.replayed:  # the model's own code, its calls recorded
+                    out = self.replays.run(node, [env[p.fx_node] for p in node.inputs if p.carries],
+                                           lambda: run_node(node, model, args, kwargs))
+                elif node.carries and plain_max_pool(node.module, args, kwargs):  # output and switches at once
+                    out, self.switches[fxn] = pool_with_switches(args[0], *pool_arguments(node.module))
+                else:
+                    out = run_node(node, model, args, kwargs)
                 if node.carries:
                     self._record(node, env, out, inputs)
             env[fxn] = out
@@ -431,8 +399,11 @@ class _Pass(_Stretches):
                 self.sites[node.name] = site
                 return
             op = _prepare(site)
+            switches = self.switches.pop(node.fx_node, None)
             if node.fx_node in self.replays.identities:  # returned its input, calling nothing
                 site.state, site.cone = IDENTITY, "same"
+            elif switches is not None and op is node.op:
+                site.state = switches
             elif op.record is not None:
                 site.state = op.record(site, inputs, out, self.rule)
                 self.recorded.watch(site)

@@ -68,6 +68,11 @@ class VectorJacobian(ReverseLayer):
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
         b = signal.shape[0]
+        kept = getattr(frame.state, "graph", None)  # built by the recording's check (zfvis.core.ops.grad)
+        if kept is not None and b == 1 and not self.windowed and not self.writes and kept.rule == frame.rule:
+            grads = torch.autograd.grad(kept.out, kept.leaves, signal.to(kept.out.dtype), retain_graph=True,
+                                        allow_unused=True)
+            return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(kept.leaves, grads)]
         inputs = [_per_seed(t, frame, self.windowed).detach() for t in frame.state]
         inputs = [(t if t.shape[0] == b else t.expand(b, *t.shape[1:])).requires_grad_(True) for t in inputs]
         with torch.enable_grad(), RuleMode(frame.rule), _saved_copies(self.writes):  # rectifiers inside: the rule

@@ -8,6 +8,7 @@ node is reversed by its local vector-Jacobian product at its recorded inputs.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from .. import reverse as deconv
 from ..reverse_grad import VectorJacobian, WholeBatchVectorJacobian
+from ..rule_mode import RuleMode
 from .args import live_call
 from .site import Site
 
@@ -105,23 +107,45 @@ def _is_identity(fn: Callable[..., Any], inputs: list[torch.Tensor], out: Any) -
     return fn(probe) is probe and probe._version == version
 
 
-def _check_gradient(site: Site, fn: Callable[..., Any], inputs: list[torch.Tensor], out: torch.Tensor) -> None:
+class RecordedInputs(list):  # type: ignore[type-arg]
+    """A node's recorded live inputs; ``graph``, where kept: the node's autograd graph at them,
+    built by the check under the rule (:class:`RecordedGraph`), which the reverse pass of one
+    seed of a one-image recording differentiates without running the node again."""
+
+    graph: RecordedGraph | None = None
+
+
+class RecordedGraph:
+    """The leaves, output and rule of a node's autograd graph at its recorded inputs."""
+
+    def __init__(self, leaves: list[torch.Tensor], out: torch.Tensor, rule: str) -> None:
+        self.leaves, self.out, self.rule = leaves, out, rule
+
+
+def _check_gradient(site: Site, fn: Callable[..., Any], inputs: list[torch.Tensor], out: torch.Tensor,
+                    rule: str | None = None) -> RecordedGraph | None:
     """Refuses a node without a gradient, or whose output for one image is not a function of
-    that image alone (random in eval mode, or mixing the images of the batch)."""
+    that image alone (random in eval mode, or mixing the images of the batch). With ``rule``
+    (one recorded image), the check runs under the rule (rectifiers inside pass the signal back
+    by it) and returns its autograd graph, exactly what the reverse pass would build again."""
     leaves = [t[:1].detach().requires_grad_(True) for t in inputs]
-    with torch.enable_grad():
+    with torch.enable_grad(), RuleMode(rule) if rule is not None else contextlib.nullcontext():
         y = fn(*(t.clone() for t in leaves))
     if not isinstance(y, torch.Tensor) or not y.requires_grad:
         raise site.fail("it has no gradient (a non-differentiable operation), so nothing can be sent back "
                         "through it")
+    graph = RecordedGraph(leaves, y, rule) if rule is not None else None
     y = y.detach()
     if y.shape != out[:1].shape:
         raise site.fail("its output mixes the images of the batch (the batch dimension changes), which zfvis "
                         "cannot reverse per image")
+    if y.dtype == out.dtype and torch.equal(y, out[:1]):  # the same values (the usual case, and a tenth of allclose's cost)
+        return graph
     scale = float(out.abs().max()) if out.numel() else 0.0
     if not torch.allclose(y, out[:1], rtol=1e-4, atol=1e-5 * scale + 1e-30):
         raise site.fail("its output for one image depends on the other images of the batch or is random in eval "
                         "mode, which zfvis cannot reverse")
+    return graph
 
 
 def prepare_pointwise(site: Site) -> None:
@@ -142,6 +166,11 @@ def _varies_over_map(site: Site) -> bool:
     return any(t.dim() >= 2 and (t.shape[-1] > 1 or t.shape[-2] > 1) for t in found)
 
 
+#: The ops whose whole-map reverse is always :class:`VectorJacobian` (a permute or a layer norm
+#: may become a channels-last stretch's, on windows, after the pass: no graph is kept for them).
+_KEEPS_GRAPH = ("vjp", "pointwise", "split")
+
+
 def record_vjp(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> Any:
     """The live inputs, after checking that the node has a per-image gradient; for a node
     that returned its input untouched, :data:`IDENTITY`."""
@@ -149,8 +178,12 @@ def record_vjp(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: 
     if _is_identity(fn, inputs, out):  # passed through, on windows
         site.cone = "same"
         return IDENTITY
-    _check_gradient(site, fn, inputs, out)
-    return recorded_inputs(inputs)
+    # one image, reversed on whole maps by VectorJacobian: its graph is kept for the reverse pass
+    keep = (site.cone == "full" and site.op.name in _KEEPS_GRAPH and not site.node.writes and len(inputs) > 0
+            and all(isinstance(t, torch.Tensor) and t.shape[0] == 1 for t in inputs))
+    state = RecordedInputs(recorded_inputs(inputs))
+    state.graph = _check_gradient(site, fn, inputs, out, rule if keep else None)
+    return state
 
 
 def build_vjp(site: Site) -> deconv.ReverseLayer:
