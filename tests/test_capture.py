@@ -383,3 +383,24 @@ def test_a_hook_on_a_container_is_traced_into_the_graph() -> None:
         assert "0.mul" in zfvis.Deconvnet(model).layer_names()
     finally:
         handle.remove()
+
+
+class _BiasTable(nn.Module):
+    """``table[index.view(-1)]`` with ``index`` a buffer, as torchvision's MaxViT: the trace
+    takes the buffer's view once, as a constant, where the model views it on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(7, 4))
+        self.register_buffer("index", torch.randint(0, 7, (8, 8)))
+        self.c2 = nn.Conv2d(4, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.table[self.index.view(-1)].view(8, 8, 4).permute(2, 0, 1)
+        return self.c2(F.relu(self.c1(x) + bias))
+
+
+def test_a_view_of_a_buffer_taken_once_by_the_trace_is_the_same_computation() -> None:
+    torch.manual_seed(3)
+    _exact(_BiasTable().double().eval(), "c2", batch=2)

@@ -108,6 +108,8 @@ class Recorder(TorchDispatchMode):
         return made, self.wrote.get(ptr, made)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        """Runs the call and records it; a view of parameters or buffers alone is not recorded
+        (its output is named as the memory it views)."""
         kwargs = kwargs or {}
         i = len(self.calls)
         flat = tree_flatten((args, kwargs))[0]
@@ -121,6 +123,10 @@ class Recorder(TorchDispatchMode):
             self.made[t] = i
             self.wrote[storage(t)] = i
         view = _aliases_input(func)
+        if view and not written and reads and all(isinstance(r[0], str) and r[0] != "input" for r in reads):
+            # a view of a parameter or buffer alone (``buf.view(-1)``) names the same memory: a trace
+            # may have taken it once, as a constant; it is not a call of either run
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and not any(t is w for w in written):
                 self.made[t] = i
