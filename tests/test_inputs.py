@@ -209,7 +209,9 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=60)
         if proc.returncode == 0:
             continue  # it had finished: nothing to interrupt
-        assert proc.returncode == 130, err
+        # 130, or killed by the SIGINT itself (what a shell also reports as 130): interpreter
+        # shutdown after a Ctrl-C inside torch's import may end by the signal
+        assert proc.returncode in (130, -signal.SIGINT), err
         assert err.strip() == "zfvis: interrupted", err
 
 
