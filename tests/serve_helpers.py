@@ -5,10 +5,13 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import zfvis
@@ -76,3 +79,31 @@ class Client:
         for w in words:
             assert w.lower() in data["error"].lower(), (w, data["error"])
         return data["error"]
+
+
+CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome"))
+                 if p), None)
+DRIVER = shutil.which("chromedriver")
+
+
+def chrome(*args: str) -> Any:
+    """Headless Chromium under selenium, with ``args`` added; skips where it is missing
+    (fails under CI, whose ``.ci/run`` installs it)."""
+    missing = [n for n, p in (("chromium", CHROMIUM), ("chromedriver", DRIVER)) if p is None]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium (pip install selenium)")
+    if missing:
+        reason = f"no {', '.join(missing)}: `apt-get install chromium chromium-driver` (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests cannot run under CI: {reason}")
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", *args):
+        options.add_argument(arg)
+    options.binary_location = CHROMIUM
+    d = webdriver.Chrome(service=Service(DRIVER), options=options)
+    d.set_page_load_timeout(60)
+    return d

@@ -7,8 +7,6 @@ tests skip, except under CI (``CI`` set), where a missing browser fails them.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -17,11 +15,9 @@ import pytest
 import torch
 
 import zfvis
+from serve_helpers import chrome
 
 SHOTS = Path("/tmp/serve-shots")
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome"))
-                 if p), None)
-DRIVER = shutil.which("chromedriver")
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 # wraps getUserMedia so that the test sees the streams the page opened (and whether their tracks ended)
@@ -34,24 +30,7 @@ navigator.mediaDevices.getUserMedia = async (c) => { const s = await real(c); wi
 
 @pytest.fixture(scope="module")
 def driver():
-    missing = [n for n, p in (("chromium", CHROMIUM), ("chromedriver", DRIVER)) if p is None]
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        missing.append("selenium (pip install selenium)")
-    if missing:
-        reason = f"no {', '.join(missing)}: `apt-get install chromium chromium-driver` (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(f"browser tests cannot run under CI: {reason}")
-        pytest.skip(reason)
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1366,900",
-                "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"):
-        options.add_argument(arg)
-    options.binary_location = CHROMIUM
-    d = webdriver.Chrome(service=Service(DRIVER), options=options)
-    d.set_page_load_timeout(60)
+    d = chrome("--window-size=1366,900", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
     SHOTS.mkdir(parents=True, exist_ok=True)
     yield d
     d.quit()

@@ -8,8 +8,6 @@ under CI (``CI`` set), where a missing browser fails them.
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -19,35 +17,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serve_helpers import make_run, png_bytes
+from serve_helpers import chrome, make_run, png_bytes
 
 import zfvis
 
 SHOTS = Path("/tmp/serve-shots")
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome"))
-                 if p), None)
-DRIVER = shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
 def driver():
-    missing = [n for n, p in (("chromium", CHROMIUM), ("chromedriver", DRIVER)) if p is None]
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        missing.append("selenium (pip install selenium)")
-    if missing:
-        reason = f"no {', '.join(missing)}: `apt-get install chromium chromium-driver` (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(f"browser tests cannot run under CI: {reason}")
-        pytest.skip(reason)
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        options.add_argument(arg)
-    options.binary_location = CHROMIUM
-    d = webdriver.Chrome(service=Service(DRIVER), options=options)
-    d.set_page_load_timeout(60)
+    d = chrome("--window-size=1400,1000")
     SHOTS.mkdir(parents=True, exist_ok=True)
     yield d
     d.quit()
