@@ -83,7 +83,7 @@ class Snapshot:
 
     state: dict[str, torch.Tensor]
     tensors: dict[str, tuple]  # identity, dtype, device, requires_grad, grad is None
-    modules: dict[str, tuple]  # type, training, plain attributes, hook dict keys and hooks
+    modules: dict[str, tuple]  # type, training, plain attributes, hook dict keys and hooks, attribute names
     global_hooks: dict[str, tuple]
 
 
@@ -102,7 +102,7 @@ def snapshot(model: nn.Module) -> Snapshot:
             if "hook" in k and isinstance(v, dict)
         )
         attrs = tuple(sorted((k, v) for k, v in vars(m).items() if not k.startswith("_") and _plain(v)))
-        modules[name] = (type(m), m.training, attrs, hooks)
+        modules[name] = (type(m), m.training, attrs, hooks, tuple(sorted(vars(m))))
     return Snapshot(state, tensors, modules, _global_hooks())
 
 
@@ -128,7 +128,8 @@ def changes(model: nn.Module, before: Snapshot) -> list[str]:
         if a is None or b is None:
             out.append(f"module {name!r} {'added' if a is None else 'removed'}")
             continue
-        for what, i in (("type", 0), ("training flag", 1), ("plain attributes", 2), ("hooks", 3)):
+        for what, i in (("type", 0), ("training flag", 1), ("plain attributes", 2), ("hooks", 3),
+                        ("attribute names", 4)):
             if a[i] != b[i]:
                 out.append(f"module {name or '<root>'!r}: {what} changed ({a[i]!r} -> {b[i]!r})")
     if before.global_hooks != now.global_hooks:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..core.graph import ModelGraph
+from ..core.graph import ModelGraph, attr_value
 from ..core.inplace import overwritten
 from ..core.ops.incremental_rules import Pointwise, Rule, Window, rule_of
 from ..core.capture import verify
@@ -163,7 +163,7 @@ class IncrementalOcclusion:
             if node.op == "placeholder":  # the images, or a further argument at its default
                 value = node.args[0] if node.args else self.image[None]
             elif node.op == "get_attr":
-                value = _fetch_attr(self.model, str(node.target))
+                value = attr_value(self.model, node)
             elif node.op == "output":
                 value = fx.node.map_arg(node.args[0], lambda n: self.base[n])
             else:
@@ -358,13 +358,6 @@ class IncrementalOcclusion:
         if self.plans[node].mode == FULL:
             return map_totals(value, channel)  # type: ignore[arg-type]
         return map_totals(self._materialise(node, value, batch, slice(channel, channel + 1)), 0)
-
-
-def _fetch_attr(model: torch.nn.Module, target: str) -> Any:
-    obj: Any = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _is_map(value: Any) -> bool:

@@ -44,12 +44,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..io.errors import CaptureMismatchError
+from ..io.errors import CaptureMismatchError, UnsupportedModelError
 from .graph import GraphNode, ModelGraph, eval_mode, is_shape_query, mark_constant, mark_in_place, run_node
 from .inplace import storage
-from .recorder import AtenCall, ModelRun, Recorder, names, run_model, same_output, stops, tensors_in
+from .recorder import AtenCall, ModelRun, Recorder, RuleCalls, names, run_model, same_output, stops, tensors_in
 
-__all__ = ["Verdict", "verify", "hooked", "capture_key"]
+__all__ = ["Verdict", "verify", "hooked", "capture_key", "refuse_backward_hooks"]
 
 
 @dataclasses.dataclass
@@ -74,6 +74,9 @@ class Verdict:
             occlusion, which never reverses, does not).
         replayed: Nodes of the model's own code whose recorded calls were replayed and gave
             its output (:mod:`zfvis.core.program`), checked once per key.
+        hidden_rectifiers: Nodes that ran a rectifier as an ATen call outside any ``torch``
+            call (TorchScript, ``torch.ops.aten.relu``), with that call: the deconvnet and
+            guided rules cannot reach it (the gradient rule can).
     """
 
     violations: list[Violation]
@@ -81,6 +84,7 @@ class Verdict:
     probe: Any = dataclasses.field(default=None, repr=False)  # () -> not_batch, run once when first asked
     _not_batch: frozenset[str] | None = dataclasses.field(default=None, repr=False)
     replayed: set[str] = dataclasses.field(default_factory=set)
+    hidden_rectifiers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def not_batch(self) -> frozenset[str]:
@@ -89,6 +93,21 @@ class Verdict:
             self._not_batch = self.probe() if self.probe is not None else frozenset()
             self.probe = None
         return self._not_batch
+
+    def rule_problems(self, graph: ModelGraph, rule: str) -> dict[str, UnsupportedModelError]:
+        """The nodes whose rectifiers ``rule`` cannot reach (:attr:`hidden_rectifiers`)."""
+        if rule == "gradient":
+            return {}
+        found = {}
+        for name, op in self.hidden_rectifiers.items():
+            node = graph.by_name[name]
+            where = f" at {node.source}" if node.source else ""
+            found[name] = UnsupportedModelError(
+                f"node '{name}' ({node.kind}){where}: it runs a rectifier ({op}) as an ATen call that no torch function "
+                f"call makes visible (TorchScript, or torch.ops.aten called directly), so the {rule} rule cannot "
+                "reach it and the projection would be wrong. Hint: call it as F.relu / nn.ReLU in Python, or use "
+                "--rule gradient")
+        return found
 
     def check(self, graph: ModelGraph, targets: list[GraphNode]) -> None:
         """Raises for the first violation that can change the targets' values."""
@@ -187,7 +206,7 @@ class _GraphRun:
         rec = self.rec = Recorder(names)
         rec.on_call = self.on_call
         out: Any = None
-        with rec, stops(self):
+        with RuleCalls(rec), rec, stops(self):
             for node in self.graph.nodes:
                 fxn = node.fx_node
                 if node is self.graph.input:
@@ -221,6 +240,25 @@ def hooked(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, m in model.named_modules():
         if m._forward_hooks or m._forward_pre_hooks:
             yield name, m
+
+
+def refuse_backward_hooks(model: nn.Module) -> None:
+    """Refuses a model with backward hooks (its modules' or global ones): they change its
+    gradient, not what it computes, and a projection cannot follow both.
+
+    Raises:
+        UnsupportedModelError: Naming the first module with backward hooks.
+    """
+    from torch.nn.modules import module as mod
+
+    found = next((name or "<the model>" for name, m in model.named_modules()
+                  if m._backward_hooks or m._backward_pre_hooks), None)
+    if found is None and (getattr(mod, "_global_backward_hooks", None) or getattr(mod, "_global_backward_pre_hooks", None)):
+        found = "every module (global backward hooks)"
+    if found is not None:
+        raise UnsupportedModelError(
+            f"module '{found}' has backward hooks: they change the model's gradient, not what it computes, so a "
+            "projection cannot follow both. Hint: remove them (handle.remove()) before projecting")
 
 
 def _global_hooks() -> tuple[Any, ...]:
@@ -375,5 +413,8 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
             return _not_batch(graph, images, dims)
 
     verdict = Verdict(violations, hooked_names, probe)
+    for c in graph_calls:
+        if c.hidden_rectifier and c.node is not None:
+            verdict.hidden_rectifiers.setdefault(c.node, c.op)
     graph.verdicts[key] = verdict
     return verdict

@@ -21,21 +21,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import linecache
 import re
-import traceback
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from ..io.errors import UnsupportedModelError
 from . import ops
 from .inplace import writes_in_place
+from .source_lines import describe, node_source, user_frame
 
-__all__ = ["GraphNode", "ModelGraph", "trace_model", "eval_mode"]
+__all__ = ["GraphNode", "ModelGraph", "trace_model", "eval_mode", "attr_value"]
+
+_CONSTANT = "zfvis_constant"  # fx node meta: a tensor the trace made (kept off the model)
 
 
 @contextlib.contextmanager
@@ -191,6 +192,18 @@ class _Tracer(fx.Tracer):
         self.calls: dict[str, list[fx.Node]] = {}
         self.failed: tuple[str, str] | None = None
         self.tuples: dict[str, list[fx.Node]] = {}
+        self.no_grad: set[fx.Node] = set()  # made where the model's code turned gradients off
+        self.made: list[torch.Tensor] = []  # tensors the trace made (constants)
+
+    def create_arg(self, a: Any) -> Any:
+        """As fx's, but a tensor the trace made (not a parameter, buffer or attribute of the
+        model) is kept on its ``get_attr`` node: fx would set it on the model."""
+        if type(a) is torch.Tensor and self.tensor_attrs.get(a) is None:
+            node = self.create_node("get_attr", f"_zfvis_constant_{len(self.made)}", (), {})
+            node.meta[_CONSTANT] = a
+            self.made.append(a)
+            return node
+        return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque or type(m) in ops.MODULE_OPS:
@@ -209,7 +222,7 @@ class _Tracer(fx.Tracer):
                     out = forward(*args, **kwargs)
                 except Exception as err:
                     if self.failed is None and qualname:
-                        self.failed = (qualname, _describe(err))
+                        self.failed = (qualname, describe(err))
                     raise
             if isinstance(out, fx.Proxy):
                 self.outputs[qualname] = out.node
@@ -224,6 +237,8 @@ class _Tracer(fx.Tracer):
                      type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
+        if not torch.is_grad_enabled():  # inside the model's ``with torch.no_grad():`` (traced with them on)
+            self.no_grad.add(node)
         if kind == "call_module":
             base = str(target)
             self.module_of[node] = base
@@ -236,21 +251,6 @@ class _Tracer(fx.Tracer):
         self.counts[base] = n
         self.names[node] = base if n == 0 else f"{base}_{n}"
         return proxy
-
-
-def _describe(err: BaseException) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
-
-
-def _user_frame(err: BaseException) -> str | None:
-    """``file:line: code`` of the innermost frame outside torch (the model's own code)."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
-    if not frames:
-        return None
-    f = frames[-1]
-    code = (f.line or linecache.getline(f.filename, f.lineno or 0)).strip()
-    return f"{f.filename}:{f.lineno}: {code}"
 
 
 def _defaults(model: nn.Module) -> dict[str, Any] | None:
@@ -270,41 +270,22 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, _Tracer, dict[str, str]]:
     for _ in range(len(list(model.modules())) + 1):
         tracer = _Tracer(set(opaque))
         try:
-            with eval_mode(model):
+            with eval_mode(model), torch.enable_grad():
                 graph = tracer.trace(model, concrete_args=_defaults(model))
             return graph, tracer, opaque
         except Exception as err:  # noqa: BLE001 - any failure inside a module's forward
             if tracer.failed is None or tracer.failed[0] in opaque:
-                where = _user_frame(err)
+                where = user_frame(err)
                 raise UnsupportedModelError(
-                    f"cannot trace the model's forward() with torch.fx ({_describe(err)})"
+                    f"cannot trace the model's forward() with torch.fx ({describe(err)})"
                     + (f" at {where}" if where else "")
                     + ". Hint: move tensor-dependent control flow into a submodule, or make the model's "
                     "forward() a plain sequence of tensor operations"
                 ) from None
             name, why = tracer.failed
-            where = _user_frame(err)
+            where = user_frame(err)
             opaque[name] = why + (f" at {where}" if where else "")
     raise UnsupportedModelError("cannot trace the model's forward() with torch.fx")  # pragma: no cover
-
-
-_OWN_DIR = str(Path(__file__).resolve().parent)
-
-
-def _source(node: fx.Node) -> str | None:
-    """``file:line: code`` of the model's own line that made the node (fx's stack trace,
-    innermost frame outside torch)."""
-    trace = node.stack_trace
-    if not trace:
-        return None
-    lines = trace.splitlines()
-    found = None
-    for i, line in enumerate(lines):
-        m = re.match(r'\s*File "([^"]+)", line (\d+)', line)
-        if m and "/torch/" not in m.group(1) and not m.group(1).startswith(_OWN_DIR):
-            code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].lstrip().startswith("File ") else ""
-            found = f"{m.group(1)}:{m.group(2)}" + (f": {code}" if code else "")
-    return found
 
 
 _VOLUME_TYPES = (nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
@@ -345,13 +326,13 @@ def trace_model(model: nn.Module) -> ModelGraph:
         if fxn.op == "call_module":
             gn.module_name = str(fxn.target)
             gn.module = modules[gn.module_name]
-        gn.source = _source(fxn)
+        gn.source = node_source(fxn)
         gn.inputs = [of[a] for a in fxn.all_input_nodes if a in of]
         for parent in gn.inputs:
             parent.users.append(gn)
         of[fxn] = gn
         nodes.append(gn)
-    _classify(nodes, opaque)
+    _classify(nodes, opaque, {of[n] for n in tracer.no_grad if n in of})
     for gn in nodes:
         gn.traced_op = gn.op
     _version_in_place(nodes, of)
@@ -362,11 +343,16 @@ def trace_model(model: nn.Module) -> ModelGraph:
     return ModelGraph(model, nodes, {n.name: n for n in nodes}, module_output, first_call, opaque, tuples)
 
 
-def _classify(nodes: list[GraphNode], opaque: dict[str, str]) -> None:
-    """Marks which nodes carry the signal and finds each one's op-table entry."""
+def _classify(nodes: list[GraphNode], opaque: dict[str, str], no_grad: set[GraphNode]) -> None:
+    """Marks which nodes carry the signal and finds each one's op-table entry. A value
+    made with gradients off (``torch.no_grad()``, ``detach()``, ``.data``) carries none: its true
+    backward sends nothing back; computed from the images, it is ``derived``."""
     nodes[0].carries = True
     for gn in nodes[1:]:
-        if not any(p.carries for p in gn.inputs) or is_shape_query(gn.fx_node):
+        if is_shape_query(gn.fx_node):
+            continue
+        if gn in no_grad or _detaches(gn.fx_node) or not any(p.carries for p in gn.inputs):
+            gn.derived = any(p.carries or p.derived for p in gn.inputs)
             continue
         gn.carries = True
         if gn.module_name in opaque:  # kept whole: reversed by its gradient
@@ -379,6 +365,14 @@ def _classify(nodes: list[GraphNode], opaque: dict[str, str]) -> None:
             where = f" at {gn.source}" if gn.source else ""
             gn.problem = (f"node '{gn.name}' ({gn.kind}){where}: {why}. Hint: layers before it can still be "
                           "projected; see `zfvis layers` for the supported operations")
+
+
+def _detaches(fxn: fx.Node) -> bool:
+    """Whether a node is ``t.detach()`` or ``t.data`` (its value without a gradient)."""
+    if fxn.op == "call_function" and fxn.target is getattr:
+        return fxn.args[1:2] == ("data",)
+    return (fxn.op == "call_method" and fxn.target == "detach") or (
+        fxn.op == "call_function" and fxn.target in (torch.detach, torch.Tensor.detach))
 
 
 #: Where the functions a graph calls come from when they are PyTorch's or Python's own.
@@ -443,9 +437,13 @@ def mark_in_place(graph: ModelGraph, nodes: list[GraphNode]) -> None:
         _new_version(gn, of)
 
 
-def _fetch_attr(model: nn.Module, target: str) -> Any:
+def attr_value(model: nn.Module, fxn: fx.Node) -> Any:
+    """The value a ``get_attr`` node reads: an attribute of the model, or a tensor the
+    trace made once (``torch.arange(8)``), which it keeps on the node, not on the model."""
+    if _CONSTANT in fxn.meta:
+        return fxn.meta[_CONSTANT]
     obj: Any = model
-    for part in target.split("."):
+    for part in str(fxn.target).split("."):
         obj = getattr(obj, part)
     return obj
 
@@ -457,7 +455,7 @@ def run_node(node: GraphNode, model: nn.Module, args: tuple[Any, ...], kwargs: d
     if fxn.op == "placeholder":  # an argument after the images, at its default
         return fxn.args[0]
     if fxn.op == "get_attr":
-        return _fetch_attr(model, str(fxn.target))
+        return attr_value(model, fxn)
     if node.module is not None:
         return node.module(*args, **kwargs)
     if fxn.op == "call_method":

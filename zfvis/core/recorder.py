@@ -16,13 +16,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .inplace import storage
+from .rule_mode import follows_rule, is_aten_rectifier
 
-__all__ = ["AtenCall", "Recorder", "ModelRun", "run_model", "names", "tensors_in", "stops", "same_output", "written_by"]
+__all__ = ["AtenCall", "Recorder", "RuleCalls", "ModelRun", "run_model", "names", "tensors_in", "stops", "same_output", "written_by"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,7 @@ class AtenCall:
     consts: tuple[Any, ...]
     node: str | None = None
     random: bool = False
+    hidden_rectifier: bool = False  # a rectifier run outside any ``torch`` call the rule can swap
 
     def describe(self) -> str:
         return f"{self.op}{' (in place)' if self.in_place else ''}"
@@ -99,6 +102,7 @@ class Recorder(TorchDispatchMode):
         self.node: GraphNode | None = None
         self.start = 0
         self.on_call: Any = None  # the graph run's check of each call
+        self.rule_calls = 0  # depth inside rectifier calls seen as ``torch`` calls (:class:`RuleCalls`)
 
     def ref(self, t: torch.Tensor) -> tuple[Any, Any]:
         made = self.made.get(t)
@@ -123,9 +127,16 @@ class Recorder(TorchDispatchMode):
             self.made[t] = i
             self.wrote[storage(t)] = i
         view = _aliases_input(func)
-        if view and not written and reads and all(isinstance(r[0], str) and r[0] != "input" for r in reads):
-            # a view of a parameter or buffer alone (``buf.view(-1)``) names the same memory: a trace
-            # may have taken it once, as a constant; it is not a call of either run
+        if not tensors and not written and torch.Tag.nondeterministic_seeded not in func.tags:
+            # a tensor made from numbers alone (``torch.arange(8)``): a trace may have made it once,
+            # as a constant; it is not a call of either run, and named by its shape and dtype
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.born[storage(t)] = i
+            return out
+        if view and not written and reads and all(not isinstance(r[0], int) and r[0] != "input" for r in reads):
+            # a view of constants alone (``buf.view(-1)``, a parameter's, a made tensor's) names the
+            # same memory: a trace may have taken it once, as a constant; not a call of either run
             return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and not any(t is w for w in written):
@@ -137,7 +148,8 @@ class Recorder(TorchDispatchMode):
         consts = tuple(_const(v) for v in flat if not isinstance(v, torch.Tensor))
         name = self.node.name if self.node is not None else None
         random = torch.Tag.nondeterministic_seeded in func.tags
-        self.calls.append(AtenCall(_op_name(func, bool(written)), bool(written), reads, consts, name, random))
+        hidden = self.rule_calls == 0 and is_aten_rectifier(func, args)
+        self.calls.append(AtenCall(_op_name(func, bool(written)), bool(written), reads, consts, name, random, hidden))
         return out
 
 
@@ -166,6 +178,25 @@ def stops(holder: Any) -> Iterator[None]:
             holder.failed = True
 
 
+class RuleCalls(TorchFunctionMode):
+    """Counts, on a :class:`Recorder`, how deep the run is inside a rectifier's ``torch``
+    call (one :class:`~zfvis.core.rule_mode.RuleMode` swaps): ATen rectifiers outside any are hidden."""
+
+    def __init__(self, rec: Recorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if not follows_rule(func, args, kwargs):
+            return func(*args, **kwargs)
+        self.rec.rule_calls += 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.rec.rule_calls -= 1
+
+
 class ModelRun:
     failed: Any = None
     output: Any = None
@@ -173,7 +204,7 @@ class ModelRun:
 
 def run_model(model: nn.Module, images: torch.Tensor, names: dict[int, str]) -> tuple[list[AtenCall], ModelRun]:
     rec, run = Recorder(names), ModelRun()
-    with rec, stops(run):
+    with RuleCalls(rec), rec, stops(run):  # as the graph's run (a function mode turns off fused fast paths)
         run.output = model(images)
     return rec.calls, run
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RuleMode", "follows_rule"]
+__all__ = ["RuleMode", "follows_rule", "is_aten_rectifier"]
 
 
 class _Rectifier(torch.autograd.Function):
@@ -102,6 +102,29 @@ def _is_relu6(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 def follows_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether :class:`RuleMode` changes this call's backward (a rectifier, or LRN)."""
     return func in _RECTIFIERS or func is F.local_response_norm or _is_relu6(func, args, kwargs)
+
+
+def _aten(name: str) -> tuple[Any, ...]:
+    packet = getattr(torch.ops.aten, name)
+    return (packet, getattr(torch.ops.aten, name + "_"))
+
+
+#: The same rectifiers as ATen ops (what a TorchScript module or ``torch.ops.aten.relu`` runs
+#: without a ``torch`` call that :class:`RuleMode` could swap); hardtanh only as ReLU6, elu only
+#: with unit scales (as ``F.elu`` calls it).
+_ATEN_RECTIFIERS = frozenset(p for n in ("relu", "leaky_relu", "silu", "gelu", "hardswish", "mish") for p in _aten(n))
+
+
+def is_aten_rectifier(func: Any, args: tuple[Any, ...]) -> bool:
+    """Whether an ATen call is a rectifier (the rule applies to its backward)."""
+    packet = getattr(func, "overloadpacket", None)
+    if packet in _ATEN_RECTIFIERS:
+        return True
+    if packet in _aten("hardtanh"):
+        return tuple(float(a) for a in args[1:3]) == (0.0, 6.0)
+    if packet in _aten("elu"):
+        return all(float(a) == 1.0 for a in args[2:4])
+    return False
 
 
 class RuleMode(TorchFunctionMode):

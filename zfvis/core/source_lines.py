@@ -1,0 +1,47 @@
+"""Where in the model's own code a node, or a failure of the trace, comes from."""
+
+from __future__ import annotations
+
+import linecache
+import re
+import traceback
+from pathlib import Path
+
+import torch.fx as fx
+
+__all__ = ["describe", "user_frame", "node_source"]
+
+
+def describe(err: BaseException) -> str:
+    """``Type: first line`` of an exception."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def user_frame(err: BaseException) -> str | None:
+    """``file:line: code`` of the innermost frame outside torch (the model's own code)."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return None
+    f = frames[-1]
+    code = (f.line or linecache.getline(f.filename, f.lineno or 0)).strip()
+    return f"{f.filename}:{f.lineno}: {code}"
+
+
+_OWN_DIR = str(Path(__file__).resolve().parent)  # zfvis.core: not the model's code
+
+
+def node_source(node: fx.Node) -> str | None:
+    """``file:line: code`` of the model's own line that made the node (fx's stack trace,
+    innermost frame outside torch)."""
+    trace = node.stack_trace
+    if not trace:
+        return None
+    lines = trace.splitlines()
+    found = None
+    for i, line in enumerate(lines):
+        m = re.match(r'\s*File "([^"]+)", line (\d+)', line)
+        if m and "/torch/" not in m.group(1) and not m.group(1).startswith(_OWN_DIR):
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].lstrip().startswith("File ") else ""
+            found = f"{m.group(1)}:{m.group(2)}" + (f": {code}" if code else "")
+    return found
