@@ -184,3 +184,34 @@ def test_backward_hooks_are_refused_naming_the_module(where: str) -> None:
             assert ("'conv2'" if where != "global" else "global") in outcome.message, outcome.message
     finally:
         handle.remove()
+
+
+def _double_even_rows(y: torch.Tensor) -> torch.Tensor:
+    y = y.clone()
+    y[:, :, ::2] = y[:, :, ::2] * 2
+    return y
+
+
+class _Doubler(nn.Module):
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return _double_even_rows(y)
+
+
+class _Assigns(_Three):
+    def __init__(self, inside: bool) -> None:
+        super().__init__()
+        self.doubler = _Doubler() if inside else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv2(F.relu(self.conv1(x)))
+        a = self.doubler(a) if self.doubler is not None else _double_even_rows(a)
+        return self.conv3(F.relu(a))
+
+
+def test_item_assignment_is_refused_with_what_to_do_and_inside_a_submodule_is_exact() -> None:
+    """fx cannot trace ``y[...] = v`` in the model's own ``forward()``: the refusal says to write
+    it out of place or move it into a submodule; there, kept whole and replayed, it is exact."""
+    outcomes = _run(_ready(_Assigns(inside=False)), _images(1), "conv3", queries=[Query("conv3", 0)])
+    assert outcomes[0].status == "refused" and "move it into a submodule" in outcomes[0].message, outcomes[0].message
+    for outcome in _run(_ready(_Assigns(inside=True), seed=10), _images(2), "conv3"):
+        assert outcome.status == "exact", outcome.message

@@ -32,7 +32,7 @@ from torch import nn
 from ..io.errors import UnsupportedModelError
 from . import ops
 from .inplace import writes_in_place
-from .source_lines import describe, node_source, user_frame
+from .source_lines import describe, node_source, trace_failure, user_frame
 
 __all__ = ["GraphNode", "ModelGraph", "trace_model", "eval_mode", "attr_value"]
 
@@ -275,13 +275,7 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, _Tracer, dict[str, str]]:
             return graph, tracer, opaque
         except Exception as err:  # noqa: BLE001 - any failure inside a module's forward
             if tracer.failed is None or tracer.failed[0] in opaque:
-                where = user_frame(err)
-                raise UnsupportedModelError(
-                    f"cannot trace the model's forward() with torch.fx ({describe(err)})"
-                    + (f" at {where}" if where else "")
-                    + ". Hint: move tensor-dependent control flow into a submodule, or make the model's "
-                    "forward() a plain sequence of tensor operations"
-                ) from None
+                raise trace_failure(err) from None
             name, why = tracer.failed
             where = user_frame(err)
             opaque[name] = why + (f" at {where}" if where else "")

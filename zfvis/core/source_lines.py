@@ -1,4 +1,4 @@
-"""Where in the model's own code a node, or a failure of the trace, comes from."""
+"""Where in the model's own code a node, or a failure of the trace, comes from (and what to do)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch.fx as fx
 
-__all__ = ["describe", "user_frame", "node_source"]
+from ..io.errors import UnsupportedModelError
+
+__all__ = ["describe", "user_frame", "node_source", "trace_failure"]
 
 
 def describe(err: BaseException) -> str:
@@ -45,3 +47,16 @@ def node_source(node: fx.Node) -> str | None:
             code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].lstrip().startswith("File ") else ""
             found = f"{m.group(1)}:{m.group(2)}" + (f": {code}" if code else "")
     return found
+
+
+def trace_failure(err: BaseException) -> UnsupportedModelError:
+    """The refusal of a model whose own ``forward()`` fx cannot trace, with what to do."""
+    where = user_frame(err)
+    if isinstance(err, TypeError) and "does not support item assignment" in str(err):
+        hint = ("write the assignment out of place (torch.cat, torch.where, Tensor.index_put), or move it into a "
+                "submodule, which zfvis keeps whole and replays")
+    else:
+        hint = "move tensor-dependent control flow into a submodule, or make the model's forward() a plain sequence " \
+               "of tensor operations"
+    return UnsupportedModelError(f"cannot trace the model's forward() with torch.fx ({describe(err)})"
+                                 + (f" at {where}" if where else "") + f". Hint: {hint}")
