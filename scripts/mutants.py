@@ -278,6 +278,9 @@ MUTANTS: list[Mutant] = [
            "if not tensors and not written and torch.Tag.nondeterministic_seeded not in func.tags:", "if False:",
            "a tensor made from numbers in forward, which the trace made once, taken for a mismatch (a false refusal)",
            ("tests/test_capture_sweep.py", "-k", "numbers")),
+    Mutant("buffers-not-restored", "zfvis/core/model_state.py", "if buf._version != version:", "if False:",
+           "a forward that writes its own buffer (a call counter) left changed by zfvis's runs",
+           ("tests/test_capture_sweep.py", "-k", "own_buffer")),
     # ------------------------------------------------------------------ recording
     Mutant("record-inputs-not-copied", _REC, "inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]",
            "inputs = list(inputs)", "an in-place rectifier's f' taken at the overwritten input (its output)",

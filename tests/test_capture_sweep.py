@@ -20,6 +20,7 @@ from test_capture_cases import _images, _queries, _ready, _run
 from torch import nn
 
 from zfvis import Deconvnet
+from zfvis.io.errors import ZfvisError
 
 
 class _Three(nn.Module):
@@ -215,3 +216,37 @@ def test_item_assignment_is_refused_with_what_to_do_and_inside_a_submodule_is_ex
     assert outcomes[0].status == "refused" and "move it into a submodule" in outcomes[0].message, outcomes[0].message
     for outcome in _run(_ready(_Assigns(inside=True), seed=10), _images(2), "conv3"):
         assert outcome.status == "exact", outcome.message
+
+
+class _Counts(_Three):
+    """Counts its calls in a buffer, as the model's own state (``add_``, or ``+=``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "add_":
+            self.calls.add_(1)
+        else:
+            self.calls += 1
+        return self.conv3(F.relu(self.conv2(F.relu(self.conv1(x))))).mean(dim=(2, 3))  # class scores
+
+
+@pytest.mark.parametrize("how", ["add_", "+="])
+def test_a_forward_that_writes_its_own_buffer_leaves_it_as_it_was(how: str) -> None:
+    """zfvis runs the forward several times (the check, the graph, each projection,
+    occlusion's passes): the model's buffers are put back after each, whatever the outcome."""
+    from zfvis import occlusion
+
+    model = _ready(_Counts(how), seed=11)
+    outcomes = _run(model, _images(2), "conv3")  # the contract: the model unchanged after every call
+    assert {o.status for o in outcomes} <= {"exact", "refused"}
+    assert float(model.calls) == 0.0
+    for method in ("full", "auto"):
+        try:
+            occlusion(model, _images(1)[0], patch=4, stride=4, layer="conv3", channel=1, method=method)
+        except ZfvisError:  # a refusal (fx ran the count once, at trace time: the graph has no such call)
+            pass
+        assert float(model.calls) == 0.0, method

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..core.deconvnet import Deconvnet
+from ..core.model_state import kept_buffers
 from ..core.graph import eval_mode
 from ..io import progress as _progress
 from ..io.errors import InputTypeError, UnsupportedModelError, UserInputError
@@ -318,7 +319,7 @@ def occlusion(
         TypeError: Arguments of the wrong type.
     """
     job = _check(model, image, patch=patch, stride=stride, fill=fill, batch_size=batch_size, method=method, layer=layer)
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), kept_buffers(job.model):  # a forward may count its calls in a buffer
         runner = _make_runner(job)
         target = _check_target(target, runner.base_logits)
         channel = _check_channel(channel, runner.base_layer, layer)

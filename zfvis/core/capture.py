@@ -47,6 +47,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from ..io.errors import CaptureMismatchError, UnsupportedModelError
 from .graph import GraphNode, ModelGraph, eval_mode, is_shape_query, mark_constant, mark_in_place, run_node
 from .inplace import storage
+from .model_state import kept_buffers
 from .recorder import AtenCall, ModelRun, Recorder, RuleCalls, names, run_model, same_output, stops, tensors_in
 
 __all__ = ["Verdict", "verify", "hooked", "capture_key", "refuse_backward_hooks"]
@@ -74,6 +75,8 @@ class Verdict:
             occlusion, which never reverses, does not).
         replayed: Nodes of the model's own code whose recorded calls were replayed and gave
             its output (:mod:`zfvis.core.program`), checked once per key.
+        state_writes: Buffers the model's forward writes into (a counter): kept as they were
+            around each run of zfvis's (:func:`kept_buffers`).
         hidden_rectifiers: Nodes that ran a rectifier as an ATen call outside any ``torch``
             call (TorchScript, ``torch.ops.aten.relu``), with that call: the deconvnet and
             guided rules cannot reach it (the gradient rule can).
@@ -85,6 +88,7 @@ class Verdict:
     _not_batch: frozenset[str] | None = dataclasses.field(default=None, repr=False)
     replayed: set[str] = dataclasses.field(default_factory=set)
     hidden_rectifiers: dict[str, str] = dataclasses.field(default_factory=dict)
+    state_writes: frozenset[str] = frozenset()
 
     @property
     def not_batch(self) -> frozenset[str]:
@@ -383,7 +387,7 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
         return cached
     hooked_names = frozenset(name for name, _ in hooked(model))
     graph.set_hooked(hooked_names)
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), kept_buffers(model) as written:
         first = images.clone()
         model_calls, model_run = run_model(model, first, names(model, first))
         for _ in range(len(graph.nodes)):
@@ -413,6 +417,7 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
             return _not_batch(graph, images, dims)
 
     verdict = Verdict(violations, hooked_names, probe)
+    verdict.state_writes = frozenset(written)
     for c in graph_calls:
         if c.hidden_rectifier and c.node is not None:
             verdict.hidden_rectifiers.setdefault(c.node, c.op)

@@ -32,6 +32,7 @@ from torch import nn
 from ..io.errors import UnsupportedModelError
 from . import ops
 from .inplace import writes_in_place
+from .model_state import kept_buffers
 from .source_lines import describe, node_source, trace_failure, user_frame
 
 __all__ = ["GraphNode", "ModelGraph", "trace_model", "eval_mode", "attr_value"]
@@ -270,7 +271,7 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, _Tracer, dict[str, str]]:
     for _ in range(len(list(model.modules())) + 1):
         tracer = _Tracer(set(opaque))
         try:
-            with eval_mode(model), torch.enable_grad():
+            with eval_mode(model), torch.enable_grad(), kept_buffers(model):  # the trace runs buffers' code
                 graph = tracer.trace(model, concrete_args=_defaults(model))
             return graph, tracer, opaque
         except Exception as err:  # noqa: BLE001 - any failure inside a module's forward

@@ -32,6 +32,7 @@ from ..io.errors import (
 )
 from .cone import ReceptiveField
 from .capture import verify
+from .model_state import kept_buffers
 from .graph import GraphNode, ModelGraph, eval_mode, run_node
 from .inplace import overwritten
 from .layouts import hold_channels_first
@@ -451,7 +452,9 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
     # a model already in eval mode (all its modules) is left alone: switching and restoring
     # every module's flag costs about a millisecond per pass
     training = any(m.training for m in graph.model.modules())
-    with eval_mode(graph.model) if training else contextlib.nullcontext(), torch.no_grad():
+    state = verdict.state_writes if verdict is not None else frozenset()
+    with (eval_mode(graph.model) if training else contextlib.nullcontext(), torch.no_grad(),
+          kept_buffers(graph.model, state) if state else contextlib.nullcontext()):
         try:
             if verdict is not None:
                 verdict.check(graph, list(targets))
