@@ -250,3 +250,20 @@ def test_a_forward_that_writes_its_own_buffer_leaves_it_as_it_was(how: str) -> N
         except ZfvisError:  # a refusal (fx ran the count once, at trace time: the graph has no such call)
             pass
         assert float(model.calls) == 0.0, method
+
+
+@pytest.mark.parametrize("wrapper", ["DataParallel", "compile"])
+@pytest.mark.parametrize("api", ["Deconvnet", "occlusion"])
+def test_a_wrapped_model_is_refused_naming_the_model_inside(wrapper: str, api: str) -> None:
+    """fx cannot trace a DataParallel's or a compiled model's ``forward`` (its layer names would
+    also start with ``module.``): one line saying which attribute holds the model."""
+    from zfvis import occlusion
+    from zfvis.io.errors import UserInputError
+
+    inner = _ready(_Counts("add_"))
+    model = nn.DataParallel(inner) if wrapper == "DataParallel" else torch.compile(inner)
+    with pytest.raises(UserInputError, match=r"model\.(module|_orig_mod) \(zfvis runs it"):
+        if api == "Deconvnet":
+            Deconvnet(model)
+        else:
+            occlusion(model, _images(1)[0], patch=4, stride=4)

@@ -42,6 +42,7 @@ from ..core.deconvnet import Deconvnet
 from ..core.model_state import kept_buffers
 from ..core.graph import eval_mode
 from ..io import progress as _progress
+from ..io.checks import check_model
 from ..io.errors import InputTypeError, UnsupportedModelError, UserInputError
 from ..io.parse import check_fill, check_finite_result
 from .incremental import IncrementalOcclusion, NotIncremental, map_totals
@@ -330,8 +331,7 @@ def occlusion(
 def _check(model: object, image: object, *, patch: object, stride: object, fill: object, batch_size: object,
            method: object, layer: object) -> _Job:  # fmt: skip
     """Checks the arguments of :func:`occlusion` (all but those the unoccluded pass decides)."""
-    if not isinstance(model, nn.Module):
-        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = check_model(model)
     image = _check_image(image)
     _check_per_image(model)
     param = next(model.parameters(), None)

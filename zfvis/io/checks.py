@@ -260,12 +260,31 @@ def check_model(model: object, name: str = "model") -> torch.nn.Module:
     """
     if not isinstance(model, torch.nn.Module):
         raise InputTypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_wrappers(model, name)
     for label, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for tname, t in tensors:
             if t.is_meta:
                 raise UserInputError(f"{name} has its {label} '{tname}' on the meta device (a shape without data); "
                                      "materialise it first: model.to_empty(device='cpu'), then load its weights")
     return model
+
+
+#: Wrappers around a model, by class name (no import of what defines them): the attribute that
+#: holds the model, and what the wrapper is.
+_WRAPPERS = {
+    "DataParallel": ("module", "wrapped in nn.DataParallel"),
+    "DistributedDataParallel": ("module", "wrapped in DistributedDataParallel"),
+    "OptimizedModule": ("_orig_mod", "compiled with torch.compile"),
+}
+
+
+def _refuse_wrappers(model: torch.nn.Module, name: str) -> None:
+    """Refuses a model inside a wrapper whose ``forward`` is not the model's (fx cannot trace
+    it, and its layer names would start with ``module.``), naming the model inside."""
+    found = next((_WRAPPERS[c.__name__] for c in type(model).__mro__ if c.__name__ in _WRAPPERS), None)
+    if found is not None and isinstance(getattr(model, found[0], None), torch.nn.Module):
+        raise UserInputError(f"{name} is {found[1]}; give the model inside it: {name}.{found[0]} (zfvis runs it "
+                             "on one device, uncompiled)")
 
 
 def _first_conv_channels(model: torch.nn.Module) -> int | None:
