@@ -265,11 +265,11 @@ MUTANTS: list[Mutant] = [
     Mutant("no-grad-carries", _GRAPH, "if gn in no_grad or _detaches(gn.fx_node) or not any(",
            "if not any(", "a value made under torch.no_grad() (or detached) reversed as if gradients flowed through it",
            ("tests/test_capture_sweep.py", "-k", "sends_nothing_back")),
-    Mutant("hidden-rectifier-allowed", _CAP, 'if rule == "gradient":\n            return {}',
-           'if True:\n            return {}', "a TorchScript or aten-level ReLU passed back by its gradient under the "
+    Mutant("hidden-rectifier-allowed", _CAP, 'self.hidden_rectifiers.items() if rule != "gradient" else ()',
+           '()', "a TorchScript or aten-level ReLU passed back by its gradient under the "
            "deconvnet rule", ("tests/test_capture_sweep.py", "-k", "no_torch_call_shows")),
-    Mutant("backward-hooks-ignored", "zfvis/core/deconvnet.py", "        refuse_backward_hooks(self.graph.model)\n",
-           "", "a model with backward hooks projected without them (the gradient the hooks change)",
+    Mutant("backward-hooks-ignored", _CAP, "        if self.backward_hooks is not None:\n",
+           "        if False:\n", "a model with backward hooks projected without them (the gradient the hooks change)",
            ("tests/test_capture_sweep.py", "-k", "backward_hooks")),
     Mutant("trace-constant-on-model", _GRAPH, "if type(a) is torch.Tensor and self.tensor_attrs.get(a) is None:",
            "if False:", "a tensor the trace makes (torch.arange in forward) set on the model as an attribute",

@@ -173,6 +173,8 @@ def test_backward_hooks_are_refused_naming_the_module(where: str) -> None:
     the model computes: refused, naming where it is (it was ignored: rel 0.67 from the oracle),
     and the hook left in place."""
     model = _ready(_GradientsOff("detach"), seed=9)
+    dn = Deconvnet(model)
+    dn.project(_images(1), "conv3", 1)  # a check cached before the hook: the hook makes another key
     if where == "module":
         handle = model.conv2.register_full_backward_hook(lambda m, gi, go: (gi[0] * 3,))
     elif where == "pre":
@@ -183,8 +185,11 @@ def test_backward_hooks_are_refused_naming_the_module(where: str) -> None:
         for outcome in _run(model, _images(1), "conv3", queries=[Query("conv3", 1, rule="gradient")]):
             assert outcome.status == "refused" and "backward hooks" in outcome.message, outcome.message
             assert ("'conv2'" if where != "global" else "global") in outcome.message, outcome.message
+        with pytest.raises(ZfvisError, match="backward hooks"):
+            dn.project(_images(1), "conv3", 1)
     finally:
         handle.remove()
+    dn.project(_images(1), "conv3", 1)  # without the hook, projected again
 
 
 def _double_even_rows(y: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ from .inplace import storage
 from .model_state import kept_buffers
 from .recorder import AtenCall, ModelRun, Recorder, RuleCalls, names, run_model, same_output, stops, tensors_in
 
-__all__ = ["Verdict", "verify", "hooked", "capture_key", "refuse_backward_hooks"]
+__all__ = ["Verdict", "verify", "hooked", "capture_key"]
 
 
 @dataclasses.dataclass
@@ -75,6 +75,8 @@ class Verdict:
             occlusion, which never reverses, does not).
         replayed: Nodes of the model's own code whose recorded calls were replayed and gave
             its output (:mod:`zfvis.core.program`), checked once per key.
+        backward_hooks: The first module with backward hooks (they change the gradient, not
+            what the model computes: projections are refused), or ``None``.
         state_writes: Buffers the model's forward writes into (a counter): kept as they were
             around each run of zfvis's (:func:`kept_buffers`).
         hidden_rectifiers: Nodes that ran a rectifier as an ATen call outside any ``torch``
@@ -89,6 +91,7 @@ class Verdict:
     replayed: set[str] = dataclasses.field(default_factory=set)
     hidden_rectifiers: dict[str, str] = dataclasses.field(default_factory=dict)
     state_writes: frozenset[str] = frozenset()
+    backward_hooks: str | None = None
 
     @property
     def not_batch(self) -> frozenset[str]:
@@ -98,19 +101,24 @@ class Verdict:
             self.probe = None
         return self._not_batch
 
-    def rule_problems(self, graph: ModelGraph, rule: str) -> dict[str, UnsupportedModelError]:
-        """The nodes whose rectifiers ``rule`` cannot reach (:attr:`hidden_rectifiers`)."""
-        if rule == "gradient":
-            return {}
+    def problems(self, graph: ModelGraph, rule: str, targets: list[GraphNode]) -> dict[str, UnsupportedModelError]:
+        """Why projections cannot be made under ``rule``, by node: the targets, where the model
+        has backward hooks (:attr:`backward_hooks`); nodes whose rectifiers ``rule`` cannot
+        reach (:attr:`hidden_rectifiers`)."""
         found = {}
-        for name, op in self.hidden_rectifiers.items():
+        if self.backward_hooks is not None:
+            err = UnsupportedModelError(
+                f"module '{self.backward_hooks}' has backward hooks: they change the model's gradient, not what it "
+                "computes, so a projection cannot follow both. Hint: remove them (handle.remove()) before projecting")
+            found = {t.name: err for t in targets}
+        for name, op in self.hidden_rectifiers.items() if rule != "gradient" else ():
             node = graph.by_name[name]
             where = f" at {node.source}" if node.source else ""
-            found[name] = UnsupportedModelError(
+            found.setdefault(name, UnsupportedModelError(
                 f"node '{name}' ({node.kind}){where}: it runs a rectifier ({op}) as an ATen call that no torch function "
                 f"call makes visible (TorchScript, or torch.ops.aten called directly), so the {rule} rule cannot "
                 "reach it and the projection would be wrong. Hint: call it as F.relu / nn.ReLU in Python, or use "
-                "--rule gradient")
+                "the gradient rule"))
         return found
 
     def check(self, graph: ModelGraph, targets: list[GraphNode]) -> None:
@@ -246,23 +254,15 @@ def hooked(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, m
 
 
-def refuse_backward_hooks(model: nn.Module) -> None:
-    """Refuses a model with backward hooks (its modules' or global ones): they change its
-    gradient, not what it computes, and a projection cannot follow both.
-
-    Raises:
-        UnsupportedModelError: Naming the first module with backward hooks.
-    """
+def _backward_hooked(model: nn.Module) -> str | None:
+    """The first module with backward hooks of its own, or a word for global ones."""
     from torch.nn.modules import module as mod
 
     found = next((name or "<the model>" for name, m in model.named_modules()
                   if m._backward_hooks or m._backward_pre_hooks), None)
     if found is None and (getattr(mod, "_global_backward_hooks", None) or getattr(mod, "_global_backward_pre_hooks", None)):
         found = "every module (global backward hooks)"
-    if found is not None:
-        raise UnsupportedModelError(
-            f"module '{found}' has backward hooks: they change the model's gradient, not what it computes, so a "
-            "projection cannot follow both. Hint: remove them (handle.remove()) before projecting")
+    return found
 
 
 def _global_hooks() -> tuple[Any, ...]:
@@ -275,8 +275,9 @@ def _global_hooks() -> tuple[Any, ...]:
 
 def capture_key(model: nn.Module, images: torch.Tensor) -> tuple[Any, ...]:
     """What a verdict depends on besides the code: the input's shape, dtype and device, every
-    module's training flag and hooks, and the global module hooks."""
-    state = tuple((m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in model.modules())
+    module's training flag and hooks (forward and backward), and the global module hooks."""
+    state = tuple((m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks),
+                   tuple(m._backward_pre_hooks)) for m in model.modules())
     return tuple(images.shape), images.dtype, images.device, state, _global_hooks()
 
 
@@ -418,6 +419,7 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
 
     verdict = Verdict(violations, hooked_names, probe)
     verdict.state_writes = frozenset(written)
+    verdict.backward_hooks = _backward_hooked(model)
     for c in graph_calls:
         if c.hidden_rectifier and c.node is not None:
             verdict.hidden_rectifiers.setdefault(c.node, c.op)

@@ -18,7 +18,6 @@ from torch import nn
 from ..io.checks import check_model
 from ..io.errors import InputTypeError, UnsupportedModelError, UserInputError
 from .aliases import layer_aliases
-from .capture import refuse_backward_hooks
 from .cone import ReceptiveField, StepCost, Window, group_seeds, plan, receptive_field
 from .graph import GraphNode, ModelGraph, trace_model
 from .layers import LayerNames
@@ -248,7 +247,6 @@ class Deconvnet:
         """
         images = self._check_images(images)
         node = self._node(layer)
-        refuse_backward_hooks(self.graph.model)
         for n in self.graph.signal_path(node)[1:]:
             if n.problem is not None:
                 raise UnsupportedModelError(n.problem)

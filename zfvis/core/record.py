@@ -464,7 +464,7 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
                 raise
             raise forward_failure(err, graph.model, images) from err
     p.problems.update(p.stretch_problems(list(targets)))
-    p.problems.update(verdict.rule_problems(graph, rule) if verdict is not None else {})
+    p.problems.update(verdict.problems(graph, rule, list(targets)) if verdict is not None else {})
     hold_channels_first(p.sites, [t.name for t in targets])
     outputs = {t.name: p.outputs[t.fx_node] for t in targets if t.fx_node in p.outputs}
     return outputs, p.sites, p.problems, tuple(images.shape)
