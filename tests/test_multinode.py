@@ -3,10 +3,9 @@ rendezvous, gloo on the CPU) give the ``topk.json`` of a single process; killing
 mid-run stops the other within seconds, naming the lost node, and the rerun resumes.
 
 The killed-node test's rerun runs both nodes to their end and compares with one process, so the
-plain two-node comparison runs with ``ZFVIS_SLOW=1`` only; by default the docs' multi-node page
-(``tests/test_docs_blocks.py``) also runs two nodes to their end, and
-``tests/test_mining.py::test_two_process_gloo_equals_one_process`` checks that no rank's part file
-is left."""
+plain two-node comparison (and the docs' multi-node page, ``tests/test_docs_blocks.py``) runs with
+``ZFVIS_SLOW=1`` only; ``tests/test_mining.py::test_two_process_gloo_equals_one_process`` checks
+that an uninterrupted distributed run leaves no rank's part file."""
 
 from __future__ import annotations
 
