@@ -13,7 +13,9 @@ command reads must exist or be made by an earlier block: a placeholder (``photo.
 ``DATASET``) fails. What cannot run in seconds is checked instead of run, and named here:
 installing (``python3 -m venv``, ``pip``), training (``scripts/train.py``: its options parsed,
 its data and checkpoints tracked), ``torchrun`` (parsed, its inputs checked; run with
-``ZFVIS_SLOW=1``), and the whole-data-set runs of ``mine`` and ``evolution`` without ``--limit``.
+``ZFVIS_SLOW=1``; a ``python`` block that starts torchrun agents runs with their command lines
+recorded and parsed instead of started), and the whole-data-set runs of ``mine`` and
+``evolution`` without ``--limit``.
 Commands on the CIFAR-10 archives in ``../shared`` run on a slice of the test split when it is
 there (with random-weight checkpoints standing in for a training run), and are checked
 otherwise. Finally, ``.gitignore`` covers everything the commands write.
@@ -21,6 +23,7 @@ otherwise. Finally, ``.gitignore`` covers everything the commands write.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import os
@@ -29,12 +32,15 @@ import shlex
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import matplotlib
 import pytest
 import torch
+from torch.distributed.run import get_args_parser as torchrun_parser
 
 import zfvis
 from zfvis.cli import get_args_parser, main
@@ -102,6 +108,24 @@ def _zfvis_argv(words: list[str]) -> list[str] | None:
     return None
 
 
+@contextlib.contextmanager
+def _recording_popen(started: list[list[str]]) -> Iterator[None]:
+    """``subprocess.Popen`` records each command line instead of starting it; each "process"
+    exits with 0 (a block that starts torchrun agents, without ``ZFVIS_SLOW=1``)."""
+
+    class Recorded:
+        returncode = 0
+
+        def __init__(self, args: list[object], *_: object, **__: object) -> None:
+            started.append([str(a) for a in args])
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
+    with mock.patch.object(subprocess, "Popen", Recorded):
+        yield
+
+
 def _train_module():  # noqa: ANN202
     spec = importlib.util.spec_from_file_location("zfvis_train_docs", REPO / "scripts" / "train.py")
     assert spec is not None and spec.loader is not None
@@ -122,6 +146,7 @@ class Newcomer:
         self.written: set[str] = set()
         self.ran: list[str] = []
         self.checked: list[str] = []  # commands checked, not run, and why
+        self.ran_python = False
         self.namespace: dict[str, object] = {"__name__": "__docs__"}
 
     # ----------------------------------------------------------------------------- blocks
@@ -135,10 +160,23 @@ class Newcomer:
 
     def python(self, block: Block) -> None:
         code = compile(block.code, f"{self.where}:{block.line} (python block)", "exec")
+        agents: list[list[str]] | None = None  # a block that starts torchrun agents: their command lines
+        if "torch.distributed.run" in block.code and os.environ.get("ZFVIS_SLOW") != "1":
+            agents = []
         try:
-            exec(code, self.namespace)  # noqa: S102 - the page's own code
+            with _recording_popen(agents) if agents is not None else contextlib.nullcontext():
+                exec(code, self.namespace)  # noqa: S102 - the page's own code
         except Exception as err:  # noqa: BLE001 - report which page, which block
             pytest.fail(f"{self.where}:{block.line}: the python block fails: {type(err).__name__}: {err}")
+        if agents is None:
+            self.ran_python = True
+        else:
+            assert agents, f"{self.where}:{block.line}: the block names torch.distributed.run but starts no process"
+            for argv in agents:  # parsed by torchrun's parser, then as a zfvis command (several processes)
+                assert argv[1:3] == ["-m", "torch.distributed.run"], f"{self.where}:{block.line}: {argv}"
+                launch = torchrun_parser().parse_args(argv[3:])
+                assert launch.module and launch.training_script == "zfvis", f"{self.where}:{block.line}: {argv}"
+                self.zfvis(launch.training_script_args, run=False, words=["torchrun", *argv[3:]])
         for path in re.findall(r"""path=["']([^"']+)["']""", block.code):
             assert (self.work / path).is_file(), f"{self.where}:{block.line}: the block should write {path}"
 
@@ -303,8 +341,7 @@ def test_every_block_of_the_page_runs_as_written(page: Path, scratch: tuple[Path
     if page.name == "README.md":  # the README's own promises, checked on what its blocks leave behind
         assert "-o zfvis_project.png" in newcomer.ran and (work / "runs" / "mine" / "topk.json").is_file()
         assert newcomer.namespace["server"].url.startswith("http://127.0.0.1:")  # type: ignore[attr-defined]
-    ran_python = any(b.lang == "python" for b in blocks)
-    if newcomer.checked and not newcomer.ran and not ran_python:
+    if newcomer.checked and not newcomer.ran and not newcomer.ran_python:
         pytest.skip(f"{_name(page)}: every command was checked, not run: {'; '.join(newcomer.checked)}")
 
 
@@ -320,6 +357,8 @@ def test_a_placeholder_path_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         Block("bash", "zfvis evolution runs/a/epoch_001.pt --layer conv2 -o e.png\n", 1),
         Block("python", "import zfvis\nzfvis.load_image('my_photo.jpg')\n", 1),
         Block("bash", "wget https://example.com/weights.pt\n", 1),
+        Block("python", "import subprocess, sys\nassert subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', "
+                        "'--nproc-per-node', '1', '-m', 'zfvis', 'mine', 'images/', '--layers', 'conv1']).wait() == 0\n", 1),
     ]
     for block in cases:
         with pytest.raises((AssertionError, pytest.fail.Exception)):

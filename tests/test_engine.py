@@ -9,6 +9,7 @@ Everything runs in float64 so agreement is to ~1e-15; the tolerance is 1e-6 rela
 from __future__ import annotations
 
 import copy
+import functools
 
 import memory_guard
 import pytest
@@ -175,6 +176,13 @@ def get_model(key: str) -> nn.Module:
     return _randomize_bn(narrow_classifier(model)).double().eval()
 
 
+@functools.lru_cache(maxsize=1)
+def shared_deconvnet(model: nn.Module) -> Deconvnet:
+    """The deconvnet of the model the previous oracle case used: consecutive cases on one
+    model trace it once, not once per case."""
+    return Deconvnet(model)
+
+
 def input_shape(key: str) -> tuple[int, int, int]:
     if key in _CUSTOM:
         return _CUSTOM[key][1]
@@ -250,7 +258,7 @@ ORACLE_CASES = [
 @pytest.mark.parametrize(("key", "layer", "m", "top_k", "n"), ORACLE_CASES, ids=[f"{c[0]}-{c[1]}" for c in ORACLE_CASES])
 def test_projection_matches_oracle(key: str, layer: str, m: int, top_k: int | None, n: int) -> None:
     model = get_model(key)
-    dn = Deconvnet(model)
+    dn = shared_deconvnet(model)
     x = get_images(key, n)
     channels = strongest_channels(dn, x, layer, m)
     name = dn.resolve(layer)

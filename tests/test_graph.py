@@ -103,6 +103,13 @@ def get_model(key: str) -> nn.Module:
     return _build(key)
 
 
+@functools.cache
+def get_deconvnet(key: str, rule: str | None = None) -> Deconvnet:
+    """A deconvnet of :func:`get_model` (``rule`` given to the constructor, else the default),
+    shared by the oracle cases: the model is traced once, not once per case."""
+    return Deconvnet(get_model(key)) if rule is None else Deconvnet(get_model(key), rule=rule)
+
+
 def get_image(key: str, n: int = 1, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, *_SIZES.get(key, (3, 64, 64)), generator=g, dtype=torch.float64)
@@ -424,7 +431,7 @@ ORACLE_CASES = [
 @pytest.mark.parametrize(("key", "layer", "kind", "rule", "how"), ORACLE_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}" for c in ORACLE_CASES])
 def test_projection_matches_oracle(key: str, layer: str, kind: str, rule: str, how: str) -> None:
     model, x = get_model(key), get_image(key)
-    dn = Deconvnet(model, rule=rule) if how == "ctor" else Deconvnet(model)
+    dn = get_deconvnet(key, rule) if how == "ctor" else get_deconvnet(key)
     kw = {} if how == "ctor" else {"rule": rule}
     oname, call = _oracle_layer(model, layer)
     rec = dn.record(x, layer, **kw)

@@ -67,13 +67,13 @@ def test_api_evolution_refuses_a_layer_the_snapshots_do_not_hold() -> None:
 def test_evolution_with_no_arguments_draws_the_shipped_snapshots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["evolution", "--limit", "100", "--channels", "0-3"]) == 0
+    assert main(["evolution", "--limit", "20", "--channels", "0-3"]) == 0
     with Image.open(tmp_path / "zfvis_evolution.png") as im:
         assert im.size[0] > 300 and im.size[1] > 300
     settings = json.loads((tmp_path / "zfvis_evolution.json").read_text())
     assert settings["source"] == "shipped snapshots" and settings["layer"] == "conv2"
     assert settings["labels"] == zfvis.training_snapshots().labels
-    assert "searched 100 images" in capsys.readouterr().out
+    assert "searched 20 images" in capsys.readouterr().out
 
 
 def test_evolution_snapshots_refuse_later_layers_and_other_models(tmp_path: Path,

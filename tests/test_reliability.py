@@ -198,7 +198,7 @@ def test_config_supplies_positionals_and_required_options(tmp_path: Path, capsys
         cks.append(tmp_path / f"e{seed}.pt")
         torch.save(zfvis.load_model("zfnet-cifar10", weights="random", seed=seed)[0].state_dict(), cks[-1])
     cfg = tmp_path / "evo.toml"
-    cfg.write_text(f'[evolution]\nlayer = "conv1"\nchannels = [0, "2-3"]\ncheckpoints = ["{cks[0]}", "{cks[1]}"]\n')
+    cfg.write_text(f'[evolution]\nlayer = "conv1"\nchannels = [0, "2-3"]\nlimit = 20\ncheckpoints = ["{cks[0]}", "{cks[1]}"]\n')
     out = tmp_path / "evo.png"
     rc, err = run_cli(capsys, "evolution", "--config", cfg, "-o", out)
     assert rc == 0, err

@@ -46,7 +46,7 @@ def test_bench_mine(tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_bench_project(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _script("bench_project").main(["--model", "resnet50", "--repeats", "1", "--input-size", "64",
+    assert _script("bench_project").main(["--model", "resnet50", "--repeats", "1", "--input-size", "32",
                                           "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "layer3 x9" in out and "of the dense multiply-adds" in out

@@ -17,14 +17,14 @@ import zfvis
 from zfvis.models import zoo
 
 # A declared contract per zoo model (timm style): alias -> (channels, reduction: the
-# receptive field's jump) for a 224 input (32 for zfnet-cifar10, 64 for the graph models: the reduction does not depend on it), checked against real outputs below.
+# receptive field's jump) for a 224 input (32 for zfnet-cifar10, 64 for the VGGs and the graph models: neither depends on it), checked against real outputs below.
 CONTRACTS = {
     "zfnet": (224, {"conv1": (96, 2), "pool1": (96, 4), "conv2": (256, 8), "pool2": (256, 16), "conv5": (256, 16), "pool3": (256, 32)}),
     "zfnet-cifar10": (32, {"conv1": (32, 1), "conv2": (64, 2), "conv3": (128, 4), "conv5": (128, 4), "pool3": (128, 8)}),
     "alexnet": (224, {"conv1": (64, 4), "conv2": (192, 8), "conv5": (256, 16)}),
-    "vgg11": (224, {"conv1_1": (64, 1), "conv3_2": (256, 4), "conv5_2": (512, 16), "pool5": (512, 32)}),
-    "vgg16": (224, {"conv1_2": (64, 1), "conv3_3": (256, 4), "conv5_3": (512, 16)}),
-    "vgg19_bn": (224, {"conv4_4": (512, 8), "conv5_4": (512, 16)}),
+    "vgg11": (64, {"conv1_1": (64, 1), "conv3_2": (256, 4), "conv5_2": (512, 16), "pool5": (512, 32)}),
+    "vgg16": (64, {"conv1_2": (64, 1), "conv3_3": (256, 4), "conv5_3": (512, 16)}),
+    "vgg19_bn": (64, {"conv4_4": (512, 8), "conv5_4": (512, 16)}),
     "resnet18": (64, {"stem": (64, 2), "layer1": (64, 4), "layer2": (128, 8), "layer3.1": (256, 16), "layer4": (512, 32)}),
     "resnet50": (64, {"layer1": (256, 4), "layer2.0.add": (512, 8), "layer4": (2048, 32)}),
     "googlenet": (64, {"conv1": (64, 2), "inception3a": (256, 8), "inception4c": (512, 16), "inception5b": (1024, 32)}),
