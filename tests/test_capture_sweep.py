@@ -104,6 +104,7 @@ class _HiddenRelu(_Three):
         return self.conv3(torch.ops.aten.relu(a) * 0.5 if self.kind == "aten" else a * 0.5)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|trace|trace_method)` is deprecated:FutureWarning")
 @pytest.mark.parametrize("kind", ["script", "trace", "aten"])
 def test_a_rectifier_no_torch_call_shows_is_refused_where_the_rule_needs_it(kind: str) -> None:
     """The deconvnet and guided rules cannot reach it: refused, naming the node and the
