@@ -404,3 +404,24 @@ def test_real_cifar10_200_images(cifar_test_slice: Path, tmp_path: Path) -> None
                              sheets.SheetLayout.of([e["box"] for e in ranked]))
     assert len(tiles) == len(ranked) == 9
     assert len({e["image"].split("/")[0] for c in topk["layers"]["conv3"]["channels"] for e in c}) > 1
+
+
+@pytest.mark.parametrize("resumed_done", [False, True])
+def test_each_rank_drops_its_part_file_once_the_final_state_is_saved(monkeypatch, tmp_path, resumed_done) -> None:
+    """A rank resumed from the final state (a node killed after rank 0 saved it, before it
+    dropped its part) drops its part too; it was left beside the results."""
+    import types
+
+    from zfvis.mining import pass1
+    from zfvis.mining.run import Progress
+
+    deleted: list[list[object]] = []
+    monkeypatch.setattr(pass1.ownership, "delete_own", lambda paths, run_id: deleted.append([*paths, run_id]))
+    monkeypatch.setattr(pass1, "flush_recording", lambda: None)
+    ranks = types.SimpleNamespace(rank=1, world=2, finish=lambda: None, check=lambda: None,
+                                  gather=lambda obj: [obj, obj])
+    run = types.SimpleNamespace(ranks=ranks, part_path=tmp_path / "state.rank1-of-2.pt", state_path=tmp_path / "state.pt",
+                                run_id="r1", layers=[], k=1)
+    prog = Progress({}, (), 0, 0, done=resumed_done)
+    pass1.merge_ranks(run, prog)  # type: ignore[arg-type]
+    assert deleted == [[tmp_path / "state.rank1-of-2.pt", "r1"]]

@@ -105,8 +105,9 @@ def pass1(run: Run) -> tuple[Progress, float, int]:
 def merge_ranks(run: Run, prog: Progress) -> Progress:
     """Gathers and merges the ranks' top-k lists; rank 0 saves the final state."""
     r = run.ranks
-    if prog.done:
+    if prog.done:  # resumed from the final state: a rank stopped before dropping its part may have left it
         r.finish()
+        _drop_part(run)
         return prog
     merged = dataclasses.replace(prog, done=True)
     if r.world > 1:
@@ -121,10 +122,15 @@ def merge_ranks(run: Run, prog: Progress) -> Progress:
         atomic_torch_save(run.state(merged), run.state_path)
     r.check()  # the final state is on disk before any rank drops its part
     r.finish()
+    _drop_part(run)
+    return merged
+
+
+def _drop_part(run: Run) -> None:
+    """Deletes this rank's part file (several ranks; the final state is on disk)."""
     if run.part_path != run.state_path:
         flush_recording()  # the part file joins the ledger, to be deleted as the run's own
         ownership.delete_own([run.part_path], run.run_id)
-    return merged
 
 
 def topk_table(run: Run, prog: Progress) -> dict[str, Any]:
