@@ -273,3 +273,32 @@ def test_a_wrapped_model_is_refused_naming_the_model_inside(wrapper: str, api: s
             Deconvnet(model)
         else:
             occlusion(model, _images(1)[0], patch=4, stride=4)
+
+
+class _Quiet(_Three):
+    """conv3 reads a tensor made from a shape and written in place, or computed with gradients off."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv2(F.relu(self.conv1(x)))
+        if self.how == "written":
+            z = torch.zeros_like(a)
+            z.add_(a)
+        else:
+            with torch.no_grad():
+                z = F.relu(a)
+        return self.conv3(z)
+
+
+@pytest.mark.parametrize("how", ["written", "no_grad"])
+def test_a_layer_that_carries_no_signal_is_refused_saying_why(how: str) -> None:
+    """It is a layer of the model, but nothing reaches it: the refusal says why and what to do
+    (it said "not a layer of the model")."""
+    from zfvis.io.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="does not depend on the images") as info:
+        Deconvnet(_ready(_Quiet(how))).project(_images(1), "conv3", 0)
+    assert "not a layer of the model" not in str(info.value)

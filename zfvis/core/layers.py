@@ -70,8 +70,14 @@ class LayerNames:
         close = difflib.get_close_matches(layer, self.names(), n=4, cutoff=0.4)
         hint = f" Closest: {', '.join(close)}." if close else ""
         holder = next((m for m in self.graph.opaque if name == m or name.startswith(m + ".")), None)
+        quiet = self.graph.by_name.get(name) or self.graph.module_output.get(name)
         if holder is not None:
             kind = f"inside module '{holder}', which could not be traced ({self.graph.opaque[holder]})"
+        elif quiet is not None:  # a node of the graph that carries no signal
+            kind = ("a layer whose output does not depend on the images as zfvis traces the model: it is computed "
+                    "from constants, from values made with gradients off (torch.no_grad(), detach()), or from a "
+                    "tensor made from a shape alone (torch.zeros_like(x)) and then written in place (write that "
+                    "one out of place: torch.zeros_like(x) + y)")
         else:
             kind = "not a layer of the model"
         raise UserInputError(
