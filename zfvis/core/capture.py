@@ -115,8 +115,8 @@ class Verdict:
             node = graph.by_name[name]
             where = f" at {node.source}" if node.source else ""
             found.setdefault(name, UnsupportedModelError(
-                f"node '{name}' ({node.kind}){where}: it runs a rectifier ({op}) as an ATen call that no torch function "
-                "call makes visible (inside TorchScript, torch.ops.aten, or a PyTorch function such as F.lp_pool2d), "
+                f"node '{name}' ({node.kind}){where}: it runs a rectifier ({op}) as an ATen call that no torch "
+                "function call makes visible (inside TorchScript, torch.ops.aten, or a PyTorch function such as F.lp_pool2d), "
                 f"so the {rule} rule cannot reach it and the projection would be wrong. Hint: call it as F.relu / "
                 "nn.ReLU in Python, or use the gradient rule"))
         return found
@@ -260,7 +260,7 @@ def _backward_hooked(model: nn.Module) -> str | None:
 
     found = next((name or "<the model>" for name, m in model.named_modules()
                   if m._backward_hooks or m._backward_pre_hooks), None)
-    if found is None and (getattr(mod, "_global_backward_hooks", None) or getattr(mod, "_global_backward_pre_hooks", None)):
+    if found is None and any(getattr(mod, g, None) for g in ("_global_backward_hooks", "_global_backward_pre_hooks")):
         found = "every module (global backward hooks)"
     return found
 

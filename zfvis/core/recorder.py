@@ -24,7 +24,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from .inplace import storage
 from .rule_mode import follows_rule, is_aten_rectifier
 
-__all__ = ["AtenCall", "Recorder", "RuleCalls", "ModelRun", "run_model", "names", "tensors_in", "stops", "same_output", "written_by"]
+__all__ = ["AtenCall", "Recorder", "RuleCalls", "ModelRun", "run_model", "names", "tensors_in", "stops", "same_output",
+           "written_by"]
 
 
 @dataclasses.dataclass(frozen=True)
