@@ -116,9 +116,9 @@ class Verdict:
             where = f" at {node.source}" if node.source else ""
             found.setdefault(name, UnsupportedModelError(
                 f"node '{name}' ({node.kind}){where}: it runs a rectifier ({op}) as an ATen call that no torch "
-                "function call makes visible (inside TorchScript, torch.ops.aten, or a PyTorch function such as F.lp_pool2d), "
-                f"so the {rule} rule cannot reach it and the projection would be wrong. Hint: call it as F.relu / "
-                "nn.ReLU in Python, or use the gradient rule"))
+                "function call makes visible (inside TorchScript, torch.ops.aten, or a PyTorch function such as "
+                f"F.lp_pool2d), so the {rule} rule cannot reach it and the projection would be wrong. Hint: call it "
+                "as F.relu / nn.ReLU in Python, or use the gradient rule"))
         return found
 
     def check(self, graph: ModelGraph, targets: list[GraphNode]) -> None:
