@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from ..core.deconvnet import Deconvnet
-from ..core.model_state import kept_buffers
 from ..core.graph import eval_mode
+from ..core.model_state import kept_buffers
 from ..io import progress as _progress
 from ..io.checks import check_model
 from ..io.errors import InputTypeError, UnsupportedModelError, UserInputError

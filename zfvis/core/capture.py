@@ -417,11 +417,11 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
         with eval_mode(model), torch.no_grad():
             return _not_batch(graph, images, dims)
 
-    verdict = Verdict(violations, hooked_names, probe)
-    verdict.state_writes = frozenset(written)
-    verdict.backward_hooks = _backward_hooked(model)
+    hidden: dict[str, str] = {}
     for c in graph_calls:
         if c.hidden_rectifier and c.node is not None:
-            verdict.hidden_rectifiers.setdefault(c.node, c.op)
+            hidden.setdefault(c.node, c.op)
+    verdict = Verdict(violations, hooked_names, probe, hidden_rectifiers=hidden, state_writes=frozenset(written),
+                      backward_hooks=_backward_hooked(model))
     graph.verdicts[key] = verdict
     return verdict

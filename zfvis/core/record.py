@@ -32,10 +32,10 @@ from ..io.errors import (
 )
 from .cone import ReceptiveField
 from .capture import verify
-from .model_state import kept_buffers
 from .graph import GraphNode, ModelGraph, eval_mode, run_node
 from .inplace import overwritten
 from .layouts import hold_channels_first
+from .model_state import kept_buffers
 from .ops import GENERIC, OPS, SUPPORTED_TYPES, WHOLE_BATCH, Live, Op, Site
 from .ops.args import live_call
 from .ops.build import plain_max_pool, pool_arguments, pool_with_switches

@@ -113,6 +113,7 @@ def _aten(name: str) -> tuple[Any, ...]:
 #: without a ``torch`` call that :class:`RuleMode` could swap); hardtanh only as ReLU6, elu only
 #: with unit scales (as ``F.elu`` calls it).
 _ATEN_RECTIFIERS = frozenset(p for n in ("relu", "leaky_relu", "silu", "gelu", "hardswish", "mish") for p in _aten(n))
+_HARDTANH, _ELU = _aten("hardtanh"), _aten("elu")
 
 
 def is_aten_rectifier(func: Any, args: tuple[Any, ...]) -> bool:
@@ -120,9 +121,9 @@ def is_aten_rectifier(func: Any, args: tuple[Any, ...]) -> bool:
     packet = getattr(func, "overloadpacket", None)
     if packet in _ATEN_RECTIFIERS:
         return True
-    if packet in _aten("hardtanh"):
+    if packet in _HARDTANH:
         return tuple(float(a) for a in args[1:3]) == (0.0, 6.0)
-    if packet in _aten("elu"):
+    if packet in _ELU:
         return all(float(a) == 1.0 for a in args[2:4])
     return False
 

@@ -56,7 +56,7 @@ def trace_failure(err: BaseException) -> UnsupportedModelError:
         hint = ("write the assignment out of place (torch.cat, torch.where, Tensor.index_put), or move it into a "
                 "submodule, which zfvis keeps whole and replays")
     else:
-        hint = "move tensor-dependent control flow into a submodule, or make the model's forward() a plain sequence " \
-               "of tensor operations"
+        hint = ("move tensor-dependent control flow into a submodule, or make the model's forward() a plain "
+                "sequence of tensor operations")
     return UnsupportedModelError(f"cannot trace the model's forward() with torch.fx ({describe(err)})"
                                  + (f" at {where}" if where else "") + f". Hint: {hint}")
