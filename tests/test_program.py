@@ -87,3 +87,68 @@ def test_a_submodule_that_does_not_replay_is_refused_naming_it() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), _Random(), nn.ReLU(), nn.Conv2d(4, 2, 3)).double().eval()
     with pytest.raises(zfvis.ZfvisError, match=r"'1': it calls aten\.\w+.*, random in eval mode"):
         zfvis.Deconvnet(model).project(torch.rand(1, 3, 8, 8, dtype=torch.float64), "3", 0)
+
+
+class _Blend(nn.Module):
+    """Untraceable (branches on a value); rectifiers inside, a write into its own tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if float(y.detach().abs().sum()) > 0:
+            y[:, 1:3] = F.silu(y[:, 1:3]) + F.relu(x[:, :2])
+        return F.gelu(y) * torch.sigmoid(x)
+
+
+class _Double(nn.Module):
+    """Untraceable; doubles its input in place (or, as the oracle's twin, out of place)."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.detach().sum()) > -1e30:
+            return x.mul_(2.0) if self.inplace else x * 2.0
+        return x
+
+
+class _BlendNet(nn.Module):
+    def __init__(self, inplace: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.inner = _Blend()
+        self.twice = _Double(inplace)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        y = self.inner(h)
+        h = self.twice(h)  # writes into what the submodule read
+        return self.conv2(F.relu(h + y))
+
+
+@pytest.mark.parametrize("rule", ["deconvnet", "guided", "gradient"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_later_passes_differentiate_the_graph_of_the_run(batch: int, rule: str) -> None:
+    """Once a submodule reversed on its own has been replayed against its output for an input
+    key, later passes run it with gradients on, under the rule, and differentiate the graph of
+    that run: every later projection is still exact (several seeds per image, so the graph is
+    differentiated once per seed, and the forward pass writes into the submodule's input after
+    it ran), and reversing one recording twice gives the same."""
+    torch.manual_seed(batch)
+    model = (_net(batch) if batch == 1 else _BlendNet().double()).eval()
+    ref = model if batch == 1 else _BlendNet(inplace=False).double().eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.rand(batch, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(batch))
+    dn = zfvis.Deconvnet(model)
+    for channel in range(3):  # the first pass records the calls; the later ones keep the graph
+        outcome = check_projection(dn, model, x, Query("conv2", channel, top_k=3, rule=rule), ref=ref)
+        assert outcome.status == "exact", outcome.message
+    rec = dn.record(x, "conv2", rule=rule)
+    assert getattr(rec.sites["inner"].state, "graph", None) is not None  # the path under test ran
+    seeds = dn.select(rec, [0, 4], top_k=2)
+    assert torch.equal(dn.reverse(rec, seeds).full(), dn.reverse(rec, seeds).full())

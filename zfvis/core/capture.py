@@ -75,6 +75,8 @@ class Verdict:
             occlusion, which never reverses, does not).
         replayed: Nodes of the model's own code whose recorded calls were replayed and gave
             its output (:mod:`zfvis.core.program`), checked once per key.
+        graphed: Those of them reversed as a stretch of their own, which later passes run with
+            gradients on, keeping the graph of the run (:meth:`zfvis.core.program.Replays.run_graphed`).
         backward_hooks: The first module with backward hooks (they change the gradient, not
             what the model computes: projections are refused), or ``None``.
         state_writes: Buffers the model's forward writes into (a counter): kept as they were
@@ -89,6 +91,7 @@ class Verdict:
     probe: Any = dataclasses.field(default=None, repr=False)  # () -> not_batch, run once when first asked
     _not_batch: frozenset[str] | None = dataclasses.field(default=None, repr=False)
     replayed: set[str] = dataclasses.field(default_factory=set)
+    graphed: set[str] = dataclasses.field(default_factory=set)
     hidden_rectifiers: dict[str, str] = dataclasses.field(default_factory=dict)
     state_writes: frozenset[str] = frozenset()
     backward_hooks: str | None = None

@@ -17,6 +17,12 @@ calls (:func:`zfvis.core.rule_mode.follows_rule`), so that, replayed under
 A node that calls a random op (in eval mode) or writes into a tensor from outside (state
 kept between calls) is refused when recorded. The first time a node is recorded for an
 input key, its program is also replayed at once and must give the node's output exactly.
+
+Once a node has passed that check for an input key, and is reversed as a stretch of its own
+(:class:`~zfvis.core.reverse_grad.WholeBatchVectorJacobian`), later passes run it with
+gradients on, under the rule (:meth:`Replays.run_graphed`), and keep the autograd graph of
+that very run for the reverse pass: the same calls, differentiated without running them a
+second time.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..io.errors import UnsupportedModelError
 from .recorder import written_by
-from .rule_mode import follows_rule
+from .rule_mode import RuleMode, follows_rule
 
 __all__ = ["Program", "Replay", "Replays", "record_program"]
 
@@ -232,11 +238,14 @@ class Replay:
         program: Its calls (``None`` where it cannot be replayed: ``problem`` says why).
         values: Its inputs that carry the signal, as they were when it ran.
         problem: Why it cannot be reversed.
+        graph: Where the node ran with gradients on (:meth:`Replays.run_graphed`): the leaves it
+            ran on (copies of ``values``) and its output, with the autograd graph of that run.
     """
 
     program: Program | None
     values: list[torch.Tensor]
     problem: UnsupportedModelError | None = None
+    graph: tuple[list[torch.Tensor], torch.Tensor] | None = None
 
 
 class Replays:
@@ -247,14 +256,41 @@ class Replays:
         identities: Nodes that returned their one input, calling nothing (passed through).
         checked: Names of the nodes already replayed against their output for this input
             key (:attr:`zfvis.core.capture.Verdict.replayed`; each is checked once).
+        graphed: Names of checked nodes reversed as a stretch of their own, which later passes
+            for the key run with gradients on (:attr:`zfvis.core.capture.Verdict.graphed`).
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, rule: str = "deconvnet") -> None:
         self.model = model
+        self.rule = rule
         self.found: dict[Any, Replay] = {}
         self.checked: set[str] = set()
+        self.graphed: set[str] = set()
         self.identities: set[Any] = set()
         self._kept: set[int] | None = None
+
+    def graphable(self, node: Any, live: list[Any]) -> bool:
+        """Whether a node is run with gradients on (:meth:`run_graphed`): checked for this key
+        and reversed alone, it writes into nothing it is given, its live inputs are
+        floating-point tensors."""
+        return (node.name in self.graphed and node.name in self.checked and not node.writes and bool(live)
+                and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in live))
+
+    def run_graphed(self, node: Any, live: list[torch.Tensor], call_on: Callable[[list[torch.Tensor]], Any],
+                    batch: int) -> Any:
+        """Runs a :meth:`graphable` node on copies of its live inputs with gradients on, its
+        rectifiers under the rule, keeping the autograd graph of the run. Returns the output
+        (detached, a copy: later in-place calls must not touch what the graph saved), or
+        ``None`` where the run gave no batch-first tensor with a gradient (then the node is
+        recorded as usual, and no longer run so for this key)."""
+        leaves = [t.detach().clone().requires_grad_(True) for t in live]
+        with torch.enable_grad(), RuleMode(self.rule):
+            out = call_on(leaves)
+        if not (isinstance(out, torch.Tensor) and out.requires_grad and out.dim() > 0 and out.shape[0] == batch):
+            self.graphed.discard(node.name)
+            return None
+        self.found[node.fx_node] = Replay(None, [t.detach() for t in leaves], graph=(leaves, out))
+        return out.detach().clone()
 
     def run(self, node: Any, live: list[Any], call: Callable[[], Any]) -> Any:
         """Runs a node of the model's own code (a :class:`~zfvis.core.graph.GraphNode`) on

@@ -39,7 +39,7 @@ from .model_state import kept_buffers
 from .ops import GENERIC, OPS, SUPPORTED_TYPES, WHOLE_BATCH, Live, Op, Site
 from .ops.args import live_call
 from .ops.build import plain_max_pool, pool_arguments, pool_with_switches
-from .ops.grad import IDENTITY, RULES_WITHOUT_INPUTS, recorded_inputs
+from .ops.grad import IDENTITY, RULES_WITHOUT_INPUTS, RecordedGraph, RecordedInputs, recorded_inputs
 from .program import Replays
 from .shared_records import SharedRecords
 
@@ -253,7 +253,10 @@ class _Stretches:
         pieces = [_fold_fn(self.folds[p.fx_node], roots) if p.fx_node in self.folds else _root_fn(roots.index(p))
                   for p in live]
         own = _call_site(node, env, live)
-        call = replay.program if replay is not None and replay.program is not None else own.fn or live_call(own)
+        if replay is not None and replay.graph is not None:  # reversed by the graph of its run, never run again
+            call: Callable[..., Any] = _graph_only(node.name, self.rule)
+        else:
+            call = replay.program if replay is not None and replay.program is not None else own.fn or live_call(own)
         start = folds[0].start if folds else node
 
         def fn(*ts: torch.Tensor) -> Any:
@@ -266,8 +269,14 @@ class _Stretches:
             self.recorded.watch(placeholder)
             self.sites[node.name] = placeholder
             return
+        state = RecordedInputs(values)
+        if replay is not None and not folds:  # a stretch of its own: run with gradients on from now on
+            if replay.graph is not None:
+                state.graph = RecordedGraph(*replay.graph, self.rule)
+            elif replay.program is not None and node.name in self.replays.checked:
+                self.replays.graphed.add(node.name)
         site = Site(node, own.args, own.kwargs, roots, [tuple(v.shape[1:]) for v in values], _shape(node, out),
-                    state=values, cone="full", entry=OPS[WHOLE_BATCH], fn=fn, start=start)
+                    state=state, cone="full", entry=OPS[WHOLE_BATCH], fn=fn, start=start)
         self.recorded.watch(site)
         self.sites[node.name] = site
 
@@ -284,6 +293,14 @@ class _Stretches:
                     "cannot be seeded per image. Hint: keep the batch first, e.g. torch.flatten(x, 1), or project "
                     "a layer where the batch is first again")
         return found
+
+
+def _graph_only(name: str, rule: str) -> Callable[..., Any]:
+    def fn(*ts: torch.Tensor) -> Any:
+        raise RuntimeError(f"node '{name}' was recorded with its autograd graph for the {rule} rule; "
+                           "it is reversed only by that graph")
+
+    return fn
 
 
 def _call_site(node: GraphNode, env: dict[fx.Node, Any], live: list[GraphNode]) -> Site:
@@ -318,7 +335,7 @@ class _Pass(_Stretches):
         self.bundles: dict[fx.Node, Site] = {}
         self.recorded = SharedRecords()
         self.batch = 0
-        self.replays = Replays(graph.model)
+        self.replays = Replays(graph.model, rule)
         self.switches: dict[fx.Node, torch.Tensor] = {}  # of max-pooling modules run with them
 
     def run(self, images: torch.Tensor) -> None:
@@ -343,8 +360,7 @@ class _Pass(_Stretches):
                 elif node.writes and args:  # an in-place op writes its first argument
                     self.recorded.copy_before_write(args[0])
                 if node.replayed:  # the model's own code, its calls recorded
-                    out = self.replays.run(node, [env[p.fx_node] for p in node.inputs if p.carries],
-                                           lambda: run_node(node, model, args, kwargs))
+                    out = self._replay(node, env, lambda: run_node(node, model, args, kwargs))
                 elif node.carries and plain_max_pool(node.module, args, kwargs):  # output and switches at once
                     out, self.switches[fxn] = pool_with_switches(args[0], *pool_arguments(node.module))
                 else:
@@ -358,6 +374,26 @@ class _Pass(_Stretches):
                 if self.last_use.get(p.fx_node) == i:
                     env.pop(p.fx_node, None)
         self.recorded.copy_before_write(images)  # the caller's tensor
+
+    def _replay(self, node: GraphNode, env: dict[fx.Node, Any], call: Callable[[], Any]) -> Any:
+        """Runs a node of the model's own code: with gradients on where it may
+        (:meth:`zfvis.core.program.Replays.run_graphed`), else recording its calls."""
+        live_nodes = [p for p in node.inputs if p.carries]
+        live = [env[p.fx_node] for p in live_nodes]
+        if self.replays.graphable(node, live) and not any(p.fx_node in self.folds for p in live_nodes):
+            slot = {p.fx_node: k for k, p in enumerate(live_nodes)}
+
+            def call_on(leaves: list[torch.Tensor]) -> Any:
+                args = fx.node.map_arg(node.fx_node.args, lambda n: leaves[slot[n]] if n in slot else env[n])
+                kwargs = fx.node.map_arg(node.fx_node.kwargs, lambda n: leaves[slot[n]] if n in slot else env[n])
+                return run_node(node, self.graph.model, args, kwargs)
+
+            out = self.replays.run_graphed(node, live, call_on, self.batch)
+            if out is not None and node.name not in self.not_batch:
+                return out
+            self.replays.graphed.discard(node.name)
+            self.replays.found.pop(node.fx_node, None)
+        return self.replays.run(node, live, call)
 
     def _check_inplace(self, node: GraphNode, args: Any, env: dict[fx.Node, Any], i: int) -> None:
         # the values still held (read later) in the pass's order, not every node of the pass
@@ -449,6 +485,7 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
     verdict = verify(graph, images) if _real(images) else None  # what the model runs, against the graph
     p = _Pass(graph, list(targets), rule, verdict.not_batch if verdict is not None else frozenset())
     p.replays.checked = verdict.replayed if verdict is not None else p.replays.checked
+    p.replays.graphed = verdict.graphed if verdict is not None else p.replays.graphed
     # a model already in eval mode (all its modules) is left alone: switching and restoring
     # every module's flag costs about a millisecond per pass
     training = any(m.training for m in graph.model.modules())

@@ -143,15 +143,20 @@ class WholeBatchVectorJacobian(ReverseLayer):
                 "recorded batch, per seed")
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
-        roots = [t.detach().requires_grad_(True) for t in frame.state]
-        with torch.enable_grad(), RuleMode(frame.rule):
-            out = self._fn(*(t.clone() for t in roots))
+        kept = getattr(frame.state, "graph", None)  # the autograd graph of the node's own run (zfvis.core.program)
+        if kept is not None and kept.rule == frame.rule:
+            roots, out, keep = kept.leaves, kept.out, True
+        else:
+            roots = [t.detach().requires_grad_(True) for t in frame.state]
+            with torch.enable_grad(), RuleMode(frame.rule):
+                out = self._fn(*(t.clone() for t in roots))
+            keep = False
         results = [torch.zeros(signal.shape[0], *t.shape[1:], dtype=signal.dtype, device=signal.device) for t in roots]
         images = frame.image.tolist()
         for j, i in enumerate(images):
             seed = torch.zeros_like(out)
             seed[i] = signal[j].to(out.dtype)
-            grads = torch.autograd.grad(out, roots, seed, retain_graph=j < len(images) - 1, allow_unused=True)
+            grads = torch.autograd.grad(out, roots, seed, retain_graph=keep or j < len(images) - 1, allow_unused=True)
             for result, g in zip(results, grads):
                 if g is None:
                     continue
