@@ -81,6 +81,15 @@ class ReverseLayer(nn.Module):
     source: str
     fresh: bool = False
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # a plain value (a name, numbers, a function) is set as it is: nn.Module's bookkeeping
+        # is for parameters, buffers and submodules, and a reverse pass builds hundreds of layers
+        registered = name in self._parameters or name in self._buffers or name in self._modules
+        if registered or isinstance(value, (torch.Tensor, nn.Module)):
+            super().__setattr__(name, value)
+        else:
+            object.__setattr__(self, name, value)
+
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -27,10 +27,15 @@ class _Rectifier(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, fn: Callable[..., torch.Tensor], rule: str, cap: float | None,
                 inplace: bool) -> torch.Tensor:  # fmt: skip
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_(True)
-            y = fn(leaf)
-            (slope,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
+        if rule == "deconvnet":  # its backward does not read the slope
+            with torch.no_grad():
+                y = fn(x.detach())
+            slope = torch.ones((), dtype=x.dtype, device=x.device)
+        else:
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_(True)
+                y = fn(leaf)
+                (slope,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
         below = x < cap if cap is not None else torch.ones((), dtype=torch.bool, device=x.device)
         ctx.rule = rule
         ctx.save_for_backward(slope, below)
