@@ -359,3 +359,12 @@ def test_script_bench_feature_vis(capsys: pytest.CaptureFixture[str]) -> None:
                                               "--reach-channels", "2", "--reach-images", "20"]) == 0
     out = capsys.readouterr().out
     assert "per channel" in out and "plain loop" in out and "reached the top-1" in out
+
+
+def test_feature_vis_under_inference_mode_equals_it_outside() -> None:
+    """Its optimisation needs autograd, also where the caller runs under torch.inference_mode()."""
+    model = _Branchy().eval()
+    outside = zfvis.feature_vis(model, "add", "0-1", steps=3, size=16, seed=1, progress=False)
+    with torch.inference_mode():
+        inside = zfvis.feature_vis(model, "add", "0-1", steps=3, size=16, seed=1, progress=False)
+    assert torch.equal(outside.images, inside.images) and torch.equal(outside.values, inside.values)

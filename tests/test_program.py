@@ -152,3 +152,25 @@ def test_later_passes_differentiate_the_graph_of_the_run(batch: int, rule: str) 
     assert getattr(rec.sites["inner"].state, "graph", None) is not None  # the path under test ran
     seeds = dn.select(rec, [0, 4], top_k=2)
     assert torch.equal(dn.reverse(rec, seeds).full(), dn.reverse(rec, seeds).full())
+
+
+@pytest.mark.parametrize("made_inside", [False, True])
+@pytest.mark.parametrize("model_name", ["untraceable submodule", "group norm"])
+def test_a_projection_under_inference_mode_equals_one_outside(model_name: str, made_inside: bool) -> None:
+    """zfvis's own autograd (a kept graph, a vector-Jacobian product) works when the caller
+    runs under ``torch.inference_mode()``, also on images made there (inference tensors)."""
+    torch.manual_seed(0)
+    if model_name == "group norm":
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.GELU(), nn.Conv2d(4, 5, 3)).double()
+    else:
+        model = _BlendNet().double()
+    model.eval()
+    x = torch.rand(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dn = zfvis.Deconvnet(model)
+    layer = "3" if model_name == "group norm" else "conv2"
+    expected = [dn.project(x, layer, c, top_k=2) for c in range(2)]
+    with torch.inference_mode():
+        images = x.clone() if made_inside else x
+        got = [dn.project(images, layer, c, top_k=2) for c in range(2)]
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)

@@ -348,8 +348,9 @@ class Deconvnet:
         """
         stack = self.reverse_stack(recording)
         batches = self._batches(recording, stack, seeds)
-        parts = [self._reverse_chunk(recording, stack, seeds[torch.tensor(b, device=seeds.image.device)])
-                 for b in batches]
+        with torch.inference_mode(False):  # layers reversed by autograd need it, whatever the caller's mode
+            parts = [self._reverse_chunk(recording, stack, seeds[torch.tensor(b, device=seeds.image.device)])
+                     for b in batches]
         if len(parts) == 1:
             return parts[0]
         # a window's size depends on the seeds of its batch: bring every batch to the

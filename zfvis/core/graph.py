@@ -137,6 +137,7 @@ class ModelGraph:
     opaque: dict[str, str]
     tuples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     verdicts: dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
+    _ancestors: dict[Any, list[GraphNode]] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def input(self) -> GraphNode:
@@ -150,7 +151,13 @@ class ModelGraph:
     def ancestors(self, targets: list[GraphNode], *, writes: bool = False) -> list[GraphNode]:
         """Every node the targets depend on (including them), in execution order; with
         ``writes``, also every in-place call before the last of them (it may write into
-        memory a target reads through a view) and what it depends on."""
+        memory a target reads through a view) and what it depends on (kept: the edges are fixed)."""
+        key = (tuple(t.index for t in targets), writes)
+        if key not in self._ancestors:
+            self._ancestors[key] = self._find_ancestors(targets, writes)
+        return list(self._ancestors[key])
+
+    def _find_ancestors(self, targets: list[GraphNode], writes: bool) -> list[GraphNode]:
         seen: set[int] = set()
         stack = list(targets)
         if writes and targets:

@@ -9,7 +9,8 @@ masks for the guided and gradient rules). Nothing in the model is changed; every
 module's ``training`` flag is restored, also when the pass raises. In-place operations
 run as in the model (each is a new version of the tensor it writes, see
 :mod:`zfvis.core.graph`); one that would overwrite memory another value still to be read
-shares (a view) is refused (:mod:`zfvis.core.inplace`).
+shares (a view) is refused (:mod:`zfvis.core.inplace`). Stretches where the batch is not the
+first dimension are recorded whole (:mod:`zfvis.core.stretches`).
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from .graph import GraphNode, ModelGraph, eval_mode, run_node
 from .inplace import overwritten
 from .layouts import hold_channels_first
 from .model_state import kept_buffers
-from .ops import GENERIC, OPS, SUPPORTED_TYPES, WHOLE_BATCH, Live, Op, Site
+from .ops import GENERIC, OPS, SUPPORTED_TYPES, Live, Op, Site
 from .ops.args import live_call
 from .ops.build import plain_max_pool, pool_arguments, pool_with_switches
-from .ops.grad import IDENTITY, RULES_WITHOUT_INPUTS, RecordedGraph, RecordedInputs, recorded_inputs
+from .ops.grad import IDENTITY, RULES_WITHOUT_INPUTS, recorded_inputs
 from .program import Replays
 from .shared_records import SharedRecords
+from .stretches import Fold, Stretches, output_shape, tensors_of
 
 __all__ = ["Step", "Recording", "RemovableHandles", "UnsupportedModelError", "record", "prepared_site", "SUPPORTED_TYPES",
            "eval_mode"]
@@ -99,35 +101,12 @@ class Recording:
         ]
 
 
-@dataclasses.dataclass
-class _Fold:
-    """A stretch of nodes, so far, where the batch is not the first dimension.
-
-    Attributes:
-        start: The node where the batch left the first dimension.
-        roots: The stretch's inputs that have the batch first, in order.
-        values: Their recorded values (the whole batch).
-        fn: The stretch up to here as a function of the roots.
-    """
-
-    start: GraphNode
-    roots: list[GraphNode]
-    values: list[torch.Tensor]
-    fn: Callable[..., Any]
-
-
 class RemovableHandles(list):  # type: ignore[type-arg]
     """A list of hook handles whose :meth:`remove` removes them all and empties it."""
 
     def remove(self) -> None:
         while self:
             self.pop().remove()
-
-
-def _tensors(value: Any) -> bool:
-    """Whether a value is a tuple or list of tensors (``None`` allowed: attention without weights)."""
-    return (isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
-            and all(v is None or isinstance(v, torch.Tensor) for v in value))
 
 
 def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any, parent: Site | None) -> Site:
@@ -141,7 +120,7 @@ def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any, parent: Site | Non
 
     args = fx.node.map_arg(node.fx_node.args, value)
     kwargs = fx.node.map_arg(node.fx_node.kwargs, value)
-    cone = "bundle" if _tensors(out) else None
+    cone = "bundle" if tensors_of(out) else None
     if parent is not None:
         if len(live) != 1:
             raise UnsupportedModelError(f"node '{node.name}' ({node.kind}) combines a tuple of tensors with other "
@@ -150,7 +129,7 @@ def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any, parent: Site | Non
         outer = live_call(Site(node, tuple(args), dict(kwargs), live, [], ()))
         # an op that makes tuples (cone "bundle": a split) reverses their parts itself
         own = parent.node.op if parent.node.op is not None and parent.node.op.cone == "bundle" else None
-        return dataclasses.replace(parent, node=node, out_shape=() if cone else _shape(node, out),
+        return dataclasses.replace(parent, node=node, out_shape=() if cone else output_shape(node, out),
                                    cone=cone or "full", entry=own or OPS[GENERIC], fn=lambda *ts: outer(inner(*ts)),
                                    state=None)
     tensors = [env[p.fx_node] for p in live]
@@ -159,7 +138,7 @@ def _site(node: GraphNode, env: dict[fx.Node, Any], out: Any, parent: Site | Non
     shapes = [tuple(t.shape[1:]) for t in tensors]
     if cone:
         return Site(node, tuple(args), dict(kwargs), live, shapes, (), cone=cone, entry=OPS[GENERIC])
-    return Site(node, tuple(args), dict(kwargs), live, shapes, _shape(node, out),
+    return Site(node, tuple(args), dict(kwargs), live, shapes, output_shape(node, out),
                 cone=node.op.cone if node.op is not None else "same")
 
 
@@ -189,137 +168,20 @@ def prepared_site(node: GraphNode, env: dict[fx.Node, Any], out: Any) -> Site:
     return site
 
 
-def _shape(node: GraphNode, out: Any) -> tuple[int, ...]:
-    if not isinstance(out, torch.Tensor):
-        raise UnsupportedModelError(
-            f"node '{node.name}' ({node.kind}) does not map tensors to one tensor; zfvis cannot reverse it")
-    if not (out.is_floating_point() or out.is_complex()):
-        raise UnsupportedModelError(
-            f"node '{node.name}' ({node.kind}) gives {out.dtype} values, which have no gradient; zfvis cannot send "
-            "the signal back through it")
-    return tuple(out.shape[1:])
-
-
 def _reads_inputs(node: GraphNode, rule: str) -> bool:
     """Whether the node's op reads its inputs when recording for ``rule``."""
     op = node.op
     return op is not None and op.reads_inputs and rule not in RULES_WITHOUT_INPUTS.get(op.record, ())  # type: ignore[arg-type]
 
 
-def _fold_fn(fold: _Fold, roots: list[GraphNode]) -> Callable[[tuple[torch.Tensor, ...]], Any]:
-    where = [roots.index(r) for r in fold.roots]
-    return lambda ts: fold.fn(*(ts[i] for i in where))
-
-
-def _root_fn(k: int) -> Callable[[tuple[torch.Tensor, ...]], Any]:
-    return lambda ts: ts[k]
-
-
-class _Stretches:
-    """Stretches of nodes where the batch is not the first dimension (windows or heads
-    folded into it, an axis permuted before it), reversed as one each, over the whole batch."""
-
-    graph: ModelGraph
-    batch: int
-    not_batch: frozenset[str]
-    folds: dict[fx.Node, _Fold]
-    sites: dict[str, Site]
-    recorded: SharedRecords
-    replays: Replays
-
-    def _folded(self, node: GraphNode, out: Any) -> bool:
-        """Whether a node's tensor output does not have the batch as its first dimension."""
-        if not isinstance(out, torch.Tensor):
-            return False
-        return out.dim() == 0 or out.shape[0] != self.batch or node.name in self.not_batch
-
-    def _fold(self, node: GraphNode, env: dict[fx.Node, Any], out: Any) -> None:
-        """Extends the stretches the node reads (or starts one) by the node; where its output
-        has the batch first again, the stretch ends there and gets its site."""
-        live = [p for p in node.inputs if p.carries]
-        folds = [self.folds[p.fx_node] for p in live if p.fx_node in self.folds]
-        replay = self.replays.found.get(node.fx_node)
-        if replay is not None and replay.problem is not None:
-            raise replay.problem
-        roots: list[GraphNode] = []
-        values: list[torch.Tensor] = []
-        for i, p in enumerate(live):
-            fold = self.folds.get(p.fx_node)
-            for k, r in enumerate(fold.roots if fold is not None else [p]):
-                if r not in roots:
-                    roots.append(r)
-                    values.append(fold.values[k] if fold is not None else
-                                  replay.values[i] if replay is not None else env[p.fx_node].detach())
-        pieces = [_fold_fn(self.folds[p.fx_node], roots) if p.fx_node in self.folds else _root_fn(roots.index(p))
-                  for p in live]
-        own = _call_site(node, env, live)
-        if replay is not None and replay.graph is not None:  # reversed by the graph of its run, never run again
-            call: Callable[..., Any] = _graph_only(node.name, self.rule)
-        else:
-            call = replay.program if replay is not None and replay.program is not None else own.fn or live_call(own)
-        start = folds[0].start if folds else node
-
-        def fn(*ts: torch.Tensor) -> Any:
-            return call(*(piece(ts) for piece in pieces))
-
-        if self._folded(node, out) or _tensors(out) or not isinstance(out, torch.Tensor):
-            holder = _Fold(start, roots, values, fn)
-            self.folds[node.fx_node] = holder
-            placeholder = Site(node, (), {}, roots, [], (), state=values, cone="bundle", entry=OPS[WHOLE_BATCH])
-            self.recorded.watch(placeholder)
-            self.sites[node.name] = placeholder
-            return
-        state = RecordedInputs(values)
-        if replay is not None and not folds:  # a stretch of its own: run with gradients on from now on
-            if replay.graph is not None:
-                state.graph = RecordedGraph(*replay.graph, self.rule)
-            elif replay.program is not None and node.name in self.replays.checked:
-                self.replays.graphed.add(node.name)
-        site = Site(node, own.args, own.kwargs, roots, [tuple(v.shape[1:]) for v in values], _shape(node, out),
-                    state=state, cone="full", entry=OPS[WHOLE_BATCH], fn=fn, start=start)
-        self.recorded.watch(site)
-        self.sites[node.name] = site
-
-    def stretch_problems(self, targets: list[GraphNode]) -> dict[str, UnsupportedModelError]:
-        """A target inside a stretch (its output does not have the batch first) cannot be seeded."""
-        found: dict[str, UnsupportedModelError] = {}
-        for t in targets:
-            fold = self.folds.get(t.fx_node)
-            if fold is not None:
-                where = f" ({fold.start.source})" if fold.start.source else ""
-                found[t.name] = UnsupportedModelError(
-                    f"node '{fold.start.name}' ({fold.start.kind}){where}: its output's first dimension is not the "
-                    f"batch of {self.batch} images (it merges or drops the batch dimension), so layer '{t.name}' "
-                    "cannot be seeded per image. Hint: keep the batch first, e.g. torch.flatten(x, 1), or project "
-                    "a layer where the batch is first again")
-        return found
-
-
-def _graph_only(name: str, rule: str) -> Callable[..., Any]:
-    def fn(*ts: torch.Tensor) -> Any:
-        raise RuntimeError(f"node '{name}' was recorded with its autograd graph for the {rule} rule; "
-                           "it is reversed only by that graph")
-
-    return fn
-
-
-def _call_site(node: GraphNode, env: dict[fx.Node, Any], live: list[GraphNode]) -> Site:
-    """A node as a function of its live inputs, tensors or tuples of them (no checks: it is
-    reversed as part of a stretch, by its true backward)."""
-    slot = {p.fx_node: k for k, p in enumerate(live)}
-    args = fx.node.map_arg(node.fx_node.args, lambda n: Live(slot[n]) if n in slot else env[n])
-    kwargs = fx.node.map_arg(node.fx_node.kwargs, lambda n: Live(slot[n]) if n in slot else env[n])
-    return Site(node, tuple(args), dict(kwargs), live, [], ())
-
-
-class _Pass(_Stretches):
+class _Pass(Stretches):
     """One forward pass over the needed part of the graph."""
 
     def __init__(self, graph: ModelGraph, targets: list[GraphNode], rule: str,
                  not_batch: frozenset[str] = frozenset()) -> None:
         self.graph = graph
         self.not_batch = not_batch
-        self.folds: dict[fx.Node, _Fold] = {}
+        self.folds: dict[fx.Node, Fold] = {}
         self.rule = rule
         self.targets = {t.fx_node for t in targets}
         self.needed = graph.ancestors(targets, writes=True)
@@ -479,6 +341,9 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
         UnsupportedModelError: An in-place operation overwrites a value read later.
         CaptureMismatchError: The graph is not what the model ran (:mod:`zfvis.core.capture`).
     """
+    if torch.is_inference_mode_enabled() or images.is_inference():  # zfvis's autograd needs plain tensors
+        with torch.inference_mode(False):
+            return record(graph, images.clone(), targets, rule)
     device, dtype = _model_device_dtype(graph.model)
     if device is not None:
         images = images.to(device=device, dtype=dtype)

@@ -160,7 +160,8 @@ def feature_vis(
     if objective == "logit" and layer is not None:
         raise UserInputError("objective='logit' maximises the model's output; leave layer=None")
     tap = LayerTap(dn, layer)
-    with eval_mode(dn.model), torch.enable_grad():  # also when called under torch.no_grad()
+    # autograd also when called under torch.no_grad() or torch.inference_mode()
+    with eval_mode(dn.model), torch.inference_mode(False), torch.enable_grad():
         probe = _forward(tap, torch.full((1, 3, *settings.size), 0.5), settings, dn.model, probe=True)
         obj = make_objective(objective, probe, channels=channels, position=position, direction=direction,
                              layer=layer)
