@@ -289,6 +289,13 @@ MUTANTS: list[Mutant] = [
            "leaves = [t.detach().requires_grad_(True) for t in live]",
            "the kept graph's leaves sharing memory with the forward pass's values",
            ("tests/test_program.py", "-k", "graph_of_the_run")),
+    Mutant("transpose-not-swapped-back", "zfvis/core/reverse_shape.py", "return [signal.transpose(*self.dims)]",
+           "return [signal.reshape(signal.shape[0], *frame.in_shapes[0][:-2], *signal.shape[-2:])]",
+           "a channel shuffle's transpose reversed by reshaping the signal, not swapping the dimensions back",
+           ("tests/test_op_semantics.py", "-k", "transpose")),
+    Mutant("transpose-any-on-windows", "zfvis/core/ops/transpose.py", "all(1 <= d <= n - 3 for d in dims)",
+           "all(1 <= d <= n - 1 for d in dims)", "a transpose that moves a map dimension reversed on windows",
+           ("tests/test_op_semantics.py", "-k", "transpose")),
     # ------------------------------------------------------------------ recording
     Mutant("record-inputs-not-copied", _REC, "inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]",
            "inputs = list(inputs)", "an in-place rectifier's f' taken at the overwritten input (its output)",

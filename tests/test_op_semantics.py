@@ -5,7 +5,8 @@ Written to kill the mutants of ``scripts/mutants.py`` that survived the rest of 
 inputs of different sizes, ``F.batch_norm``'s eps, a residual block's windows, unpooling on
 windows that start below the first row, ``F.hardtanh`` other than ReLU6, floor division, an
 in-place call on a tensor that a view at an offset still shares, and occlusion's changed
-region behind a strided convolution. Projections are compared in float64 with the autograd
+region behind a strided convolution, transposes (a channel shuffle on windows, others by
+their vector-Jacobian product). Projections are compared in float64 with the autograd
 oracle (``tests/oracle.py``).
 """
 
@@ -75,6 +76,44 @@ def test_arithmetic_matches_the_oracle(how: str) -> None:
     k = min(16, CASES[how] ** 2)
     want = Deconvnet(model, windowed=False).project(x, layer, [0, 3], top_k=k)
     assert _rel_err(dn.project(x, layer, [0, 3], top_k=k), want) < 1e-12
+
+
+class _Shuffle(nn.Module):
+    """A map's channels regrouped by a transpose (ShuffleNet's channel shuffle), or a transpose
+    that moves a map dimension, between two convolutions."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.conv1(x))
+        n, c, h, w = a.shape
+        if self.how in ("rows and columns", "channels and rows"):
+            dims = (2, 3) if self.how == "rows and columns" else (1, 2)
+            return self.conv2(F.relu(a.transpose(*dims).contiguous()))
+        g = a.view(n, 2, c // 2, h, w)
+        g = {"method": lambda: g.transpose(1, 2), "function": lambda: torch.transpose(g, 1, 2),
+             "negative dims": lambda: g.transpose(-3, -4), "swapaxes": lambda: torch.swapaxes(g, 2, 1)}[self.how]()
+        return self.conv2(g.contiguous().view(n, c, h, w))
+
+
+#: Each transpose, and whether it swaps dimensions between the batch and the map (on windows).
+SHUFFLES = {"method": True, "function": True, "negative dims": True, "swapaxes": True, "rows and columns": False,
+            "channels and rows": False}
+
+
+@pytest.mark.parametrize("how", list(SHUFFLES))
+def test_transpose_matches_the_oracle_on_windows_where_it_keeps_the_map(how: str) -> None:
+    model = _ready(_Shuffle(how), seed=5)
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    dn = Deconvnet(model)
+    _assert_exact(model, x, "conv2", dn=dn)
+    want = Deconvnet(model, windowed=False).project(x, "conv2", [0, 3], top_k=12)
+    assert _rel_err(dn.project(x, "conv2", [0, 3], top_k=12), want) < 1e-12
+    kinds = {type(s.layer).__name__ for s in dn.reverse_stack(dn.record(x, "conv2")).steps}
+    assert ("Transposed" in kinds) is SHUFFLES[how] and ("VectorJacobian" in kinds) is not SHUFFLES[how]
 
 
 class _TallPool(nn.Module):

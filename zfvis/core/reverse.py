@@ -40,7 +40,6 @@ __all__ = [
     "Multiply",
     "Distribute",
     "Split",
-    "Reshape",
     "LinearMap",
     "ReverseLinear",
     "ReverseStep",
@@ -356,23 +355,6 @@ class Split(ReverseLayer):
             prev = out[k]
             out[k] = part if prev is None else prev + part
         return [o for o in out if o is not None]
-
-
-class Reshape(ReverseLayer):
-    """Flatten / view / reshape / (un)squeeze: the signal is reshaped back."""
-
-    def __init__(self, source: str) -> None:
-        super().__init__()
-        self.source = source
-
-    def extra_repr(self) -> str:
-        return f"from '{self.source}'"
-
-    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
-        shape = frame.in_shapes[0]
-        if frame.out_win is not None:  # a windowed map: only the dimensions before the map change
-            shape = (*shape[:-2], *frame.out_win.size)
-        return [signal.reshape(signal.shape[0], *shape)]
 
 
 class LinearMap(ReverseLayer):

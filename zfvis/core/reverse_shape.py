@@ -1,5 +1,6 @@
 """Reverse layers of operations that move values without mixing channels at a position:
-resampling (``interpolate``, ``Upsample``) and taking one part of a split.
+resampling (``interpolate``, ``Upsample``), taking one part of a split, reshaping and
+transposing dimensions before the map.
 
 Both work on each seed's windows (:mod:`zfvis.core.cone`): a resampling sends the signal
 back through the transposes of its row and column weights (:mod:`zfvis.core.resampling`)
@@ -14,7 +15,7 @@ import torch
 from .resampling import Resampling
 from .reverse import Frame, ReverseLayer
 
-__all__ = ["Resample", "Unsplit"]
+__all__ = ["Resample", "Reshape", "Transposed", "Unsplit"]
 
 
 def _block(weights: torch.Tensor, out_first: torch.Tensor, in_first: torch.Tensor, n_out: int,
@@ -82,3 +83,41 @@ class Unsplit(ReverseLayer):
         out = part.new_zeros(shape)
         out.narrow(d, self.start, part.shape[d]).copy_(part)
         return [out]
+
+
+class Reshape(ReverseLayer):
+    """Flatten / view / reshape / (un)squeeze: the signal is reshaped back."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def extra_repr(self) -> str:
+        return f"from '{self.source}'"
+
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        shape = frame.in_shapes[0]
+        if frame.out_win is not None:  # a windowed map: only the dimensions before the map change
+            shape = (*shape[:-2], *frame.out_win.size)
+        return [signal.reshape(signal.shape[0], *shape)]
+
+
+class Transposed(ReverseLayer):
+    """``transpose`` of two dimensions between the batch and the map: the signal is transposed
+    back (the same two dimensions swapped), on windows.
+
+    Args:
+        dims: The two dimensions (with the batch).
+        source: The node's name.
+        kind: What the node is.
+    """
+
+    def __init__(self, dims: tuple[int, int], source: str, kind: str) -> None:
+        super().__init__()
+        self.dims, self.source, self.kind = dims, source, kind
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} '{self.source}' of dims {self.dims}: transposed back, on windows"
+
+    def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
+        return [signal.transpose(*self.dims)]

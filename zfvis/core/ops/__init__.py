@@ -60,6 +60,8 @@ permute                    into or out of a channels-last stretch (permute(0, 2,
                            ConvNeXt block, a LayerNorm2d), whose maps the reverse pass
                            holds channels first (:mod:`zfvis.core.layouts`): passed
                            through, on windows; any other permute: vjp
+transpose                  of two dimensions between the batch and the map (a channel
+                           shuffle): swapped back, on windows; any other transpose: vjp
 layer_norm                 over the channels in such a stretch: its Jacobian (statistics
                            included) at each position, on windows; any other: vjp
 vjp                        everything else differentiable (a LayerNorm over the map, a
@@ -82,6 +84,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import reverse as deconv
+from ..reverse_shape import Reshape
 from .args import _adaptive_params, _conv_args, _conv_params, _pool_params, target_name
 from .build import (
     _build_add,
@@ -117,6 +120,7 @@ from .incremental_rules import adaptive_window, avg_pool_window, conv_window, ma
 from .resample import build_interpolate, prepare_interpolate, record_interpolate
 from .site import RULES, Live, Op, Pair, Site
 from .split import build_part, prepare_part, record_part
+from .transpose import build_transpose, prepare_transpose, record_transpose
 
 __all__ = ["Op", "Site", "Live", "OPS", "SUPPORTED_TYPES", "RULES", "MODULE_OPS", "METHOD_OPS", "FUNCTION_OPS",
            "REFUSED", "SHAPE_ONLY", "GENERIC", "WHOLE_BATCH", "POINTWISE", "target_name", "Pair", "NAMED_FUNCTION_OPS"]
@@ -167,7 +171,10 @@ OPS: dict[str, Op] = {
         Op("scale", "multiplication by a constant: the same constant; of two input-dependent factors: the "
            "product rule", "same", _build_scale, _prepare_scale, record=_record_scale, reads_inputs=True),
         Op("cat", "the signal is split between the inputs", "same", _build_cat, _prepare_cat),
-        Op("reshape", "reshaped back", "same", lambda site: deconv.Reshape(_source(site)), _prepare_reshape),
+        Op("reshape", "reshaped back", "same", lambda site: Reshape(_source(site)), _prepare_reshape),
+        Op("transpose", "of two dimensions between the batch and the map: swapped back, on windows; any other: "
+           "its vector-Jacobian product", "same", build_transpose, prepare_transpose, record=record_transpose,
+           reads_inputs=True),
         Op("getitem", "the signal goes back to the slice, zero elsewhere", "same", _linear_map("getitem"),
            _prepare_getitem),
         Op("identity", "passed through unchanged", "same", lambda site: deconv.PassThrough(_source(site), site.node.kind),
@@ -292,6 +299,9 @@ FUNCTION_OPS: dict[Any, str] = {
     F.layer_norm: "layer_norm",
     torch.layer_norm: "layer_norm",
     torch.permute: "permute",
+    torch.transpose: "transpose",
+    torch.swapaxes: "transpose",
+    torch.swapdims: "transpose",
     torch.split: "split",
     torch.chunk: "split",
     torch.unbind: "split",
@@ -350,6 +360,9 @@ METHOD_OPS: dict[str, str] = {
     "tanh_": "gate",
     "neg": "scale",
     "permute": "permute",
+    "transpose": "transpose",
+    "swapaxes": "transpose",
+    "swapdims": "transpose",
     "split": "split",
     "chunk": "split",
     "unbind": "split",

@@ -168,7 +168,7 @@ def _varies_over_map(site: Site) -> bool:
 
 #: The ops whose whole-map reverse is always :class:`VectorJacobian` (a permute or a layer norm
 #: may become a channels-last stretch's, on windows, after the pass: no graph is kept for them).
-_KEEPS_GRAPH = ("vjp", "pointwise", "split")
+_KEEPS_GRAPH = ("vjp", "pointwise", "split", "transpose")
 
 
 def record_vjp(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> Any:
