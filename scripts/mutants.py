@@ -296,6 +296,12 @@ MUTANTS: list[Mutant] = [
     Mutant("transpose-any-on-windows", "zfvis/core/ops/transpose.py", "all(1 <= d <= n - 3 for d in dims)",
            "all(1 <= d <= n - 1 for d in dims)", "a transpose that moves a map dimension reversed on windows",
            ("tests/test_op_semantics.py", "-k", "transpose")),
+    Mutant("ancestors-kept-after-rewiring", _GRAPH, "    graph._ancestors.clear()  # the edges change\n", "",
+           "the nodes a target depends on kept from before the check found in-place writes and rewired the graph",
+           ("tests/test_capture.py", "-k", "in_place_writes_come")),
+    Mutant("padding-mode-as-zeros", "zfvis/core/ops/checks.py", '_hand_to(site, "vjp")', "pass",
+           "a convolution padding by reflection reversed as if it padded with zeros",
+           ("tests/test_every_cnn.py", "-k", "padding_by_other_modes")),
     # ------------------------------------------------------------------ recording
     Mutant("record-inputs-not-copied", _REC, "inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]",
            "inputs = list(inputs)", "an in-place rectifier's f' taken at the overwritten input (its output)",

@@ -252,10 +252,18 @@ def test_relu6_saturation_passes_nothing() -> None:
     _assert_exact(model, x, "conv2")
 
 
-def test_refused_padding_mode_names_itself() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")).double()
-    with pytest.raises(UnsupportedModelError, match="padding_mode='zeros'"):
-        Deconvnet(model).project(torch.randn(1, 3, 8, 8, dtype=torch.float64), "0", 0)
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_convolutions_padding_by_other_modes_match_the_oracle(mode: str) -> None:
+    """Reversed by their true backward on whole maps (the padding's transpose folds the border
+    back in); a BatchNorm after one stays a layer of its own."""
+    model = _ready(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(4), nn.ReLU(),
+                                 nn.Conv2d(4, 4, 3, padding=2, dilation=2, padding_mode=mode), nn.ReLU(),
+                                 nn.Conv2d(4, 5, 3, padding=1)), seed=3)
+    x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    dn = Deconvnet(model)
+    _assert_exact(model, x, "5", dn=dn)
+    want = Deconvnet(model, windowed=False).project(x, "5", [0, 3], top_k=5)
+    assert _rel_err(dn.project(x, "5", [0, 3], top_k=5), want) < 1e-12
 
 
 def test_occlusion_refuses_batch_statistics() -> None:

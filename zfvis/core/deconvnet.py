@@ -223,7 +223,7 @@ class Deconvnet:
                 continue
             producer = by_node.get(site.live[0].name) if site.live else None
             if (fold and site.op.folds_into is not None and node.module is not None and producer is not None
-                    and producer.node.op is OPS[site.op.folds_into] and len(producer.node.users) == 1):
+                    and producer.op is OPS[site.op.folds_into] and len(producer.node.users) == 1):
                 layer = producer.op.build(producer)
                 layer.fold(node.module, node.module_name or node.name)  # type: ignore[operator]
                 folded.add(producer.node.name)

@@ -151,11 +151,10 @@ class ModelGraph:
     def ancestors(self, targets: list[GraphNode], *, writes: bool = False) -> list[GraphNode]:
         """Every node the targets depend on (including them), in execution order; with
         ``writes``, also every in-place call before the last of them (it may write into
-        memory a target reads through a view) and what it depends on (kept: the edges are fixed)."""
+        memory a target reads through a view) and what it depends on (kept until the edges change)."""
         key = (tuple(t.index for t in targets), writes)
-        if key not in self._ancestors:
-            self._ancestors[key] = self._find_ancestors(targets, writes)
-        return list(self._ancestors[key])
+        found = self._ancestors[key] = self._ancestors.get(key) or self._find_ancestors(targets, writes)
+        return list(found)
 
     def _find_ancestors(self, targets: list[GraphNode], writes: bool) -> list[GraphNode]:
         seen: set[int] = set()
@@ -434,6 +433,7 @@ def mark_in_place(graph: ModelGraph, nodes: list[GraphNode]) -> None:
     """Marks nodes the model's own run showed writing into their first argument (``a += b``,
     which fx traces as ``a + b``) and makes each a new version of what it writes."""
     of = {n.fx_node: n for n in graph.nodes}
+    graph._ancestors.clear()  # the edges change
     for gn in nodes:
         gn.writes = True
         _new_version(gn, of)

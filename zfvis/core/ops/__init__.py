@@ -25,6 +25,7 @@ In-place calls are the same for every op: a new version of the tensor they write
 op                         reverse
 =========================  ==========================================================
 conv2d                     transposed convolution with the same (tied) weights, no bias
+                           (padding by reflection, replication or wrapping: vjp)
 linear                     multiplication by W^T, no bias (in a channels-last stretch: at
                            each position, on windows)
 batch_norm                 its per-channel scale gamma / sqrt(var + eps) (running stats)

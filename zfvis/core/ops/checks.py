@@ -14,9 +14,20 @@ __all__ = ["DIVISIONS", "scale_operands"]
 # --------------------------------------------------------------------------- checks
 
 
+def _hand_to(site: Site, name: str) -> None:
+    """Hands a site to another op of the table (its checks, record and reverse layer)."""
+    from . import OPS  # the table is built from this module's checks
+
+    site.entry = OPS[name]
+    if site.entry.prepare is not None:
+        site.entry.prepare(site)
+    else:
+        site.cone = site.entry.cone
+
+
 def _prepare_conv(site: Site) -> None:
-    if _conv_args(site)["padding_mode"] != "zeros":
-        raise site.fail("only zero padding is supported (padding_mode='zeros')")
+    if _conv_args(site)["padding_mode"] != "zeros":  # reflect, replicate, circular: its true backward, whole maps
+        _hand_to(site, "vjp")
 
 
 def _prepare_bn(site: Site) -> None:
@@ -127,7 +138,7 @@ def _prepare_getitem(site: Site) -> None:
 
 def _prepare_hardtanh(site: Site) -> None:
     lo, hi = site.arg(1, "min_val", -1.0), site.arg(2, "max_val", 1.0)
-    if (float(lo), float(hi)) != (0.0, 6.0):
+    if (float(lo), float(hi)) != (0.0, 6.0):  # a capped rectifier or a clamp: which rule is not settled
         raise site.fail(f"hardtanh({lo}, {hi}) is not supported (only ReLU6 = hardtanh(0, 6))")
 
 
