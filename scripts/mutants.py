@@ -302,6 +302,9 @@ MUTANTS: list[Mutant] = [
     Mutant("padding-mode-as-zeros", "zfvis/core/ops/checks.py", '_hand_to(site, "vjp")', "pass",
            "a convolution padding by reflection reversed as if it padded with zeros",
            ("tests/test_every_cnn.py", "-k", "padding_by_other_modes")),
+    Mutant("union-one-unclamped", _CONE, "start_y, start_x = max(0, min(top, map_size[0] - h)), ",
+           "start_y, start_x = max(0, top), ", "one seed's union of windows not kept inside the map",
+           ("tests/test_reverse_speed_paths.py", "-k", "unions")),
     # ------------------------------------------------------------------ recording
     Mutant("record-inputs-not-copied", _REC, "inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]",
            "inputs = list(inputs)", "an in-place rectifier's f' taken at the overwritten input (its output)",

@@ -10,6 +10,8 @@ plain computation or with the autograd oracle (``tests/oracle.py``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -315,6 +317,37 @@ def test_one_seed_windows_planned_in_numbers_equal_the_tensor_plan(rule: tuple) 
             assert one.size == ref.size
             for a, b in zip((one.top, one.left, *one.cone), (ref.top, ref.left, *ref.cone)):
                 assert a.dtype == b.dtype and a.tolist() == b[:1].tolist()
+
+
+def _seed_window(cone_: list[int], map_size: tuple[int, int]) -> Window:
+    """A one-seed window holding a cone, placed as a plan places it (its numbers known)."""
+    h, w = max(1, cone_[2] - cone_[0]), max(1, cone_[3] - cone_[1])
+    top, left = max(0, min(cone_[0], map_size[0] - h)), max(0, min(cone_[1], map_size[1] - w))
+    return Window.one((h, w), (top, left, *cone_), map_size, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_seed_unions_in_numbers_equal_the_tensor_union(seed: int) -> None:
+    """Where several nodes read one map, the union of one seed's windows in Python numbers
+    equals the union of the same windows as tensors (their numbers unknown), and every
+    window's numbers are its tensors'."""
+    gen = torch.Generator().manual_seed(seed)
+    map_size = (int(torch.randint(1, 12, (1,), generator=gen)), int(torch.randint(1, 12, (1,), generator=gen)))
+    for _ in range(60):
+        k = int(torch.randint(2, 5, (1,), generator=gen))
+        wins = []
+        for _ in range(k):
+            r = sorted(torch.randint(0, map_size[0] + 1, (2,), generator=gen).tolist())
+            c = sorted(torch.randint(0, map_size[1] + 1, (2,), generator=gen).tolist())
+            wins.append(_seed_window([r[0], c[0], max(r[1], r[0] + 1), max(c[1], c[0] + 1)], map_size))
+        if int(torch.randint(0, 3, (1,), generator=gen)) == 0:
+            wins = [wins[0]] * k  # all the same
+        got = cone.union(wins, map_size)
+        ref = cone.union([dataclasses.replace(w, ints=None) for w in wins], map_size)
+        assert got.ints is not None and got.size == ref.size
+        for a, b in zip((got.top, got.left, *got.cone), (ref.top, ref.left, *ref.cone)):
+            assert a.tolist() == b.tolist()
+        assert list(got.ints) == [int(t) for t in (got.top, got.left, *got.cone)]
 
 
 def test_switches_from_channels_last_memory_equal_the_contiguous_kernels() -> None:

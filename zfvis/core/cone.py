@@ -69,6 +69,8 @@ class Window:
         left: Per-seed first column (B,).
         cone: Per-seed (top, left, bottom, right) of the cone, each (B,).
         map_size: Height and width of the whole map.
+        ints: For one seed, where known: (top, left, *cone) as Python numbers, so that planning
+            one seed's windows needs no arithmetic on one-element tensors.
     """
 
     size: tuple[int, int]
@@ -76,6 +78,13 @@ class Window:
     left: torch.Tensor
     cone: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     map_size: tuple[int, int]
+    ints: tuple[int, ...] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def one(cls, size: tuple[int, int], ints: Sequence[int], map_size: tuple[int, int], device: torch.device) -> Window:
+        """The window of one seed from its (top, left, *cone) numbers."""
+        t = torch.tensor(list(ints), device=device)
+        return cls(size, t[0:1], t[1:2], (t[2:3], t[3:4], t[4:5], t[5:6]), map_size, tuple(ints))
 
     @property
     def is_full(self) -> bool:
@@ -85,7 +94,8 @@ class Window:
     @classmethod
     def points(cls, y: torch.Tensor, x: torch.Tensor, map_size: tuple[int, int]) -> Window:
         """1x1 windows at positions (y, x)."""
-        return cls((1, 1), y, x, (y, x, y + 1, x + 1), map_size)
+        ints = (int(y), int(x), int(y), int(x), int(y) + 1, int(x) + 1) if y.numel() == 1 else None
+        return cls((1, 1), y, x, (y, x, y + 1, x + 1), map_size, ints)
 
     @classmethod
     def whole(cls, batch: int, map_size: tuple[int, int], device: torch.device) -> Window:
@@ -93,13 +103,13 @@ class Window:
         z = torch.zeros(batch, dtype=torch.long, device=device)
         h = torch.full_like(z, map_size[0])
         w = torch.full_like(z, map_size[1])
-        return cls(map_size, z, z, (z, z, h, w), map_size)
+        return cls(map_size, z, z, (z, z, h, w), map_size, (0, 0, 0, 0, *map_size) if batch == 1 else None)
 
 
 def _back_one(params: tuple, out: Window, in_size: tuple[int, int]) -> Window:
     """:func:`_back` for one seed through taps without gaps, in Python numbers (a reverse
     pass plans about a hundred steps; tensor arithmetic on one element costs more)."""
-    cone = [int(c) for c in out.cone]
+    cone = list(out.ints[2:]) if out.ints is not None else [int(c) for c in out.cone]
     size, values = [], [0] * 6
     for i, axis in enumerate(axes(params)):
         a, b = axis.reads(cone[i], cone[i + 2])
@@ -107,8 +117,7 @@ def _back_one(params: tuple, out: Window, in_size: tuple[int, int]) -> Window:
         n = min(in_size[i], max(1, b - a))
         size.append(n)
         values[i], values[2 + i], values[4 + i] = min(a, in_size[i] - n), a, b  # start, cone start, cone end
-    t = torch.tensor(values, device=out.top.device)
-    return Window((size[0], size[1]), t[0:1], t[1:2], (t[2:3], t[3:4], t[4:5], t[5:6]), in_size)
+    return Window.one((size[0], size[1]), values, in_size, out.top.device)
 
 
 def _back(params: tuple | Resampling, out: Window, in_size: tuple[int, int]) -> Window:
@@ -136,6 +145,8 @@ def union(windows: Sequence[Window], map_size: tuple[int, int]) -> Window:
     if len(windows) == 1:
         return windows[0]
     first = windows[0]
+    if all(w.ints is not None for w in windows):
+        return _union_one(windows, map_size)
     if all(w.size == first.size and bool((w.top == first.top).all()) and bool((w.left == first.left).all())
            and all(bool((a == b).all()) for a, b in zip(w.cone, first.cone)) for w in windows[1:]):
         return first
@@ -148,6 +159,19 @@ def union(windows: Sequence[Window], map_size: tuple[int, int]) -> Window:
     start_y = torch.minimum(top, torch.full_like(top, map_size[0] - h)).clamp(min=0)
     start_x = torch.minimum(left, torch.full_like(left, map_size[1] - w)).clamp(min=0)
     return Window((h, w), start_y, start_x, (top, left, bottom, right), map_size)
+
+
+def _union_one(windows: Sequence[Window], map_size: tuple[int, int]) -> Window:
+    """:func:`union` for one seed, in Python numbers."""
+    first = windows[0]
+    if all(w.ints == first.ints and w.size == first.size for w in windows[1:]):
+        return first
+    cones = [w.ints[2:] for w in windows]  # type: ignore[index]
+    top, left = min(c[0] for c in cones), min(c[1] for c in cones)
+    bottom, right = max(c[2] for c in cones), max(c[3] for c in cones)
+    h, w = min(map_size[0], max(1, bottom - top)), min(map_size[1], max(1, right - left))
+    start_y, start_x = max(0, min(top, map_size[0] - h)), max(0, min(left, map_size[1] - w))
+    return Window.one((h, w), (start_y, start_x, top, left, bottom, right), map_size, first.top.device)
 
 
 def _request(cone: str, params: tuple | None, out: Window | None, in_shape: tuple[int, ...], batch: int,
