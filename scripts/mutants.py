@@ -305,6 +305,9 @@ MUTANTS: list[Mutant] = [
     Mutant("union-one-unclamped", _CONE, "start_y, start_x = max(0, min(top, map_size[0] - h)), ",
            "start_y, start_x = max(0, top), ", "one seed's union of windows not kept inside the map",
            ("tests/test_reverse_speed_paths.py", "-k", "unions")),
+    Mutant("training-not-in-verdict", _CAP, "training=any(m.training for m in model.modules()))", "training=False)",
+           "a model in train() projected with its training-mode forward (eval mode not set)",
+           ("tests/test_capture.py", "tests/test_capture_sweep.py", "tests/test_capture_cases.py")),
     # ------------------------------------------------------------------ recording
     Mutant("record-inputs-not-copied", _REC, "inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]",
            "inputs = list(inputs)", "an in-place rectifier's f' taken at the overwritten input (its output)",

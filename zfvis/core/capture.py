@@ -81,6 +81,7 @@ class Verdict:
             what the model computes: projections are refused), or ``None``.
         state_writes: Buffers the model's forward writes into (a counter): kept as they were
             around each run of zfvis's (:func:`kept_buffers`).
+        training: Whether a module is in training mode (the key holds every module's flag).
         hidden_rectifiers: Nodes that ran a rectifier as an ATen call outside any ``torch``
             call (TorchScript, ``torch.ops.aten.relu``), with that call: the deconvnet and
             guided rules cannot reach it (the gradient rule can).
@@ -95,6 +96,7 @@ class Verdict:
     hidden_rectifiers: dict[str, str] = dataclasses.field(default_factory=dict)
     state_writes: frozenset[str] = frozenset()
     backward_hooks: str | None = None
+    training: bool = False
 
     @property
     def not_batch(self) -> frozenset[str]:
@@ -425,6 +427,6 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
         if c.hidden_rectifier and c.node is not None:
             hidden.setdefault(c.node, c.op)
     verdict = Verdict(violations, hooked_names, probe, hidden_rectifiers=hidden, state_writes=frozenset(written),
-                      backward_hooks=_backward_hooked(model))
+                      backward_hooks=_backward_hooked(model), training=any(m.training for m in model.modules()))
     graph.verdicts[key] = verdict
     return verdict

@@ -353,7 +353,7 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
     p.replays.graphed = verdict.graphed if verdict is not None else p.replays.graphed
     # a model already in eval mode (all its modules) is left alone: switching and restoring
     # every module's flag costs about a millisecond per pass
-    training = any(m.training for m in graph.model.modules())
+    training = verdict.training if verdict is not None else any(m.training for m in graph.model.modules())
     state = verdict.state_writes if verdict is not None else frozenset()
     with (eval_mode(graph.model) if training else contextlib.nullcontext(), torch.no_grad(),
           kept_buffers(graph.model, state) if state else contextlib.nullcontext()):
