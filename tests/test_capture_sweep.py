@@ -275,8 +275,69 @@ def test_a_wrapped_model_is_refused_naming_the_model_inside(wrapper: str, api: s
             occlusion(model, _images(1)[0], patch=4, stride=4)
 
 
+class _Written(_Three):
+    """The signal written in place into a tensor made from a shape alone."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv2(F.relu(self.conv1(x)))
+        if self.how == "index_add_":
+            z = a.new_zeros(a.shape)
+            z.index_add_(1, torch.tensor([0, 2, 4]), a[:, :3])
+            return self.conv3(F.relu(z + a))
+        if self.how == "copy_":
+            z = a.new_empty(a.shape)
+            z.copy_(a.flip(1))
+            return self.conv3(F.relu(z))
+        if self.how == "pow_":  # its derivative reads what it writes into
+            z = torch.full_like(a, 2.0)
+            z.pow_(a * 0.5)
+            return self.conv3(F.relu(z))
+        z = torch.zeros_like(a)
+        before = z + 1.0  # read before the writes
+        z.add_(a)
+        z.mul_(0.5)
+        return self.conv3(F.relu(z * before + a))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("how", ["index_add_", "copy_", "add_ then mul_", "pow_"])
+def test_the_signal_written_into_a_tensor_made_from_a_shape_is_exact(how: str, batch: int) -> None:
+    """The call is a new version of that tensor, its readers after it read the call, and its
+    reverse runs over the recorded batch into a copy of the tensor as it was before the call
+    (it was refused, "the model ran ... the graph did not"); one recording reversed twice
+    gives the same."""
+    model = _ready(_Written(how), seed=6)
+    x = _images(batch)
+    for outcome in _run(model, x, "conv3"):
+        assert outcome.status == "exact", outcome.message
+    dn = Deconvnet(model)
+    rec = dn.record(x, "conv3")
+    seeds = dn.select(rec, [0, 2], top_k=2)
+    assert torch.equal(dn.reverse(rec, seeds).full(), dn.reverse(rec, seeds).full())
+
+
+class _ShapeFactor(_Three):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv2(F.relu(self.conv1(x)))
+        return self.conv3(F.relu(a * (torch.ones_like(a[:, :, :1, :1]) * 2.0) - 0.1))
+
+
+def test_a_factor_made_from_a_shape_with_the_batch_is_taken_per_seed() -> None:
+    """A constant factor with one item per recorded image (``torch.ones_like(a) * 2``), several
+    seeds per image: each seed is multiplied by its image's item (a raw RuntimeError before,
+    where the seeds outnumber the images)."""
+    model = _ready(_ShapeFactor(), seed=8)
+    for outcome in _run(model, _images(2), "conv3"):
+        assert outcome.status == "exact", outcome.message
+
+
 class _Quiet(_Three):
-    """conv3 reads a tensor made from a shape and written in place, or computed with gradients off."""
+    """conv3 reads a tensor made from a shape and written in place through a view, or computed
+    with gradients off."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
@@ -286,7 +347,7 @@ class _Quiet(_Three):
         a = self.conv2(F.relu(self.conv1(x)))
         if self.how == "written":
             z = torch.zeros_like(a)
-            z.add_(a)
+            z.narrow(1, 0, 3).copy_(a[:, 3:])
         else:
             with torch.no_grad():
                 z = F.relu(a)

@@ -15,7 +15,7 @@ every input shape, against what PyTorch executed:
 3. **The verdict.** The two call lists must be the same calls reading the same values.
    Where the model ran an in-place op (``a += b``) that the trace turned into its
    out-of-place twin, the node is marked as writing in place (its readers are rewired,
-   :func:`zfvis.core.graph.mark_in_place`) and the graph is run again: in-place
+   :func:`zfvis.core.inplace.mark_in_place`) and the graph is run again: in-place
    semantics come from the schemas of what ran, never from source text. Within the graph's
    run, every node must read only values of the nodes the graph connects it to, at the
    version the graph implies: memory another node overwrote in place without the graph
@@ -45,8 +45,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..io.errors import CaptureMismatchError, UnsupportedModelError
-from .graph import GraphNode, ModelGraph, eval_mode, is_shape_query, mark_constant, mark_in_place, run_node
-from .inplace import storage
+from .graph import GraphNode, ModelGraph, eval_mode, is_shape_query, mark_constant, run_node
+from .inplace import mark_in_place, storage
 from .model_state import kept_buffers
 from .recorder import AtenCall, ModelRun, Recorder, RuleCalls, names, run_model, same_output, stops, tensors_in
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..io.errors import UnsupportedModelError
 from . import ops
-from .inplace import writes_in_place
+from .inplace import version_in_place
 from .model_state import kept_buffers
 from .source_lines import describe, node_source, trace_failure, user_frame
 
@@ -333,10 +333,12 @@ def trace_model(model: nn.Module) -> ModelGraph:
             parent.users.append(gn)
         of[fxn] = gn
         nodes.append(gn)
-    _classify(nodes, opaque, {of[n] for n in tracer.no_grad if n in of})
+    no_grad = {of[n] for n in tracer.no_grad if n in of}
+    _classify(nodes, opaque, no_grad)
+    while version_in_place(nodes, of):  # a tensor made from a shape alone now holds the signal
+        _classify(nodes, opaque, no_grad)
     for gn in nodes:
         gn.traced_op = gn.op
-    _version_in_place(nodes, of)
     module_output = {name: of[n] for name, n in tracer.outputs.items() if n in of}
     first_call = {name: of[c[0]] for name, c in tracer.calls.items() if len(c) > 1 and c[0] in of}
     tuples = {name: [of[n].name for n in items if n in of] for name, items in tracer.tuples.items()
@@ -355,7 +357,7 @@ def _classify(nodes: list[GraphNode], opaque: dict[str, str], no_grad: set[Graph
         if gn in no_grad or _detaches(gn.fx_node) or not any(p.carries for p in gn.inputs):
             gn.derived = any(p.carries or p.derived for p in gn.inputs)
             continue
-        gn.carries = True
+        gn.carries, gn.derived = True, False
         if gn.module_name in opaque:  # kept whole: reversed by its gradient
             gn.op = ops.OPS[ops.GENERIC]
             gn.replayed = True
@@ -398,28 +400,6 @@ _SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "type", "get_dev
 _SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 
 
-def _version_in_place(nodes: list[GraphNode], of: dict[fx.Node, GraphNode]) -> None:
-    """Makes every in-place call that carries the signal a new version of the tensor it
-    writes: the nodes after it that read that tensor read the call's node instead."""
-    for gn in nodes:
-        gn.writes = writes_in_place(gn.fx_node, gn.module)
-        if gn.writes:
-            _new_version(gn, of)
-
-
-def _new_version(gn: GraphNode, of: dict[fx.Node, GraphNode]) -> None:
-    first = gn.fx_node.args[0] if gn.fx_node.args else None
-    victim = of.get(first) if isinstance(first, fx.Node) else None
-    if victim is None or not (gn.carries and victim.carries):
-        return
-    gn.in_place = True
-    for user in [u for u in victim.users if u.index > gn.index]:
-        user.fx_node.replace_input_with(victim.fx_node, gn.fx_node)
-        user.inputs = [of[a] for a in user.fx_node.all_input_nodes if a in of]
-        victim.users.remove(user)
-        gn.users.append(user)
-
-
 def mark_constant(graph: ModelGraph, names: set[str]) -> None:
     """Marks nodes whose values the model's own run showed to be integers or booleans (a
     mask ``x > 0``, an argmax) as carrying no signal (their gradient is zero), and what
@@ -427,16 +407,6 @@ def mark_constant(graph: ModelGraph, names: set[str]) -> None:
     for gn in graph.nodes[1:]:
         if gn.name in names or (gn.carries and not any(p.carries for p in gn.inputs)):
             gn.carries, gn.op, gn.traced_op, gn.problem, gn.derived = False, None, None, None, True
-
-
-def mark_in_place(graph: ModelGraph, nodes: list[GraphNode]) -> None:
-    """Marks nodes the model's own run showed writing into their first argument (``a += b``,
-    which fx traces as ``a + b``) and makes each a new version of what it writes."""
-    of = {n.fx_node: n for n in graph.nodes}
-    graph._ancestors.clear()  # the edges change
-    for gn in nodes:
-        gn.writes = True
-        _new_version(gn, of)
 
 
 def attr_value(model: nn.Module, fxn: fx.Node) -> Any:

@@ -15,12 +15,17 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["writes_in_place", "overwritten", "storage"]
+if TYPE_CHECKING:
+    from .graph import GraphNode, ModelGraph
+
+__all__ = ["writes_in_place", "version_in_place", "mark_in_place", "overwritten", "storage"]
 
 #: Augmented assignments: ``a += b`` writes into ``a`` when it is a tensor.
 _AUGMENTED = frozenset({
@@ -48,6 +53,50 @@ def writes_in_place(fxn: fx.Node, module: nn.Module | None) -> bool:
         return True
     # a torch.nn.functional call given ``inplace`` positionally (F.relu(x, True))
     return getattr(fxn.target, "__module__", "") == "torch.nn.functional" and any(a is True for a in fxn.args[1:])
+
+
+def version_in_place(nodes: list[GraphNode], of: dict[fx.Node, GraphNode]) -> bool:
+    """Makes every in-place call that carries the signal a new version of the tensor it
+    writes: the nodes after it that read that tensor read the call's node instead.
+
+    Returns:
+        Whether a call wrote the signal into a tensor that held none (``x.new_zeros(...)``
+        then ``index_add_``): the nodes after it must be classified again.
+    """
+    again = False
+    for gn in nodes:
+        gn.writes = writes_in_place(gn.fx_node, gn.module)
+        if gn.writes:
+            again = _new_version(gn, of, into_constant=True) or again
+    return again
+
+
+def mark_in_place(graph: ModelGraph, nodes: list[GraphNode]) -> None:
+    """Marks nodes the model's own run showed writing into their first argument (``a += b``,
+    which fx traces as ``a + b``) and makes each a new version of what it writes."""
+    of = {n.fx_node: n for n in graph.nodes}
+    graph._ancestors.clear()  # the edges change
+    for gn in nodes:
+        gn.writes = True
+        _new_version(gn, of)
+
+
+def _new_version(gn: GraphNode, of: dict[fx.Node, GraphNode], into_constant: bool = False) -> bool:
+    """Rewires the readers of what ``gn`` writes after it to ``gn``; with ``into_constant``, also
+    where only ``gn`` carries the signal. Returns whether a reader that carries none moved."""
+    first = gn.fx_node.args[0] if gn.fx_node.args else None
+    victim = of.get(first) if isinstance(first, fx.Node) else None
+    if victim is None or not gn.carries or not (victim.carries or into_constant):
+        return False
+    gn.in_place = True
+    moved = False
+    for user in [u for u in victim.users if u.index > gn.index]:
+        user.fx_node.replace_input_with(victim.fx_node, gn.fx_node)
+        user.inputs = [of[a] for a in user.fx_node.all_input_nodes if a in of]
+        victim.users.remove(user)
+        gn.users.append(user)
+        moved = moved or not user.carries
+    return moved
 
 
 def storage(t: torch.Tensor) -> int:

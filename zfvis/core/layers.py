@@ -76,8 +76,8 @@ class LayerNames:
         elif quiet is not None:  # a node of the graph that carries no signal
             kind = ("a layer whose output does not depend on the images as zfvis traces the model: it is computed "
                     "from constants, from values made with gradients off (torch.no_grad(), detach()), or from a "
-                    "tensor made from a shape alone (torch.zeros_like(x)) and then written in place (write that "
-                    "one out of place: torch.zeros_like(x) + y)")
+                    "tensor made from a shape alone (torch.zeros_like(x)) and then written through a view "
+                    "(z.narrow(1, 0, 3).copy_(y): write that one whole, or out of place with torch.cat)")
         else:
             kind = "not a layer of the model"
         raise UserInputError(

@@ -147,7 +147,10 @@ def _prepare(site: Site) -> Op:
     op = site.op
     if op.prepare is not None:
         op.prepare(site)
-    return site.op  # a check may hand the site to another op (a convolution padding by reflection: vjp)
+    if site.hand_to is not None:  # handed to another op (a convolution padding by reflection: vjp)
+        site.entry, site.hand_to, site.cone = OPS[site.hand_to], None, OPS[site.hand_to].cone
+        return _prepare(site)
+    return op
 
 
 def prepared_site(node: GraphNode, env: dict[fx.Node, Any], out: Any) -> Site:
@@ -213,8 +216,10 @@ class _Pass(Stretches):
                 args = fx.node.map_arg(fxn.args, lambda n: env[n])
                 kwargs = fx.node.map_arg(fxn.kwargs, lambda n: env[n])
                 inputs = [env[p.fx_node] for p in node.inputs if p.carries] if node.carries else []
+                before = None
                 if node.writes:
                     self._check_inplace(node, args, env, i)
+                    before = _written_constant(node, env)
                     if _reads_inputs(node, self.rule):  # as they were before the call
                         inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
                 if node.op is None or node.op.name == GENERIC:  # unknown code: may write into any argument
@@ -227,6 +232,8 @@ class _Pass(Stretches):
                     out, self.switches[fxn] = pool_with_switches(args[0], *pool_arguments(node.module))
                 else:
                     out = run_node(node, model, args, kwargs)
+                if before is not None:  # its readers after the call read the call: the site sees it as it was
+                    env[fxn.args[0]] = before  # type: ignore[index]
                 if node.carries:
                     self._record(node, env, out, inputs)
             env[fxn] = out
@@ -280,7 +287,9 @@ class _Pass(Stretches):
         # stands for each image
         per_image = self.batch > 1 and any(p.derived for p in node.inputs)
         replayed = node.fx_node in self.replays.found  # reversed over the whole batch, as recorded
-        if per_image or replayed or any(p.fx_node in self.folds for p in node.inputs) or self._folded(node, out):
+        # a write into a tensor that held no signal: that tensor is one per image, as recorded
+        whole = per_image or replayed or _written_victim(node) is not None
+        if whole or any(p.fx_node in self.folds for p in node.inputs) or self._folded(node, out):
             try:
                 self._fold(node, env, out)
             except UnsupportedModelError as err:
@@ -309,6 +318,21 @@ class _Pass(Stretches):
             self.sites[node.name] = site
         except UnsupportedModelError as err:
             self.problems[node.name] = err
+
+
+def _written_victim(node: GraphNode) -> GraphNode | None:
+    """The node whose tensor an in-place call writes the signal into, where that tensor held
+    none (``x.new_zeros(...)`` then ``index_add_``, :func:`zfvis.core.inplace.version_in_place`)."""
+    first = node.fx_node.args[0] if node.in_place and node.fx_node.args else None
+    victim = next((p for p in node.inputs if p.fx_node is first), None)
+    return victim if victim is not None and not victim.carries else None
+
+
+def _written_constant(node: GraphNode, env: dict[fx.Node, Any]) -> torch.Tensor | None:
+    """A copy of what :func:`_written_victim` holds before the call writes it."""
+    victim = _written_victim(node)
+    value = env.get(victim.fx_node) if victim is not None else None
+    return value.clone() if isinstance(value, torch.Tensor) else None
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:

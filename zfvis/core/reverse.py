@@ -308,7 +308,10 @@ class Multiply(ReverseLayer):
         return f"by {f if not isinstance(f, torch.Tensor) else tuple(f.shape)}, from '{self.source}'"
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
-        out = signal * self.factor
+        factor = self.factor
+        if isinstance(factor, torch.Tensor) and factor.dim() == signal.dim() and factor.shape[0] > 1:
+            factor = factor[frame.image]  # one per recorded image (made from its shape): each seed's image's
+        out = signal * factor
         target = (signal.shape[0], *frame.in_shapes[0])
         if frame.out_win is None and tuple(out.shape) != target:
             out = out.sum_to_size(target)

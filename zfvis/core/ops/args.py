@@ -134,8 +134,14 @@ def live_call(site: Site) -> Callable[..., torch.Tensor]:
             return {key: fill(e, ts) for key, e in v.items()}
         return v
 
+    # an in-place call into a tensor that holds no signal (``z.index_add_(1, i, x)``): into a copy
+    # of it each time, as it was recorded before the call
+    copied = site.node.writes and bool(site.args) and isinstance(site.args[0], torch.Tensor)
+
     def fn(*ts: torch.Tensor) -> Any:
         args = fill(site.args, ts)
+        if copied:
+            args = (args[0].clone(), *args[1:])
         kwargs = {key: fill(v, ts) for key, v in site.kwargs.items()}
         if module is not None:
             with _eval(module):

@@ -14,20 +14,9 @@ __all__ = ["DIVISIONS", "scale_operands"]
 # --------------------------------------------------------------------------- checks
 
 
-def _hand_to(site: Site, name: str) -> None:
-    """Hands a site to another op of the table (its checks, record and reverse layer)."""
-    from . import OPS  # the table is built from this module's checks
-
-    site.entry = OPS[name]
-    if site.entry.prepare is not None:
-        site.entry.prepare(site)
-    else:
-        site.cone = site.entry.cone
-
-
 def _prepare_conv(site: Site) -> None:
     if _conv_args(site)["padding_mode"] != "zeros":  # reflect, replicate, circular: its true backward, whole maps
-        _hand_to(site, "vjp")
+        site.hand_to = "vjp"
 
 
 def _prepare_bn(site: Site) -> None:

@@ -53,6 +53,8 @@ class Site:
             :mod:`zfvis.core.layouts`).
         start: For a stretch where the batch is not the first dimension, reversed as one
             (``fn`` of its batch-first inputs ``live``), the node where it began.
+        hand_to: The op (its name) a check of the node's own op handed the site to (a
+            convolution padding by reflection: ``"vjp"``); the recording makes it the entry.
     """
 
     node: GraphNode
@@ -67,6 +69,7 @@ class Site:
     fn: Callable[..., Any] | None = None
     reverse_shapes: tuple[list[tuple[int, ...]], tuple[int, ...]] | None = None
     start: GraphNode | None = None
+    hand_to: str | None = None
 
     @property
     def op(self) -> Op:
