@@ -13,6 +13,8 @@ numbered values ("slots"), with every submodule registered under a readable name
 * add / sub / mul / cat / split / chunk, broadcast gates (squeeze-excitation, spatial),
   ``x += y``, ``x *= y``, ``x.add_(y)``, ``a += b + c`` (then ``b`` read again), an alias
   (``keep = t``) later written through, ``t[:, :k] = v``;
+* the signal written in place into a tensor made from a shape alone (``new_zeros`` then
+  ``index_add_``, ``zeros_like`` then ``add_``, ``new_empty`` then ``copy_``);
 * views: flatten / reshape round trips, permute (a channel-last ``Linear``), transpose,
   channel shuffle, ``t[..., 1:]``, channel slices, flip;
 * constants broadcast against maps (``torch.clamp(t, min=buf)``, buf (1, 1, H, W)),
@@ -285,6 +287,17 @@ class GenModel(nn.Module):
             return (x,)
         if k == "alias":
             return (x,)
+        if k == "shape_write":  # the signal written into a tensor made from a shape alone
+            if a["how"] == "index_add_":
+                z = x.new_zeros(x.shape)
+                return (z.index_add_(1, torch.arange(a["k"] - 1, -1, -1), x[:, : a["k"]]),)
+            if a["how"] == "add_":
+                z = torch.zeros_like(x)
+                z.add_(x * 0.5)
+                return (z,)
+            z = x.new_empty(x.shape)
+            z.copy_(x.flip(1))
+            return (z,)
         if k == "cat":
             return (torch.cat([x, ins[1]], dim=1),)
         if k == "split":
@@ -757,6 +770,19 @@ def _g_inplace_misc(g: _Gen) -> None:
     g.emit(Op("setitem", (t, v), (o,), args={"k": k}, write=t, text=f"s{t}[:, :{k}] = s{v}[:, :{k}]; s{o} = s{t}"))
 
 
+def _g_shape_write(g: _Gen) -> None:
+    """``z = x.new_zeros(x.shape); z.index_add_(1, idx, x[:, :k])``, ``torch.zeros_like(x).add_(...)``,
+    ``x.new_empty(x.shape).copy_(x.flip(1))``: a new slot (no slot is written)."""
+    r = g.rng
+    i = g.pick(g.live())
+    shape = g.slots[i].shape
+    how = r.choice(["index_add_", "add_", "copy_"])
+    k = r.randint(1, shape[0])
+    o = g.add_slot(shape)
+    g.emit(Op("shape_write", (i,), (o,), args={"how": how, "k": k},
+              text=f"s{o} = a tensor made from s{i}'s shape, written in place by {how} (k={k})"))
+
+
 def _g_opaque(g: _Gen) -> None:
     r = g.rng
     i = g.pick(g.live())
@@ -785,7 +811,7 @@ def _g_opaque(g: _Gen) -> None:
 
 
 _RULES = [(_g_conv, 5), (_g_pool, 2), (_g_act, 5), (_g_norm, 2), (_g_binary, 4), (_g_split, 1), (_g_view, 2),
-          (_g_gate, 1), (_g_const, 1), (_g_mask, 1), (_g_inplace_misc, 1), (_g_opaque, 1.5)]
+          (_g_gate, 1), (_g_const, 1), (_g_mask, 1), (_g_inplace_misc, 1), (_g_opaque, 1.5), (_g_shape_write, 0.7)]
 
 
 def _attach_hooks(g: _Gen) -> None:

@@ -121,7 +121,8 @@ def test_the_grammar_covers_what_it_promises() -> None:
                 want = model.eval()(x.clone())  # (a fresh model: its mode need not be restored)
             assert torch.allclose(twin(x.clone()), want, rtol=1e-12, atol=1e-12), model.describe()
     need = {"module", "fconv", "fpool", "fact", "fact_", "mask", "add", "mul", "iadd", "iadd3", "iadd_const",
-            "setitem", "alias", "cat", "split", "chunk", "const", "opaque", "transpose", "permute_linear", "slice_w"}
+            "setitem", "alias", "cat", "split", "chunk", "const", "opaque", "transpose", "permute_linear", "slice_w",
+            "shape_write"}
     if len(SEEDS) >= 60:
         assert need <= kinds, sorted(need - kinds)
         assert {"ScaleHook", "FlipHook", "PreScaleHook"} <= hooks, hooks
