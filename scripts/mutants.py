@@ -323,6 +323,10 @@ MUTANTS: list[Mutant] = [
     Mutant("factor-not-per-seed", _REV, "            factor = factor[frame.image]", "            pass",
            "a constant factor with one item per image multiplied into every seed's signal whole",
            ("tests/test_capture_sweep.py", "-k", "factor_made_from_a_shape")),
+    Mutant("factory-memory-kept", "zfvis/core/recorder.py",
+           "                    self.wrote.pop(storage(t), None)  # new memory: what a freed tensor there had is gone\n",
+           "", "a tensor a factory made read as written by the call that wrote a freed tensor at its address",
+           ("tests/test_capture_sweep.py", "-k", "factory_made")),
     # ------------------------------------------------------------------ recording
     Mutant("record-inputs-not-copied", _REC, "inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]",
            "inputs = list(inputs)", "an in-place rectifier's f' taken at the overwritten input (its output)",

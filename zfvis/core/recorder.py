@@ -134,6 +134,7 @@ class Recorder(TorchDispatchMode):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     self.born[storage(t)] = i
+                    self.wrote.pop(storage(t), None)  # new memory: what a freed tensor there had is gone
             return out
         if view and not written and reads and all(not isinstance(r[0], int) and r[0] != "input" for r in reads):
             # a view of constants alone (``buf.view(-1)``, a parameter's, a made tensor's) names the
