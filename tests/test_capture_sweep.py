@@ -349,6 +349,37 @@ def test_a_factor_made_from_a_shape_with_the_batch_is_taken_per_seed() -> None:
         assert outcome.status == "exact", outcome.message
 
 
+class _BatchConstant(_Three):
+    """A tensor made from the signal's shape (it has the batch) as another argument of an op."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv2(F.relu(self.conv1(x)))
+        c = torch.zeros_like(a) + 0.1
+        if self.how == "cat":  # reversed as a linear map
+            a = torch.cat([torch.ones_like(a[:, :2]), a[:, 2:]], 1)
+        elif self.how == "maximum":  # reversed by its vector-Jacobian product
+            a = torch.maximum(a, c)
+        elif self.how == "where":
+            a = torch.where(c > 0, a, c)
+        else:
+            a = torch.addcmul(c, a, c + 1.0)
+        return self.conv3(F.relu(a))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("how", ["cat", "maximum", "where", "addcmul"])
+def test_a_constant_argument_with_the_batch_is_taken_per_seed(how: str, batch: int) -> None:
+    """Several seeds per image: the constant is each seed's image's (a raw RuntimeError before,
+    or a refusal saying the node mixes the images of the batch)."""
+    model = _ready(_BatchConstant(how), seed=9)
+    for outcome in _run(model, _images(batch), "conv3"):
+        assert outcome.status == "exact", outcome.message
+
+
 class _Quiet(_Three):
     """conv3 reads a tensor made from a shape and written in place through a view, or computed
     with gradients off."""

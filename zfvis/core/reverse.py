@@ -364,7 +364,7 @@ class LinearMap(ReverseLayer):
     """The transpose of a linear operation with one live input (average pooling, a
     mean, slicing, ...), computed as that operation's gradient at zero."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], source: str, kind: str, cone: str) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], source: str, kind: str, cone: str) -> None:
         super().__init__()
         self.source, self.kind, self.cone = source, kind, cone
         self._fn = fn
@@ -381,7 +381,9 @@ class LinearMap(ReverseLayer):
             shape = (signal.shape[0], *frame.in_shapes[0])
         with torch.enable_grad():
             z = signal.new_zeros(shape, requires_grad=True)
-            (grad,) = torch.autograd.grad(self._fn(z), z, signal)
+            # on whole maps, a tensor argument with a batch of its own is taken per seed
+            out = self._fn(z, frame.image) if self.cone != "same" else self._fn(z)
+            (grad,) = torch.autograd.grad(out, z, signal)
         if self.cone != "same":
             grad = cut(grad, in_win)
         return [grad]

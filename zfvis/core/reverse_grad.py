@@ -11,6 +11,7 @@ squeeze-and-excitation block), on windows where the factors have the same shape.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -57,9 +58,10 @@ class VectorJacobian(ReverseLayer):
     """
 
     def __init__(self, fn: Callable[..., Any], source: str, kind: str, *, windowed: bool = False,
-                 writes: bool = False) -> None:
+                 writes: bool = False, per_image: bool = False) -> None:
         super().__init__()
         self.source, self.kind, self.windowed, self.writes = source, kind, windowed, writes
+        self.per_image = per_image  # fn takes image=: its tensor arguments with a batch taken per seed
         self._fn = fn
 
     def extra_repr(self) -> str:
@@ -77,7 +79,8 @@ class VectorJacobian(ReverseLayer):
         inputs = [(t if t.shape[0] == b else t.expand(b, *t.shape[1:])).requires_grad_(True) for t in inputs]
         with torch.enable_grad(), RuleMode(frame.rule), _saved_copies(self.writes):  # rectifiers inside: the rule
             # fresh copies: an in-place operation must not write into the leaves
-            out = self._fn(*(t.clone() for t in inputs))
+            fn = functools.partial(self._fn, image=frame.image) if self.per_image else self._fn
+            out = fn(*(t.clone() for t in inputs))
             grads = torch.autograd.grad(out, inputs, signal.to(out.dtype), allow_unused=True)
         return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(inputs, grads)]
 

@@ -71,21 +71,23 @@ def _adaptive_params(site: Site) -> tuple[Pair, Pair, Pair, Pair]:
     return k, k, (0, 0), (1, 1)
 
 
-def _live_only(site: Site, k: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The node's own operation as a function of its k-th live input (other arguments fixed)."""
+def _live_only(site: Site, k: int = 0) -> Callable[..., torch.Tensor]:
+    """The node's own operation as a function of its k-th live input (other arguments fixed).
+    Given each seed's image, a tensor argument with a batch of its own (one item, or one per
+    recorded image: ``torch.cat([x, torch.zeros_like(x)], 1)``) is taken per seed."""
     fxn = site.node.fx_node
     module = site.node.module
 
-    def fill(v: Any, t: torch.Tensor) -> Any:
+    def fill(v: Any, t: torch.Tensor, image: torch.Tensor | None) -> Any:
         if isinstance(v, Live):
             return t
         if isinstance(v, (list, tuple)):
-            return type(v)(fill(e, t) for e in v)
-        return v
+            return type(v)(fill(e, t, image) for e in v)
+        return per_seed(v, t.dim(), image)
 
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        args = fill(site.args, t)
-        kwargs = {key: fill(v, t) for key, v in site.kwargs.items()}
+    def fn(t: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        args = fill(site.args, t, image)
+        kwargs = {key: fill(v, t, image) for key, v in site.kwargs.items()}
         if module is not None:  # its forward alone: the reverse pass runs no hooks of the model
             return module.forward(*args, **kwargs)
         if fxn.op == "call_method":
@@ -116,33 +118,46 @@ def _eval(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def per_seed(v: Any, ndim: int, image: torch.Tensor | None) -> Any:
+    """A recorded argument for seeds of images ``image``: a tensor of the live inputs' rank has
+    the batch first (one item, or one per recorded image, as ``torch.zeros_like(x)``), so it is
+    taken per seed; anything else (and everything where ``image`` is ``None``) as it is."""
+    if image is None or not isinstance(v, torch.Tensor) or v.dim() != ndim or ndim == 0:
+        return v
+    return v.expand(len(image), *v.shape[1:]) if v.shape[0] == 1 else v[image]
+
+
 def live_call(site: Site) -> Callable[..., torch.Tensor]:
     """The node's own operation as a function of all its live inputs, in order (other
     arguments as recorded); a module runs its ``forward`` alone (no hooks of the model),
     except a hooked leaf (:attr:`GraphNode.hooked`), whose hooks are part of what it
-    computes. A module runs with eval semantics (every flag restored), as it was recorded."""
+    computes. A module runs with eval semantics (every flag restored), as it was recorded.
+    Given ``image=`` (each seed's image), other tensor arguments are taken per seed
+    (:func:`per_seed`)."""
     fxn = site.node.fx_node
     module = site.node.module
     hooked = site.node.hooked
 
-    def fill(v: Any, ts: tuple[torch.Tensor, ...]) -> Any:
+    def fill(v: Any, ts: tuple[torch.Tensor, ...], image: torch.Tensor | None = None) -> Any:
         if isinstance(v, Live):
             return ts[v.k]
         if isinstance(v, (list, tuple)):
-            return type(v)(fill(e, ts) for e in v)
+            return type(v)(fill(e, ts, image) for e in v)
         if isinstance(v, dict):
-            return {key: fill(e, ts) for key, e in v.items()}
-        return v
+            return {key: fill(e, ts, image) for key, e in v.items()}
+        if image is None:
+            return v
+        return per_seed(v, ts[0].dim() if ts and isinstance(ts[0], torch.Tensor) else 0, image)
 
     # an in-place call into a tensor that holds no signal (``z.index_add_(1, i, x)``): into a copy
     # of it each time, as it was recorded before the call
     copied = site.node.writes and bool(site.args) and isinstance(site.args[0], torch.Tensor)
 
-    def fn(*ts: torch.Tensor) -> Any:
-        args = fill(site.args, ts)
+    def fn(*ts: torch.Tensor, image: torch.Tensor | None = None) -> Any:
+        args = fill(site.args, ts, image)
         if copied:
             args = (args[0].clone(), *args[1:])
-        kwargs = {key: fill(v, ts) for key, v in site.kwargs.items()}
+        kwargs = {key: fill(v, ts, image) for key, v in site.kwargs.items()}
         if module is not None:
             with _eval(module):
                 return module(*args, **kwargs) if hooked else module.forward(*args, **kwargs)

@@ -9,6 +9,7 @@ node is reversed by its local vector-Jacobian product at its recorded inputs.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -123,12 +124,15 @@ class RecordedGraph:
 
 
 def _check_gradient(site: Site, fn: Callable[..., Any], inputs: list[torch.Tensor], out: torch.Tensor,
-                    rule: str | None = None) -> RecordedGraph | None:
+                    rule: str | None = None, per_image: bool = False) -> RecordedGraph | None:
     """Refuses a node without a gradient, or whose output for one image is not a function of
     that image alone (random in eval mode, or mixing the images of the batch). With ``rule``
     (one recorded image), the check runs under the rule (rectifiers inside pass the signal back
     by it) and returns its autograd graph, exactly what the reverse pass would build again."""
     leaves = [t[:1].detach().requires_grad_(True) for t in inputs]
+    if per_image:  # its other tensor arguments with a batch: the first image's (live_call's image=)
+        first = torch.zeros(1, dtype=torch.long, device=inputs[0].device)
+        fn = functools.partial(fn, image=first)
     with torch.enable_grad(), RuleMode(rule) if rule is not None else contextlib.nullcontext():
         y = fn(*(t.clone() for t in leaves))
     if not isinstance(y, torch.Tensor) or not y.requires_grad:
@@ -182,7 +186,7 @@ def record_vjp(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: 
     keep = (site.cone == "full" and site.op.name in _KEEPS_GRAPH and not site.node.writes and len(inputs) > 0
             and all(isinstance(t, torch.Tensor) and t.shape[0] == 1 for t in inputs))
     state = RecordedInputs(recorded_inputs(inputs))
-    state.graph = _check_gradient(site, fn, inputs, out, rule if keep else None)
+    state.graph = _check_gradient(site, fn, inputs, out, rule if keep else None, per_image=site.fn is None)
     return state
 
 
@@ -190,7 +194,7 @@ def build_vjp(site: Site) -> deconv.ReverseLayer:
     if site.state is IDENTITY:
         return deconv.PassThrough(_source(site), site.node.kind)
     return VectorJacobian(site.fn or live_call(site), _source(site), site.node.kind, windowed=site.cone == "same",
-                          writes=site.node.writes)
+                          writes=site.node.writes, per_image=site.fn is None)
 
 
 def build_whole_batch(site: Site) -> deconv.ReverseLayer:
