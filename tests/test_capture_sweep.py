@@ -380,6 +380,23 @@ def test_a_constant_argument_with_the_batch_is_taken_per_seed(how: str, batch: i
         assert outcome.status == "exact", outcome.message
 
 
+class _Strided(_Three):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.conv1(x))
+        return self.conv3(F.relu(self.conv2(a.as_strided(a.shape, a.stride()))))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_an_op_whose_sizes_hold_the_batch_is_refused_naming_it(batch: int) -> None:
+    """``a.as_strided(a.shape, a.stride())`` computes something else on another batch size: refused
+    naming it (a raw RuntimeError on several seeds of one image, and a "forward pass failed"
+    asking about the input size on two images)."""
+    model = _ready(_Strided(), seed=10)
+    outcomes = _run(model, _images(batch), "conv3", queries=[Query("conv3", 1, top_k=3)])
+    assert [o.status for o in outcomes] == ["refused"]
+    assert "as_strided" in outcomes[0].message and "batch size" in outcomes[0].message
+
+
 class _Quiet(_Three):
     """conv3 reads a tensor made from a shape and written in place through a view, or computed
     with gradients off."""

@@ -399,3 +399,35 @@ def test_writes_within_a_run_never_replace_what_it_did_not_write(tmp_path: Path)
                 assert entry.run == run and not isinstance(before[name], str)
                 assert ownership.digest(before[name]) == entry.sha256 and p.read_bytes() == b"new"
         shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("replacements", [1, 2, 3])
+def test_a_ledger_another_process_replaces_while_it_is_read_is_read_again(tmp_path: Path, monkeypatch,
+                                                                         replacements: int) -> None:
+    """Another zfvis process (a mining rank) writes a new ledger and renames it over the old one
+    between this one's look and its open: the new one is read (it was "changed while it was
+    read", and the rank stopped); replaced at every one of three tries, it is refused."""
+    kept = tmp_path / "a.bin"
+    kept.write_bytes(b"x")
+    ownership.record([(kept, None)], "run-a")
+    real_open = os.open
+    left = [replacements]
+
+    def racing_open(path, flags, *args, **kwargs):
+        if Path(path).name == ownership.LEDGER and left[0]:
+            left[0] -= 1
+            (tmp_path / "b.bin").write_bytes(b"y")
+            ownership._CACHE.clear()
+            with monkeypatch.context() as m:
+                m.setattr(os, "open", real_open)
+                ownership.record([(tmp_path / "b.bin", None)], "run-b")  # a new ledger, renamed over the old
+        return real_open(path, flags, *args, **kwargs)
+
+    ownership._CACHE.clear()
+    monkeypatch.setattr(os, "open", racing_open)
+    if replacements < 3:
+        files = ownership.ledger(tmp_path)
+        assert set(files) == {"a.bin", "b.bin"}
+    else:
+        with pytest.raises(ownership.LedgerError, match="changed while it was read"):
+            ownership.ledger(tmp_path)

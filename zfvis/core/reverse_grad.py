@@ -81,6 +81,12 @@ class VectorJacobian(ReverseLayer):
             # fresh copies: an in-place operation must not write into the leaves
             fn = functools.partial(self._fn, image=frame.image) if self.per_image else self._fn
             out = fn(*(t.clone() for t in inputs))
+            if not isinstance(out, torch.Tensor) or out.shape[:1] != signal.shape[:1]:
+                raise UnsupportedModelError(
+                    f"{self.kind} '{self.source}': run on {b} seeds, its output does not have one item per seed: what "
+                    "it computes depends on the batch size (explicit sizes or strides, as_strided), which zfvis "
+                    "cannot reverse per seed. Hint: write it with sizes taken from its input, or project one seed "
+                    "at a time")
             grads = torch.autograd.grad(out, inputs, signal.to(out.dtype), allow_unused=True)
         return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(inputs, grads)]
 

@@ -137,12 +137,25 @@ def _refuse(path: Path, why: str) -> LedgerError:
                        "nothing there counts as zfvis's) or use another output folder")
 
 
+class _Replaced(Exception):
+    """The ledger was replaced between looking at it and opening it."""
+
+
 def _read(folder: Path) -> dict[str, Entry]:
-    """The valid entries of ``folder``'s ledger (read from disk only when it changed).
+    """The valid entries of ``folder``'s ledger (read from disk only when it changed). A ledger
+    another zfvis process replaces meanwhile (it writes a new one and renames it over the old)
+    is read again, up to three times.
 
     Raises:
         LedgerError: The ledger is no plain file, too large, or not a zfvis ledger.
     """
+    for _ in range(3):
+        with contextlib.suppress(_Replaced):
+            return _read_once(folder)
+    raise _refuse(folder / LEDGER, "changed while it was read, three times")
+
+
+def _read_once(folder: Path) -> dict[str, Entry]:
     path = folder / LEDGER
     try:
         st = os.lstat(path)
@@ -173,8 +186,10 @@ def _read_bytes(path: Path, st: os.stat_result) -> bytes:
         raise _refuse(path, f"cannot be read ({err.strerror})") from None
     with os.fdopen(fd, "rb") as fh:
         now = os.fstat(fh.fileno())
-        if not stat.S_ISREG(now.st_mode) or now.st_ino != st.st_ino:
+        if not stat.S_ISREG(now.st_mode):
             raise _refuse(path, "changed while it was read")
+        if now.st_ino != st.st_ino:
+            raise _Replaced
         data = fh.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise _refuse(path, f"is more than {MAX_BYTES} bytes")

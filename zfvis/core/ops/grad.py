@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...io.errors import is_out_of_memory
 from .. import reverse as deconv
 from ..reverse_grad import VectorJacobian, WholeBatchVectorJacobian
 from ..rule_mode import RuleMode
@@ -134,7 +135,14 @@ def _check_gradient(site: Site, fn: Callable[..., Any], inputs: list[torch.Tenso
         first = torch.zeros(1, dtype=torch.long, device=inputs[0].device)
         fn = functools.partial(fn, image=first)
     with torch.enable_grad(), RuleMode(rule) if rule is not None else contextlib.nullcontext():
-        y = fn(*(t.clone() for t in leaves))
+        try:
+            y = fn(*(t.clone() for t in leaves))
+        except RuntimeError as err:  # it ran on the batch, not on one image of it
+            if is_out_of_memory(err):
+                raise
+            raise site.fail(f"run on one image of the batch, it fails ({str(err).splitlines()[0][:160]}): what it "
+                            "computes depends on the batch size (explicit sizes or strides, as_strided), which zfvis "
+                            "cannot reverse per image. Hint: write it with sizes taken from its input") from err
     if not isinstance(y, torch.Tensor) or not y.requires_grad:
         raise site.fail("it has no gradient (a non-differentiable operation), so nothing can be sent back "
                         "through it")
