@@ -311,7 +311,7 @@ class _Written(_Three):
 @pytest.mark.parametrize("how", ["index_add_", "copy_", "add_ then mul_", "pow_"])
 def test_the_signal_written_into_a_tensor_made_from_a_shape_is_exact(how: str, batch: int) -> None:
     """The call is a new version of that tensor, its readers after it read the call, and its
-    reverse runs over the recorded batch into a copy of the tensor as it was before the call
+    reverse writes, for each seed, into a copy of its image's tensor as it was before the call
     (it was refused, "the model ran ... the graph did not"); one recording reversed twice
     gives the same."""
     model = _ready(_Written(how), seed=6)

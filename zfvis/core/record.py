@@ -287,9 +287,7 @@ class _Pass(Stretches):
         # stands for each image
         per_image = self.batch > 1 and any(p.derived for p in node.inputs)
         replayed = node.fx_node in self.replays.found  # reversed over the whole batch, as recorded
-        # a write into a tensor that held no signal: that tensor is one per image, as recorded
-        whole = per_image or replayed or _written_victim(node) is not None
-        if whole or any(p.fx_node in self.folds for p in node.inputs) or self._folded(node, out):
+        if per_image or replayed or any(p.fx_node in self.folds for p in node.inputs) or self._folded(node, out):
             try:
                 self._fold(node, env, out)
             except UnsupportedModelError as err:
