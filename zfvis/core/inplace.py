@@ -1,12 +1,14 @@
 """In-place operations: which nodes write into a tensor, and which values that write would change.
 
 An in-place call (``t.relu_()``, ``F.relu(t, inplace=True)``, ``nn.ReLU(inplace=True)``,
-``a += b``) makes a new version of the tensor it writes. :mod:`zfvis.core.graph` turns it
-into one: every node that reads the tensor after the call reads the call's node instead, so
-a call whose result is unused still runs, and the reverse pass sees the version each node
-read. What no rewiring can see is another value sharing the written memory (a view taken
-before the call, or the tensor a written view was cut from) that is read later:
-:func:`overwritten` finds it, for the deconvnet's forward pass and occlusion's alike.
+``a += b``) makes a new version of the tensor it writes. :func:`version_in_place` turns it
+into one when the graph is traced: every node that reads the tensor after the call reads the
+call's node instead, so a call whose result is unused still runs, and the reverse pass sees
+the version each node read (also where the call writes the signal into a tensor that held
+none, ``x.new_zeros(...)`` then ``index_add_``). What no rewiring can see is another value
+sharing the written memory (a view taken before the call, or the tensor a written view was
+cut from) that is read later: :func:`overwritten` finds it, for the deconvnet's forward pass
+and occlusion's alike.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ node's constant arguments, its shapes, and what its op records (max-pool switche
 masks for the guided and gradient rules). Nothing in the model is changed; every
 module's ``training`` flag is restored, also when the pass raises. In-place operations
 run as in the model (each is a new version of the tensor it writes, see
-:mod:`zfvis.core.graph`); one that would overwrite memory another value still to be read
+:mod:`zfvis.core.inplace`); one that would overwrite memory another value still to be read
 shares (a view) is refused (:mod:`zfvis.core.inplace`). Stretches where the batch is not the
 first dimension are recorded whole (:mod:`zfvis.core.stretches`).
 """
