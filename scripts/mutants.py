@@ -344,6 +344,12 @@ MUTANTS: list[Mutant] = [
            "            raise _refuse(path, \"changed while it was read\")\n",
            "a ledger another zfvis process renamed over the old one while it was read refused, not read again",
            ("tests/test_ledger_safety.py", "-k", "replaces_while")),
+    Mutant("every-constant-per-seed", _REC, "if not p.carries and p.name in self.batch_first and p.fx_node in env)",
+           "if not p.carries and p.fx_node in env)", "a weight argument taken per seed as if it had the batch first",
+           ("tests/test_capture_sweep.py", "-k", "weight_argument")),
+    Mutant("no-constant-per-seed", _REC, "if not p.carries and p.name in self.batch_first and p.fx_node in env)",
+           "if False)", "a constant argument with the batch given whole to every seed",
+           ("tests/test_capture_sweep.py", "-k", "constant_argument_with_the_batch")),
     # ------------------------------------------------------------------ recording
     Mutant("record-inputs-not-copied", _REC, "inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]",
            "inputs = list(inputs)", "an in-place rectifier's f' taken at the overwritten input (its output)",

@@ -380,6 +380,34 @@ def test_a_constant_argument_with_the_batch_is_taken_per_seed(how: str, batch: i
         assert outcome.status == "exact", outcome.message
 
 
+class _Weighted(_Three):
+    """A weight of the model's own as another argument of an op reversed by its vector-Jacobian
+    product: it has the live input's rank, but not the batch first."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.w = nn.Parameter(torch.randn(6, 6, 3, 3) * 0.2)
+        self.m = nn.Parameter(torch.randn(6 * 12 * 12, 6 * 12 * 12) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.conv2(F.relu(self.conv1(x))))
+        if self.how == "conv_transpose2d":
+            a = F.conv_transpose2d(a, self.w, padding=1)
+        else:
+            a = torch.matmul(a.flatten(1), self.m).view_as(a)
+        return self.conv3(F.relu(a))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("how", ["conv_transpose2d", "matmul"])
+def test_a_weight_argument_is_given_whole_to_every_seed(how: str, batch: int) -> None:
+    """Only arguments the check's probe found to have the batch first are taken per seed."""
+    model = _ready(_Weighted(how), seed=11)
+    for outcome in _run(model, _images(batch), "conv3"):
+        assert outcome.status == "exact", outcome.message
+
+
 class _Strided(_Three):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.relu(self.conv1(x))

@@ -91,6 +91,7 @@ class Verdict:
     hooked: frozenset[str]
     probe: Any = dataclasses.field(default=None, repr=False)  # () -> not_batch, run once when first asked
     _not_batch: frozenset[str] | None = dataclasses.field(default=None, repr=False)
+    first_dims: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)  # each node's, on the key's input
     replayed: set[str] = dataclasses.field(default_factory=set)
     graphed: set[str] = dataclasses.field(default_factory=set)
     hidden_rectifiers: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -105,6 +106,12 @@ class Verdict:
             self._not_batch = self.probe() if self.probe is not None else frozenset()
             self.probe = None
         return self._not_batch
+
+    @property
+    def batch_first(self) -> frozenset[str]:
+        """Nodes whose tensor output has the batch first (one item per image, as ``torch.zeros_like(x)``),
+        from the same probe as :attr:`not_batch`."""
+        return frozenset(self.first_dims) - self.not_batch
 
     def problems(self, graph: ModelGraph, rule: str, targets: list[GraphNode]) -> dict[str, UnsupportedModelError]:
         """Why projections cannot be made under ``rule``, by node: the targets, where the model
@@ -426,7 +433,8 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
     for c in graph_calls:
         if c.hidden_rectifier and c.node is not None:
             hidden.setdefault(c.node, c.op)
-    verdict = Verdict(violations, hooked_names, probe, hidden_rectifiers=hidden, state_writes=frozenset(written),
-                      backward_hooks=_backward_hooked(model), training=any(m.training for m in model.modules()))
+    verdict = Verdict(violations, hooked_names, probe, first_dims=dims, hidden_rectifiers=hidden,
+                      state_writes=frozenset(written), backward_hooks=_backward_hooked(model),
+                      training=any(m.training for m in model.modules()))
     graph.verdicts[key] = verdict
     return verdict

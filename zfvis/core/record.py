@@ -181,9 +181,10 @@ class _Pass(Stretches):
     """One forward pass over the needed part of the graph."""
 
     def __init__(self, graph: ModelGraph, targets: list[GraphNode], rule: str,
-                 not_batch: frozenset[str] = frozenset()) -> None:
+                 not_batch: frozenset[str] = frozenset(), batch_first: frozenset[str] = frozenset()) -> None:
         self.graph = graph
         self.not_batch = not_batch
+        self.batch_first = batch_first  # nodes whose output has the batch first (the check's probe)
         self.folds: dict[fx.Node, Fold] = {}
         self.rule = rule
         self.targets = {t.fx_node for t in targets}
@@ -296,6 +297,8 @@ class _Pass(Stretches):
         parent = next((self.bundles[p.fx_node] for p in node.inputs if p.fx_node in self.bundles), None)
         try:
             site = _site(node, env, out, parent)
+            site.batched = frozenset(id(env[p.fx_node]) for p in node.inputs
+                                     if not p.carries and p.name in self.batch_first and p.fx_node in env)
             if parent is not None:  # a function of the tuple's node's inputs
                 inputs = parent.state
             if site.cone == "bundle":
@@ -370,7 +373,8 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
     if device is not None:
         images = images.to(device=device, dtype=dtype)
     verdict = verify(graph, images) if _real(images) else None  # what the model runs, against the graph
-    p = _Pass(graph, list(targets), rule, verdict.not_batch if verdict is not None else frozenset())
+    p = _Pass(graph, list(targets), rule, verdict.not_batch if verdict is not None else frozenset(),
+              verdict.batch_first if verdict is not None else frozenset())
     p.replays.checked = verdict.replayed if verdict is not None else p.replays.checked
     p.replays.graphed = verdict.graphed if verdict is not None else p.replays.graphed
     # a model already in eval mode (all its modules) is left alone: switching and restoring

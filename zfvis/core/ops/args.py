@@ -83,7 +83,7 @@ def _live_only(site: Site, k: int = 0) -> Callable[..., torch.Tensor]:
             return t
         if isinstance(v, (list, tuple)):
             return type(v)(fill(e, t, image) for e in v)
-        return per_seed(v, t.dim(), image)
+        return per_seed(v, image, site.batched)
 
     def fn(t: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         args = fill(site.args, t, image)
@@ -118,11 +118,11 @@ def _eval(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def per_seed(v: Any, ndim: int, image: torch.Tensor | None) -> Any:
-    """A recorded argument for seeds of images ``image``: a tensor of the live inputs' rank has
-    the batch first (one item, or one per recorded image, as ``torch.zeros_like(x)``), so it is
-    taken per seed; anything else (and everything where ``image`` is ``None``) as it is."""
-    if image is None or not isinstance(v, torch.Tensor) or v.dim() != ndim or ndim == 0:
+def per_seed(v: Any, image: torch.Tensor | None, batched: frozenset[int]) -> Any:
+    """A recorded argument for seeds of images ``image``: one the recording found to have the
+    batch first (:attr:`Site.batched`) is taken per seed (one item per recorded image, or one
+    for all); anything else (a weight, and everything where ``image`` is ``None``) as it is."""
+    if image is None or id(v) not in batched or not isinstance(v, torch.Tensor) or v.dim() == 0:
         return v
     return v.expand(len(image), *v.shape[1:]) if v.shape[0] == 1 else v[image]
 
@@ -145,9 +145,7 @@ def live_call(site: Site) -> Callable[..., torch.Tensor]:
             return type(v)(fill(e, ts, image) for e in v)
         if isinstance(v, dict):
             return {key: fill(e, ts, image) for key, e in v.items()}
-        if image is None:
-            return v
-        return per_seed(v, ts[0].dim() if ts and isinstance(ts[0], torch.Tensor) else 0, image)
+        return per_seed(v, image, site.batched)
 
     # an in-place call into a tensor that holds no signal (``z.index_add_(1, i, x)``): into a copy
     # of it each time, as it was recorded before the call

@@ -55,6 +55,8 @@ class Site:
             (``fn`` of its batch-first inputs ``live``), the node where it began.
         hand_to: The op (its name) a check of the node's own op handed the site to (a
             convolution padding by reflection: ``"vjp"``); the recording makes it the entry.
+        batched: ``id`` of each tensor argument that is not live but has the batch first (made
+            from the signal's shape, ``torch.zeros_like(x)``): per seed, its seed's image's item.
     """
 
     node: GraphNode
@@ -70,6 +72,7 @@ class Site:
     reverse_shapes: tuple[list[tuple[int, ...]], tuple[int, ...]] | None = None
     start: GraphNode | None = None
     hand_to: str | None = None
+    batched: frozenset[int] = frozenset()
 
     @property
     def op(self) -> Op:
