@@ -24,20 +24,17 @@ from zfvis.io.errors import ZfvisError
 
 
 class _Three(nn.Module):
-    """conv1 -> relu -> conv2 -> (the construct) -> relu -> conv3."""
+    """conv1 -> relu -> conv2 -> (the construct ``how`` names) -> relu -> conv3."""
 
-    def __init__(self) -> None:
+    def __init__(self, how: str = "") -> None:
         super().__init__()
+        self.how = how
         self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
         self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
         self.conv3 = nn.Conv2d(6, 4, 3, padding=1)
 
 
 class _GradientsOff(_Three):
-    def __init__(self, how: str) -> None:
-        super().__init__()
-        self.how = how
-
     @torch.no_grad()
     def _scale(self, t: torch.Tensor) -> torch.Tensor:
         return t.std(dim=(2, 3), keepdim=True) + 1.0
@@ -228,8 +225,7 @@ class _Counts(_Three):
     """Counts its calls in a buffer, as the model's own state (``add_``, or ``+=``)."""
 
     def __init__(self, how: str) -> None:
-        super().__init__()
-        self.how = how
+        super().__init__(how)
         self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,10 +273,6 @@ def test_a_wrapped_model_is_refused_naming_the_model_inside(wrapper: str, api: s
 
 class _Written(_Three):
     """The signal written in place into a tensor made from a shape alone."""
-
-    def __init__(self, how: str) -> None:
-        super().__init__()
-        self.how = how
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.conv2(F.relu(self.conv1(x)))
@@ -352,10 +344,6 @@ def test_a_factor_made_from_a_shape_with_the_batch_is_taken_per_seed() -> None:
 class _BatchConstant(_Three):
     """A tensor made from the signal's shape (it has the batch) as another argument of an op."""
 
-    def __init__(self, how: str) -> None:
-        super().__init__()
-        self.how = how
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.conv2(F.relu(self.conv1(x)))
         c = torch.zeros_like(a) + 0.1
@@ -385,8 +373,7 @@ class _Weighted(_Three):
     product: it has the live input's rank, but not the batch first."""
 
     def __init__(self, how: str) -> None:
-        super().__init__()
-        self.how = how
+        super().__init__(how)
         self.w = nn.Parameter(torch.randn(6, 6, 3, 3) * 0.2)
         self.m = nn.Parameter(torch.randn(6 * 12 * 12, 6 * 12 * 12) * 0.02)
 
@@ -428,10 +415,6 @@ def test_an_op_whose_sizes_hold_the_batch_is_refused_naming_it(batch: int) -> No
 class _Quiet(_Three):
     """conv3 reads a tensor made from a shape and written in place through a view, or computed
     with gradients off."""
-
-    def __init__(self, how: str) -> None:
-        super().__init__()
-        self.how = how
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.conv2(F.relu(self.conv1(x)))

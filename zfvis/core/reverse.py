@@ -294,14 +294,16 @@ class Scale(ReverseLayer):
 
 
 class Multiply(ReverseLayer):
-    """Multiplication by a constant (a number or a fixed tensor)."""
+    """Multiplication by a constant (a number or a fixed tensor; ``per_image``: a tensor the
+    recording found with the batch first, :attr:`zfvis.core.ops.Site.batched`, taken per seed)."""
 
     fresh = True
 
-    def __init__(self, factor: float | torch.Tensor, source: str) -> None:
+    def __init__(self, factor: float | torch.Tensor, source: str, *, per_image: bool = False) -> None:
         super().__init__()
         self.source = source
         self.factor = factor
+        self.per_image = per_image
 
     def extra_repr(self) -> str:
         f = self.factor
@@ -309,8 +311,8 @@ class Multiply(ReverseLayer):
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
         factor = self.factor
-        if isinstance(factor, torch.Tensor) and factor.dim() == signal.dim() and factor.shape[0] > 1:
-            factor = factor[frame.image]  # one per recorded image (made from its shape): each seed's image's
+        if self.per_image and isinstance(factor, torch.Tensor) and factor.shape[0] > 1:
+            factor = factor[frame.image]  # one per recorded image: each seed's image's
         out = signal * factor
         target = (signal.shape[0], *frame.in_shapes[0])
         if frame.out_win is None and tuple(out.shape) != target:

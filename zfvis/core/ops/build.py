@@ -102,7 +102,8 @@ def _build_scale(site: Site) -> deconv.ReverseLayer:
     if isinstance(a, Live) and isinstance(b, Live):
         return Product((a.k, b.k), len(site.live), _source(site), windowed=site.cone == "same")
     other = b if isinstance(a, Live) else a
-    return deconv.Multiply(1.0 / other if division else other, _source(site))
+    per_image = isinstance(other, torch.Tensor) and id(other) in site.batched
+    return deconv.Multiply(1.0 / other if division else other, _source(site), per_image=per_image)
 
 
 def _record_scale(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: str) -> list[torch.Tensor] | None:
