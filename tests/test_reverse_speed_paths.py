@@ -436,3 +436,92 @@ def test_split_parts_found_once_per_shape_match_the_oracle(rule: str) -> None:
         assert ref.abs().max() > 0 and _rel_err(got, ref) < RTOL
     kept = [n.fx_node.meta.get("zfvis_part_of") for n in dn.graph.nodes]
     assert any(k and len(k) == 2 for k in kept)  # the chunk's parts: one slice per input shape
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_seed_windows_moved_in_numbers_equal_the_tensor_path(seed: int) -> None:
+    """Cutting, pasting and moving one seed's windows by their numbers equals the same windows
+    as tensors (their numbers unknown), windows running past the map's borders included."""
+    from zfvis.core.windows import cut, move, paste
+
+    gen = torch.Generator().manual_seed(seed)
+    map_size = (int(torch.randint(1, 10, (1,), generator=gen)), int(torch.randint(1, 10, (1,), generator=gen)))
+    full = torch.randn(1, 3, *map_size, dtype=torch.float64, generator=gen)
+
+    def window() -> Window:
+        r = sorted(torch.randint(0, map_size[0] + 1, (2,), generator=gen).tolist())
+        c = sorted(torch.randint(0, map_size[1] + 1, (2,), generator=gen).tolist())
+        return _seed_window([r[0], c[0], max(r[1], r[0] + 1), max(c[1], c[0] + 1)], map_size)
+
+    for _ in range(40):
+        a, b = window(), window()
+        ta, tb = dataclasses.replace(a, ints=None), dataclasses.replace(b, ints=None)
+        sig = torch.randn(1, 3, *a.size, dtype=torch.float64, generator=gen)
+        assert torch.equal(cut(full, a), cut(full, ta))
+        assert torch.equal(paste(sig, a), paste(sig, ta))
+        assert torch.equal(move(sig, a, b), move(sig, ta, tb))
+        assert torch.equal(move(sig, a, a), sig)
+
+
+@pytest.mark.parametrize("change", ["in place", "new tensor", "memory swapped", "eps", "dtype"])
+def test_a_folded_batch_norm_followed_after_it_changes(change: str) -> None:
+    """The scale kept per BatchNorm between reverse passes is made again when the BatchNorm
+    changes: its running variance written in place, a new weight, ``.data`` swapped, eps."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).double()
+    bn = nn.BatchNorm2d(6).double().eval()
+    layer = _reverse_conv(conv)
+    layer.fold(bn, "bn")
+    signal = torch.randn(1, 6, 7, 7, dtype=torch.float64)
+    frame = Frame(_full(1, (7, 7)), [_full(1, (7, 7))], [(4, 7, 7)], (6, 7, 7), torch.zeros(1))
+
+    def reverse(dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        with torch.no_grad():
+            return layer(signal.to(dtype), frame)[0].double()
+
+    before = reverse()
+    with torch.no_grad():
+        if change == "in place":
+            bn.running_var.mul_(4.0)
+        elif change == "new tensor":
+            bn.weight = nn.Parameter(torch.full((6,), 0.5, dtype=torch.float64))
+        elif change == "memory swapped":
+            bn.running_var.data = torch.full((6,), 9.0, dtype=torch.float64)
+        elif change == "eps":
+            bn.eps = 0.5
+    dtype = torch.float32 if change == "dtype" else torch.float64
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    ref = _conv_vjp(conv, torch.zeros(1, 4, 7, 7, dtype=torch.float64), signal * scale.view(1, -1, 1, 1))
+    got = reverse(dtype)
+    assert _rel_err(got, ref) < (1e-6 if change == "dtype" else 1e-12)
+    assert change == "dtype" or _rel_err(before, ref) > 0.01  # the change mattered
+
+
+class _FunctionalNorm(nn.Module):
+    """A convolution, then a batch norm called as a function (timm's BatchNormAct2d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(5, 4, 3, padding=1)
+        self.register_buffer("mean", torch.linspace(-0.2, 0.2, 5))
+        self.register_buffer("var", torch.linspace(0.5, 1.5, 5))
+        self.weight = nn.Parameter(torch.linspace(0.5, 2.0, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.batch_norm(self.conv1(x), self.mean, self.var, self.weight, None, False, 0.1, 1e-5)
+        return self.conv2(F.relu(a))
+
+
+def test_a_functional_batch_norm_folded_twice_follows_its_statistics() -> None:
+    torch.manual_seed(3)
+    model = _FunctionalNorm().double().eval()
+    x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    dn = Deconvnet(model)
+    for step in range(3):
+        if step == 2:
+            with torch.no_grad():
+                model.var.mul_(3.0)  # written in place: the kept scale is made again
+        seeds = dn.select(dn.record(x, "conv2"), 1)
+        got = dn.project(x, "conv2", 1)[0]
+        ref = oracle_projection(model, x, "conv2", (1, int(seeds.y[0]), int(seeds.x[0])))
+        assert ref.abs().max() > 0 and _rel_err(got, ref) < RTOL

@@ -85,16 +85,24 @@ class Verdict:
         hidden_rectifiers: Nodes that ran a rectifier as an ATen call outside any ``torch``
             call (TorchScript, ``torch.ops.aten.relu``), with that call: the deconvnet and
             guided rules cannot reach it (the gradient rule can).
+        random: Nodes that ran a random ATen call (a seeded nondeterministic op).
+        gradient_checked: Nodes whose per-image gradient check (:mod:`zfvis.core.ops.grad`)
+            passed on this key's one image and which ran no random call: the check is not run
+            again on this key (with one image it finds only what the code does, not what the
+            values are; with several, values could hide that the images are mixed, so every
+            pass checks).
     """
 
     violations: list[Violation]
     hooked: frozenset[str]
     probe: Any = dataclasses.field(default=None, repr=False)  # () -> not_batch, run once when first asked
     _not_batch: frozenset[str] | None = dataclasses.field(default=None, repr=False)
-    first_dims: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)  # each node's, on the key's input
+    first_dims: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)  # each node's (first_dim) on the key's input
     replayed: set[str] = dataclasses.field(default_factory=set)
     graphed: set[str] = dataclasses.field(default_factory=set)
     hidden_rectifiers: dict[str, str] = dataclasses.field(default_factory=dict)
+    random: frozenset[str] = frozenset()
+    gradient_checked: set[str] = dataclasses.field(default_factory=set)
     state_writes: frozenset[str] = frozenset()
     backward_hooks: str | None = None
     training: bool = False
@@ -110,7 +118,7 @@ class Verdict:
     @property
     def batch_first(self) -> frozenset[str]:
         """Nodes whose tensor output has the batch first (one item per image, as ``torch.zeros_like(x)``),
-        from the same probe as :attr:`not_batch`."""
+        or whose shape output starts with the batch size (``x.shape``), from the same probe as :attr:`not_batch`."""
         return frozenset(self.first_dims) - self.not_batch
 
     def problems(self, graph: ModelGraph, rule: str, targets: list[GraphNode]) -> dict[str, UnsupportedModelError]:
@@ -163,7 +171,7 @@ class _GraphRun:
         self.constant: set[str] = set()  # nodes whose values are integers or booleans: no signal
         self.writers: set[str] = set()  # nodes that write into memory they did not make
         self.failed: GraphNode | None = None  # the node where the forward pass failed
-        self.first_dims: dict[str, int] = {}  # each tensor output's first dimension
+        self.first_dims: dict[str, int] = {}  # each tensor or shape output's first dimension (first_dim)
 
     def _flag(self, node: GraphNode, what: str, reads: bool) -> None:
         if node.name not in self.flagged:
@@ -246,8 +254,9 @@ class _GraphRun:
                     self.failed = rec.node = self.graph_node = None
                 env[fxn] = out
                 found = tensors_in(out)
-                if isinstance(out, torch.Tensor):
-                    self.first_dims[node.name] = int(out.shape[0]) if out.dim() else -1
+                dim = first_dim(out)
+                if dim is not None:
+                    self.first_dims[node.name] = dim
                 if node.carries and found and not any(t.is_floating_point() or t.is_complex() for t in found):
                     self.constant.add(node.name)
                 for t in found:
@@ -260,9 +269,13 @@ class _GraphRun:
 
 
 def hooked(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The modules that have forward hooks or forward pre-hooks of their own."""
+    """The modules that have forward hooks or forward pre-hooks: of their own, or every module
+    where global ones are registered (``register_module_forward_hook``), which run on every call."""
+    from torch.nn.modules import module as mod
+
+    every = any(getattr(mod, g, None) for g in ("_global_forward_hooks", "_global_forward_pre_hooks"))
     for name, m in model.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        if every or m._forward_hooks or m._forward_pre_hooks:
             yield name, m
 
 
@@ -370,9 +383,20 @@ def _first_dims(graph: ModelGraph, images: torch.Tensor) -> dict[str, int]:
                 kwargs = fx.node.map_arg(fxn.kwargs, lambda n: env[n])
                 out = run_node(node, graph.model, args, kwargs)
             env[fxn] = out
-            if isinstance(out, torch.Tensor):
-                dims[node.name] = int(out.shape[0]) if out.dim() else -1
+            dim = first_dim(out)
+            if dim is not None:
+                dims[node.name] = dim
     return dims
+
+
+def first_dim(out: Any) -> int | None:
+    """A tensor's first dimension (-1 for a scalar), a shape's first size (``x.shape``, whose
+    first size is the batch where it follows it: ``t.expand(x.shape)``); else ``None``."""
+    if isinstance(out, torch.Tensor):
+        return int(out.shape[0]) if out.dim() else -1
+    if isinstance(out, torch.Size) and len(out):
+        return int(out[0])
+    return None
 
 
 def _not_batch(graph: ModelGraph, images: torch.Tensor, dims: dict[str, int]) -> frozenset[str]:
@@ -433,7 +457,8 @@ def verify(graph: ModelGraph, images: torch.Tensor) -> Verdict:
     for c in graph_calls:
         if c.hidden_rectifier and c.node is not None:
             hidden.setdefault(c.node, c.op)
-    verdict = Verdict(violations, hooked_names, probe, first_dims=dims, hidden_rectifiers=hidden,
+    random = frozenset(c.node for c in graph_calls if c.random and c.node is not None)
+    verdict = Verdict(violations, hooked_names, probe, first_dims=dims, hidden_rectifiers=hidden, random=random,
                       state_writes=frozenset(written), backward_hooks=_backward_hooked(model),
                       training=any(m.training for m in model.modules()))
     graph.verdicts[key] = verdict

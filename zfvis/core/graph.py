@@ -90,6 +90,7 @@ class GraphNode:
     op: ops.Op | None = None
     carries: bool = False
     problem: str | None = None
+    function: str | None = None  # the torch.autograd.Function whose forward made it
     source: str | None = None
     in_place: bool = False
     writes: bool = False
@@ -200,6 +201,8 @@ class _Tracer(fx.Tracer):
         self.failed: tuple[str, str] | None = None
         self.tuples: dict[str, list[fx.Node]] = {}
         self.no_grad: set[fx.Node] = set()  # made where the model's code turned gradients off
+        self.function: str | None = None  # the torch.autograd.Function whose forward is being traced
+        self.in_function: dict[fx.Node, str] = {}  # made inside one
         self.made: list[torch.Tensor] = []  # tensors the trace made (constants)
 
     def create_arg(self, a: Any) -> Any:
@@ -246,6 +249,8 @@ class _Tracer(fx.Tracer):
         node = proxy.node
         if not torch.is_grad_enabled():  # inside the model's ``with torch.no_grad():`` (traced with them on)
             self.no_grad.add(node)
+        if self.function is not None:
+            self.in_function[node] = self.function
         if kind == "call_module":
             base = str(target)
             self.module_of[node] = base
@@ -272,12 +277,31 @@ def _defaults(model: nn.Module) -> dict[str, Any] | None:
     return found or None
 
 
+@contextlib.contextmanager
+def _functions_named(tracer: _Tracer) -> Iterator[None]:
+    """While tracing, a ``torch.autograd.Function`` call names the nodes its forward makes."""
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        outer, tracer.function = tracer.function, cls.__name__
+        try:
+            return original.__get__(None, cls)(*args, **kwargs)
+        finally:
+            tracer.function = outer
+
+    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original  # type: ignore[method-assign]
+
+
 def _trace(model: nn.Module) -> tuple[fx.Graph, _Tracer, dict[str, str]]:
     opaque: dict[str, str] = {}
     for _ in range(len(list(model.modules())) + 1):
         tracer = _Tracer(set(opaque))
         try:
-            with eval_mode(model), torch.enable_grad(), kept_buffers(model):  # the trace runs buffers' code
+            with eval_mode(model), torch.enable_grad(), kept_buffers(model), _functions_named(tracer):
                 graph = tracer.trace(model, concrete_args=_defaults(model))
             return graph, tracer, opaque
         except Exception as err:  # noqa: BLE001 - any failure inside a module's forward
@@ -289,19 +313,6 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, _Tracer, dict[str, str]]:
     raise UnsupportedModelError("cannot trace the model's forward() with torch.fx")  # pragma: no cover
 
 
-_VOLUME_TYPES = (nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
-                 nn.AdaptiveMaxPool3d, nn.BatchNorm3d)
-
-
-def _refuse_volumes(model: nn.Module) -> None:
-    """Refuses video and volume models (3D convolutions and pools), by their modules."""
-    for name, m in model.named_modules():
-        if isinstance(m, _VOLUME_TYPES):
-            raise UnsupportedModelError(
-                f"module '{name}' is a {type(m).__name__}: zfvis visualizes image CNNs of 2D maps (N, C, H, W); "
-                "video and volume models (3D convolutions) are not supported")
-
-
 def trace_model(model: nn.Module) -> ModelGraph:
     """Traces ``model`` (in eval mode; its modes are restored) into a :class:`ModelGraph`.
 
@@ -309,7 +320,7 @@ def trace_model(model: nn.Module) -> ModelGraph:
         UnsupportedModelError: The model's own ``forward()`` cannot be traced, or it
             does not take exactly one input tensor.
     """
-    _refuse_volumes(model)
+    ops.refuse_volumes(model)
     graph, tracer, opaque = _trace(model)
     modules = dict(model.named_modules())
     nodes: list[GraphNode] = []
@@ -334,6 +345,8 @@ def trace_model(model: nn.Module) -> ModelGraph:
         of[fxn] = gn
         nodes.append(gn)
     no_grad = {of[n] for n in tracer.no_grad if n in of}
+    for fxn, name in tracer.in_function.items():
+        of[fxn].function = name
     _classify(nodes, opaque, no_grad)
     while version_in_place(nodes, of):  # a tensor made from a shape alone now holds the signal
         _classify(nodes, opaque, no_grad)
@@ -354,6 +367,12 @@ def _classify(nodes: list[GraphNode], opaque: dict[str, str], no_grad: set[Graph
     for gn in nodes[1:]:
         if is_shape_query(gn.fx_node):
             continue
+        if gn.function is not None and any(p.carries for p in gn.inputs):
+            gn.carries, gn.op, gn.problem = True, None, _problem(gn, f"it runs inside the torch.autograd.Function "
+                                                                 f"'{gn.function}', whose backward is its own, which "
+                                                                 "zfvis cannot follow. Hint: layers before it can "
+                                                                 "still be projected")
+            continue
         if gn in no_grad or _detaches(gn.fx_node) or not any(p.carries for p in gn.inputs):
             gn.derived = any(p.carries or p.derived for p in gn.inputs)
             continue
@@ -365,9 +384,12 @@ def _classify(nodes: list[GraphNode], opaque: dict[str, str], no_grad: set[Graph
         gn.op, why = lookup(gn)
         gn.replayed = _own_code(gn, opaque)
         if why is not None:
-            where = f" at {gn.source}" if gn.source else ""
-            gn.problem = (f"node '{gn.name}' ({gn.kind}){where}: {why}. Hint: layers before it can still be "
-                          "projected; see `zfvis layers` for the supported operations")
+            gn.problem = _problem(gn, f"{why}. Hint: layers before it can still be projected; see `zfvis layers` for "
+                                      "the supported operations")
+
+
+def _problem(gn: GraphNode, why: str) -> str:
+    return f"node '{gn.name}' ({gn.kind}){f' at {gn.source}' if gn.source else ''}: {why}"
 
 
 def _detaches(fxn: fx.Node) -> bool:

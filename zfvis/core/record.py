@@ -203,6 +203,8 @@ class _Pass(Stretches):
         self.batch = 0
         self.replays = Replays(graph.model, rule)
         self.switches: dict[fx.Node, torch.Tensor] = {}  # of max-pooling modules run with them
+        self.random: frozenset[str] = frozenset()  # nodes that ran a random call (the verdict's)
+        self.gradient_checked: set[str] = set()  # the verdict's, of nodes checked on this key
 
     def run(self, images: torch.Tensor) -> None:
         env: dict[fx.Node, Any] = {}
@@ -314,7 +316,11 @@ class _Pass(Stretches):
             elif switches is not None and op is node.op:
                 site.state = switches
             elif op.record is not None:
+                once = self.batch == 1 and node.name not in self.random  # only the code decides the check
+                site.checked = once and node.name in self.gradient_checked
                 site.state = op.record(site, inputs, out, self.rule)
+                if once and site.checked:
+                    self.gradient_checked.add(node.name)
                 self.recorded.watch(site)
             self.sites[node.name] = site
         except UnsupportedModelError as err:
@@ -377,6 +383,8 @@ def record(graph: ModelGraph, images: torch.Tensor, targets: Sequence[GraphNode]
               verdict.batch_first if verdict is not None else frozenset())
     p.replays.checked = verdict.replayed if verdict is not None else p.replays.checked
     p.replays.graphed = verdict.graphed if verdict is not None else p.replays.graphed
+    if verdict is not None:
+        p.random, p.gradient_checked = verdict.random, verdict.gradient_checked
     # a model already in eval mode (all its modules) is left alone: switching and restoring
     # every module's flag costs about a millisecond per pass
     training = verdict.training if verdict is not None else any(m.training for m in graph.model.modules())

@@ -26,8 +26,8 @@ from torch import nn
 
 from .cone import Window
 from .pending import PendingSignals
-from .reverse_conv import conv_axes, dense_transpose, transpose_conv
-from .windows import crop_windows, cut, move, paste
+from .reverse_conv import bn_scale, conv_axes, dense_transpose, transpose_conv
+from .windows import crop_windows, cut, move, paste, shifted
 
 __all__ = [
     "Frame",
@@ -96,14 +96,6 @@ class ReverseLayer(nn.Module):
         return self.reverse(signal, frame)
 
 
-def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
-    var = bn.running_var if bn.running_var is not None else torch.ones(bn.num_features)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    return scale
-
-
 class ReverseConv2d(nn.ConvTranspose2d):
     """Transposed convolution tied to a forward convolution: its ``weight`` *is* that
     convolution's Parameter, so later changes to the convolution show here too.
@@ -153,7 +145,7 @@ class ReverseConv2d(nn.ConvTranspose2d):
         few weights rather than every element of the signal)."""
         weight = self.weight.to(dtype)
         for bn, _ in self._folded:
-            weight = weight * _bn_scale(bn).to(dtype).view(-1, 1, 1, 1)
+            weight = weight * bn_scale(bn, dtype).view(-1, 1, 1, 1)
         return weight
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:  # type: ignore[override]
@@ -168,15 +160,19 @@ class ReverseConv2d(nn.ConvTranspose2d):
         # where the full transposed output starts, relative to each seed's input window,
         # and how much of it lies past the window's end
         shifts, pads = [], []
+        one = out_win.ints is not None and in_win.ints is not None  # one seed: in Python numbers
         for i, axis in enumerate(conv_axes(self, self._pre_pad)):
             length = axis.span(signal.shape[2 + i])
-            start = (in_win.top, in_win.left)[i] - axis.reads((out_win.top, out_win.left)[i], 1)[0]
+            wins = (in_win.ints, out_win.ints) if one else ((in_win.top, in_win.left), (out_win.top, out_win.left))
+            start = wins[0][i] - axis.reads(wins[1][i], 1)[0]  # type: ignore[index]
             spare = length - start - in_win.size[i]
             # rows cut off on both sides are not computed at all (conv_transpose2d's padding)
-            pad = max(0, min(int(start.min()), int(spare.min())))
+            pad = max(0, min(start, spare) if one else min(int(start.min()), int(spare.min())))
             shifts.append(start - pad)
             pads.append(pad)
         full = transpose_conv(signal, weight, self, (pads[0], pads[1]))
+        if one and full.shape[0] == 1:
+            return [shifted(full, shifts[0], shifts[1], *in_win.size)]
         return [crop_windows(full, None, shifts[0], shifts[1], *in_win.size)]
 
     def forward(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:  # type: ignore[override]
@@ -289,7 +285,7 @@ class Scale(ReverseLayer):
         return f"BatchNorm2d '{self.source}' scale"
 
     def reverse(self, signal: torch.Tensor, frame: Frame) -> list[torch.Tensor]:
-        scale = _bn_scale(self._bn[0]).to(signal.dtype)
+        scale = bn_scale(self._bn[0], signal.dtype)
         return [signal * scale.view(1, -1, *([1] * (signal.dim() - 2)))]
 
 

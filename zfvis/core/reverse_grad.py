@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..io.errors import UnsupportedModelError
+from ..io.errors import UnsupportedModelError, is_out_of_memory
 from .reverse import Frame, ReverseLayer
 from .rule_mode import RuleMode
 from .windows import crop_windows
@@ -72,23 +72,41 @@ class VectorJacobian(ReverseLayer):
         b = signal.shape[0]
         kept = getattr(frame.state, "graph", None)  # built by the recording's check (zfvis.core.ops.grad)
         if kept is not None and b == 1 and not self.windowed and not self.writes and kept.rule == frame.rule:
-            grads = torch.autograd.grad(kept.out, kept.leaves, signal.to(kept.out.dtype), retain_graph=True,
-                                        allow_unused=True)
+            grads = self._grad(kept.out, kept.leaves, signal, retain_graph=True)
             return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(kept.leaves, grads)]
         inputs = [_per_seed(t, frame, self.windowed).detach() for t in frame.state]
         inputs = [(t if t.shape[0] == b else t.expand(b, *t.shape[1:])).requires_grad_(True) for t in inputs]
         with torch.enable_grad(), RuleMode(frame.rule), _saved_copies(self.writes):  # rectifiers inside: the rule
             # fresh copies: an in-place operation must not write into the leaves
             fn = functools.partial(self._fn, image=frame.image) if self.per_image else self._fn
-            out = fn(*(t.clone() for t in inputs))
+            try:
+                out = fn(*(t.clone() for t in inputs))
+            except RuntimeError as err:  # it ran on the recorded batch, not on these seeds
+                if is_out_of_memory(err):
+                    raise
+                raise self._per_seed_error(b, f" (run on them, it fails: {str(err).splitlines()[0][:160]})") from err
             if not isinstance(out, torch.Tensor) or out.shape[:1] != signal.shape[:1]:
-                raise UnsupportedModelError(
-                    f"{self.kind} '{self.source}': run on {b} seeds, its output does not have one item per seed: what "
-                    "it computes depends on the batch size (explicit sizes or strides, as_strided), which zfvis "
-                    "cannot reverse per seed. Hint: write it with sizes taken from its input, or project one seed "
-                    "at a time")
-            grads = torch.autograd.grad(out, inputs, signal.to(out.dtype), allow_unused=True)
+                raise self._per_seed_error(b, ", its output does not have one item per seed")
+            grads = self._grad(out, inputs, signal)
         return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(inputs, grads)]
+
+
+    def _grad(self, out: torch.Tensor, inputs: list[torch.Tensor], signal: torch.Tensor,
+              retain_graph: bool = False) -> tuple[torch.Tensor | None, ...]:
+        try:
+            return torch.autograd.grad(out, inputs, signal.to(out.dtype), retain_graph=retain_graph, allow_unused=True)
+        except RuntimeError as err:  # an op whose derivative PyTorch does not implement (torch.heaviside)
+            if is_out_of_memory(err):
+                raise
+            raise UnsupportedModelError(
+                f"{self.kind} '{self.source}': its backward fails in PyTorch ({str(err).splitlines()[0][:160]}), so "
+                "nothing can be sent back through it. Hint: layers before it can still be projected") from err
+
+    def _per_seed_error(self, b: int, what: str) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"{self.kind} '{self.source}': for {b} seeds{what}: what it computes depends on the batch size "
+            "(explicit sizes or strides, as_strided), which zfvis cannot reverse per seed. Hint: write it with "
+            "sizes taken from its input (t.expand(x.shape), x.new_zeros(x.shape)), or project one seed at a time")
 
 
 class Product(ReverseLayer):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .cone import Window
 
-__all__ = ["crop_windows", "paste", "cut", "move", "memory_format"]
+__all__ = ["crop_windows", "shifted", "paste", "cut", "move", "memory_format"]
 
 
 def crop_windows(
@@ -49,11 +49,8 @@ def crop_windows(
     b = top.shape[0]
     if index is None and b == n and b > 0:
         t0, l0 = int(top[0]), int(left[0])
-        if bool((top == t0).all()) and bool((left == l0).all()):
-            pad = (max(0, -l0), max(0, l0 + width - w), max(0, -t0), max(0, t0 + height - h))
-            x = F.pad(src, pad) if any(pad) else src
-            r0, c0 = t0 + pad[2], l0 + pad[0]
-            return x[:, :, r0 : r0 + height, c0 : c0 + width]
+        if b == 1 or (bool((top == t0).all()) and bool((left == l0).all())):
+            return shifted(src, t0, l0, height, width)
     if b <= _LOOP_MAX:
         return _crop_loop(src, index, top, left, height, width)
     if index is None:
@@ -68,6 +65,16 @@ def crop_windows(
         mask = (rows_ok[:, :, None] & cols_ok[:, None, :])[:, None]
         picked = picked * mask.to(picked.dtype)
     return picked
+
+
+def shifted(src: torch.Tensor, t0: int, l0: int, height: int, width: int) -> torch.Tensor:
+    """:func:`crop_windows` with the same offsets for every item: one slice, of the maps
+    padded with zeros where the window runs past them."""
+    h, w = src.shape[-2:]
+    pad = (max(0, -l0), max(0, l0 + width - w), max(0, -t0), max(0, t0 + height - h))
+    x = F.pad(src, pad) if any(pad) else src
+    r0, c0 = t0 + pad[2], l0 + pad[0]
+    return x[..., r0 : r0 + height, c0 : c0 + width]
 
 
 #: Up to this many windows are cut one by one (slices and copies); more by one gather.
@@ -101,6 +108,8 @@ def paste(signal: torch.Tensor, win: Window | None) -> torch.Tensor:
     """A windowed signal pasted into zero maps of the full size (dense signals pass)."""
     if win is None or win.is_full:
         return signal
+    if win.ints is not None and signal.shape[0] == 1:  # one seed: its numbers, no tensor arithmetic
+        return shifted(signal, -win.ints[0], -win.ints[1], *win.map_size)
     return crop_windows(signal, None, -win.top, -win.left, *win.map_size)
 
 
@@ -108,6 +117,8 @@ def cut(full: torch.Tensor, win: Window | None) -> torch.Tensor:
     """The windows ``win`` cut out of full maps (dense signals pass)."""
     if win is None or win.is_full:
         return full
+    if win.ints is not None and full.shape[0] == 1:
+        return shifted(full, win.ints[0], win.ints[1], *win.size)
     return crop_windows(full, None, win.top, win.left, *win.size)
 
 
@@ -118,6 +129,9 @@ def move(signal: torch.Tensor, src: Window | None, dst: Window | None) -> torch.
         return signal if dst is None else cut(signal, dst)
     if dst is None:
         return paste(signal, src)
+    if src.ints is not None and dst.ints is not None and signal.shape[0] == 1:
+        dy, dx = dst.ints[0] - src.ints[0], dst.ints[1] - src.ints[1]
+        return signal if (dy, dx) == (0, 0) and src.size == dst.size else shifted(signal, dy, dx, *dst.size)
     if src is dst or (src.size == dst.size and bool((src.top == dst.top).all()) and bool((src.left == dst.left).all())):
         return signal
     return crop_windows(signal, None, dst.top - src.top, dst.left - src.left, *dst.size)

@@ -84,6 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...io.errors import UnsupportedModelError
 from .. import reverse as deconv
 from ..reverse_shape import Reshape
 from .args import _adaptive_params, _conv_args, _conv_params, _pool_params, target_name
@@ -124,7 +125,7 @@ from .split import build_part, prepare_part, record_part
 from .transpose import build_transpose, prepare_transpose, record_transpose
 
 __all__ = ["Op", "Site", "Live", "OPS", "SUPPORTED_TYPES", "RULES", "MODULE_OPS", "METHOD_OPS", "FUNCTION_OPS",
-           "REFUSED", "SHAPE_ONLY", "GENERIC", "WHOLE_BATCH", "POINTWISE", "target_name", "Pair", "NAMED_FUNCTION_OPS"]
+           "REFUSED", "refuse_volumes", "SHAPE_ONLY", "GENERIC", "WHOLE_BATCH", "POINTWISE", "target_name", "Pair", "NAMED_FUNCTION_OPS"]
 
 # --------------------------------------------------------------------------- the table
 
@@ -317,18 +318,30 @@ NAMED_FUNCTION_OPS: dict[str, str] = {
 }
 
 #: Operations refused on a projection's path: no gradient, or random in eval mode. Keys are
-#: functions and method names.
+#: functions and method names. (An index, ``argmax``, is integers: the check finds that it
+#: carries no signal, as its true backward sends nothing back.)
 REFUSED: dict[Any, str] = {
     **{f: "it has no gradient (rounding is flat almost everywhere)" for f in (
         torch.floor, torch.ceil, torch.round, torch.trunc, torch.sign, torch.floor_divide, operator.floordiv,
         operator.ifloordiv, operator.mod, torch.remainder, torch.fmod, "floor", "ceil", "round", "trunc", "sign",
         "floor_", "ceil_", "round_", "trunc_", "floor_divide", "remainder", "fmod")},
-    **{f: "its result is an index, which has no gradient" for f in (
-        torch.argmax, torch.argmin, torch.argsort, "argmax", "argmin", "argsort")},
     **{f: "it draws random numbers, also in eval mode" for f in (
         torch.bernoulli, torch.rand_like, torch.randn_like, torch.randint_like, torch.multinomial, torch.normal,
         "bernoulli", "bernoulli_", "normal_", "uniform_", "random_", "exponential_")},
 }
+
+_VOLUME_TYPES = (nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
+                 nn.AdaptiveMaxPool3d, nn.BatchNorm3d)
+
+
+def refuse_volumes(model: nn.Module) -> None:
+    """Refuses video and volume models (3D convolutions and pools), by their modules."""
+    for name, m in model.named_modules():
+        if isinstance(m, _VOLUME_TYPES):
+            raise UnsupportedModelError(
+                f"module '{name}' is a {type(m).__name__}: zfvis visualizes image CNNs of 2D maps (N, C, H, W); "
+                "video and volume models (3D convolutions) are not supported")
+
 
 #: Functions and methods that make a tensor from another one's shape only (no signal).
 SHAPE_ONLY: frozenset[Any] = frozenset({

@@ -81,7 +81,7 @@ def _live_only(site: Site, k: int = 0) -> Callable[..., torch.Tensor]:
     def fill(v: Any, t: torch.Tensor, image: torch.Tensor | None) -> Any:
         if isinstance(v, Live):
             return t
-        if isinstance(v, (list, tuple)):
+        if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
             return type(v)(fill(e, t, image) for e in v)
         return per_seed(v, image, site.batched)
 
@@ -120,9 +120,14 @@ def _eval(module: nn.Module) -> Iterator[None]:
 
 def per_seed(v: Any, image: torch.Tensor | None, batched: frozenset[int]) -> Any:
     """A recorded argument for seeds of images ``image``: one the recording found to have the
-    batch first (:attr:`Site.batched`) is taken per seed (one item per recorded image, or one
-    for all); anything else (a weight, and everything where ``image`` is ``None``) as it is."""
-    if image is None or id(v) not in batched or not isinstance(v, torch.Tensor) or v.dim() == 0:
+    batch first (:attr:`Site.batched`) is taken per seed (a tensor: one item per recorded image,
+    or one for all; a shape, ``t.expand(x.shape)``: the number of seeds first); anything else (a
+    weight, and everything where ``image`` is ``None``) as it is."""
+    if image is None or id(v) not in batched:
+        return v
+    if isinstance(v, torch.Size):
+        return torch.Size((len(image), *v[1:]))
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
         return v
     return v.expand(len(image), *v.shape[1:]) if v.shape[0] == 1 else v[image]
 
@@ -141,7 +146,7 @@ def live_call(site: Site) -> Callable[..., torch.Tensor]:
     def fill(v: Any, ts: tuple[torch.Tensor, ...], image: torch.Tensor | None = None) -> Any:
         if isinstance(v, Live):
             return ts[v.k]
-        if isinstance(v, (list, tuple)):
+        if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
             return type(v)(fill(e, ts, image) for e in v)
         if isinstance(v, dict):
             return {key: fill(e, ts, image) for key, e in v.items()}

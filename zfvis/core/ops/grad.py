@@ -149,12 +149,15 @@ def _check_gradient(site: Site, fn: Callable[..., Any], inputs: list[torch.Tenso
     graph = RecordedGraph(leaves, y, rule) if rule is not None else None
     y = y.detach()
     if y.shape != out[:1].shape:
-        raise site.fail("its output mixes the images of the batch (the batch dimension changes), which zfvis "
-                        "cannot reverse per image")
+        raise site.fail(f"run on one image, its output has {y.shape[0]} items: what it computes depends on the "
+                        "batch size (a size spelled out as numbers, as_strided) or mixes the images of the batch, which "
+                        "zfvis cannot reverse per image. Hint: write it with sizes taken from its input "
+                        "(t.expand(x.shape))")
     if y.dtype == out.dtype and torch.equal(y, out[:1]):  # the same values (the usual case, and a tenth of allclose's cost)
         return graph
-    scale = float(out.abs().max()) if out.numel() else 0.0
-    if not torch.allclose(y, out[:1], rtol=1e-4, atol=1e-5 * scale + 1e-30):
+    finite = out[torch.isfinite(out)]  # a NaN or infinity the model makes (and later cleans) is compared as itself
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    if not torch.allclose(y, out[:1], rtol=1e-4, atol=1e-5 * scale + 1e-30, equal_nan=True):
         raise site.fail("its output for one image depends on the other images of the batch or is random in eval "
                         "mode, which zfvis cannot reverse")
     return graph
@@ -194,7 +197,9 @@ def record_vjp(site: Site, inputs: list[torch.Tensor], out: torch.Tensor, rule: 
     keep = (site.cone == "full" and site.op.name in _KEEPS_GRAPH and not site.node.writes and len(inputs) > 0
             and all(isinstance(t, torch.Tensor) and t.shape[0] == 1 for t in inputs))
     state = RecordedInputs(recorded_inputs(inputs))
-    state.graph = _check_gradient(site, fn, inputs, out, rule if keep else None, per_image=site.fn is None)
+    if keep or not site.checked:  # checked once per input key where only the code decides (one image)
+        state.graph = _check_gradient(site, fn, inputs, out, rule if keep else None, per_image=site.fn is None)
+        site.checked = True
     return state
 
 

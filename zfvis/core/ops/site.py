@@ -57,6 +57,9 @@ class Site:
             convolution padding by reflection: ``"vjp"``); the recording makes it the entry.
         batched: ``id`` of each tensor argument that is not live but has the batch first (made
             from the signal's shape, ``torch.zeros_like(x)``): per seed, its seed's image's item.
+        checked: Whether the node's per-image gradient check has passed on this input key (set
+            by the recording from :attr:`zfvis.core.capture.Verdict.gradient_checked`, and by
+            the check itself): a recording of one image does not run it again.
     """
 
     node: GraphNode
@@ -73,6 +76,7 @@ class Site:
     start: GraphNode | None = None
     hand_to: str | None = None
     batched: frozenset[int] = frozenset()
+    checked: bool = False
 
     @property
     def op(self) -> Op:
