@@ -146,7 +146,8 @@ def test_a_gradient_check_of_one_image_runs_once_per_input_key(monkeypatch: pyte
 
     checked: list[str] = []
     real = grad._check_gradient
-    monkeypatch.setattr(grad, "_check_gradient", lambda site, *a, **k: checked.append(site.node.name) or real(site, *a, **k))
+    monkeypatch.setattr(grad, "_check_gradient",
+                        lambda site, *a, **k: checked.append(site.node.name) or real(site, *a, **k))
     model = _ChannelsLastNorm().double().eval()
     dn = zfvis.Deconvnet(model)
     counts = []

@@ -100,16 +100,23 @@ class _Index(_Three):
         a = self.conv2(F.relu(self.conv1(x)))
         if self.how == "argmax":
             a = a * torch.gather(a, 1, a.argmax(1, keepdim=True))
-        else:
+        elif self.how == "argsort":
             a = torch.take_along_dim(a, a.argsort(dim=1), dim=1)
+        elif self.how == "pool_index":  # the switches of a max pool, as a gate
+            pooled, where = F.max_pool2d(a, 2, return_indices=True)
+            a = pooled * (where % 2).to(a.dtype)
+        else:  # a rounding the model detached: a gate, nothing goes back through it
+            a = torch.round(a * 4).detach() * a
         return self.conv3(F.relu(a))
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("how", ["argmax", "argsort"])
+@pytest.mark.parametrize("how", ["argmax", "argsort", "pool_index", "round_detached"])
 def test_an_index_computed_from_the_signal_carries_none(how: str, batch: int) -> None:
-    """An argmax or argsort is integers: its true backward sends nothing back, and the signal
-    goes on through what it indexes (it was refused as "an index, which has no gradient")."""
+    """An argmax, an argsort or a max pool's switches are integers, and a detached rounding has
+    no gradient: their true backward sends nothing back, and the signal goes on through what they
+    index or gate (refused before as "an index" or "rounding": the integers on an engine's first
+    call, before the check that finds them; the rounding as if the signal went back through it)."""
     model = _ready(_Index(how), seed=24)
     Deconvnet(model).project(_images(batch), "conv3", 1)  # a fresh engine's first call (refused before)
     for outcome in _run(model, _images(batch), "conv3", queries=QUERIES):
@@ -151,3 +158,39 @@ def test_a_backward_zfvis_cannot_follow_is_refused_naming_it(how: str, words: st
         assert outcome.status == "refused" and words in outcome.message, outcome.message
     assert "conv3" in Deconvnet(model).layer_names()
     assert [o.status for o in _run(model, _images(1), "conv2", queries=[Query("conv2", 1)])] == ["exact"]
+
+
+class _Numbers(_Three):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv2(F.relu(self.conv1(x)))
+        if self.how == "scale":
+            a = a * (torch.arange(6).view(1, 6, 1, 1) * 0.1 + 0.5)
+        else:
+            a = torch.index_select(a, 1, torch.arange(6) * 5 % 6)
+        return self.conv3(F.relu(a))
+
+
+@pytest.mark.parametrize("how", ["scale", "index"])
+def test_a_constant_computed_from_numbers_in_forward_is_exact(how: str) -> None:
+    """``torch.arange(6) * 0.1 + 0.5``, which the trace computes once: the same constant in both
+    runs (it was a capture mismatch blaming a hook or an in-place write)."""
+    model = _ready(_Numbers(how), seed=26)
+    for outcome in _run(model, _images(2), "conv3", queries=QUERIES):
+        assert outcome.status == "exact", outcome.message
+
+
+class _Counter(_Three):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
+
+
+def test_a_forward_writing_its_buffer_is_refused_naming_the_buffer() -> None:
+    model = _ready(_Counter(), seed=27)
+    for outcome in _run(model, _images(1), "conv3", queries=[Query("conv3", 1)]):
+        assert outcome.status == "refused" and "writes into its buffer 'calls'" in outcome.message, outcome.message
+    assert int(model.calls) == 0

@@ -151,6 +151,15 @@ def test_mutants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert mutants.Result(sub_sign, "stale").failed and not mutants.Result(sub_sign, "killed").failed
 
 
+def test_every_mutant_finds_its_snippet_once() -> None:
+    """No mutant of the table is stale: each one's snippet occurs exactly once in its file (a
+    snippet left behind by moved code would make the check fail only when that mutant runs)."""
+    mutants = _script("mutants")
+    stale = [m.id for m in mutants.MUTANTS if (REPO / m.file).read_text().count(m.original) != 1]
+    assert stale == []
+    assert len({m.id for m in mutants.MUTANTS}) == len(mutants.MUTANTS)  # ids are unique
+
+
 def test_bench_cli_startup(capsys: pytest.CaptureFixture[str]) -> None:
     assert _script("bench_cli_startup").main(["--repeats", "1"]) == 0  # 1 would mean torch was loaded
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("zfvis ")]

@@ -97,7 +97,8 @@ class Verdict:
     hooked: frozenset[str]
     probe: Any = dataclasses.field(default=None, repr=False)  # () -> not_batch, run once when first asked
     _not_batch: frozenset[str] | None = dataclasses.field(default=None, repr=False)
-    first_dims: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)  # each node's (first_dim) on the key's input
+    # each node's first_dim on the key's input
+    first_dims: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)
     replayed: set[str] = dataclasses.field(default_factory=set)
     graphed: set[str] = dataclasses.field(default_factory=set)
     hidden_rectifiers: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -340,6 +341,9 @@ def _difference(graph: ModelGraph, i: int, model_calls: list[AtenCall], graph_ca
     if a is None or b is None:
         what = (f"the model ran {len(model_calls)} ATen calls where the graph runs {len(graph_calls)} "
                 "(the model's own hooks or code outside forward())")
+    elif a.in_place and not b.in_place and a.reads and str(a.reads[0][0]).startswith("buffer:"):
+        what = (f"the model's forward() writes into its buffer '{str(a.reads[0][0])[7:]}' ({a.describe()}), which the "
+                "trace ran once, when it was made, and the graph does not run (keep that state outside forward())")
     elif a.op != b.op or a.in_place != b.in_place:
         what = f"the model ran {a.describe()} where the graph runs {b.describe()}"
         after = graph_calls[i - 1].node if i > 0 else None

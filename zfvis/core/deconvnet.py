@@ -243,15 +243,16 @@ class Deconvnet:
 
         Raises:
             UnsupportedModelError: The layer's path runs through an operation that has no
-                reverse (checked before the forward pass runs), or the model has backward hooks.
+                reverse, or the model has backward hooks.
         """
         images = self._check_images(images)
         node = self._node(layer)
+        rule = _check_rule(self.rule if rule is None else rule)
+        rec = self._record(images, node, rule)
+        # the path as the recording's check left it (an integer result, an argmax, carries no signal)
         for n in self.graph.signal_path(node)[1:]:
             if n.problem is not None:
                 raise UnsupportedModelError(n.problem)
-        rec = self._record(images, node, _check_rule(self.rule if rule is None else rule))
-        for n in self.graph.signal_path(node)[1:]:
             if n.name in rec.problems:
                 raise rec.problems[n.name]
         return rec

@@ -181,8 +181,16 @@ class ModelGraph:
 
     def signal_path(self, seed: GraphNode) -> list[GraphNode]:
         """The nodes a reverse pass from ``seed`` runs through, in execution order: those
-        that carry the signal and lie on a path from the input to ``seed``."""
-        return [n for n in self.ancestors([seed]) if n.carries]
+        that carry the signal and reach ``seed`` through nodes that carry it (not a value that
+        only gates it: ``torch.round(a).detach() * a`` sends nothing back through the round)."""
+        seen: set[int] = set()
+        stack = [seed] if seed.carries else []
+        while stack:
+            n = stack.pop()
+            if n.index not in seen:
+                seen.add(n.index)
+                stack.extend(p for p in n.inputs if p.carries)
+        return [n for n in self.nodes if n.index in seen]
 
 
 class _Tracer(fx.Tracer):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .inplace import storage
 from .rule_mode import follows_rule, is_aten_rectifier
+
+if TYPE_CHECKING:
+    from .graph import GraphNode
 
 __all__ = ["AtenCall", "Recorder", "RuleCalls", "ModelRun", "run_model", "names", "tensors_in", "stops", "same_output",
            "written_by"]
@@ -69,6 +72,13 @@ def written_by(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list
             if isinstance(t, torch.Tensor):
                 out.append(t)
     return out
+
+
+def _from_numbers(read: tuple[Any, Any]) -> bool:
+    """Whether a tensor a call reads was made from numbers alone, and not written by a call since
+    (see :meth:`Recorder.ref`: it is named by its shape and dtype)."""
+    made, last = read
+    return isinstance(made, tuple) and made[:1] == ("tensor",) and last == made
 
 
 def _aliases_input(func: Any) -> bool:
@@ -124,18 +134,21 @@ class Recorder(TorchDispatchMode):
         if self.on_call is not None:
             self.on_call(tensors, written)
         out = func(*args, **kwargs)
+        random = torch.Tag.nondeterministic_seeded in func.tags
+        if not random and all(_from_numbers(r) for r in reads):
+            # a tensor made from numbers alone (``torch.arange(8)``, ``torch.arange(8) * 0.1``): a trace
+            # may have made it once, as a constant; it is not a call of either run, and named by its
+            # shape and dtype (the runs' outputs are compared by value)
+            for t in (*tree_flatten(out)[0], *written):
+                if isinstance(t, torch.Tensor):
+                    self.born[storage(t)] = i
+                    self.wrote.pop(storage(t), None)  # new memory: what a freed tensor there had is gone
+                    self.made.pop(t, None)
+            return out
         for t in written:
             self.made[t] = i
             self.wrote[storage(t)] = i
         view = _aliases_input(func)
-        if not tensors and not written and torch.Tag.nondeterministic_seeded not in func.tags:
-            # a tensor made from numbers alone (``torch.arange(8)``): a trace may have made it once,
-            # as a constant; it is not a call of either run, and named by its shape and dtype
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self.born[storage(t)] = i
-                    self.wrote.pop(storage(t), None)  # new memory: what a freed tensor there had is gone
-            return out
         if view and not written and reads and all(not isinstance(r[0], int) and r[0] != "input" for r in reads):
             # a view of constants alone (``buf.view(-1)``, a parameter's, a made tensor's) names the
             # same memory: a trace may have taken it once, as a constant; not a call of either run
@@ -149,7 +162,6 @@ class Recorder(TorchDispatchMode):
                     self.born[ptr] = i
         consts = tuple(_const(v) for v in flat if not isinstance(v, torch.Tensor))
         name = self.node.name if self.node is not None else None
-        random = torch.Tag.nondeterministic_seeded in func.tags
         hidden = self.rule_calls == 0 and is_aten_rectifier(func, args)
         self.calls.append(AtenCall(_op_name(func, bool(written)), bool(written), reads, consts, name, random, hidden))
         return out

@@ -125,7 +125,8 @@ from .split import build_part, prepare_part, record_part
 from .transpose import build_transpose, prepare_transpose, record_transpose
 
 __all__ = ["Op", "Site", "Live", "OPS", "SUPPORTED_TYPES", "RULES", "MODULE_OPS", "METHOD_OPS", "FUNCTION_OPS",
-           "REFUSED", "refuse_volumes", "SHAPE_ONLY", "GENERIC", "WHOLE_BATCH", "POINTWISE", "target_name", "Pair", "NAMED_FUNCTION_OPS"]
+           "REFUSED", "refuse_volumes", "SHAPE_ONLY", "GENERIC", "WHOLE_BATCH", "POINTWISE", "target_name", "Pair",
+           "NAMED_FUNCTION_OPS"]
 
 # --------------------------------------------------------------------------- the table
 

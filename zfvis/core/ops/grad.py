@@ -150,8 +150,8 @@ def _check_gradient(site: Site, fn: Callable[..., Any], inputs: list[torch.Tenso
     y = y.detach()
     if y.shape != out[:1].shape:
         raise site.fail(f"run on one image, its output has {y.shape[0]} items: what it computes depends on the "
-                        "batch size (a size spelled out as numbers, as_strided) or mixes the images of the batch, which "
-                        "zfvis cannot reverse per image. Hint: write it with sizes taken from its input "
+                        "batch size (a size spelled out as numbers, as_strided) or mixes the images of the batch, "
+                        "which zfvis cannot reverse per image. Hint: write it with sizes taken from its input "
                         "(t.expand(x.shape))")
     if y.dtype == out.dtype and torch.equal(y, out[:1]):  # the same values (the usual case, and a tenth of allclose's cost)
         return graph
