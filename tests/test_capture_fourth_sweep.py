@@ -16,20 +16,9 @@ import torch
 import torch.nn.functional as F
 from capture_contract import Query
 from test_capture_cases import _images, _ready, _run
-from torch import nn
+from test_capture_sweep import _Three
 
 from zfvis import Deconvnet
-
-
-class _Three(nn.Module):
-    """conv1 -> relu -> conv2 -> (the construct ``how`` names) -> relu -> conv3."""
-
-    def __init__(self, how: str = "") -> None:
-        super().__init__()
-        self.how = how
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
-        self.conv3 = nn.Conv2d(6, 4, 3, padding=1)
 
 
 class _ShapeOfSignal(_Three):

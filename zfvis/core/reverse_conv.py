@@ -100,41 +100,31 @@ def dense_transpose(signal: torch.Tensor, weight: torch.Tensor, conv: nn.ConvTra
     return full[:, :, starts[0] : starts[0] + in_size[0], starts[1] : starts[1] + in_size[1]]
 
 
-#: running variance -> (what else the scale was computed from, the scale), see :func:`bn_scale`
+#: running variance -> (the numbers the scale was computed from, the weight, the scale), see :func:`bn_scale`
 _SCALES = WeakTensorKeyDictionary()
-
-
-def _tensor_key(t: torch.Tensor | None) -> tuple[Any, ...] | None:
-    # the very tensor (held by the key, so that its id is not reused), its in-place version and
-    # its memory (``t.data = ...`` swaps the memory without a new version)
-    return None if t is None else (t, t._version, t.data_ptr())
 
 
 def bn_scale(bn: Any, dtype: torch.dtype) -> torch.Tensor:
     """An eval-mode batch norm's scale per channel, ``weight / sqrt(running_var + eps)``, in
     ``dtype`` (``bn``: a BatchNorm module, or the statistics of a functional one). Kept per
-    running variance (without gradients) while it, the weight and eps are the same tensors at
-    the same versions, since a reverse pass folds dozens of them."""
+    running variance (without gradients) while it and the weight are the same tensors at the same
+    versions and memory (``t.data = ...`` swaps the memory without a new version), with the same
+    eps, since a reverse pass folds dozens of them."""
     var, weight = bn.running_var, bn.weight
     if var is None:
         return _scale(torch.ones(bn.num_features, device=weight.device if weight is not None else None), weight,
                       bn.eps, dtype)
-    key = (dtype, bn.eps, var._version, var.data_ptr(), _tensor_key(weight))
+    key = (dtype, bn.eps, var._version, var.data_ptr(),
+           None if weight is None else (weight._version, weight.data_ptr()))
     hit = _SCALES.get(var)
-    if hit is not None and _same(hit[0], key):
-        return hit[1]
+    if hit is not None and hit[0] == key and hit[1] is weight:  # the weight held: its id is not reused
+        return hit[2]
     scale = _scale(var, weight, bn.eps, dtype)
     if not torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-        _SCALES[var] = (key, scale)
+        _SCALES[var] = (key, weight, scale)
     return scale
 
 
 def _scale(var: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype) -> torch.Tensor:
     scale = torch.rsqrt(var + eps)
     return (scale if weight is None else scale * weight).to(dtype)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b
